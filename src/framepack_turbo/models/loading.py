@@ -1,0 +1,174 @@
+"""Load a ModelBundle: from a preset's repos, from a local folder laid out like them, or built at random.
+
+Every real load goes through `load_component`, which calls the `from_pretrained` of the class made for
+the component. It tries the disk first (local folder or Hugging Face cache) and only then the hub, so
+an offline machine with the weights never waits on the network; weights that are nowhere give one
+`ModelUnavailableError` naming the repo and how to provide it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from framepack_turbo.errors import InputError, ModelUnavailableError
+from framepack_turbo.models.presets import (
+    COMPONENTS,
+    ModelPreset,
+    Source,
+    get_preset,
+    local_dir_sources,
+)
+
+log = logging.getLogger(__name__)
+
+MODULES = ("transformer", "vae", "text_encoder", "text_encoder_2", "image_encoder")
+
+
+@dataclass
+class ModelBundle:
+    """Owns every model of one pipeline. Nothing else holds them; passes modify them in place."""
+
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    text_encoder_2: Any
+    tokenizer_2: Any
+    image_encoder: Any
+    feature_extractor: Any
+    preset: ModelPreset
+    source: str  # human-readable origin, for the sidecar
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    load_seconds: float = 0.0
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {name: getattr(self, name) for name in MODULES}
+
+    def to(self, device: torch.device | str) -> ModelBundle:
+        self.device = torch.device(device)
+        for module in self.modules().values():
+            module.to(self.device)
+        return self
+
+    def save_pretrained(self, model_dir: str | Path) -> Path:
+        """Write every component into `model_dir/<component>/`, the layout `--model-dir` reads."""
+        root = Path(model_dir)
+        for name in COMPONENTS:
+            getattr(self, name).save_pretrained(root / name)
+        return root
+
+
+def default_dtypes(device: torch.device) -> dict[str, torch.dtype]:
+    """FramePack's dtypes on CUDA (bf16 transformer, fp16 encoders and VAE); float32 elsewhere."""
+    if device.type == "cuda":
+        half = {name: torch.float16 for name in MODULES}
+        return {**half, "transformer": torch.bfloat16}
+    return {name: torch.float32 for name in MODULES}
+
+
+def _component_class(name: str):
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
+    from transformers import AutoTokenizer, CLIPTextModel, LlamaModel, SiglipVisionModel
+
+    from framepack_turbo.pipeline.encode import make_image_processor
+
+    return {
+        "transformer": HunyuanVideoFramepackTransformer3DModel,
+        "vae": AutoencoderKLHunyuanVideo,
+        "text_encoder": LlamaModel,
+        "tokenizer": AutoTokenizer,  # LLaMA-3 tokenizer.json; the file names its class
+        "text_encoder_2": CLIPTextModel,
+        "tokenizer_2": AutoTokenizer,
+        "image_encoder": SiglipVisionModel,
+        "feature_extractor": type(make_image_processor(8)),
+    }[name]
+
+
+def _is_local(source: Source) -> bool:
+    return Path(source.repo).is_dir()
+
+
+def _unavailable(name: str, source: Source, cause: BaseException) -> ModelUnavailableError:
+    if _is_local(source):
+        where = Path(source.repo) / (source.subfolder or "")
+        return ModelUnavailableError(
+            f"cannot load {name} from {where}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+            f" (a --model-dir needs one sub-folder per component: {', '.join(COMPONENTS)})"
+        )
+    return ModelUnavailableError(
+        f"{name} weights ({source.describe()}) are not on disk and the Hugging Face hub is unreachable: "
+        f"download them where there is a network (`huggingface-cli download {source.repo}`) into the HF cache "
+        f"(HF_HOME), or pass --model-dir DIR with the components laid out as in docs/models.md"
+    )
+
+
+def load_component(name: str, source: Source, dtype: torch.dtype | None, local_files_only: bool = False):
+    """`from_pretrained` of the component's class, disk first, then the hub unless `local_files_only`."""
+    cls = _component_class(name)
+    kwargs: dict[str, Any] = {}
+    if source.subfolder:
+        kwargs["subfolder"] = source.subfolder
+    if dtype is not None and name in MODULES:
+        kwargs["torch_dtype"] = dtype
+    attempts = [True] if (local_files_only or _is_local(source)) else [True, False]
+    error: BaseException | None = None
+    for local_only in attempts:
+        try:
+            obj = cls.from_pretrained(source.repo, local_files_only=local_only, **kwargs)
+            break
+        except (OSError, ValueError, RuntimeError) as exc:  # hub/file errors are OSError subclasses
+            error = exc
+            log.debug("loading %s from %s (local_files_only=%s) failed: %s", name, source.describe(), local_only, exc)
+    else:
+        raise _unavailable(name, source, error) from error
+    if isinstance(obj, torch.nn.Module):
+        obj.eval().requires_grad_(False)
+    return obj
+
+
+def load_bundle(
+    preset: str = "framepack",
+    model_dir: str | None = None,
+    device: str | torch.device | None = None,
+    local_files_only: bool = False,
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> ModelBundle:
+    """All components of a preset (or of `model_dir`), on `device` (CUDA if present, else CPU)."""
+    started = time.perf_counter()
+    spec = get_preset(preset)
+    dev = torch.device(device) if device is not None else _default_device()
+    dtypes = dtypes or default_dtypes(dev)
+
+    if model_dir is not None:
+        if not Path(model_dir).is_dir():
+            raise InputError(f"--model-dir {model_dir}: no such directory")
+        sources = local_dir_sources(model_dir)
+        parts = {n: load_component(n, s, dtypes.get(n), local_files_only=True) for n, s in sources.items()}
+        origin = str(Path(model_dir).resolve())
+    elif spec.is_random:
+        from framepack_turbo.models.random import build_models
+
+        parts = build_models(spec.random_size)
+        for name in MODULES:
+            if parts[name].dtype != dtypes[name]:
+                parts[name].to(dtypes[name])
+        origin = f"random:{spec.random_size}"
+    else:
+        parts = {n: load_component(n, s, dtypes.get(n), local_files_only) for n, s in spec.sources.items()}
+        origin = ", ".join(sorted({s.repo for s in spec.sources.values()}))
+
+    bundle = ModelBundle(**parts, preset=spec, source=origin)
+    bundle.to(dev)
+    bundle.load_seconds = time.perf_counter() - started
+    log.info("Loaded %s models from %s on %s in %.1f s", spec.name, origin, dev, bundle.load_seconds)
+    return bundle
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -1,0 +1,94 @@
+"""Model presets: where each component comes from.
+
+Real presets name Hugging Face repos; random presets (`tiny`, `small`) are built from configs in code
+(models/random.py) and need no files. `--model-dir` replaces every repo by one local folder laid out
+like the repos (see `local_dir_sources`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from framepack_turbo.errors import InputError
+
+# Component names double as the sub-folders of a local model dir.
+COMPONENTS: tuple[str, ...] = (
+    "transformer",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "image_encoder",
+    "feature_extractor",
+)
+
+HUNYUAN_REPO = "hunyuanvideo-community/HunyuanVideo"  # LLaMA + CLIP text encoders, tokenizers, VAE
+REDUX_REPO = "lllyasviel/flux_redux_bfl"  # SigLIP image encoder + processor
+INVERTED_REPO = "lllyasviel/FramePackI2V_HY"
+F1_REPO = "lllyasviel/FramePack_F1_I2V_HY_20250503"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One component's location: a repo id or a local path, and the sub-folder inside it."""
+
+    repo: str
+    subfolder: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.repo}/{self.subfolder}" if self.subfolder else self.repo
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    default_variant: str  # "inverted" or "f1": the variant the transformer weights were trained for
+    sources: dict[str, Source] = field(default_factory=dict)  # empty for random presets
+    random_size: str | None = None  # "tiny" / "small": built from configs, no files
+
+    @property
+    def is_random(self) -> bool:
+        return self.random_size is not None
+
+
+def _encoder_sources() -> dict[str, Source]:
+    return {
+        "vae": Source(HUNYUAN_REPO, "vae"),
+        "text_encoder": Source(HUNYUAN_REPO, "text_encoder"),
+        "tokenizer": Source(HUNYUAN_REPO, "tokenizer"),
+        "text_encoder_2": Source(HUNYUAN_REPO, "text_encoder_2"),
+        "tokenizer_2": Source(HUNYUAN_REPO, "tokenizer_2"),
+        "image_encoder": Source(REDUX_REPO, "image_encoder"),
+        "feature_extractor": Source(REDUX_REPO, "feature_extractor"),
+    }
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "framepack": ModelPreset(
+        "framepack", "inverted", {"transformer": Source(INVERTED_REPO), **_encoder_sources()}
+    ),
+    "framepack-f1": ModelPreset(
+        "framepack-f1", "f1", {"transformer": Source(F1_REPO), **_encoder_sources()}
+    ),
+    "tiny": ModelPreset("tiny", "inverted", random_size="tiny"),
+    "small": ModelPreset("small", "inverted", random_size="small"),
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InputError(
+            f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)} or pass --model-dir DIR"
+        ) from None
+
+
+def local_dir_sources(model_dir: str) -> dict[str, Source]:
+    """A local folder with one sub-folder per component (the union of the three repos' layouts):
+
+    transformer/ (the FramePack repo's root), vae/, text_encoder/, tokenizer/, text_encoder_2/,
+    tokenizer_2/ (from HunyuanVideo), image_encoder/, feature_extractor/ (from flux_redux_bfl).
+    """
+    return {name: Source(model_dir, name) for name in COMPONENTS}

@@ -1,0 +1,81 @@
+"""Events a generation emits, as plain data. The CLI and the UI only read these; no markup here."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    stage: str  # "text_encode", "image_encode", "sampling", ...
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    step: int  # 1-based within the section
+    steps: int
+    section: int  # 1-based, generation order
+    sections: int
+    elapsed_s: float
+    eta_s: float | None  # None until a step has been timed
+    denoised: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def fraction(self) -> float:
+        return ((self.section - 1) * self.steps + self.step) / (self.sections * self.steps)
+
+    def preview(self) -> np.ndarray | None:
+        """The current x0 estimate as a rough RGB strip (h, T*w, 3) uint8, without the VAE."""
+        if self.denoised is None:
+            return None
+        from framepack_turbo.pipeline.vae import preview
+
+        rgb = preview(self.denoised.float())[0]  # (3, T, h, w)
+        strip = rgb.permute(2, 1, 3, 0).flatten(1, 2)  # (h, T*w, 3)
+        return (strip * 255).round().to(torch.uint8).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class SectionDone:
+    section: int  # 1-based, generation order
+    sections: int
+    frames: int  # pixel frames in the video so far
+    video_path: Path
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should read (a truncated prompt, a fallback); not an error."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class JobDone:
+    status: str  # "complete" or "cancelled"
+    video_path: Path | None
+    frames: int
+
+
+Event = StageStarted | StepProgress | SectionDone | Notice | JobDone
+EventSink = Callable[[Any], None]
+
+
+class CancelToken:
+    """Set from any thread (Ctrl-C handler, UI button); the generator stops after the current step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()

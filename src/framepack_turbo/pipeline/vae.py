@@ -1,0 +1,55 @@
+"""VAE encode/decode, the cheap latent preview, and the soft append that joins sections."""
+
+from __future__ import annotations
+
+import torch
+
+# Linear map from the 16 latent channels to RGB (the ComfyUI factors FramePack uses for previews).
+_PREVIEW_RGB = (
+    (-0.0395, -0.0331, 0.0445), (0.0696, 0.0795, 0.0518), (0.0135, -0.0945, -0.0282),
+    (0.0108, -0.0250, -0.0765), (-0.0209, 0.0032, 0.0224), (-0.0804, -0.0254, -0.0639),
+    (-0.0991, 0.0271, -0.0669), (-0.0646, -0.0422, -0.0400), (-0.0696, -0.0595, -0.0894),
+    (-0.0799, -0.0208, -0.0375), (0.1166, 0.1627, 0.0962), (0.1165, 0.0432, 0.0407),
+    (-0.2315, -0.1920, -0.1355), (-0.0270, 0.0401, -0.0821), (-0.0616, -0.0997, -0.0727),
+    (0.0249, -0.0469, -0.1703),
+)  # fmt: skip
+_PREVIEW_BIAS = (0.0259, -0.0192, -0.0761)
+
+
+@torch.no_grad()
+def encode(pixels: torch.Tensor, vae) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> scaled latents (B, 16, T', H/8, W/8), float32."""
+    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return (dist.sample() * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def decode(latents: torch.Tensor, vae) -> torch.Tensor:
+    """Scaled latents (B, 16, T, h, w) -> pixels (B, 3, 4(T-1)+1, 8h, 8w) in [-1, 1], float32 on CPU."""
+    z = (latents / vae.config.scaling_factor).to(device=vae.device, dtype=vae.dtype)
+    return vae.decode(z).sample.float().cpu()
+
+
+@torch.no_grad()
+def preview(latents: torch.Tensor) -> torch.Tensor:
+    """A rough RGB look at latents without the VAE: (B, 3, T, h, w) in [0, 1]. Cheap enough per step."""
+    weight = torch.tensor(_PREVIEW_RGB, device=latents.device, dtype=latents.dtype).T[:, :, None, None, None]
+    bias = torch.tensor(_PREVIEW_BIAS, device=latents.device, dtype=latents.dtype)
+    return torch.nn.functional.conv3d(latents, weight, bias=bias).clamp(0.0, 1.0)
+
+
+def soft_append(earlier: torch.Tensor, later: torch.Tensor, overlap: int) -> torch.Tensor:
+    """Join two pixel clips along time, cross-fading the `overlap` frames they share linearly.
+
+    The last `overlap` frames of `earlier` and the first `overlap` of `later` show the same moment;
+    weights go from all-`earlier` to all-`later` across them.
+    """
+    if overlap <= 0:
+        return torch.cat([earlier, later], dim=2)
+    if earlier.shape[2] < overlap or later.shape[2] < overlap:
+        raise ValueError(
+            f"overlap {overlap} is longer than a clip ({earlier.shape[2]} and {later.shape[2]} frames)"
+        )
+    w = torch.linspace(1, 0, overlap, dtype=earlier.dtype, device=earlier.device).view(1, 1, -1, 1, 1)
+    blended = w * earlier[:, :, -overlap:] + (1 - w) * later[:, :, :overlap]
+    return torch.cat([earlier[:, :, :-overlap], blended, later[:, :, overlap:]], dim=2)

@@ -1,0 +1,107 @@
+"""The outputs: an h264/yuv420p mp4 at 30 fps and a JSON sidecar, both written atomically.
+
+The mp4 is rewritten after every section, so a job that stops leaves a playable file of the sections
+that finished. PyAV (FFmpeg with libx264 in its wheels) does the encoding: no system ffmpeg needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FPS = 30
+CODEC = "libx264"
+PIX_FMT = "yuv420p"
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+
+
+def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
+    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
+    if pixels.dim() != 5 or pixels.shape[0] != 1:
+        raise ValueError(f"expected pixels of shape (1, 3, T, H, W), got {tuple(pixels.shape)}")
+    x = (pixels[0].float().clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def write_mp4(frames: np.ndarray, path: str | os.PathLike, crf: int = 16, fps: int = FPS) -> Path:
+    """Encode (T, H, W, 3) uint8 frames as h264 yuv420p; replaces `path` only once the file is complete."""
+    import av
+
+    path = Path(path)
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"yuv420p needs even sides, got {w}x{h}")
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        with av.open(tmp, mode="w", format="mp4") as container:
+            stream = container.add_stream(CODEC, rate=fps, options={"crf": str(int(crf))})
+            stream.width, stream.height, stream.pix_fmt = w, h, PIX_FMT
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int
+    fps: float
+    width: int
+    height: int
+    codec: str
+    pix_fmt: str
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Read a video back and count its frames by decoding (container metadata can be wrong)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        count = sum(1 for _ in container.decode(stream))
+        return VideoInfo(count, float(stream.average_rate), ctx.width, ctx.height, ctx.name, ctx.pix_fmt)
+
+
+def read_frames(path: str | os.PathLike) -> np.ndarray:
+    """All frames as (T, H, W, 3) uint8."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sidecar_path(video_path: str | os.PathLike) -> Path:
+    return Path(video_path).with_suffix(".json")
