@@ -94,39 +94,57 @@ def _is_local(source: Source) -> bool:
     return Path(source.repo).is_dir()
 
 
-def _unavailable(name: str, source: Source, cause: BaseException) -> ModelUnavailableError:
+def _unavailable(name: str, source: Source, cause: BaseException | str) -> ModelUnavailableError:
     if _is_local(source):
         where = Path(source.repo) / (source.subfolder or "")
+        detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         return ModelUnavailableError(
-            f"cannot load {name} from {where}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-            f" (a --model-dir needs one sub-folder per component: {', '.join(COMPONENTS)})"
+            f"cannot load {name} from {where}: {detail} "
+            f"(a --model-dir needs one sub-folder per component: {', '.join(COMPONENTS)})"
         )
     return ModelUnavailableError(
-        f"{name} weights ({source.describe()}) are not on disk and the Hugging Face hub is unreachable: "
-        f"download them where there is a network (`huggingface-cli download {source.repo}`) into the HF cache "
+        f"{name} weights ({source.describe()}) are not on disk and {cause}: "
+        f"download them where there is a network (`hf download {source.repo}`) into the Hugging Face cache "
         f"(HF_HOME), or pass --model-dir DIR with the components laid out as in docs/models.md"
     )
 
 
+def _hub_unreachable_reason(repo: str) -> str | None:
+    """None when the hub answers for `repo`; otherwise why not. One quick request, no retries, so an
+    offline machine fails in a second instead of after the download client's minute of back-off."""
+    import huggingface_hub
+
+    try:
+        huggingface_hub.model_info(repo, timeout=10)
+    except Exception as exc:  # connection, DNS, auth, missing repo: all mean "cannot download"
+        return f"the Hugging Face hub cannot provide it ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return None
+
+
 def load_component(name: str, source: Source, dtype: torch.dtype | None, local_files_only: bool = False):
-    """`from_pretrained` of the component's class, disk first, then the hub unless `local_files_only`."""
+    """`from_pretrained` of the component's class: from disk first, then the hub unless `local_files_only`."""
     cls = _component_class(name)
     kwargs: dict[str, Any] = {}
     if source.subfolder:
         kwargs["subfolder"] = source.subfolder
     if dtype is not None and name in MODULES:
         kwargs["torch_dtype"] = dtype
-    attempts = [True] if (local_files_only or _is_local(source)) else [True, False]
-    error: BaseException | None = None
-    for local_only in attempts:
+    try:
+        obj = cls.from_pretrained(source.repo, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:  # missing files are OSError (EnvironmentError) subclasses
+        log.debug("%s not on disk at %s: %s", name, source.describe(), exc)
+        if _is_local(source):
+            raise _unavailable(name, source, exc) from None
+        if local_files_only:
+            raise _unavailable(name, source, "offline mode forbids downloading") from None
+        reason = _hub_unreachable_reason(source.repo)
+        if reason:
+            raise _unavailable(name, source, reason) from None
+        log.info("Downloading %s from %s", name, source.describe())
         try:
-            obj = cls.from_pretrained(source.repo, local_files_only=local_only, **kwargs)
-            break
-        except (OSError, ValueError, RuntimeError) as exc:  # hub/file errors are OSError subclasses
-            error = exc
-            log.debug("loading %s from %s (local_files_only=%s) failed: %s", name, source.describe(), local_only, exc)
-    else:
-        raise _unavailable(name, source, error) from error
+            obj = cls.from_pretrained(source.repo, **kwargs)
+        except (OSError, ValueError) as exc2:
+            raise _unavailable(name, source, f"the download failed ({exc2})") from None
     if isinstance(obj, torch.nn.Module):
         obj.eval().requires_grad_(False)
     return obj
@@ -165,9 +183,23 @@ def load_bundle(
 
     bundle = ModelBundle(**parts, preset=spec, source=origin)
     bundle.to(dev)
+    if dev.type == "cpu" and (model_dir is not None or not spec.is_random):
+        for module in bundle.modules().values():
+            _realign_cpu_tensors(module)
     bundle.load_seconds = time.perf_counter() - started
     log.info("Loaded %s models from %s on %s in %.1f s", spec.name, origin, dev, bundle.load_seconds)
     return bundle
+
+
+def _realign_cpu_tensors(module: torch.nn.Module, alignment: int = 64) -> None:
+    """Copy weights that safetensors memory-maps at unaligned offsets into fresh, aligned memory.
+
+    CPU kernels pick another code path for unaligned operands and round differently (~1 ulp), so
+    the same weights loaded from disk and built in memory would give different videos.
+    """
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type == "cpu" and tensor.data_ptr() % alignment:
+            tensor.data = tensor.data.clone()
 
 
 def _default_device() -> torch.device:

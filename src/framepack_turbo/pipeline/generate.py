@@ -202,7 +202,8 @@ class Generator:
         t0 = time.perf_counter()
         height, width = encode.nearest_bucket(*picture.shape[:2], resolution=options.resolution)
         picture = encode.resize_and_center_crop(picture, height, width)
-        start_latent = vae.encode(encode.image_to_tensor(picture), b.vae)
+        posterior_rng = torch.Generator(b.vae.device).manual_seed(options.seed)
+        start_latent = vae.encode(encode.image_to_tensor(picture), b.vae, posterior_rng)
         image_embeds = encode.encode_image(picture, b.feature_extractor, b.image_encoder)
         timings.add("image_encode", time.perf_counter() - t0)
 

@@ -17,10 +17,14 @@ _PREVIEW_BIAS = (0.0259, -0.0192, -0.0761)
 
 
 @torch.no_grad()
-def encode(pixels: torch.Tensor, vae) -> torch.Tensor:
-    """(B, 3, T, H, W) in [-1, 1] -> scaled latents (B, 16, T', H/8, W/8), float32."""
+def encode(pixels: torch.Tensor, vae, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> scaled latents (B, 16, T', H/8, W/8), float32.
+
+    Samples the posterior as FramePack does; pass a seeded `generator` so the same seed gives the
+    same start latent (FramePack draws from the global RNG, which makes reruns differ).
+    """
     dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    return (dist.sample() * vae.config.scaling_factor).float()
+    return (dist.sample(generator=generator) * vae.config.scaling_factor).float()
 
 
 @torch.no_grad()

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_IMAGE = ROOT / "examples" / "start.png"
+
+
+@pytest.fixture(scope="session")
+def example_image() -> Path:
+    return EXAMPLE_IMAGE
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle():
+    from framepack_turbo.models.loading import load_bundle
+
+    return load_bundle("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_bundle):
+    from framepack_turbo.api import FramePack
+
+    return FramePack(tiny_bundle)
+
+
+# Small, fast generation settings shared by the tests: 2 s at window 9 = 2 sections.
+FAST = dict(seconds=2, steps=2, resolution=128)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
