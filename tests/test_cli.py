@@ -1,0 +1,148 @@
+"""The `framepack` command: the bar from the issue, bad input, Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from framepack_turbo.cli import _InterruptToCancel, app
+from framepack_turbo.pipeline import video
+from framepack_turbo.pipeline.events import CancelToken
+
+BAR = ["--model", "tiny", "--prompt", "a cat", "--seconds", "2", "--steps", "4", "--resolution", "128"]
+
+
+def _framepack(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The installed entry point, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "framepack_turbo.cli", *args], capture_output=True, text=True, env=env, timeout=600, **kwargs
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["inverted", "f1"])
+def test_the_bar(example_image, tmp_path, variant):
+    out = tmp_path / "out.mp4"
+    proc = _framepack("generate", "--image", str(example_image), *BAR, "--variant", variant, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    info = video.probe(out)
+    assert (info.frames, info.pix_fmt, info.fps, info.codec) == (73, "yuv420p", 30.0, "h264")
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["variant"] == variant and sidecar["frames"] == 73 and sidecar["status"] == "complete"
+    assert "Traceback" not in proc.stderr
+    assert "73 frames" in proc.stdout
+
+
+def test_missing_image_is_one_line_exit_2(tmp_path):
+    proc = _framepack("generate", "--image", str(tmp_path / "missing.png"), *BAR, "--out", str(tmp_path / "o.mp4"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: image not found: {tmp_path / 'missing.png'}"]
+    assert proc.stdout == ""
+
+
+def _bad_image(tmp_path: Path) -> Path:
+    p = tmp_path / "bad.png"
+    p.write_text("not an image")
+    return p
+
+
+def _small_image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    p = tmp_path / "small.png"
+    Image.new("RGB", (32, 80)).save(p)
+    return p
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (lambda t, img: ["--image", str(_bad_image(t))], "not a readable image"),
+        (lambda t, img: ["--image", str(_small_image(t))], "image is 32x80"),
+        (lambda t, img: ["--image", str(img), "--seconds", "0"], "seconds=0.0: must be > 0"),
+        (lambda t, img: ["--image", str(img), "--seconds", "121"], "seconds=121.0"),
+        (lambda t, img: ["--image", str(img), "--seconds", "-3"], "seconds=-3.0"),
+        (lambda t, img: ["--image", str(img), "--steps", "0"], "steps=0: must be >= 1"),
+        (lambda t, img: ["--image", str(img), "--window", "0"], "window=0: must be >= 1"),
+        (lambda t, img: ["--image", str(img), "--model", "gigantic"], "unknown model preset 'gigantic'"),
+        (lambda t, img: ["--image", str(img), "--variant", "sideways"], "variant='sideways'"),
+        (lambda t, img: ["--image", str(img), "--out", str(t)], "must be an .mp4 file"),
+        (lambda t, img: ["--image", str(img), "--out", "/proc/no/such/out.mp4"], "cannot write there"),
+        (lambda t, img: ["--image", str(img), "--model-dir", str(t / "nope")], "no such directory"),
+    ],
+)
+def test_bad_input_exit_2_one_line(tmp_path, example_image, extra, message):
+    args = ["generate", "--prompt", "a cat", "--out", str(tmp_path / "o.mp4"), *extra(tmp_path, example_image)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_output_under_a_file_is_refused(tmp_path, example_image):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the output's folder should be: unwritable even for root
+    args = ["generate", "--prompt", "x", "--image", str(example_image), "--out", str(blocker / "o.mp4")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "cannot write there" in result.output, result.output
+
+
+def test_offline_missing_weights_is_one_line(tmp_path, example_image):
+    args = ["generate", "--prompt", "x", "--image", str(example_image), "--model", "framepack", "--offline"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o.mp4")])
+    # Either a developer has the real weights cached (then this would load 13B: don't) or the error names the repo.
+    assert result.exit_code == 2
+    assert "lllyasviel/FramePackI2V_HY" in result.output and "--model-dir" in result.output
+
+
+def test_interrupt_handler_cancels_then_aborts():
+    token = CancelToken()
+    handler = _InterruptToCancel(token)
+    handler._handle(signal.SIGINT, None)
+    assert token.cancelled
+    with pytest.raises(KeyboardInterrupt):
+        handler._handle(signal.SIGINT, None)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_finished_sections(example_image, tmp_path):
+    out = tmp_path / "out.mp4"
+    args = ["generate", "--image", str(example_image), "--model", "tiny", "--prompt", "a cat", "--seconds", "4",
+            "--steps", "8", "--resolution", "128", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "framepack_turbo.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    stderr_lines = []
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            stderr_lines.append(line)
+            if "section 1/3 done" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        _, rest = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    stderr = "".join(stderr_lines) + rest
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "stopped by the user after" in stderr
+    info = video.probe(out)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["status"] == "cancelled"
+    assert info.frames == sidecar["frames"] and sidecar["sections_done"] >= 1
+    assert info.frames in (33, 69)  # one or two finished sections of three (inverted: 33, then +36)
