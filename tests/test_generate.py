@@ -161,9 +161,10 @@ def test_cancel_keeps_finished_sections(tiny, example_image, tmp_path):
         if isinstance(e, SectionDone):
             token.cancel()
 
-    with pytest.raises(Cancelled, match="after 1 of 2 sections; 33 frames kept"):
+    with pytest.raises(Cancelled, match="after 1 of 2 sections; 33 frames kept") as stopped:
         tiny.generate(example_image, "a cat", out=out, on_event=on_event, cancel=token, **FAST)
     assert video.probe(out).frames == 33
+    assert stopped.value.result.frames.shape[0] == 33 and stopped.value.result.status == "cancelled"
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["status"] == "cancelled" and data["sections_done"] == 1 and data["frames"] == 33
 

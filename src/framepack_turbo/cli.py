@@ -129,7 +129,7 @@ class _ProgressView:
         from framepack_turbo.pipeline.events import JobDone, Notice, SectionDone, StageStarted, StepProgress
 
         if isinstance(event, StepProgress):
-            eta = "-" if event.eta_s is None else f"{event.eta_s:.0f}s"
+            eta = f"{event.eta_s:.0f}s"
             detail = f"step {event.step}/{event.steps}  section {event.section}/{event.sections}"
             total = event.steps * event.sections
             if self.task is None:
@@ -196,8 +196,10 @@ def generate(
         fp = FramePack.load(model, model_dir=model_dir, device=device_obj, local_files_only=offline)
         token = CancelToken()
         with _InterruptToCancel(token), _ProgressView(console) as view:
+            run_settings = {"model": model, "model_dir": str(model_dir) if model_dir else None,
+                            "device": str(fp.bundle.device), "offline": offline}  # fmt: skip
             result = fp.generate(
-                picture, prompt, out=out_path, on_event=view, cancel=token,
+                picture, prompt, out=out_path, on_event=view, cancel=token, settings=run_settings,
                 **{k: v for k, v in options.to_dict().items() if k != "prompt"},
             )  # fmt: skip
         timings = result.sidecar["timings"]

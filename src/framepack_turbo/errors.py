@@ -22,6 +22,7 @@ class ModelUnavailableError(FramePackError):
 
 
 class Cancelled(FramePackError):
-    """The job was stopped by the user; what finished before is on disk."""
+    """The job was stopped by the user; what finished before is on disk (and in `.result` if set)."""
 
     exit_code = 130
+    result = None

@@ -76,7 +76,7 @@ def _component_class(name: str):
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
     from transformers import AutoTokenizer, CLIPTextModel, LlamaModel, SiglipVisionModel
 
-    from framepack_turbo.pipeline.encode import make_image_processor
+    from framepack_turbo.pipeline.encode import image_processor_class
 
     return {
         "transformer": HunyuanVideoFramepackTransformer3DModel,
@@ -86,7 +86,7 @@ def _component_class(name: str):
         "text_encoder_2": CLIPTextModel,
         "tokenizer_2": AutoTokenizer,
         "image_encoder": SiglipVisionModel,
-        "feature_extractor": type(make_image_processor(8)),
+        "feature_extractor": image_processor_class(),
     }[name]
 
 

@@ -75,15 +75,21 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return t.permute(2, 0, 1)[None, :, None]
 
 
-def make_image_processor(size: int):
-    """A SigLIP processor at `size`. The PIL implementation when torchvision is absent (no CPU build)."""
+def image_processor_class():
+    """`SiglipImageProcessor`, or its PIL implementation when torchvision is absent (it has no CPU build
+    for our torch); transformers would fall back to the same class with a warning."""
     try:
         import torchvision  # noqa: F401
 
         from transformers import SiglipImageProcessor as Processor
     except ImportError:
         from transformers import SiglipImageProcessorPil as Processor
-    return Processor(size={"height": size, "width": size})
+    return Processor
+
+
+def make_image_processor(size: int):
+    """A SigLIP processor at `size` (the real one is 384; random presets use their own size)."""
+    return image_processor_class()(size={"height": size, "width": size})
 
 
 @dataclass

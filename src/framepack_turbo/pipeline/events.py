@@ -23,7 +23,7 @@ class StepProgress:
     section: int  # 1-based, generation order
     sections: int
     elapsed_s: float
-    eta_s: float | None  # None until a step has been timed
+    eta_s: float  # seconds left: measured step and decode times times what remains
     denoised: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -172,10 +172,12 @@ class Generator:
         self.on_event(JobDone(status, video_path, len(frames)))
         result = Result(frames, out_path, video.sidecar_path(out_path), sidecar)
         if status == "cancelled":
-            raise Cancelled(
+            stopped = Cancelled(
                 f"stopped by the user after {sidecar['sections_done']} of {len(sections)} sections"
                 + (f"; {len(frames)} frames kept in {out_path}" if sidecar["sections_done"] else "; nothing written")
-            ) from None
+            )
+            stopped.result = result  # what finished, for callers that want to show it
+            raise stopped
         return result
 
     # ---- stages -------------------------------------------------------------------------------
@@ -295,8 +297,10 @@ class Generator:
         def on_step(state: StepState) -> None:
             done = section.number * options.steps + state.step + 1
             total = n_sections * options.steps
-            sampling = timings.stages["transformer"]
-            eta = sampling / done * (total - done) if done else None
+            per_step = timings.stages["transformer"] / done
+            # decode time per section so far (none before the first decode: the ETA firms up after it)
+            per_decode = timings.stages["vae_decode"] / section.number if section.number else 0.0
+            eta = per_step * (total - done) + per_decode * (n_sections - section.number)
             self.on_event(
                 StepProgress(
                     step=state.step + 1,

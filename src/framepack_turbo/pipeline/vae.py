@@ -29,9 +29,13 @@ def encode(pixels: torch.Tensor, vae, generator: torch.Generator | None = None) 
 
 @torch.no_grad()
 def decode(latents: torch.Tensor, vae) -> torch.Tensor:
-    """Scaled latents (B, 16, T, h, w) -> pixels (B, 3, 4(T-1)+1, 8h, 8w) in [-1, 1], float32 on CPU."""
+    """Scaled latents (B, 16, T, h, w) -> pixels (B, 3, 4(T-1)+1, 8h, 8w) in [-1, 1], on CPU.
+
+    Pixels stay in the VAE's dtype (fp16 on CUDA, as FramePack keeps its pixel history): a minute of
+    video at 640 is 8 GB in float32.
+    """
     z = (latents / vae.config.scaling_factor).to(device=vae.device, dtype=vae.dtype)
-    return vae.decode(z).sample.float().cpu()
+    return vae.decode(z).sample.cpu()
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ import torch
 FPS = 30
 CODEC = "libx264"
 PIX_FMT = "yuv420p"
+_CONVERT_CHUNK = 64  # frames
 
 
 def _atomic_target(path: Path) -> tuple[int, str]:
@@ -30,8 +31,12 @@ def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
     if pixels.dim() != 5 or pixels.shape[0] != 1:
         raise ValueError(f"expected pixels of shape (1, 3, T, H, W), got {tuple(pixels.shape)}")
-    x = (pixels[0].float().clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    _, _, t, h, w = pixels.shape
+    out = np.empty((t, h, w, 3), np.uint8)
+    for start in range(0, t, _CONVERT_CHUNK):  # in chunks: a float32 copy of a long clip is gigabytes
+        chunk = pixels[0, :, start : start + _CONVERT_CHUNK].float().clamp(-1, 1) * 127.5 + 127.5
+        out[start : start + _CONVERT_CHUNK] = chunk.round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    return out
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, crf: int = 16, fps: int = FPS) -> Path:
