@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,20 @@ PIX_FMT = "yuv420p"
 _CONVERT_CHUNK = 64  # frames
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
+
+    Readers (a player, the UI) never see a half-written file, and a crash leaves the last good one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
@@ -47,21 +59,14 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, crf: int = 16, fps: i
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"yuv420p needs even sides, got {w}x{h}")
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream(CODEC, rate=fps, options={"crf": str(int(crf))})
-            stream.width, stream.height, stream.pix_fmt = w, h, PIX_FMT
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
+    with atomic_path(path) as tmp, av.open(tmp, mode="w", format="mp4") as container:
+        stream = container.add_stream(CODEC, rate=fps, options={"crf": str(int(crf))})
+        stream.width, stream.height, stream.pix_fmt = w, h, PIX_FMT
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for packet in stream.encode():
+            container.mux(packet)
     return path
 
 
@@ -96,15 +101,9 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
 
 def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
     return path
 
 
