@@ -1,47 +1,120 @@
 """The Python API: `FramePack.load(...)` once, then `.generate(...)` per clip.
 
     from framepack_turbo import FramePack
-    fp = FramePack.load(model="tiny")
+    fp = FramePack.load("tiny")                      # or FramePack.load(settings=Settings.load(...))
     result = fp.generate("cat.png", "a cat walks", seconds=2, steps=4, resolution=128, out="cat.mp4")
     result.frames.shape, result.video_path, result.sidecar["timings"]
+
+`load` runs the whole front half of the data path: settings -> compatibility check -> plan ->
+models -> passes. Keyword arguments are Settings fields (source "api"); like the CLI, it also
+reads `FRAMEPACK_*` variables, below the arguments.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from framepack_turbo import compat
+from framepack_turbo.errors import FramePackError
+from framepack_turbo.hardware import Hardware
 from framepack_turbo.models.loading import ModelBundle, load_bundle
+from framepack_turbo.optim.plan import Plan, apply_plan, make_plan
 from framepack_turbo.pipeline.events import CancelToken, EventSink
 from framepack_turbo.pipeline.generate import Generator, Result
 from framepack_turbo.pipeline.options import GenerateOptions
+from framepack_turbo.settings import Settings
 
-__all__ = ["FramePack", "Result", "default_output_path"]
+__all__ = ["FramePack", "IncompatibleSettings", "Result", "default_output_path", "options_from_settings"]
+
+log = logging.getLogger(__name__)
+
+INCOMPATIBLE_PAUSE_S = 5.0  # the spec's pause before proceeding past critical findings
+
+
+class IncompatibleSettings(FramePackError):
+    """A critical compatibility rule fired; nothing was loaded."""
+
+    exit_code = 1
+
+    def __init__(self, report: compat.CompatReport) -> None:
+        self.report = report
+        lines = [f.line() for f in report.critical]
+        super().__init__("incompatible settings:\n" + "\n".join(lines) + "\n(--ignore-incompatible runs anyway)")
 
 
 def default_output_path(directory: str | Path = "outputs") -> Path:
     return Path(directory) / f"framepack_{datetime.now():%Y%m%d_%H%M%S}.mp4"
 
 
+# Settings names of the per-job options, where they differ from GenerateOptions' field names.
+_OPTION_NAMES = {"gs": "distilled_guidance", "rs": "guidance_rescale"}
+_OPTION_SETTINGS = ("seconds", "variant", "seed", "steps", "window", "gs", "cfg", "rs", "resolution", "crf")
+
+
+def options_from_settings(settings: Settings, prompt: str, negative_prompt: str = "", **overrides: Any) -> GenerateOptions:
+    """The per-job options: the settings' values, then `overrides` (GenerateOptions field names)."""
+    values = {_OPTION_NAMES.get(n, n): getattr(settings, n) for n in _OPTION_SETTINGS}
+    return GenerateOptions(prompt=prompt, negative_prompt=negative_prompt, **{**values, **overrides})
+
+
 class FramePack:
     """Loaded models plus the generation entry point. One instance can run many jobs, one at a time."""
 
-    def __init__(self, bundle: ModelBundle) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        settings: Settings | None = None,
+        plan: Plan | None = None,
+        report: compat.CompatReport | None = None,
+    ) -> None:
         self.bundle = bundle
+        self.settings = settings or Settings.load({"model": bundle.preset.name}, source="api")
+        self.report = report or compat.CompatReport(())
+        self.plan = plan or make_plan(self.settings, self.report)
 
     @classmethod
     def load(
         cls,
-        model: str = "framepack",
-        model_dir: str | Path | None = None,
-        device: str | torch.device | None = None,
-        local_files_only: bool = False,
+        model: str | None = None,
+        *,
+        settings: Settings | None = None,
+        ignore_incompatible: bool = False,
+        **overrides: Any,
     ) -> FramePack:
-        """Load a preset (`framepack`, `framepack-f1`, `tiny`, `small`) or a local folder laid out like the repos."""
-        return cls(load_bundle(model, str(model_dir) if model_dir else None, device, local_files_only))
+        """Check, plan, load and optimize. `overrides` are Settings fields (e.g. model_dir=..., device="cpu").
+
+        Raises `IncompatibleSettings` before anything loads when a critical rule fires, unless
+        `ignore_incompatible` (then it waits the spec's 5 s and goes on).
+        """
+        if settings is None:
+            settings = Settings.load({**overrides, **({"model": model} if model else {})}, source="api")
+        elif model or overrides:
+            raise TypeError("pass either settings= or model/overrides, not both")
+        hardware = Hardware.detect()
+        report = compat.check(settings, hardware)
+        if report.has_critical and not ignore_incompatible:
+            raise IncompatibleSettings(report)  # its message carries the critical findings
+        for finding in report.findings:
+            level = logging.INFO if finding.severity is compat.Severity.INFO else logging.WARNING
+            log.log(level, finding.line())
+        if report.has_critical:
+            log.warning("Ignoring incompatible settings as asked; going on in %.0f s", INCOMPATIBLE_PAUSE_S)
+            time.sleep(INCOMPATIBLE_PAUSE_S)
+        plan = make_plan(settings, report)
+        for line in plan.summary_lines():
+            log.info(line)
+        bundle = load_bundle(
+            settings.model,
+            str(settings.model_dir) if settings.model_dir else None,
+            settings.device,
+            local_files_only=settings.offline,
+        )
+        apply_plan(plan, bundle, settings, hardware)
+        return cls(bundle, settings, plan, report)
 
     def generate(
         self,
@@ -50,10 +123,15 @@ class FramePack:
         out: str | Path | None = None,
         on_event: EventSink | None = None,
         cancel: CancelToken | None = None,
-        settings: dict[str, Any] | None = None,
+        negative_prompt: str = "",
         **options: Any,
     ) -> Result:
-        """Generate a clip from `image` (path, PIL image or uint8 array). `options` are `GenerateOptions` fields."""
-        opts = GenerateOptions(prompt=prompt, **options)
-        generator = Generator(self.bundle, on_event=on_event, cancel=cancel, settings=settings)
+        """Generate a clip from `image` (path, PIL image or uint8 array).
+
+        `options` are GenerateOptions fields (seconds, steps, window, seed, distilled_guidance, cfg,
+        guidance_rescale, resolution, crf, variant); unset ones come from the settings.
+        """
+        opts = options_from_settings(self.settings, prompt, negative_prompt, **options)
+        record = {"values": self.settings.to_json_dict(), "plan": self.plan.to_list(), "compat": self.report.to_list()}
+        generator = Generator(self.bundle, on_event=on_event, cancel=cancel, settings=record)
         return generator.run(image, opts, out or default_output_path())

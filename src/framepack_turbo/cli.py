@@ -5,6 +5,7 @@ Errors a user can cause end with exit code 2 and one line on stderr, never a tra
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from framepack_turbo.errors import Cancelled, FramePackError, InputError
+from framepack_turbo.errors import FramePackError, InputError
 
 app = typer.Typer(
     name="framepack",
@@ -46,7 +47,10 @@ def _configure_logging(verbose: bool, console) -> None:
     from rich.logging import RichHandler
 
     # One console for log lines and the progress bar, so lines print above the bar instead of through it.
-    handler = RichHandler(console=console, show_time=False, show_path=False, markup=False, show_level=verbose)
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_time=False, show_path=False, markup=False, show_level=verbose)
+    else:  # plain lines for pipes and log files: no wrapping at 80 columns
+        handler = logging.StreamHandler(sys.stderr)
     logging.basicConfig(format="%(message)s", level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("framepack_turbo").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
@@ -147,86 +151,105 @@ class _ProgressView:
             pass
 
 
-@app.command()
+SETTINGS_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _settings_epilog() -> str:
+    from framepack_turbo.settings import flags_help
+
+    # \b keeps click from re-wrapping the table.
+    return "\b\nSettings (every FRAMEPACK_* variable is also a flag; booleans take --no-NAME):\n" + flags_help()
+
+
+def _settings_from(ctx: typer.Context, preset: str | None):
+    """Flags left over after the command's own options are settings flags; parse and validate them."""
+    from framepack_turbo.settings import Settings, parse_flags
+
+    overrides = parse_flags(list(ctx.args))
+    if preset is not None:
+        overrides["preset"] = preset
+    return Settings.load(overrides, source="cli")
+
+
+@app.command(context_settings=SETTINGS_CONTEXT, epilog=_settings_epilog())
 def generate(
+    ctx: typer.Context,
     image: Annotated[Path, typer.Option(help="Start image (png, jpg, webp ...).")],
     prompt: Annotated[str, typer.Option(help="What happens in the video.")],
-    seconds: Annotated[float, typer.Option(help="Clip length in seconds (0 < s <= 120).")] = 5.0,
-    variant: Annotated[Optional[str], typer.Option(help="inverted (anti-drifting) or f1; default: the model's.")] = None,
-    model: Annotated[str, typer.Option(help="Preset: framepack, framepack-f1, tiny, small.")] = "framepack",
-    model_dir: Annotated[Optional[Path], typer.Option(help="Local folder laid out like the repos.")] = None,
-    seed: Annotated[int, typer.Option()] = 31337,
-    steps: Annotated[int, typer.Option(help="Sampling steps per section.")] = 25,
-    window: Annotated[int, typer.Option(help="Latent frames per section (latent window size).")] = 9,
-    gs: Annotated[float, typer.Option(help="Distilled guidance scale.")] = 10.0,
-    cfg: Annotated[float, typer.Option(help="Real CFG scale; 1 = off. Above 1 uses --negative.")] = 1.0,
     negative: Annotated[str, typer.Option(help="Negative prompt (used when --cfg > 1).")] = "",
-    rs: Annotated[float, typer.Option(help="CFG rescale (0-1).")] = 0.0,
-    resolution: Annotated[int, typer.Option(help="Bucket base resolution.")] = 640,
-    crf: Annotated[int, typer.Option(help="h264 quality, 0-51, lower is better.")] = 16,
     out: Annotated[Optional[Path], typer.Option(help="Output .mp4 (a .json sidecar is written beside it).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu; default: CUDA if present.")] = None,
-    offline: Annotated[bool, typer.Option(help="Never contact the Hugging Face hub.")] = False,
+    preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
+    ignore_incompatible: Annotated[bool, typer.Option(help="Run despite critical compatibility findings (after 5 s).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Generate a video from one image and a prompt."""
+    """Generate a video from one image and a prompt. Settings flags (--seconds, --steps, --quant-bits ...) below."""
     console = _console()
     _configure_logging(verbose, console)
     try:
         # Everything the user typed is checked before a model loads.
-        from framepack_turbo.api import default_output_path
-        from framepack_turbo.models.presets import get_preset
-        from framepack_turbo.pipeline.options import GenerateOptions, load_image
+        from framepack_turbo.api import FramePack, default_output_path, options_from_settings
+        from framepack_turbo.pipeline.options import load_image
 
-        options = GenerateOptions(
-            prompt=prompt, negative_prompt=negative, seconds=seconds, variant=variant, seed=seed, steps=steps,
-            window=window, distilled_guidance=gs, cfg=cfg, guidance_rescale=rs, resolution=resolution, crf=crf,
-        )  # fmt: skip
+        settings = _settings_from(ctx, preset)
+        options = options_from_settings(settings, prompt, negative)
         picture = load_image(image)
-        get_preset(model)
-        if model_dir is not None and not model_dir.is_dir():
-            raise InputError(f"--model-dir {model_dir}: no such directory")
         out_path = out or default_output_path()
         check_writable(out_path)
-        device_obj = _parse_device(device)
+        _check_device(settings.device)
 
-        from framepack_turbo.api import FramePack
         from framepack_turbo.pipeline.events import CancelToken
 
-        fp = FramePack.load(model, model_dir=model_dir, device=device_obj, local_files_only=offline)
+        fp = FramePack.load(settings=settings, ignore_incompatible=ignore_incompatible)
         token = CancelToken()
         with _InterruptToCancel(token), _ProgressView(console) as view:
-            run_settings = {"model": model, "model_dir": str(model_dir) if model_dir else None,
-                            "device": str(fp.bundle.device), "offline": offline}  # fmt: skip
             result = fp.generate(
-                picture, prompt, out=out_path, on_event=view, cancel=token, settings=run_settings,
-                **{k: v for k, v in options.to_dict().items() if k != "prompt"},
+                picture, prompt, out=out_path, on_event=view, cancel=token, negative_prompt=negative,
+                **{k: v for k, v in options.to_dict().items() if k not in ("prompt", "negative_prompt")},
             )  # fmt: skip
         timings = result.sidecar["timings"]
         typer.echo(
             f"wrote {result.video_path} ({len(result.frames)} frames, {len(result.frames) / 30:.2f} s) "
             f"and {result.sidecar_path.name} in {timings['total']:.1f} s",
         )
-    except Cancelled as exc:
-        raise _fail(str(exc), exc.exit_code) from None
     except FramePackError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     except KeyboardInterrupt:
         raise _fail("aborted", 130) from None
 
 
-def _parse_device(device: str | None):
-    if device is None:
-        return None
+@app.command(context_settings=SETTINGS_CONTEXT, epilog=_settings_epilog())
+def doctor(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
+) -> None:
+    """Hardware, every setting with its source, the plan of passes, the compatibility report. Loads no model.
+
+    Exit 1 when a critical rule fires.
+    """
+    console = _console()
+    _configure_logging(False, console)
+    try:
+        from framepack_turbo.doctor import diagnose, render_text
+
+        settings = _settings_from(ctx, preset)
+        data = diagnose(settings)
+    except FramePackError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    if json_out:
+        typer.echo(json.dumps(data, indent=2, default=str))
+    else:
+        typer.echo(render_text(data))
+    raise typer.Exit(1 if any(f["severity"] == "critical" for f in data["compat"]) else 0)
+
+
+def _check_device(device: str | None) -> None:
+    if device is None or not device.startswith("cuda"):
+        return
     import torch
 
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device}: not a device name (cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 @app.callback()

@@ -1,34 +1,87 @@
-"""What the machine has. Queried when asked, never at import."""
+"""What the machine has: device, memory, compute capability, which optional backends are installed.
+
+Queried when asked (`Hardware.detect()`), never at import. Tests build `Hardware(...)` by hand to
+check rules for machines we do not have.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
-import torch
-
 VERSIONED_PACKAGES = ("framepack-turbo", "torch", "diffusers", "transformers", "accelerate", "av", "numpy")
+
+# Optional backends: import name -> what it is for. Presence is checked without importing them
+# (some print or initialise CUDA at import); `framepack doctor` lists them.
+OPTIONAL_BACKENDS: dict[str, str] = {
+    "torchao": "INT8/INT4/FP8 quantization kernels",
+    "bitsandbytes": "bitsandbytes 4/8-bit loading",
+    "xformers": "xFormers attention",
+    "sageattention": "SageAttention",
+    "flash_attn": "FlashAttention 2",
+    "flash_attn_interface": "FlashAttention 3",
+    "faiss": "similarity cache index",
+    "onnxruntime": "ONNX engines",
+    "tensorrt": "TensorRT",
+    "torch_tensorrt": "torch-tensorrt",
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
 class Hardware:
-    device: str  # "cuda" or "cpu"
-    device_name: str
-    cpu_count: int
-    total_vram_gb: float | None
-    compute_capability: tuple[int, int] | None
+    device: str = "cpu"  # "cuda" or "cpu"
+    device_name: str = "cpu"
+    cpu_count: int = 1
+    total_vram_gb: float | None = None
+    free_vram_gb: float | None = None
+    compute_capability: tuple[int, int] | None = None
+    bf16: bool = False
+    backends: dict[str, bool] = field(default_factory=dict)
+    onnx_providers: tuple[str, ...] = ()
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    def has(self, backend: str) -> bool:
+        return bool(self.backends.get(backend))
+
+    def capability_at_least(self, major: int, minor: int) -> bool:
+        return self.compute_capability is not None and self.compute_capability >= (major, minor)
 
     @staticmethod
     def detect() -> Hardware:
+        import torch
+
+        backends = {name: _installed(name) for name in OPTIONAL_BACKENDS}
+        providers: tuple[str, ...] = ()
+        if backends["onnxruntime"]:
+            try:
+                import onnxruntime
+
+                providers = tuple(onnxruntime.get_available_providers())
+            except ImportError:  # installed but broken: say so through the backends table
+                backends["onnxruntime"] = False
+        cpus = os.cpu_count() or 1
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
+            free, total = torch.cuda.mem_get_info(0)
             return Hardware(
-                "cuda", props.name, os.cpu_count() or 1, round(props.total_memory / 2**30, 2),
-                (props.major, props.minor),
+                "cuda", props.name, cpus, round(total / 2**30, 2), round(free / 2**30, 2),
+                (props.major, props.minor), torch.cuda.is_bf16_supported(), backends, providers,
             )  # fmt: skip
-        return Hardware("cpu", platform.processor() or platform.machine(), os.cpu_count() or 1, None, None)
+        name = platform.processor() or platform.machine()
+        return Hardware("cpu", name, cpus, None, None, None, True, backends, providers)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,349 @@
+"""The compatibility engine: rules as data, checked before anything loads. Nothing else decides this.
+
+A rule has an id, a severity, a condition on (settings, hardware), a message that says what is
+true, and the fix. `critical` stops `generate` before any model loads (`--ignore-incompatible`
+proceeds after a 5 s pause); `warning` runs, usually without the pass it names (`disables`);
+`info` is worth knowing. Every rule states a fact backed by a test in tests/test_compat.py; rules
+about hardware we cannot run in CI say why in a comment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from framepack_turbo.hardware import Hardware
+from framepack_turbo.settings import Settings, env_name
+
+
+class Severity(str, Enum):
+    CRITICAL = "critical"
+    WARNING = "warning"
+    INFO = "info"
+
+
+Condition = Callable[[Settings, Hardware], bool]
+Text = str | Callable[[Settings, Hardware], str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    severity: Severity
+    when: Condition
+    message: Text
+    fix: Text
+    disables: tuple[str, ...] = ()  # plan passes that do not run when this rule fires
+
+
+@dataclass(frozen=True)
+class Finding:
+    id: str
+    severity: Severity
+    message: str
+    fix: str
+    disables: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "severity": self.severity.value, "message": self.message, "fix": self.fix}
+
+    def line(self) -> str:
+        return f"[{self.severity.value}] {self.id}: {self.message} Fix: {self.fix}"
+
+
+@dataclass(frozen=True)
+class CompatReport:
+    findings: tuple[Finding, ...]
+
+    @property
+    def critical(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity is Severity.CRITICAL]
+
+    @property
+    def has_critical(self) -> bool:
+        return bool(self.critical)
+
+    def ids(self) -> list[str]:
+        return [f.id for f in self.findings]
+
+    def disabled_passes(self) -> dict[str, str]:
+        """pass name -> why it is skipped (the first rule that disables it)."""
+        out: dict[str, str] = {}
+        for f in self.findings:
+            for name in f.disables:
+                out.setdefault(name, f"{f.message} (rule {f.id})")
+        return out
+
+    def to_list(self) -> list[dict[str, str]]:
+        return [f.to_dict() for f in self.findings]
+
+
+# ---- facts used by several rules -----------------------------------------------------------------
+
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+ATTENTION_KERNELS = ("sageattention", "flash_attn_interface", "flash_attn", "xformers")
+FP8_COMPUTE_CAPABILITY = (8, 9)  # torch._scaled_mm with float8 needs Ada (8.9) or Hopper (9.0)
+
+
+def _compiling(s: Settings) -> bool:
+    return s.enable_compile and not s.fast_start and s.jit_mode == "off"
+
+
+def _moves_weights(s: Settings) -> bool:
+    return s.use_memory_v2 or (s.use_bnb and s.bnb_cpu_offload)
+
+
+def _trt_any(s: Settings) -> bool:
+    return s.enable_tensorrt or s.use_onnx_engines or s.onnx_trt_enable
+
+
+def _quant_methods(s: Settings) -> list[str]:
+    names = {"enable_quant": s.enable_quant, "enable_fp8": s.enable_fp8, "use_bnb": s.use_bnb}
+    return [env_name(n) for n, on in names.items() if on]
+
+
+# Sub-settings that do nothing unless their switch is on. Flagged only when the user set them.
+SWITCHES: dict[str, Callable[[Settings], bool]] = {
+    **dict.fromkeys(("quant_bits",), lambda s: s.enable_quant),
+    **dict.fromkeys(("fp8_target_keys", "fp8_exclude_keys", "fp8_use_scaled_mm"), lambda s: s.enable_fp8),
+    **dict.fromkeys(
+        ("bnb_load_in_4bit", "bnb_cpu_offload", "bnb_device_map", "bnb_double_quant"), lambda s: s.use_bnb
+    ),
+    **dict.fromkeys(("compile_mode",), lambda s: s.enable_compile),
+    **dict.fromkeys(("jit_artifact", "jit_save", "jit_load", "jit_strict"), lambda s: s.jit_mode != "off"),
+    **dict.fromkeys(("optimized_transformer",), lambda s: s.enable_opt_cache),
+    **dict.fromkeys(("runtime_cache_dir",), lambda s: s.runtime_cache),
+    **dict.fromkeys(("fbcache_threshold", "fbcache_verbose"), lambda s: s.enable_fbcache),
+    **dict.fromkeys(("teacache_threshold",), lambda s: s.enable_teacache),
+    **dict.fromkeys(
+        ("sim_cache_threshold", "sim_cache_max_skip", "sim_cache_max_entries", "sim_cache_use_faiss", "sim_cache_verbose"),
+        lambda s: s.enable_sim_cache,
+    ),
+    **dict.fromkeys(("kv_cache_len", "kv_cache_verbose"), lambda s: s.enable_kv_cache),
+    **dict.fromkeys(
+        ("trt_transformer", "trt_text_encoders", "trt_workspace_mb", "trt_max_aux_streams", "tensorrt_cache_dir"),
+        lambda s: s.enable_tensorrt,
+    ),
+    **dict.fromkeys(("trt_max_cached_shapes",), _trt_any),
+    **dict.fromkeys(
+        ("onnx_trt_fp16", "onnx_trt_int8", "onnx_trt_device_id", "onnx_trt_workspace_mb", "onnx_trt_cache_dir"),
+        lambda s: s.onnx_trt_enable,
+    ),
+    **dict.fromkeys(("force_parallel_loaders",), lambda s: s.parallel_loaders > 1),
+}
+
+
+def _idle_settings(s: Settings) -> list[str]:
+    return [env_name(n) for n, on in SWITCHES.items() if s.explicitly_set(n) and not on(s)]
+
+
+RULES: tuple[Rule, ...] = (
+    # ---- the spec's five -------------------------------------------------------------------------
+    Rule(
+        "compile-cudagraphs-offload",
+        Severity.CRITICAL,
+        lambda s, h: _compiling(s) and s.compile_mode in CUDA_GRAPH_COMPILE_MODES and _moves_weights(s),
+        lambda s, h: (
+            f"torch.compile mode {s.compile_mode} records CUDA graphs, which replay fixed device addresses; "
+            "--use-memory-v2 / BNB_CPU_OFFLOAD move weights between host and GPU, so a replay would read memory "
+            "that has moved."
+        ),
+        "FRAMEPACK_COMPILE_MODE=default (or max-autotune-no-cudagraphs), or turn off --use-memory-v2.",
+    ),
+    Rule(
+        "compile-offload-without-cudagraphs",
+        Severity.INFO,
+        lambda s, h: _compiling(s) and s.compile_mode not in CUDA_GRAPH_COMPILE_MODES and _moves_weights(s),
+        "torch.compile with offloading: the spec's conflict comes from CUDA graphs, which this compile mode "
+        "does not use.",
+        "Nothing to do; FRAMEPACK_COMPILE_MODE=reduce-overhead would bring the conflict back.",
+    ),
+    Rule(
+        "tensorrt-bitsandbytes",
+        Severity.CRITICAL,
+        lambda s, h: _trt_any(s) and s.use_bnb,
+        "TensorRT and ONNX export trace the model into standard operators; bitsandbytes' 4/8-bit layers are "
+        "custom CUDA kernels with packed weights that neither can express.",
+        "FRAMEPACK_USE_BNB=0 (use ENABLE_QUANT or ENABLE_FP8 for smaller weights), or turn TensorRT/ONNX off.",
+    ),
+    Rule(
+        "compile-torchscript",
+        Severity.WARNING,
+        lambda s, h: s.enable_compile and s.jit_mode != "off",
+        "torch.compile and TorchScript both compile the transformer; as the spec says, TorchScript is used and "
+        "torch.compile is skipped.",
+        "Choose one: FRAMEPACK_ENABLE_COMPILE=0, or --jit-mode off.",
+        disables=("compile",),
+    ),
+    Rule(
+        "multiple-quantization",
+        Severity.CRITICAL,
+        lambda s, h: len(_quant_methods(s)) > 1,
+        lambda s, h: (
+            f"{' and '.join(_quant_methods(s))} each replace the transformer's linear weights with their own "
+            "format; they cannot stack."
+        ),
+        "Keep one quantization method.",
+    ),
+    Rule(
+        "fp8-without-fp8-hardware",
+        Severity.WARNING,
+        lambda s, h: s.enable_fp8 and s.fp8_use_scaled_mm and not (h.cuda and h.capability_at_least(*FP8_COMPUTE_CAPABILITY)),
+        lambda s, h: (
+            "FP8 matmuls (FP8_USE_SCALED_MM=1) need a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+            f"this machine has {h.device_name}"
+            + (f" ({h.compute_capability[0]}.{h.compute_capability[1]})" if h.compute_capability else "")
+            + ". Weights are stored in FP8 and computed in bf16 instead: less memory, no speed-up."
+        ),
+        "Run on an H100/L40/RTX 40xx for FP8 compute, or FRAMEPACK_FP8_USE_SCALED_MM=0 to silence this.",
+    ),
+    # ---- hardware and installed backends ----------------------------------------------------------
+    Rule(
+        "tensorrt-needs-gpu",
+        Severity.WARNING,
+        lambda s, h: (s.enable_tensorrt or s.onnx_trt_enable) and not h.cuda,
+        "TensorRT runs on NVIDIA GPUs only; there is no CUDA device here, so it is skipped.",
+        "Run on a CUDA machine, or turn ENABLE_TENSORRT / ONNX_TRT_ENABLE off.",
+        disables=("tensorrt",),
+    ),
+    Rule(
+        "tensorrt-not-installed",
+        Severity.WARNING,
+        lambda s, h: s.enable_tensorrt and h.cuda and not h.has("torch_tensorrt"),
+        "ENABLE_TENSORRT needs the torch-tensorrt package, which is not installed; skipped.",
+        "pip install torch-tensorrt (matching your torch), or FRAMEPACK_ENABLE_TENSORRT=0.",
+        disables=("tensorrt",),
+    ),
+    Rule(
+        "onnx-needs-onnxruntime",
+        Severity.WARNING,
+        lambda s, h: (s.use_onnx_engines or s.onnx_trt_enable) and not h.has("onnxruntime"),
+        "ONNX engines run through onnxruntime, which is not installed; the PyTorch models are used.",
+        "pip install onnxruntime (onnxruntime-gpu for CUDA/TensorRT), or turn USE_ONNX_ENGINES off.",
+        disables=("onnx",),
+    ),
+    Rule(
+        "onnx-trt-provider-missing",
+        Severity.WARNING,
+        lambda s, h: s.onnx_trt_enable and h.has("onnxruntime") and "TensorrtExecutionProvider" not in h.onnx_providers,
+        lambda s, h: (
+            "onnxruntime has no TensorRT execution provider here (it has "
+            f"{', '.join(h.onnx_providers) or 'none'}); the next provider in TensorRT -> CUDA -> CPU is used."
+        ),
+        "Install onnxruntime-gpu with TensorRT, or FRAMEPACK_ONNX_TRT_ENABLE=0.",
+    ),
+    Rule(
+        "bnb-needs-cuda",
+        Severity.WARNING,
+        lambda s, h: s.use_bnb and not h.cuda,
+        "bitsandbytes 4/8-bit layers are loaded for CUDA; there is no CUDA device here, so USE_BNB is skipped.",
+        "Run on a CUDA machine, or use FRAMEPACK_ENABLE_QUANT=1 (torchao has CPU kernels).",
+        disables=("loading.bnb",),
+    ),
+    Rule(
+        "bnb-not-installed",
+        Severity.WARNING,
+        lambda s, h: s.use_bnb and h.cuda and not h.has("bitsandbytes"),
+        "USE_BNB needs the bitsandbytes package, which is not installed; skipped.",
+        "pip install bitsandbytes, or FRAMEPACK_USE_BNB=0.",
+        disables=("loading.bnb",),
+    ),
+    Rule(
+        "memory-v2-needs-cuda",
+        Severity.WARNING,
+        lambda s, h: s.use_memory_v2 and not h.cuda,
+        "--use-memory-v2 offloads through pinned host memory and CUDA streams; without CUDA there is nothing to "
+        "offload to, so it is skipped.",
+        "Drop --use-memory-v2 on this machine.",
+        disables=("offload.v2",),
+    ),
+    Rule(
+        "quant-needs-torchao",
+        Severity.WARNING,
+        lambda s, h: s.enable_quant and not h.has("torchao"),
+        "ENABLE_QUANT uses torchao's quantized kernels; torchao is not installed, so it is skipped.",
+        "pip install torchao, or FRAMEPACK_ENABLE_QUANT=0.",
+        disables=("quant",),
+    ),
+    Rule(
+        "aggressive-attention-missing",
+        Severity.WARNING,
+        lambda s, h: s.xformers_mode == "aggressive" and not any(h.has(k) for k in ATTENTION_KERNELS),
+        "XFORMERS_MODE=aggressive picks SageAttention, FlashAttention 3/2 or xFormers; none is installed, so "
+        "PyTorch SDPA (standard) is used.",
+        "Install one of sageattention, flash-attn, xformers, or use --xformers-mode standard.",
+    ),
+    Rule(
+        "faiss-missing",
+        Severity.INFO,
+        lambda s, h: s.enable_sim_cache and s.sim_cache_use_faiss and not h.has("faiss"),
+        "SIM_CACHE_USE_FAISS=1 but faiss is not installed: exact search is used (the same results).",
+        "pip install faiss-cpu (or faiss-gpu), or FRAMEPACK_SIM_CACHE_USE_FAISS=0.",
+    ),
+    # ---- settings that work against each other ----------------------------------------------------
+    Rule(
+        "step-caches-exclusive",
+        Severity.CRITICAL,
+        lambda s, h: s.enable_fbcache and s.enable_teacache,
+        "The first-block cache and TeaCache both decide, per step, whether to skip the whole block stack, each "
+        "from its own measurement; together one hides steps from the other and neither threshold means what it says.",
+        "Keep one: FRAMEPACK_ENABLE_FBCACHE=0 or FRAMEPACK_ENABLE_TEACACHE=0.",
+    ),
+    Rule(
+        "sim-cache-under-step-cache",
+        Severity.INFO,
+        lambda s, h: s.enable_sim_cache and (s.enable_fbcache or s.enable_teacache),
+        "The similarity cache works inside the steps the step cache computes; on skipped steps it does nothing.",
+        "Nothing to do; compare with `framepack bench` if in doubt.",
+    ),
+    Rule(
+        "bettertransformer-with-offload",
+        Severity.WARNING,
+        lambda s, h: s.enable_bettertransformer and s.use_memory_v2,
+        "The spec reports a slowdown from 20 s/it to 428 s/it with encoder SDPA and the memory-v2 backend "
+        "(reported there, not measured here).",
+        "FRAMEPACK_ENABLE_BETTERTRANSFORMER=0 (the default) unless `framepack bench` shows a gain on your machine.",
+    ),
+    Rule(
+        "fast-start-skips",
+        Severity.INFO,
+        lambda s, h: s.fast_start and (s.enable_compile or s.enable_opt_cache or s.enable_bettertransformer),
+        "--fast-start skips torch.compile, the optimized-model cache and the encoder attention change, as the spec "
+        "says.",
+        "Drop --fast-start to use them.",
+        disables=("compile", "opt_cache", "encoder_attention"),
+    ),
+    Rule(
+        "prune-is-lossy",
+        Severity.WARNING,
+        lambda s, h: s.enable_prune,
+        "ENABLE_PRUNE removes transformer blocks: faster and smaller, and visibly lower quality; its cost is in the "
+        "bench fidelity table.",
+        "FRAMEPACK_ENABLE_PRUNE=0 for full quality.",
+    ),
+    Rule(
+        "setting-without-switch",
+        Severity.WARNING,
+        lambda s, h: bool(_idle_settings(s)),
+        lambda s, h: f"{', '.join(_idle_settings(s))} set, but the switch that uses it is off: no effect.",
+        "Turn on the matching ENABLE_* / USE_* switch, or remove the variable.",
+    ),
+)
+
+RULES_BY_ID = {r.id: r for r in RULES}
+
+
+def _text(value: Text, s: Settings, h: Hardware) -> str:
+    return value(s, h) if callable(value) else value
+
+
+def check(settings: Settings, hardware: Hardware) -> CompatReport:
+    """Every rule that applies, most severe first."""
+    order = {Severity.CRITICAL: 0, Severity.WARNING: 1, Severity.INFO: 2}
+    findings = [
+        Finding(r.id, r.severity, _text(r.message, settings, hardware), _text(r.fix, settings, hardware), r.disables)
+        for r in RULES
+        if r.when(settings, hardware)
+    ]
+    return CompatReport(tuple(sorted(findings, key=lambda f: order[f.severity])))

@@ -1,0 +1,73 @@
+"""`framepack doctor`: what this machine has, what every setting is and why, what would run. Loads no model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from framepack_turbo import compat
+from framepack_turbo.hardware import OPTIONAL_BACKENDS, Hardware, library_versions
+from framepack_turbo.optim.plan import make_plan
+from framepack_turbo.settings import Settings, known_env, unknown_env_warnings
+
+
+def diagnose(settings: Settings, hardware: Hardware | None = None) -> dict[str, Any]:
+    """The doctor report as data: keys settings, known_env, plan, compat, hardware (+ versions, warnings)."""
+    hardware = hardware or Hardware.detect()
+    report = compat.check(settings, hardware)
+    plan = make_plan(settings, report)
+    return {
+        "hardware": hardware.to_dict(),
+        "versions": library_versions(),
+        "settings": settings.to_json_dict(),
+        "known_env": known_env(),
+        "plan": plan.to_list(),
+        "compat": report.to_list(),
+        "warnings": unknown_env_warnings(os.environ),
+    }
+
+
+def render_text(data: dict[str, Any]) -> str:
+    hw = data["hardware"]
+    lines = ["Hardware"]
+    if hw["device"] == "cuda":
+        cap = hw["compute_capability"]
+        lines.append(
+            f"  {hw['device_name']}: {hw['total_vram_gb']} GB ({hw['free_vram_gb']} GB free), "
+            f"compute capability {cap[0]}.{cap[1]}, bf16 {'yes' if hw['bf16'] else 'no'}"
+        )
+    else:
+        lines.append(f"  no CUDA device; CPU {hw['device_name']} x{hw['cpu_count']}")
+    installed = [name for name, ok in hw["backends"].items() if ok]
+    missing = [name for name, ok in hw["backends"].items() if not ok]
+    lines.append(f"  backends installed: {', '.join(installed) or 'none'}")
+    lines.append(f"  not installed: {', '.join(f'{m} ({OPTIONAL_BACKENDS[m]})' for m in missing) or 'none'}")
+    if hw["onnx_providers"]:
+        lines.append(f"  onnxruntime providers: {', '.join(hw['onnx_providers'])}")
+    v = data["versions"]
+    lines.append("  " + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "diffusers", "transformers")))
+
+    lines.append("")
+    lines.append("Settings (value, source); * = not the default")
+    for name, entry in data["settings"].items():
+        mark = "*" if entry["source"] != "default" else " "
+        value = entry["value"]
+        value = ",".join(value) if isinstance(value, list) else value
+        lines.append(f" {mark} {entry['env']:38} {str(value):>16}  {entry['source']}")
+
+    lines.append("")
+    lines.append("Plan (in order)")
+    for p in data["plan"]:
+        detail = f": {p['reason']}" if p["reason"] else ""
+        lines.append(f"  {p['status']:>9}  {p['title']}{detail}")
+
+    lines.append("")
+    lines.append("Compatibility")
+    if not data["compat"]:
+        lines.append("  no findings")
+    for f in data["compat"]:
+        lines.append(f"  [{f['severity']}] {f['id']}: {f['message']}")
+        lines.append(f"      fix: {f['fix']}")
+    for w in data["warnings"]:
+        lines.append(f"  [warning] {w}")
+    return "\n".join(lines)

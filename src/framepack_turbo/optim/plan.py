@@ -1,0 +1,144 @@
+"""The plan: every optimization pass in its fixed order, and whether this run applies it.
+
+Order (DESIGN): loading options -> precision -> pruning -> quantization -> attention -> caches ->
+memory placement -> compilation. A pass is wanted when its settings turn it on; a compatibility
+finding can skip it (the finding names the pass in `disables`); a pass whose implementation is not
+in this version says so instead of pretending. Nothing here touches a model: `apply_plan` does,
+through each built pass's `apply`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from framepack_turbo.compat import CompatReport
+    from framepack_turbo.hardware import Hardware
+    from framepack_turbo.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Status = Literal["off", "active", "skipped", "not built"]
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    title: str
+    wanted: Callable[[Settings], bool]
+    switches: tuple[str, ...]  # the settings that turn it on, for messages
+    implementation: str | None = None  # "module:Class" of the pass; None: not in this version
+
+
+PASS_ORDER: tuple[PassSpec, ...] = (
+    PassSpec("loading.bnb", "bitsandbytes quantized loading", lambda s: s.use_bnb, ("use_bnb",)),
+    PassSpec(
+        "loading.parallel", "parallel component loading",
+        lambda s: s.parallel_loaders > 1 or s.preload_repos, ("parallel_loaders", "preload_repos"),
+    ),  # fmt: skip
+    PassSpec("precision", "low precision (bf16/fp16)", lambda s: s.enforce_low_precision, ("enforce_low_precision",)),
+    PassSpec("prune", "block pruning", lambda s: s.enable_prune, ("enable_prune",)),
+    PassSpec("quant", "INT-N quantization", lambda s: s.enable_quant, ("enable_quant", "quant_bits")),
+    PassSpec("fp8", "FP8 weights", lambda s: s.enable_fp8, ("enable_fp8",)),
+    PassSpec(
+        "attention", "transformer attention backend", lambda s: s.xformers_mode != "standard", ("xformers_mode",)
+    ),
+    PassSpec(
+        "encoder_attention", "encoder SDPA attention (BetterTransformer)",
+        lambda s: s.enable_bettertransformer, ("enable_bettertransformer",),
+    ),  # fmt: skip
+    PassSpec("modulecache", "encoder output cache", lambda s: s.enable_module_cache, ("enable_module_cache",)),
+    PassSpec("fbcache", "first-block cache", lambda s: s.enable_fbcache, ("enable_fbcache",)),
+    PassSpec("teacache", "TeaCache", lambda s: s.enable_teacache, ("enable_teacache",)),
+    PassSpec("simcache", "similarity cache", lambda s: s.enable_sim_cache, ("enable_sim_cache",)),
+    PassSpec("kvcache", "context KV cache", lambda s: s.enable_kv_cache, ("enable_kv_cache",)),
+    PassSpec("offload.v2", "memory v2 (pinned, streamed block offload)", lambda s: s.use_memory_v2, ("use_memory_v2",)),
+    PassSpec("opt_cache", "optimized-model cache", lambda s: s.enable_opt_cache, ("enable_opt_cache",)),
+    PassSpec("compile", "torch.compile", lambda s: s.enable_compile, ("enable_compile",)),
+    PassSpec("jit", "TorchScript", lambda s: s.jit_mode != "off", ("jit_mode",)),
+    PassSpec(
+        "onnx", "ONNX engines (onnxruntime)", lambda s: s.use_onnx_engines or s.onnx_trt_enable,
+        ("use_onnx_engines", "onnx_trt_enable"),
+    ),  # fmt: skip
+    PassSpec(
+        "tensorrt", "TensorRT (torch-tensorrt)", lambda s: s.enable_tensorrt, ("enable_tensorrt",)
+    ),
+)
+PASSES_BY_NAME = {p.name: p for p in PASS_ORDER}
+
+
+@dataclass(frozen=True)
+class PlannedPass:
+    name: str
+    title: str
+    status: Status
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "title": self.title, "status": self.status, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Plan:
+    passes: tuple[PlannedPass, ...] = field(default_factory=tuple)
+
+    def active(self) -> list[PlannedPass]:
+        return [p for p in self.passes if p.status == "active"]
+
+    def to_list(self) -> list[dict[str, str]]:
+        return [p.to_dict() for p in self.passes]
+
+    def summary_lines(self) -> list[str]:
+        """One screen: what runs, what was asked for and does not, and why."""
+        lines = []
+        active = self.active()
+        lines.append("Active optimizations: " + (", ".join(p.title for p in active) if active else "none (baseline)"))
+        for p in self.passes:
+            if p.status in ("skipped", "not built"):
+                lines.append(f"  {p.title}: {p.status}: {p.reason}")
+        return lines
+
+
+def _env_names(spec: PassSpec) -> str:
+    from framepack_turbo.settings import env_name
+
+    return ", ".join(env_name(s) for s in spec.switches)
+
+
+def make_plan(settings: Settings, report: CompatReport) -> Plan:
+    """Decide each pass's status from the settings and the compatibility findings."""
+    disabled = report.disabled_passes()
+    planned = []
+    for spec in PASS_ORDER:
+        if not spec.wanted(settings):
+            planned.append(PlannedPass(spec.name, spec.title, "off"))
+        elif spec.name in disabled:
+            planned.append(PlannedPass(spec.name, spec.title, "skipped", disabled[spec.name]))
+        elif spec.implementation is None:
+            planned.append(
+                PlannedPass(
+                    spec.name, spec.title, "not built",
+                    f"{_env_names(spec)} is accepted, but this pass is not in this version yet: the run goes without it",
+                )  # fmt: skip
+            )
+        else:
+            planned.append(PlannedPass(spec.name, spec.title, "active"))
+    return Plan(tuple(planned))
+
+
+def apply_plan(plan: Plan, bundle: Any, settings: Settings, hardware: Hardware) -> list[Any]:
+    """Run every active pass on the bundle, in order; returns their reports."""
+    reports = []
+    for planned in plan.active():
+        spec = PASSES_BY_NAME[planned.name]
+        module_name, _, cls_name = spec.implementation.partition(":")
+        pass_ = getattr(importlib.import_module(module_name), cls_name)()
+        config = pass_.config(settings)
+        if config is None:
+            continue
+        reports.append(pass_.apply(bundle, config, hardware))
+    return reports

@@ -1,0 +1,534 @@
+"""Settings: every `FRAMEPACK_*` variable and flag of the spec, typed, in one object.
+
+Precedence, highest first: CLI (or API arguments) > environment > preset > default. Every value
+knows where it came from (`Settings.sources`). Each field `name` is read from `FRAMEPACK_NAME` and
+from the flag `--name-with-dashes`; booleans also take `--no-name`. Bad values raise
+`SettingsError` with one line per value naming the variable, the value and what is allowed.
+
+Settings are read here and only here: passes receive a `Settings` and never look at the environment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from framepack_turbo.errors import InputError
+from framepack_turbo.pipeline.options import MAX_RESOLUTION, MAX_SECONDS, MIN_RESOLUTION
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "FRAMEPACK_"
+PRESET_ENV = "FRAMEPACK_PRESET"
+Source = Literal["default", "preset", "env", "cli", "api"]
+
+
+class SettingsError(InputError):
+    """One or more settings have values that are not allowed. The message has one line per value."""
+
+
+def _group(name: str) -> dict[str, Any]:
+    return {"group": name}
+
+
+CsvList = Annotated[tuple[str, ...], NoDecode]  # "attn,mlp" in env and flags, not JSON
+
+
+class Settings(BaseSettings):
+    """Everything a run can be configured with. Field docs are the `meaning` column of docs/configuration.md."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,  # `export FRAMEPACK_X=` means unset, not "invalid"
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # ---- generation -------------------------------------------------------------------------
+    model: Literal["framepack", "framepack-f1", "tiny", "small"] = Field(
+        "framepack", description="Model preset: the real weights (framepack, framepack-f1) or random tiny/small.",
+        json_schema_extra=_group("generation"))  # fmt: skip
+    model_dir: Path | None = Field(
+        None, description="Local folder with one sub-folder per component, laid out like the repos; must exist.",
+        json_schema_extra=_group("generation"))  # fmt: skip
+    variant: Literal["inverted", "f1"] | None = Field(
+        None, description="inverted (anti-drifting) or f1; unset: the variant the model was trained for.",
+        json_schema_extra=_group("generation"))  # fmt: skip
+    seconds: float = Field(
+        5.0, gt=0, le=MAX_SECONDS, description="Clip length in seconds.", json_schema_extra=_group("generation"))
+    steps: int = Field(25, ge=1, le=1000, description="Sampling steps per section.", json_schema_extra=_group("generation"))
+    window: int = Field(
+        9, ge=1, le=64, description="Latent frames per section (latent_window_size).", json_schema_extra=_group("generation"))
+    seed: int = Field(31337, ge=0, lt=2**63, description="Random seed.", json_schema_extra=_group("generation"))
+    gs: float = Field(10.0, ge=0, le=100, description="Distilled guidance scale.", json_schema_extra=_group("generation"))
+    cfg: float = Field(
+        1.0, ge=1, le=100, description="Real CFG scale; 1 = off (one model call per step).",
+        json_schema_extra=_group("generation"))  # fmt: skip
+    rs: float = Field(0.0, ge=0, le=1, description="CFG rescale.", json_schema_extra=_group("generation"))
+    resolution: int = Field(
+        640, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, multiple_of=16, description="Bucket base resolution.",
+        json_schema_extra=_group("generation"))  # fmt: skip
+    crf: int = Field(16, ge=0, le=51, description="h264 quality (lower is better).", json_schema_extra=_group("generation"))
+    device: str | None = Field(
+        None, description="cuda, cuda:N or cpu; unset: CUDA when present.", json_schema_extra=_group("generation"))
+    offline: bool = Field(False, description="Never contact the Hugging Face hub.", json_schema_extra=_group("generation"))
+    gpu_memory_preservation: float = Field(
+        6.0, ge=0, le=128, description="GB of GPU memory kept free when models are moved on demand (FramePack's).",
+        json_schema_extra=_group("memory"))  # fmt: skip
+
+    # ---- quantization and precision ----------------------------------------------------------
+    enable_quant: bool = Field(False, description="INT-N weight quantization of the transformer.", json_schema_extra=_group("quantization"))
+    quant_bits: Literal[4, 8] = Field(8, description="Bits for ENABLE_QUANT.", json_schema_extra=_group("quantization"))
+    enable_fp8: bool = Field(False, description="FP8 weights for the transformer.", json_schema_extra=_group("quantization"))
+    fp8_target_keys: CsvList = Field(
+        (), description="Comma list: only modules whose name contains one of these get FP8 (empty: all eligible).",
+        json_schema_extra=_group("quantization"))  # fmt: skip
+    fp8_exclude_keys: CsvList = Field(
+        (), description="Comma list: modules whose name contains one of these stay in high precision.",
+        json_schema_extra=_group("quantization"))  # fmt: skip
+    fp8_use_scaled_mm: bool = Field(
+        False, description="FP8 matmuls (dynamic per-row activations), compute capability >= 8.9; else FP8 storage only.",
+        json_schema_extra=_group("quantization"))  # fmt: skip
+    use_bnb: bool = Field(False, description="bitsandbytes quantization of the transformer and text encoders.", json_schema_extra=_group("quantization"))
+    bnb_load_in_4bit: bool = Field(False, description="bitsandbytes 4-bit (NF4) instead of 8-bit.", json_schema_extra=_group("quantization"))
+    bnb_cpu_offload: bool = Field(False, description="Let bitsandbytes keep some modules on the CPU.", json_schema_extra=_group("quantization"))
+    bnb_device_map: Literal["auto", "cpu", "balanced"] = Field(
+        "auto", description="Device placement for bitsandbytes loading.", json_schema_extra=_group("quantization"))
+    bnb_double_quant: bool = Field(False, description="Quantize the 4-bit quantization constants too.", json_schema_extra=_group("quantization"))
+    enforce_low_precision: bool = Field(
+        False, description="Cast to bf16 (fp16 without bf16), keeping the layers that must stay fp32.",
+        json_schema_extra=_group("quantization"))  # fmt: skip
+    enable_prune: bool = Field(False, description="Drop an evenly spaced subset of transformer blocks (lossy; never default).", json_schema_extra=_group("quantization"))
+
+    # ---- compilation -------------------------------------------------------------------------
+    enable_compile: bool = Field(False, description="torch.compile the transformer.", json_schema_extra=_group("compilation"))
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode; reduce-overhead and max-autotune use CUDA graphs.",
+        json_schema_extra=_group("compilation"))  # fmt: skip
+    jit_mode: Literal["off", "trace", "script"] = Field("off", description="TorchScript the transformer.", json_schema_extra=_group("compilation"))
+    jit_artifact: Path = Field(
+        Path("optimized_models/transformer_torchscript.pt"), description="Where the TorchScript artifact lives.",
+        json_schema_extra=_group("compilation"))  # fmt: skip
+    jit_save: Path | None = Field(None, description="Save the traced/scripted transformer here.", json_schema_extra=_group("compilation"))
+    jit_load: Path | None = Field(None, description="Load a traced/scripted transformer from here; must exist.", json_schema_extra=_group("compilation"))
+    jit_strict: bool = Field(False, description="Refuse inputs whose shapes differ from the traced ones.", json_schema_extra=_group("compilation"))
+    fast_start: bool = Field(
+        False, description="Skip compile, optimized-model caching and optional encoder changes.",
+        json_schema_extra=_group("compilation"))  # fmt: skip
+
+    # ---- attention ---------------------------------------------------------------------------
+    xformers_mode: Literal["standard", "aggressive", "off"] = Field(
+        "standard", description="Transformer attention: standard = PyTorch SDPA, aggressive = fastest installed kernel, off = math.",
+        json_schema_extra=_group("attention"))  # fmt: skip
+    enable_bettertransformer: bool = Field(
+        False, description="SDPA attention in the text and image encoders (off by default, as the spec says).",
+        json_schema_extra=_group("attention"))  # fmt: skip
+
+    # ---- caches ------------------------------------------------------------------------------
+    enable_opt_cache: bool = Field(False, description="Save the optimized transformer and load it on later runs.", json_schema_extra=_group("caches"))
+    optimized_transformer: Path = Field(
+        Path("optimized_models/transformer_quantized.safetensors"), description="Where the optimized transformer is saved.",
+        json_schema_extra=_group("caches"))  # fmt: skip
+    runtime_cache: bool = Field(True, description="Persist what is safe to reuse across runs.", json_schema_extra=_group("caches"))
+    runtime_cache_dir: Path = Field(Path("Cache/runtime_caches"), description="Runtime cache folder.", json_schema_extra=_group("caches"))
+    enable_module_cache: bool = Field(False, description="Cache text/image encoder outputs on disk by content hash.", json_schema_extra=_group("caches"))
+    enable_fbcache: bool = Field(False, description="First-block cache (reuse the other blocks' residual when the first changes little).", json_schema_extra=_group("caches"))
+    fbcache_threshold: float = Field(
+        0.035, gt=0, le=1, description="Relative L1 change under which the first-block cache reuses.",
+        json_schema_extra=_group("caches"))  # fmt: skip
+    fbcache_verbose: bool = Field(False, description="Log every first-block cache decision.", json_schema_extra=_group("caches"))
+    enable_teacache: bool = Field(False, description="TeaCache as FramePack has it (FramePack's UI turns it on; here lossy passes are opt-in).", json_schema_extra=_group("caches"))
+    teacache_threshold: float = Field(0.15, gt=0, le=1, description="TeaCache relative L1 threshold.", json_schema_extra=_group("caches"))
+    enable_sim_cache: bool = Field(False, description="Per-block similarity cache.", json_schema_extra=_group("caches"))
+    sim_cache_threshold: float = Field(
+        0.9, ge=0, le=1, description="Cosine similarity above which a block reuses its cached residual.",
+        json_schema_extra=_group("caches"))  # fmt: skip
+    sim_cache_max_skip: int = Field(1, ge=1, le=100, description="Consecutive reuses per block.", json_schema_extra=_group("caches"))
+    sim_cache_max_entries: int = Field(12, ge=1, le=4096, description="Cached entries per block.", json_schema_extra=_group("caches"))
+    sim_cache_use_faiss: bool = Field(False, description="FAISS inner-product search (exact search otherwise; same results).", json_schema_extra=_group("caches"))
+    sim_cache_verbose: bool = Field(False, description="Log similarity cache decisions.", json_schema_extra=_group("caches"))
+    enable_kv_cache: bool = Field(False, description="Reuse K/V of the context tokens across steps of a section.", json_schema_extra=_group("caches"))
+    kv_cache_len: int = Field(4096, ge=1, le=1 << 20, description="Maximum cached sequence length.", json_schema_extra=_group("caches"))
+    kv_cache_verbose: bool = Field(False, description="Log KV cache use.", json_schema_extra=_group("caches"))
+
+    # ---- memory and loading ------------------------------------------------------------------
+    use_memory_v2: bool = Field(
+        False, description="Block offload from pinned memory with prefetch on a side CUDA stream.",
+        json_schema_extra=_group("memory"))  # fmt: skip
+    parallel_loaders: int = Field(1, ge=1, le=32, description="Threads loading components.", json_schema_extra=_group("memory"))
+    preload_repos: bool = Field(False, description="Fetch repo snapshots before loading.", json_schema_extra=_group("memory"))
+    force_parallel_loaders: bool = Field(False, description="Load in parallel even where it is not known to be safe.", json_schema_extra=_group("memory"))
+    vae_chunk_size: int | None = Field(
+        None, ge=1, le=1024, description="Latent frames per VAE decode chunk; unset: from free memory.",
+        json_schema_extra=_group("memory"))  # fmt: skip
+    vae_chunk_reserve_gb: float = Field(2.0, ge=0, le=1024, description="GB kept free when sizing VAE chunks.", json_schema_extra=_group("memory"))
+    vae_chunk_safety: float = Field(1.2, ge=1, le=10, description="Safety factor on the VAE chunk memory estimate.", json_schema_extra=_group("memory"))
+    vae_upscale_factor: int = Field(8, ge=1, le=64, description="Spatial upscale of the VAE (for the estimate).", json_schema_extra=_group("memory"))
+
+    # ---- TensorRT / ONNX ---------------------------------------------------------------------
+    enable_tensorrt: bool = Field(False, description="TensorRT runtime (torch-tensorrt).", json_schema_extra=_group("tensorrt"))
+    trt_transformer: bool = Field(False, description="TensorRT for the transformer.", json_schema_extra=_group("tensorrt"))
+    trt_text_encoders: bool = Field(False, description="TensorRT for the text encoders.", json_schema_extra=_group("tensorrt"))
+    use_onnx_engines: bool = Field(False, description="Run exported ONNX components through onnxruntime.", json_schema_extra=_group("tensorrt"))
+    tensorrt_cache_dir: Path = Field(Path("Cache/trt_cache"), description="TensorRT engine cache.", json_schema_extra=_group("tensorrt"))
+    trt_workspace_mb: int = Field(4096, ge=16, le=1 << 20, description="TensorRT workspace (MB).", json_schema_extra=_group("tensorrt"))
+    trt_max_aux_streams: int = Field(2, ge=0, le=64, description="TensorRT auxiliary streams.", json_schema_extra=_group("tensorrt"))
+    trt_max_cached_shapes: int = Field(8, ge=1, le=1024, description="Engines kept per component (one per shape).", json_schema_extra=_group("tensorrt"))
+    onnx_trt_enable: bool = Field(False, description="onnxruntime TensorRT execution provider.", json_schema_extra=_group("tensorrt"))
+    onnx_trt_fp16: bool = Field(True, description="FP16 in the TensorRT provider.", json_schema_extra=_group("tensorrt"))
+    onnx_trt_int8: bool = Field(False, description="INT8 in the TensorRT provider (needs calibration).", json_schema_extra=_group("tensorrt"))
+    onnx_trt_device_id: int = Field(0, ge=0, le=64, description="GPU for the TensorRT provider.", json_schema_extra=_group("tensorrt"))
+    onnx_trt_workspace_mb: int = Field(4096, ge=16, le=1 << 20, description="TensorRT provider workspace (MB).", json_schema_extra=_group("tensorrt"))
+    onnx_trt_cache_dir: Path = Field(Path("Cache/onnx_trt_cache"), description="TensorRT provider engine cache.", json_schema_extra=_group("tensorrt"))
+
+    preset: str = Field(
+        "default", description="Optimization preset: values between the defaults and the environment.",
+        json_schema_extra=_group("presets"))  # fmt: skip
+
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)  # name -> default/preset/env/cli/api
+
+    @field_validator("fp8_target_keys", "fp8_exclude_keys", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("quant_bits", mode="before")
+    @classmethod
+    def _int_choice(cls, value: Any) -> Any:
+        # Literal[4, 8] does not coerce the strings flags and variables arrive as.
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @field_validator("model_dir", "jit_load")
+    @classmethod
+    def _must_exist(cls, value: Path | None, info) -> Path | None:
+        if value is None:
+            return value
+        if info.field_name == "model_dir" and not value.is_dir():
+            raise ValueError("must be an existing folder")
+        if info.field_name == "jit_load" and not value.is_file():
+            raise ValueError("must be an existing file")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        kind, _, index = value.partition(":")
+        if kind not in ("cpu", "cuda", "mps", "xpu") or (index and not index.isdigit()):
+            raise ValueError("must be cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from framepack_turbo.presets import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset; choose {', '.join(PRESETS)}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest first: explicit arguments (CLI/API), FRAMEPACK_* variables, then the preset.
+        return init_settings, env_settings, _PresetSource(settings_cls, init_settings)
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, *, source: Source = "cli") -> Settings:
+        """Build from explicit values (CLI flags or API arguments), the environment and the preset.
+
+        Raises `SettingsError` with one line per bad value. Unknown `FRAMEPACK_*` variables are logged
+        as warnings with the nearest known name.
+        """
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        unknown = set(overrides) - set(setting_names())
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        for line in unknown_env_warnings(os.environ):
+            log.warning(line)
+        env_given = _env_fields(os.environ)
+        preset_name = overrides.get("preset") or os.environ.get(PRESET_ENV) or "default"
+        from framepack_turbo.presets import PRESETS
+
+        preset_values = PRESETS.get(preset_name, {})
+        try:
+            settings = cls(**overrides)
+        except ValidationError as exc:
+            raise SettingsError("\n".join(_error_lines(exc, overrides, env_given, source))) from None
+        for name in setting_names():
+            if name in overrides:
+                settings._sources[name] = source
+            elif name in env_given:
+                settings._sources[name] = "env"
+            elif name in preset_values:
+                settings._sources[name] = "preset"
+            else:
+                settings._sources[name] = "default"
+        return settings
+
+    @property
+    def sources(self) -> dict[str, str]:
+        return dict(self._sources)
+
+    def source_of(self, name: str) -> str:
+        return self._sources.get(name, "default")
+
+    def explicitly_set(self, name: str) -> bool:
+        """Set by the user (CLI, API or environment), not by a preset or default."""
+        return self.source_of(name) in ("cli", "api", "env")
+
+    def values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in setting_names()}
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """name -> {value, source, env}, JSON-ready: the doctor output and the sidecar's settings."""
+        return {
+            name: {"value": _jsonable(getattr(self, name)), "source": self.source_of(name), "env": env_name(name)}
+            for name in setting_names()
+        }
+
+
+class _PresetSource(PydanticBaseSettingsSource):
+    """The preset layer: below the environment, above the defaults.
+
+    The preset's own name comes from the explicit arguments, else FRAMEPACK_PRESET, else `default`.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.init_settings = init_settings
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole layer
+
+    def __call__(self) -> dict[str, Any]:
+        from framepack_turbo.presets import PRESETS
+
+        name = self.init_settings().get("preset") or os.environ.get(PRESET_ENV) or "default"
+        return dict(PRESETS.get(name, {}))
+
+
+# ---- names, flags and the environment --------------------------------------------------------------
+
+
+def setting_names() -> list[str]:
+    return list(Settings.model_fields)
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def known_env() -> list[str]:
+    return [env_name(n) for n in setting_names()]
+
+
+def _env_fields(environ: Mapping[str, str]) -> set[str]:
+    """Settings given a non-empty value in the environment."""
+    names = {env_name(n): n for n in setting_names()}
+    return {names[k.upper()] for k, v in environ.items() if k.upper() in names and v != ""}
+
+
+def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
+    """A line per FRAMEPACK_* variable we do not know, with the nearest known name."""
+    known = known_env()
+    lines = []
+    for key in sorted(environ):
+        upper = key.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else "; see docs/configuration.md for the known names"
+            lines.append(f"unknown variable {key} is ignored{hint}")
+    return lines
+
+
+def allowed(name: str) -> str:
+    """What a setting accepts, in words: for error lines and the docs."""
+    field = Settings.model_fields[name]
+    annotation = field.annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    optional = type(None) in get_args(annotation)
+    if get_origin(annotation) is Literal or (args and get_origin(args[0]) is Literal):
+        choices = get_args(annotation if get_origin(annotation) is Literal else args[0])
+        text = " or ".join(str(c) for c in choices)
+    elif annotation is bool:
+        text = "1 or 0 (also true/false, yes/no, on/off)"
+    elif annotation in (int, float) or (args and args[0] in (int, float)):
+        kind = "an integer" if int in (annotation, *args) else "a number"
+        text = kind + _range_text(field)
+    elif name in ("fp8_target_keys", "fp8_exclude_keys"):
+        text = "a comma-separated list of module-name parts"
+    elif name == "model_dir":
+        text = "an existing folder"
+    elif name == "jit_load":
+        text = "an existing file"
+    elif name == "device":
+        text = "cpu, cuda or cuda:N"
+    elif name == "preset":
+        from framepack_turbo.presets import PRESETS
+
+        text = " or ".join(PRESETS)
+    else:
+        text = "a path" if Path in (annotation, *args) else "text"
+    return text + (" (unset: automatic)" if optional and name not in ("model_dir", "jit_save", "jit_load") else "")
+
+
+def _range_text(field: FieldInfo) -> str:
+    bounds, multiple = [], None
+    for m in field.metadata:
+        for attr, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(m, attr, None) is not None:
+                bounds.append(f"{symbol} {getattr(m, attr):g}")
+        if getattr(m, "multiple_of", None) is not None:
+            multiple = m.multiple_of
+    text = " " + " and ".join(bounds) if bounds else ""
+    return text + (f", a multiple of {multiple}" if multiple else "")
+
+
+def _error_lines(exc: ValidationError, overrides: Mapping[str, Any], env_given: set[str], source: str) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        if name not in Settings.model_fields:
+            lines.append(f"{name}: {err['msg']}")
+            continue
+        value = err.get("input")
+        if name in overrides:
+            label = f"{flag_name(name)} {value}" if source == "cli" else f"{name}={value!r}"
+        elif name in env_given:
+            label = f"{env_name(name)}={os.environ.get(env_name(name), value)}"
+        else:
+            label = f"{name}={value!r} (from preset)"
+        custom = err["msg"].removeprefix("Value error, ") if err["type"] == "value_error" else None
+        lines.append(f"{label}: {custom}" if custom else f"{label}: allowed {allowed(name)}")
+    return lines
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+# ---- CLI flags ----------------------------------------------------------------------------------------
+
+FLAG_ALIASES = {"--disable-bettertransformer": ("enable_bettertransformer", False)}
+
+
+def parse_flags(args: list[str]) -> dict[str, Any]:
+    """`--quant-bits 4 --enable-compile --no-runtime-cache --fp8-target-keys=attn,mlp` -> raw values.
+
+    Values stay strings: validation (and its error lines) happens in `Settings.load`. Unknown flags
+    raise `SettingsError` with the nearest known flag.
+    """
+    flags = {flag_name(n): n for n in setting_names()}
+    bools = {flag_name(n) for n in setting_names() if Settings.model_fields[n].annotation is bool}
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, inline = arg.partition("=")
+        if key in FLAG_ALIASES and not eq:
+            name, value = FLAG_ALIASES[key]
+            out[name] = value
+        elif key.startswith("--no-") and "--" + key[5:] in bools and not eq:
+            out[flags["--" + key[5:]]] = False
+        elif key in flags:
+            name = flags[key]
+            if eq:
+                out[name] = inline
+            elif key in bools:
+                out[name] = True
+            elif i + 1 < len(args):
+                i += 1
+                out[name] = args[i]
+            else:
+                raise SettingsError(f"{key} needs a value: allowed {allowed(name)}")
+        else:
+            candidates = [*flags, *FLAG_ALIASES, *(f"--no-{b[2:]}" for b in bools)]
+            close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise SettingsError(f"unknown option {key}{hint}")
+        i += 1
+    return out
+
+
+def flags_help() -> str:
+    """Every settings flag with its variable and default, one per line, for `--help`."""
+    lines = []
+    for name in setting_names():
+        field = Settings.model_fields[name]
+        default = _jsonable(field.get_default(call_default_factory=True))
+        lines.append(f"{flag_name(name):32} {env_name(name):36} default {default!s:>8}  {allowed(name)}")
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """docs/configuration.md, generated from the fields (a test keeps the file up to date)."""
+    from framepack_turbo.presets import PRESETS
+
+    out = [
+        "# Configuration",
+        "",
+        "Generated from `framepack_turbo.settings.Settings` by `python -m framepack_turbo.settings`;",
+        "a test fails when this file is out of date.",
+        "",
+        "Every setting is read from its environment variable and from its flag (booleans also take",
+        "`--no-NAME`; `--disable-bettertransformer` is `--no-enable-bettertransformer`). Precedence:",
+        "flag (or Python argument) > environment > preset > default. `framepack doctor` shows each",
+        "value with its source. Unknown `FRAMEPACK_*` variables are reported with the nearest known name.",
+        "",
+        f"Presets (`--preset NAME` or `{PRESET_ENV}`): "
+        + ", ".join(f"`{p}`" for p in PRESETS)
+        + ". See [presets](#presets) below.",
+        "",
+    ]
+    group = None
+    for name in setting_names():
+        field = Settings.model_fields[name]
+        g = (field.json_schema_extra or {}).get("group", "other")
+        if g != group:
+            group = g
+            out += ["", f"## {g.capitalize()}", "", "| variable | flag | default | allowed | meaning |", "|---|---|---|---|---|"]
+        default = _jsonable(field.get_default(call_default_factory=True))
+        default_text = "unset" if default is None else ("" if default == [] else str(default))
+        flag = flag_name(name) + (" / --disable-bettertransformer" if name == "enable_bettertransformer" else "")
+        out.append(
+            f"| `{env_name(name)}` | `{flag}` | `{default_text}` | {allowed(name)} | {field.description} |"
+        )
+    out += ["", "## Presets", "", "Named after the spec's example configurations. A preset sets the values below; the"]
+    out += ["environment and flags still override each.", ""]
+    for pname, values in PRESETS.items():
+        body = ", ".join(f"`{env_name(k)}={_jsonable(v)}`" for k, v in values.items()) or "nothing: every default"
+        out.append(f"- `{pname}`: {body}")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
