@@ -81,9 +81,6 @@ class Settings(BaseSettings):
     device: str | None = Field(
         None, description="cuda, cuda:N or cpu; unset: CUDA when present.", json_schema_extra=_group("generation"))
     offline: bool = Field(False, description="Never contact the Hugging Face hub.", json_schema_extra=_group("generation"))
-    gpu_memory_preservation: float = Field(
-        6.0, ge=0, le=128, description="GB of GPU memory kept free when models are moved on demand (FramePack's).",
-        json_schema_extra=_group("memory"))  # fmt: skip
 
     # ---- quantization and precision ----------------------------------------------------------
     enable_quant: bool = Field(False, description="INT-N weight quantization of the transformer.", json_schema_extra=_group("quantization"))
@@ -163,6 +160,9 @@ class Settings(BaseSettings):
     # ---- memory and loading ------------------------------------------------------------------
     use_memory_v2: bool = Field(
         False, description="Block offload from pinned memory with prefetch on a side CUDA stream.",
+        json_schema_extra=_group("memory"))  # fmt: skip
+    gpu_memory_preservation: float = Field(
+        6.0, ge=0, le=128, description="GB of GPU memory kept free when models are moved on demand (FramePack's).",
         json_schema_extra=_group("memory"))  # fmt: skip
     parallel_loaders: int = Field(1, ge=1, le=32, description="Threads loading components.", json_schema_extra=_group("memory"))
     preload_repos: bool = Field(False, description="Fetch repo snapshots before loading.", json_schema_extra=_group("memory"))
@@ -353,6 +353,13 @@ def _env_fields(environ: Mapping[str, str]) -> set[str]:
     return {names[k.upper()] for k, v in environ.items() if k.upper() in names and v != ""}
 
 
+def _closest(word: str, candidates: list[str]) -> str | None:
+    """The nearest candidate by edit similarity, compared without the shared prefix (which would make
+    every name look alike)."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
     """A line per FRAMEPACK_* variable we do not know, with the nearest known name."""
     known = known_env()
@@ -360,8 +367,8 @@ def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
     for key in sorted(environ):
         upper = key.upper()
         if upper.startswith(ENV_PREFIX) and upper not in known:
-            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else "; see docs/configuration.md for the known names"
+            close = _closest(upper.removeprefix(ENV_PREFIX), [k.removeprefix(ENV_PREFIX) for k in known])
+            hint = f"; did you mean {ENV_PREFIX}{close}?" if close else "; see docs/configuration.md for the known names"
             lines.append(f"unknown variable {key} is ignored{hint}")
     return lines
 
@@ -402,7 +409,8 @@ def _range_text(field: FieldInfo) -> str:
     for m in field.metadata:
         for attr, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
             if getattr(m, attr, None) is not None:
-                bounds.append(f"{symbol} {getattr(m, attr):g}")
+                bound = getattr(m, attr)
+                bounds.append(f"{symbol} {bound}" if isinstance(bound, int) else f"{symbol} {bound:g}")
         if getattr(m, "multiple_of", None) is not None:
             multiple = m.multiple_of
     text = " " + " and ".join(bounds) if bounds else ""
@@ -426,6 +434,15 @@ def _error_lines(exc: ValidationError, overrides: Mapping[str, Any], env_given: 
         custom = err["msg"].removeprefix("Value error, ") if err["type"] == "value_error" else None
         lines.append(f"{label}: {custom}" if custom else f"{label}: allowed {allowed(name)}")
     return lines
+
+
+def _env_text(value: Any) -> str:
+    """A value as it would be written in an env file."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
 
 
 def _jsonable(value: Any) -> Any:
@@ -472,8 +489,8 @@ def parse_flags(args: list[str]) -> dict[str, Any]:
                 raise SettingsError(f"{key} needs a value: allowed {allowed(name)}")
         else:
             candidates = [*flags, *FLAG_ALIASES, *(f"--no-{b[2:]}" for b in bools)]
-            close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            close = _closest(key.removeprefix("--"), [c.removeprefix("--") for c in candidates])
+            hint = f"; did you mean --{close}?" if close else ""
             raise SettingsError(f"unknown option {key}{hint}")
         i += 1
     return out
@@ -487,6 +504,18 @@ def flags_help() -> str:
         default = _jsonable(field.get_default(call_default_factory=True))
         lines.append(f"{flag_name(name):32} {env_name(name):36} default {default!s:>8}  {allowed(name)}")
     return "\n".join(lines)
+
+
+GROUP_TITLES = {
+    "generation": "Generation",
+    "quantization": "Quantization and precision",
+    "compilation": "Compilation",
+    "attention": "Attention",
+    "caches": "Caches",
+    "memory": "Memory and loading",
+    "tensorrt": "TensorRT and ONNX",
+    "presets": "Preset",
+}
 
 
 def markdown_table() -> str:
@@ -506,7 +535,7 @@ def markdown_table() -> str:
         "",
         f"Presets (`--preset NAME` or `{PRESET_ENV}`): "
         + ", ".join(f"`{p}`" for p in PRESETS)
-        + ". See [presets](#presets) below.",
+        + ". See [what each preset sets](#what-each-preset-sets) below.",
         "",
     ]
     group = None
@@ -515,17 +544,17 @@ def markdown_table() -> str:
         g = (field.json_schema_extra or {}).get("group", "other")
         if g != group:
             group = g
-            out += ["", f"## {g.capitalize()}", "", "| variable | flag | default | allowed | meaning |", "|---|---|---|---|---|"]
+            out += ["", f"## {GROUP_TITLES.get(g, g)}", "", "| variable | flag | default | allowed | meaning |", "|---|---|---|---|---|"]
         default = _jsonable(field.get_default(call_default_factory=True))
         default_text = "unset" if default is None else ("" if default == [] else str(default))
         flag = flag_name(name) + (" / --disable-bettertransformer" if name == "enable_bettertransformer" else "")
         out.append(
             f"| `{env_name(name)}` | `{flag}` | `{default_text}` | {allowed(name)} | {field.description} |"
         )
-    out += ["", "## Presets", "", "Named after the spec's example configurations. A preset sets the values below; the"]
+    out += ["", "## What each preset sets", "", "Named after the spec's example configurations. A preset sets the values below; the"]
     out += ["environment and flags still override each.", ""]
     for pname, values in PRESETS.items():
-        body = ", ".join(f"`{env_name(k)}={_jsonable(v)}`" for k, v in values.items()) or "nothing: every default"
+        body = ", ".join(f"`{env_name(k)}={_env_text(v)}`" for k, v in values.items()) or "nothing: every default"
         out.append(f"- `{pname}`: {body}")
     return "\n".join(out) + "\n"
 

@@ -1,0 +1,157 @@
+"""Every compatibility rule: it fires on the case it describes and stays quiet on the baseline; the plan obeys."""
+
+import os
+
+import pytest
+
+from framepack_turbo import compat
+from framepack_turbo.compat import RULES, Severity, check
+from framepack_turbo.hardware import Hardware
+from framepack_turbo.optim.plan import PASS_ORDER, make_plan
+from framepack_turbo.settings import Settings
+
+CPU = Hardware()  # no CUDA, no optional backends
+ALL_BACKENDS = {name: True for name in ("torchao", "bitsandbytes", "xformers", "sageattention", "flash_attn",
+                                         "flash_attn_interface", "faiss", "onnxruntime", "tensorrt", "torch_tensorrt")}  # fmt: skip
+H100 = Hardware("cuda", "NVIDIA H100", 16, 80.0, 79.0, (9, 0), True, ALL_BACKENDS, ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"))
+A100 = Hardware("cuda", "NVIDIA A100", 16, 80.0, 79.0, (8, 0), True, ALL_BACKENDS, ("CUDAExecutionProvider", "CPUExecutionProvider"))
+BARE_GPU = Hardware("cuda", "NVIDIA RTX 4090", 16, 24.0, 23.0, (8, 9), True, {}, ())
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in list(os.environ):
+        if key.upper().startswith("FRAMEPACK_"):
+            monkeypatch.delenv(key)
+
+
+def s(**values) -> Settings:
+    return Settings.load(values)
+
+
+# (rule id, settings that show it, hardware it needs, settings+hardware where it must NOT fire)
+CASES = [
+    ("compile-cudagraphs-offload", dict(enable_compile=True, compile_mode="reduce-overhead", use_memory_v2=True), H100,
+     dict(enable_compile=True, compile_mode="max-autotune-no-cudagraphs", use_memory_v2=True)),
+    ("compile-offload-without-cudagraphs", dict(enable_compile=True, use_memory_v2=True), H100,
+     dict(enable_compile=True, use_memory_v2=False)),
+    ("tensorrt-bitsandbytes", dict(enable_tensorrt=True, use_bnb=True), H100, dict(enable_tensorrt=True)),
+    ("compile-torchscript", dict(enable_compile=True, jit_mode="trace"), CPU, dict(jit_mode="trace")),
+    ("multiple-quantization", dict(enable_quant=True, enable_fp8=True), H100, dict(enable_fp8=True)),
+    ("fp8-without-fp8-hardware", dict(enable_fp8=True, fp8_use_scaled_mm=True), A100,
+     dict(enable_fp8=True, fp8_use_scaled_mm=True)),  # quiet case runs on H100 below
+    ("tensorrt-needs-gpu", dict(enable_tensorrt=True), CPU, dict(enable_tensorrt=True)),
+    ("tensorrt-not-installed", dict(enable_tensorrt=True), BARE_GPU, dict(enable_tensorrt=True)),
+    ("onnx-needs-onnxruntime", dict(use_onnx_engines=True), CPU, dict(use_onnx_engines=True)),
+    ("onnx-trt-provider-missing", dict(onnx_trt_enable=True), A100, dict(onnx_trt_enable=True)),
+    ("bnb-needs-cuda", dict(use_bnb=True), CPU, dict(use_bnb=True)),
+    ("bnb-not-installed", dict(use_bnb=True), BARE_GPU, dict(use_bnb=True)),
+    ("memory-v2-needs-cuda", dict(use_memory_v2=True), CPU, dict(use_memory_v2=True)),
+    ("quant-needs-torchao", dict(enable_quant=True), CPU, dict(enable_quant=True)),
+    ("aggressive-attention-missing", dict(xformers_mode="aggressive"), CPU, dict(xformers_mode="aggressive")),
+    ("faiss-missing", dict(enable_sim_cache=True, sim_cache_use_faiss=True), CPU,
+     dict(enable_sim_cache=True, sim_cache_use_faiss=True)),
+    ("step-caches-exclusive", dict(enable_fbcache=True, enable_teacache=True), CPU, dict(enable_fbcache=True)),
+    ("sim-cache-under-step-cache", dict(enable_sim_cache=True, enable_fbcache=True), CPU, dict(enable_sim_cache=True)),
+    ("bettertransformer-with-offload", dict(enable_bettertransformer=True, use_memory_v2=True), H100,
+     dict(enable_bettertransformer=True)),
+    ("fast-start-skips", dict(fast_start=True, enable_compile=True), CPU, dict(fast_start=True)),
+    ("prune-is-lossy", dict(enable_prune=True), CPU, dict(enable_prune=False)),
+    ("setting-without-switch", dict(quant_bits=4), CPU, dict(quant_bits=4, enable_quant=True)),
+]
+# Where the quiet case needs other hardware than the firing case.
+QUIET_HARDWARE = {"fp8-without-fp8-hardware": H100, "tensorrt-needs-gpu": H100, "tensorrt-not-installed": H100,
+                  "onnx-needs-onnxruntime": H100, "onnx-trt-provider-missing": H100, "bnb-needs-cuda": H100,
+                  "bnb-not-installed": H100, "memory-v2-needs-cuda": H100, "quant-needs-torchao": H100,
+                  "aggressive-attention-missing": H100, "faiss-missing": H100}  # fmt: skip
+
+
+def test_every_rule_has_a_case():
+    assert sorted(c[0] for c in CASES) == sorted(r.id for r in RULES)
+
+
+def test_rule_ids_unique_and_texts_present():
+    assert len({r.id for r in RULES}) == len(RULES)
+    report = check(Settings.load({}), CPU)
+    assert report.findings == ()
+
+
+@pytest.mark.parametrize("rule_id, fire, hardware, quiet", CASES, ids=[c[0] for c in CASES])
+def test_rule_fires_and_stays_quiet(rule_id, fire, hardware, quiet):
+    report = check(s(**fire), hardware)
+    finding = next((f for f in report.findings if f.id == rule_id), None)
+    assert finding is not None, report.ids()
+    assert finding.message and finding.fix
+    assert finding.severity is compat.RULES_BY_ID[rule_id].severity
+    quiet_report = check(s(**quiet), QUIET_HARDWARE.get(rule_id, hardware))
+    assert rule_id not in quiet_report.ids()
+
+
+def test_spec_five_severities():
+    sev = {r.id: r.severity for r in RULES}
+    assert sev["compile-cudagraphs-offload"] is Severity.CRITICAL
+    assert sev["tensorrt-bitsandbytes"] is Severity.CRITICAL
+    assert sev["multiple-quantization"] is Severity.CRITICAL
+    assert sev["compile-torchscript"] is Severity.WARNING  # the spec: compile is skipped under TorchScript
+    assert sev["fp8-without-fp8-hardware"] is Severity.WARNING  # falls back to fp8 storage
+
+
+def test_fp8_hardware_message_names_the_device():
+    f = check(s(enable_fp8=True, fp8_use_scaled_mm=True), A100).findings[0]
+    assert "NVIDIA A100 (8.0)" in f.message and "8.9" in f.message
+
+
+def test_multiple_quantization_names_the_methods():
+    f = next(f for f in check(s(enable_quant=True, use_bnb=True), H100).findings if f.id == "multiple-quantization")
+    assert "FRAMEPACK_ENABLE_QUANT and FRAMEPACK_USE_BNB" in f.message
+
+
+def test_setting_without_switch_only_for_user_set_values(monkeypatch):
+    # a preset value without its switch is not the user's doing: no finding
+    assert "setting-without-switch" not in check(s(preset="tensorrt", enable_tensorrt=False), H100).ids()
+    monkeypatch.setenv("FRAMEPACK_FBCACHE_THRESHOLD", "0.05")
+    f = next(f for f in check(Settings.load({}), CPU).findings if f.id == "setting-without-switch")
+    assert "FRAMEPACK_FBCACHE_THRESHOLD" in f.message
+
+
+def test_critical_first():
+    report = check(s(enable_tensorrt=True, use_bnb=True), CPU)
+    assert report.findings[0].severity is Severity.CRITICAL
+    assert report.has_critical and [f.id for f in report.critical] == ["tensorrt-bitsandbytes"]
+
+
+# ---- the plan obeys the report ----------------------------------------------------------------------
+
+
+def _status(plan, name):
+    return next(p for p in plan.passes if p.name == name)
+
+
+def test_plan_default_is_all_off():
+    plan = make_plan(Settings.load({}), check(Settings.load({}), CPU))
+    assert [p.name for p in plan.passes] == [p.name for p in PASS_ORDER]
+    assert all(p.status == "off" for p in plan.passes)
+    assert plan.summary_lines() == ["Active optimizations: none (baseline)"]
+
+
+def test_plan_skips_what_a_rule_disables():
+    settings = s(enable_compile=True, jit_mode="trace")
+    plan = make_plan(settings, check(settings, CPU))
+    compile_ = _status(plan, "compile")
+    assert compile_.status == "skipped" and "compile-torchscript" in compile_.reason
+    settings = s(fast_start=True, enable_compile=True)
+    assert _status(make_plan(settings, check(settings, CPU)), "compile").status == "skipped"
+
+
+def test_plan_says_not_built_instead_of_pretending():
+    settings = s(enable_fbcache=True)
+    plan = make_plan(settings, check(settings, CPU))
+    p = _status(plan, "fbcache")
+    assert p.status == "not built" and "FRAMEPACK_ENABLE_FBCACHE" in p.reason
+    assert any("first-block cache: not built" in line for line in plan.summary_lines())
+
+
+def test_plan_order_is_the_design_order():
+    names = [p.name for p in PASS_ORDER]
+    order = ["loading.bnb", "precision", "prune", "quant", "attention", "fbcache", "offload.v2", "compile", "tensorrt"]
+    assert [n for n in names if n in order] == order

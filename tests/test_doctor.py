@@ -1,0 +1,134 @@
+"""`framepack doctor`, the generate gate, the API gate and the generated configuration docs."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from framepack_turbo import api
+from framepack_turbo.cli import app
+from framepack_turbo.settings import Settings, known_env, markdown_table
+
+from .conftest import ROOT
+from .test_settings import SPEC_VARIABLES
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in list(os.environ):
+        if key.upper().startswith("FRAMEPACK_"):
+            monkeypatch.delenv(key)
+
+
+def doctor(*args, env=None):
+    return CliRunner().invoke(app, ["doctor", *args], env=env)
+
+
+def test_doctor_json_has_the_contract_keys():
+    result = doctor("--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert {"settings", "known_env", "plan", "compat", "hardware"} <= data.keys()
+    assert {"FRAMEPACK_" + v for v in SPEC_VARIABLES} <= set(data["known_env"])
+    assert data["settings"]["quant_bits"] == {"value": 8, "source": "default", "env": "FRAMEPACK_QUANT_BITS"}
+    assert {"device", "backends", "compute_capability"} <= data["hardware"].keys()
+    assert [p["status"] for p in data["plan"]] == ["off"] * len(data["plan"])
+    assert data["compat"] == []
+
+
+def test_doctor_env_source():
+    data = json.loads(doctor("--json", env={"FRAMEPACK_ENABLE_COMPILE": "1"}).output)
+    assert data["settings"]["enable_compile"]["source"] == "env"
+    assert data["settings"]["enable_compile"]["value"] is True
+
+
+def test_doctor_flags_and_preset_sources():
+    data = json.loads(doctor("--json", "--preset", "fp8-quality", "--quant-bits", "4", "--enable-quant").output)
+    assert data["settings"]["quant_bits"]["source"] == "cli"
+    assert data["settings"]["enable_fp8"]["source"] == "preset"
+    assert data["settings"]["preset"]["value"] == "fp8-quality"
+    assert "multiple-quantization" in [f["id"] for f in data["compat"]]
+
+
+def test_doctor_bad_value_exits_2_naming_the_variable():
+    result = doctor("--json", env={"FRAMEPACK_QUANT_BITS": "3"})
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: FRAMEPACK_QUANT_BITS=3: allowed 4 or 8"
+
+
+def test_doctor_warns_about_a_misspelt_variable():
+    result = CliRunner().invoke(app, ["doctor", "--json"], env={"FRAMEPACK_ENABLE_COMPLIE": "1"})
+    assert result.exit_code == 0
+    data = json.loads(result.output[result.output.index("{"):])
+    assert data["warnings"] == ["unknown variable FRAMEPACK_ENABLE_COMPLIE is ignored; did you mean FRAMEPACK_ENABLE_COMPILE?"]
+    text = doctor(env={"FRAMEPACK_ENABLE_COMPLIE": "1"}).output
+    assert "did you mean FRAMEPACK_ENABLE_COMPILE?" in text
+
+
+def test_doctor_critical_exits_1():
+    result = doctor("--json", env={"FRAMEPACK_ENABLE_TENSORRT": "1", "FRAMEPACK_USE_BNB": "1"})
+    assert result.exit_code == 1
+    data = json.loads(result.output)
+    critical = [f for f in data["compat"] if f["severity"] == "critical"]
+    assert [f["id"] for f in critical] == ["tensorrt-bitsandbytes"]
+    assert critical[0]["fix"].startswith("FRAMEPACK_USE_BNB=0")
+
+
+def test_doctor_text():
+    text = doctor("--enable-compile").output
+    for heading in ("Hardware", "Settings (value, source)", "Plan (in order)", "Compatibility"):
+        assert heading in text
+    assert "FRAMEPACK_ENABLE_COMPILE" in text and "not built" in text
+
+
+def test_generate_stops_before_loading_on_critical(monkeypatch, example_image, tmp_path):
+    def no_loading(*a, **k):
+        raise AssertionError("models must not load when a critical rule fires")
+
+    monkeypatch.setattr(api, "load_bundle", no_loading)
+    args = ["generate", "--image", str(example_image), "--prompt", "x", "--model", "tiny", "--out", str(tmp_path / "o.mp4")]
+    result = CliRunner().invoke(app, args, env={"FRAMEPACK_ENABLE_TENSORRT": "1", "FRAMEPACK_USE_BNB": "1"})
+    assert result.exit_code == 1
+    assert "tensorrt-bitsandbytes" in result.output and "FRAMEPACK_USE_BNB=0" in result.output
+    assert "--ignore-incompatible" in result.output
+
+
+def test_api_gate_and_ignore(monkeypatch):
+    loaded = []
+    monkeypatch.setattr(api, "load_bundle", lambda *a, **k: loaded.append(a) or _FakeBundle())
+    monkeypatch.setattr(api.time, "sleep", lambda s: loaded.append(("slept", s)))
+    with pytest.raises(api.IncompatibleSettings, match="multiple-quantization"):
+        api.FramePack.load("tiny", enable_quant=True, enable_fp8=True)
+    assert loaded == []
+    fp = api.FramePack.load("tiny", enable_quant=True, enable_fp8=True, ignore_incompatible=True)
+    assert ("slept", api.INCOMPATIBLE_PAUSE_S) in loaded
+    assert fp.settings.source_of("enable_quant") == "api"
+
+
+class _FakeBundle:
+    class preset:
+        name = "tiny"
+
+
+def test_generate_with_preset_runs_baseline_and_records_settings(tiny, example_image, tmp_path):
+    fp = api.FramePack(tiny.bundle, Settings.load({"preset": "max-performance", "model": "tiny"}))
+    result = fp.generate(example_image, "a cat", out=tmp_path / "o.mp4", seconds=1, steps=1, resolution=64)
+    record = result.sidecar["settings"]
+    assert record["values"]["enable_quant"] == {"value": True, "source": "preset", "env": "FRAMEPACK_ENABLE_QUANT"}
+    assert {p["name"]: p["status"] for p in record["plan"]}["quant"] == "not built"
+
+
+def test_settings_defaults_flow_into_options(tiny, example_image, tmp_path):
+    fp = api.FramePack(tiny.bundle, Settings.load({"steps": 1, "seconds": 1, "resolution": 64, "seed": 7}))
+    result = fp.generate(example_image, "a cat", out=tmp_path / "o.mp4")
+    assert result.sidecar["options"]["steps"] == 1 and result.sidecar["seed"] == 7
+    assert result.frames.shape[0] == 37
+
+
+def test_configuration_docs_are_up_to_date():
+    path = ROOT / "docs" / "configuration.md"
+    assert path.read_text() == markdown_table(), "run: python -m framepack_turbo.settings > docs/configuration.md"
+    for name in known_env():
+        assert f"`{name}`" in path.read_text()
