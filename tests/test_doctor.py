@@ -132,3 +132,13 @@ def test_configuration_docs_are_up_to_date():
     assert path.read_text() == markdown_table(), "run: python -m framepack_turbo.settings > docs/configuration.md"
     for name in known_env():
         assert f"`{name}`" in path.read_text()
+
+
+def test_backend_that_fails_to_import_is_reported_missing(tmp_path, monkeypatch):
+    from framepack_turbo.hardware import _imports, _installed
+
+    (tmp_path / "brokenbackend.py").write_text("raise RuntimeError('built for another CUDA')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _installed("brokenbackend") is True
+    assert _imports("brokenbackend") is False
+    assert _imports("json") is True

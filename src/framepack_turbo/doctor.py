@@ -13,7 +13,7 @@ from framepack_turbo.settings import Settings, known_env, unknown_env_warnings
 
 def diagnose(settings: Settings, hardware: Hardware | None = None) -> dict[str, Any]:
     """The doctor report as data: keys settings, known_env, plan, compat, hardware (+ versions, warnings)."""
-    hardware = hardware or Hardware.detect()
+    hardware = hardware or Hardware.detect(import_backends=True)
     report = compat.check(settings, hardware)
     plan = make_plan(settings, report)
     return {
@@ -40,8 +40,8 @@ def render_text(data: dict[str, Any]) -> str:
         lines.append(f"  no CUDA device; CPU {hw['device_name']} x{hw['cpu_count']}")
     installed = [name for name, ok in hw["backends"].items() if ok]
     missing = [name for name, ok in hw["backends"].items() if not ok]
-    lines.append(f"  backends installed: {', '.join(installed) or 'none'}")
-    lines.append(f"  not installed: {', '.join(f'{m} ({OPTIONAL_BACKENDS[m]})' for m in missing) or 'none'}")
+    lines.append(f"  backends that import: {', '.join(installed) or 'none'}")
+    lines.append(f"  missing or broken: {', '.join(f'{m} ({OPTIONAL_BACKENDS[m]})' for m in missing) or 'none'}")
     if hw["onnx_providers"]:
         lines.append(f"  onnxruntime providers: {', '.join(hw['onnx_providers'])}")
     v = data["versions"]

@@ -37,6 +37,21 @@ def _installed(module: str) -> bool:
         return False
 
 
+def _imports(module: str) -> bool:
+    """Whether an installed backend really imports (a wheel built for another torch or CUDA does not)."""
+    import contextlib
+    import io
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            importlib.import_module(module)
+        except Exception:  # any import failure means "not usable here", which is what we report
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class Hardware:
     device: str = "cpu"  # "cuda" or "cpu"
@@ -60,10 +75,14 @@ class Hardware:
         return self.compute_capability is not None and self.compute_capability >= (major, minor)
 
     @staticmethod
-    def detect() -> Hardware:
+    def detect(import_backends: bool = False) -> Hardware:
+        """The machine. `import_backends` (doctor) imports each installed backend to prove it loads;
+        otherwise presence is checked without importing."""
         import torch
 
         backends = {name: _installed(name) for name in OPTIONAL_BACKENDS}
+        if import_backends:
+            backends = {name: ok and _imports(name) for name, ok in backends.items()}
         providers: tuple[str, ...] = ()
         if backends["onnxruntime"]:
             try:
