@@ -179,8 +179,10 @@ def generate(
     negative: Annotated[str, typer.Option(help="Negative prompt (used when --cfg > 1).")] = "",
     out: Annotated[Optional[Path], typer.Option(help="Output .mp4 (a .json sidecar is written beside it).")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
-    ignore_incompatible: Annotated[bool, typer.Option(help="Run despite critical compatibility findings (after 5 s).")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    ignore_incompatible: Annotated[
+        bool, typer.Option("--ignore-incompatible", help="Run despite critical compatibility findings (after 5 s).")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Library messages and debug lines too.")] = False,
 ) -> None:
     """Generate a video from one image and a prompt. Settings flags (--seconds, --steps, --quant-bits ...) below."""
     console = _console()
