@@ -40,7 +40,10 @@ PASS_ORDER: tuple[PassSpec, ...] = (
         "loading.parallel", "parallel component loading",
         lambda s: s.parallel_loaders > 1 or s.preload_repos, ("parallel_loaders", "preload_repos"),
     ),  # fmt: skip
-    PassSpec("precision", "low precision (bf16/fp16)", lambda s: s.enforce_low_precision, ("enforce_low_precision",)),
+    PassSpec(
+        "precision", "low precision (bf16/fp16)", lambda s: s.enforce_low_precision, ("enforce_low_precision",),
+        "framepack_turbo.optim.precision:LowPrecisionPass",
+    ),  # fmt: skip
     PassSpec("prune", "block pruning", lambda s: s.enable_prune, ("enable_prune",)),
     PassSpec("quant", "INT-N quantization", lambda s: s.enable_quant, ("enable_quant", "quant_bits")),
     PassSpec("fp8", "FP8 weights", lambda s: s.enable_fp8, ("enable_fp8",)),
@@ -140,5 +143,7 @@ def apply_plan(plan: Plan, bundle: Any, settings: Settings, hardware: Hardware) 
         config = pass_.config(settings)
         if config is None:
             continue
-        reports.append(pass_.apply(bundle, config, hardware))
+        report = pass_.apply(bundle, config, hardware)
+        log.info("%s: %s%s", planned.title, report.outcome, f" ({report.detail})" if report.detail else "")
+        reports.append(report)
     return reports

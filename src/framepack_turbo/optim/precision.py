@@ -1,0 +1,74 @@
+"""Low precision (ENFORCE_LOW_PRECISION / --enforce-low-precision): bf16 weights and compute, fp16 where
+the device has no bf16, keeping the layers that must stay float32.
+
+Kept in float32, as FramePack's `high_quality_fp32_output_for_inference` does: the transformer's
+final norm (`norm_out`) and projection (`proj_out`). The velocity they produce is subtracted from
+the latents every step, so its rounding error accumulates over the whole sampling; in fp32 it costs
+two small layers. Their inputs are upcast by a pre-hook on `norm_out`. The VAE keeps its dtype:
+decoded pixels are the output, and conv3d is the slowest op to run in bf16 on CPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from framepack_turbo.optim.base import PassReport
+
+if TYPE_CHECKING:
+    from framepack_turbo.hardware import Hardware
+    from framepack_turbo.models.loading import ModelBundle
+    from framepack_turbo.settings import Settings
+
+# Registry of model facts: which sub-modules of each class stay in float32.
+KEEP_FP32: dict[str, tuple[str, ...]] = {
+    "HunyuanVideoFramepackTransformer3DModel": ("norm_out", "proj_out"),
+}
+LOW_PRECISION_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "image_encoder")
+_HOOK_ATTR = "_framepack_fp32_output_hook"
+
+
+@dataclass(frozen=True)
+class LowPrecisionConfig:
+    dtype: str = "auto"  # "auto": bf16, fp16 where the device has no bf16
+    components: tuple[str, ...] = LOW_PRECISION_COMPONENTS
+
+
+def _upcast_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def cast_keeping_fp32(module: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+    """Cast `module` to `dtype` except its registered float32 sub-modules; returns their names."""
+    keep = KEEP_FP32.get(type(module).__name__, ())
+    module.to(dtype)
+    kept = []
+    for name in keep:
+        sub = getattr(module, name, None)
+        if sub is None:
+            continue
+        sub.float()
+        kept.append(name)
+    if "norm_out" in kept and not hasattr(module, _HOOK_ATTR):
+        # norm_out receives the bf16 hidden states and timestep embedding: compute it (and proj_out) in fp32
+        setattr(module, _HOOK_ATTR, module.norm_out.register_forward_pre_hook(_upcast_inputs))
+    return kept
+
+
+class LowPrecisionPass:
+    name = "precision"
+
+    def config(self, settings: Settings) -> LowPrecisionConfig | None:
+        return LowPrecisionConfig() if settings.enforce_low_precision else None
+
+    def apply(self, bundle: ModelBundle, config: LowPrecisionConfig, hardware: Hardware) -> PassReport:
+        dtype = torch.bfloat16 if (hardware.bf16 or bundle.device.type == "cpu") else torch.float16
+        kept: list[str] = []
+        for name in config.components:
+            module = getattr(bundle, name)
+            kept += [f"{name}.{k}" for k in cast_keeping_fp32(module, dtype)]
+        dtype_name = str(dtype).removeprefix("torch.")
+        detail = f"{', '.join(config.components)} in {dtype_name}; kept in float32: {', '.join(kept) or 'nothing'}"
+        return PassReport(self.name, "applied", detail, {"dtype": dtype_name, "kept_fp32": kept})
