@@ -34,6 +34,8 @@ def test_two_seconds_is_73_frames_on_disk(runs, variant):
     info = video.probe(result.video_path)
     assert (info.frames, info.fps, info.pix_fmt, info.codec) == (73, 30.0, "yuv420p", "h264")
     assert (info.height, info.width) == tuple(result.sidecar["image"]["bucket"])
+    h, w = result.sidecar["image"]["bucket"]
+    assert result.latents.shape == (1, 16, 19, h // 8, w // 8)  # 2 sections of 9 + the start frame
 
 
 @pytest.mark.parametrize("variant, seconds, frames", [("inverted", 1, 37), ("f1", 1, 37), ("inverted", 5, 145)])

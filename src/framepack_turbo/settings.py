@@ -54,8 +54,9 @@ class Settings(BaseSettings):
     )
 
     # ---- generation -------------------------------------------------------------------------
-    model: Literal["framepack", "framepack-f1", "tiny", "small"] = Field(
-        "framepack", description="Model preset: the real weights (framepack, framepack-f1) or random tiny/small.",
+    model: Literal["framepack", "framepack-f1", "tiny", "small", "full"] = Field(
+        "framepack", description="Model preset: the real weights (framepack, framepack-f1), or random weights: "
+        "tiny, small (CPU), full (real size, CUDA).",
         json_schema_extra=_group("generation"))  # fmt: skip
     model_dir: Path | None = Field(
         None, description="Local folder with one sub-folder per component, laid out like the repos; must exist.",

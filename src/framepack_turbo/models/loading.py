@@ -170,12 +170,14 @@ def load_bundle(
         parts = {n: load_component(n, s, dtypes.get(n), local_files_only=True) for n, s in sources.items()}
         origin = str(Path(model_dir).resolve())
     elif spec.is_random:
-        from framepack_turbo.models.random import build_models
+        from framepack_turbo.models.random import SIZES, build_models
 
-        parts = build_models(spec.random_size)
-        for name in MODULES:
-            if parts[name].dtype != dtypes[name]:
-                parts[name].to(dtypes[name])
+        if SIZES[spec.random_size].needs_cuda and dev.type != "cuda":
+            raise InputError(
+                f"--model {spec.name} builds the full-size transformer (~13B parameters, 26 GB in bf16) on a GPU; "
+                f"this run's device is {dev}: use a CUDA machine, or --model small on CPU"
+            )
+        parts = build_models(spec.random_size, dev, dtypes)
         origin = f"random:{spec.random_size}"
     else:
         parts = {n: load_component(n, s, dtypes.get(n), local_files_only) for n, s in spec.sources.items()}

@@ -73,6 +73,7 @@ PRESETS: dict[str, ModelPreset] = {
     ),
     "tiny": ModelPreset("tiny", "inverted", random_size="tiny"),
     "small": ModelPreset("small", "inverted", random_size="small"),
+    "full": ModelPreset("full", "inverted", random_size="full"),  # real size, random weights, CUDA only
 }
 
 

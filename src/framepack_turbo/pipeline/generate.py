@@ -62,6 +62,7 @@ class Result:
     video_path: Path
     sidecar_path: Path
     sidecar: dict[str, Any]
+    latents: torch.Tensor | None = None  # (1, 16, T, h, w) float32: the clip's latents, in time order
 
     @property
     def status(self) -> str:
@@ -170,7 +171,8 @@ class Generator:
         sidecar["video"]["path"] = str(video_path) if video_path else None
         video.write_json(sidecar, video.sidecar_path(out_path))
         self.on_event(JobDone(status, video_path, len(frames)))
-        result = Result(frames, out_path, video.sidecar_path(out_path), sidecar)
+        clip = history[:, :, :generated] if variant == "inverted" else history[:, :, -generated:]
+        result = Result(frames, out_path, video.sidecar_path(out_path), sidecar, clip)
         if status == "cancelled":
             stopped = Cancelled(
                 f"stopped by the user after {sidecar['sections_done']} of {len(sections)} sections"
