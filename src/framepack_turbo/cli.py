@@ -245,6 +245,80 @@ def doctor(
     raise typer.Exit(1 if any(f["severity"] == "critical" for f in data["compat"]) else 0)
 
 
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="tiny or small (CPU), full (real size, random weights, CUDA).")] = "tiny",
+    configs: Annotated[str, typer.Option(help="Comma list of configurations; combine with + (int8+compile).")] = "baseline",
+    preset: Annotated[Optional[list[str]], typer.Option(help="Add an optimization preset as a configuration (repeatable).")] = None,
+    config_file: Annotated[Optional[Path], typer.Option(help="TOML with [configs.NAME] tables of settings.")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="inverted or f1.")] = None,
+    seconds: Annotated[float, typer.Option(help="Clip length per generation.")] = 2.0,
+    steps: Annotated[int, typer.Option(help="Sampling steps per section.")] = 4,
+    resolution: Annotated[Optional[int], typer.Option(help="Bucket base; default 128 (640 for full).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per configuration after the warm-up.")] = 2,
+    seed: Annotated[int, typer.Option()] = 31337,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: CUDA if present.")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="One configuration process at a time (no interleaving).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every raw number here.")] = None,
+    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Write the tables here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot here.")] = None,
+    keep_outputs: Annotated[Optional[Path], typer.Option(help="Keep the compared tensors in this folder.")] = None,
+) -> None:
+    """Speed, peak memory and fidelity of configurations against the baseline, in one run."""
+    console = _console()
+    _configure_logging(False, console)
+    try:
+        from framepack_turbo.bench import configs as bench_configs
+        from framepack_turbo.bench import report, runner
+        from framepack_turbo.settings import ENV_PREFIX
+
+        leaked = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX))
+        for key in leaked:  # configurations say everything; the shell's variables would skew the baseline
+            del os.environ[key]
+        if leaked:
+            typer.echo(f"note: bench ignores {', '.join(leaked)}: put settings in configurations", err=True)
+        if model not in ("tiny", "small", "full"):
+            raise InputError(f"--model {model}: choose tiny, small or full")
+        if repeats < 1:
+            raise InputError(f"--repeats {repeats}: must be >= 1")
+        extra = bench_configs.load_config_file(config_file) if config_file else None
+        resolved = bench_configs.resolve(configs.split(","), preset or [], extra)
+        spec = runner.BenchSpec(
+            resolved, model=model, variant=variant, seconds=seconds, steps=steps,
+            resolution=resolution or (640 if model == "full" else 128), repeats=repeats, seed=seed, device=device,
+            sequential=sequential,
+        )  # fmt: skip
+        from framepack_turbo.settings import Settings
+
+        Settings.load(spec.common_settings(), source="cli")  # bad --seconds etc. fail here, once
+        for path in (json_path, markdown_path, plot):
+            if path is not None:
+                _check_writable_file(path)
+        command = "framepack " + " ".join(sys.argv[1:])
+        results = runner.run(spec, keep_outputs, on_progress=lambda line: typer.echo(line, err=True))
+    except FramePackError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("aborted", 130) from None
+    if json_path:
+        report.write_json(results, json_path, command)
+    if markdown_path:
+        report.write_markdown(results, markdown_path, command)
+    if plot:
+        report.write_plot(results, plot)
+    typer.echo(report.markdown(results, command))
+
+
+def _check_writable_file(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".framepack-write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def _check_device(device: str | None) -> None:
     if device is None or not device.startswith("cuda"):
         return
