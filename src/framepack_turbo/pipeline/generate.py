@@ -92,9 +92,9 @@ class _Timings:
     def to_dict(self) -> dict[str, Any]:
         steps = sorted(self.step_seconds)
         return {
-            **{k: round(v, 4) for k, v in self.stages.items()},
+            **{k: round(v, 6) for k, v in self.stages.items()},
             "steps": len(steps),
-            "step_median": round(steps[len(steps) // 2], 4) if steps else None,
+            "step_median": round(steps[len(steps) // 2], 6) if steps else None,
         }
 
 
