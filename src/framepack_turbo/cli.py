@@ -12,7 +12,6 @@ import signal
 import sys
 import tempfile
 import threading
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -54,16 +53,9 @@ def _configure_logging(verbose: bool, console) -> None:
     logging.basicConfig(format="%(message)s", level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("framepack_turbo").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
-        # Library chatter (dtype notes, torchvision fallbacks) is noise to a user; --verbose shows it.
-        for name in ("diffusers", "transformers", "huggingface_hub", "httpx"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
-        from transformers.utils import logging as hf_logging
+        from framepack_turbo.logs import quiet_libraries
 
-        hf_logging.set_verbosity_error()
-        from diffusers.utils import logging as df_logging
-
-        df_logging.set_verbosity_error()
+        quiet_libraries()
 
 
 def check_writable(out: Path) -> None:

@@ -109,20 +109,15 @@ def run_once(fp, job: WorkerJob, index: int, keep: bool) -> dict[str, Any]:
     return record
 
 
-def _quiet_libraries() -> None:
-    import logging
-
-    for name in ("diffusers", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(conn, job: WorkerJob) -> None:
     """Process entry point (spawned). Never raises: every failure becomes a message."""
     # Configurations say everything: variables from the user's shell must not turn passes on here.
     for key in [k for k in os.environ if k.upper().startswith(ENV_PREFIX)]:
         del os.environ[key]
-    _quiet_libraries()
     from framepack_turbo.errors import FramePackError
+    from framepack_turbo.logs import quiet_libraries
+
+    quiet_libraries()
 
     try:
         fp, status = prepare(job)

@@ -43,7 +43,8 @@ def _upcast_inputs(module: torch.nn.Module, args: tuple) -> tuple:
 def cast_keeping_fp32(module: torch.nn.Module, dtype: torch.dtype) -> list[str]:
     """Cast `module` to `dtype` except its registered float32 sub-modules; returns their names."""
     keep = KEEP_FP32.get(type(module).__name__, ())
-    module.to(dtype)
+    # torch's own `to`: diffusers' override warns about fp32 modules, which this function handles itself
+    torch.nn.Module.to(module, dtype)
     kept = []
     for name in keep:
         sub = getattr(module, name, None)

@@ -200,7 +200,7 @@ class Generator:
             negative = encode.encode_prompt(
                 options.negative_prompt, b.tokenizer, b.text_encoder, b.tokenizer_2, b.text_encoder_2
             )
-        timings.add("text_encode", time.perf_counter() - t0)
+        timings.add("text_encode", self._clock() - t0)
 
         self.on_event(StageStarted("image_encode"))
         t0 = time.perf_counter()
@@ -209,7 +209,7 @@ class Generator:
         posterior_rng = torch.Generator(b.vae.device).manual_seed(options.seed)
         start_latent = vae.encode(encode.image_to_tensor(picture), b.vae, posterior_rng)
         image_embeds = encode.encode_image(picture, b.feature_extractor, b.image_encoder)
-        timings.add("image_encode", time.perf_counter() - t0)
+        timings.add("image_encode", self._clock() - t0)
 
         def cast(p: encode.PromptEmbeddings) -> encode.PromptEmbeddings:
             return encode.PromptEmbeddings(p.llama.to(dtype), p.mask, p.clip_pooled.to(dtype), p.truncations)
@@ -289,9 +289,7 @@ class Generator:
                 guided = uncond + options.cfg * (flow - uncond)
                 flow = _rescale_guidance(guided, flow, options.guidance_rescale)
             x0 = x.float() - flow * sigma.float().view(-1, 1, 1, 1, 1)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - t0
+            elapsed = self._clock() - t0
             timings.step_seconds.append(elapsed)
             timings.add("transformer", elapsed)
             return x0
@@ -347,10 +345,16 @@ class Generator:
             out = vae.soft_append(vae.decode(real[:, :, :span], self.bundle.vae), pixels, overlap)
         else:
             out = vae.soft_append(pixels, vae.decode(real[:, :, -window * 2 :], self.bundle.vae), overlap)
-        timings.add("vae_decode", time.perf_counter() - t0)
+        timings.add("vae_decode", self._clock() - t0)
         return out
 
     # ---- bookkeeping --------------------------------------------------------------------------
+
+    def _clock(self) -> float:
+        """Host time after the device has finished its queued work, so a stage's time is its own."""
+        if self.bundle.device.type == "cuda":
+            torch.cuda.synchronize(self.bundle.device)
+        return time.perf_counter()
 
     def _reset_state(self) -> None:
         for item in self.stateful:
