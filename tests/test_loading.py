@@ -102,3 +102,23 @@ def test_real_preset_sources_and_missing_weights(monkeypatch):
     monkeypatch.setitem(presets.PRESETS, "fake", fake)
     with pytest.raises(ModelUnavailableError, match="framepack-turbo-tests/absent"):
         load_bundle("fake", local_files_only=True, device="cpu")
+
+
+def test_full_preset_is_the_real_size():
+    from framepack_turbo.models.random import SIZES, parameter_count, transformer_config
+
+    assert 12.5e9 < parameter_count("full") < 13.5e9  # FramePack's ~13B transformer, counted on meta
+    cfg = transformer_config(SIZES["full"])
+    assert (cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["num_layers"], cfg["num_single_layers"]) == (24, 128, 20, 40)
+    assert (cfg["text_embed_dim"], cfg["pooled_projection_dim"], cfg["image_proj_dim"]) == (4096, 768, 1152)
+
+
+def test_full_preset_needs_a_gpu():
+    with pytest.raises(InputError, match="full-size transformer.*GPU"):
+        load_bundle("full", device="cpu")
+
+
+@pytest.mark.gpu
+def test_full_preset_builds_on_the_gpu_in_bf16():
+    bundle = load_bundle("full", device="cuda")
+    assert bundle.transformer.dtype == torch.bfloat16 and bundle.transformer.device.type == "cuda"
