@@ -105,12 +105,13 @@ def _quant_methods(s: Settings) -> list[str]:
 
 # Sub-settings that do nothing unless their switch is on. Flagged only when the user set them.
 SWITCHES: dict[str, Callable[[Settings], bool]] = {
-    **dict.fromkeys(("quant_bits",), lambda s: s.enable_quant),
+    **dict.fromkeys(("quant_bits", "quant_int8_mode", "quant_group_size"), lambda s: s.enable_quant),
+    **dict.fromkeys(("prune_dual_ratio", "prune_single_ratio"), lambda s: s.enable_prune),
     **dict.fromkeys(("fp8_target_keys", "fp8_exclude_keys", "fp8_use_scaled_mm"), lambda s: s.enable_fp8),
     **dict.fromkeys(
         ("bnb_load_in_4bit", "bnb_cpu_offload", "bnb_device_map", "bnb_double_quant"), lambda s: s.use_bnb
     ),
-    **dict.fromkeys(("compile_mode",), lambda s: s.enable_compile),
+    **dict.fromkeys(("compile_mode", "compile_scope"), lambda s: s.enable_compile),
     **dict.fromkeys(("jit_artifact", "jit_save", "jit_load", "jit_strict"), lambda s: s.jit_mode != "off"),
     **dict.fromkeys(("optimized_transformer",), lambda s: s.enable_opt_cache),
     **dict.fromkeys(("runtime_cache_dir",), lambda s: s.runtime_cache),
@@ -265,6 +266,14 @@ RULES: tuple[Rule, ...] = (
         "ENABLE_QUANT uses torchao's quantized kernels; torchao is not installed, so it is skipped.",
         "pip install torchao, or FRAMEPACK_ENABLE_QUANT=0.",
         disables=("quant",),
+    ),
+    Rule(
+        "int4-on-cpu",
+        Severity.WARNING,
+        lambda s, h: s.enable_quant and s.quant_bits == 4 and not h.cuda,
+        "INT4 on CPU: this torchao build has no packed int4 CPU kernel, so int4 values are stored one per byte "
+        "and dequantized per matmul: weights 4x smaller than fp32, steps slower (see docs/optimizations.md).",
+        "FRAMEPACK_QUANT_BITS=8 for speed on CPU; INT4 is worth it on CUDA (packed tinygemm kernel).",
     ),
     Rule(
         "aggressive-attention-missing",

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+
+# Loggers that report harmless import-time noise (torchao's optional CUDA extensions on a CPU
+# machine, torch's pytree deprecation notes, diffusers' torchao probe) and library chatter.
+NOISY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "httpx", "torchao", "torch.utils._pytree")
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter (dtype notes, torchvision fallbacks, hub retries) to errors.
+    """Keep library chatter to errors. Call before the libraries are imported where possible.
 
-    diffusers and transformers set their own levels when first imported, so this goes through their
-    verbosity functions rather than only `logging.getLogger(...).setLevel`.
+    diffusers and transformers set their own levels when first imported, so their verbosity is also
+    set through the variables they read and, once imported, their own functions.
     """
-    for name in ("diffusers", "transformers", "huggingface_hub", "httpx"):
+    for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
+    warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")  # torchao tensors under compile

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     # ---- quantization and precision ----------------------------------------------------------
     enable_quant: bool = Field(False, description="INT-N weight quantization of the transformer.", json_schema_extra=_group("quantization"))
     quant_bits: Literal[4, 8] = Field(8, description="Bits for ENABLE_QUANT.", json_schema_extra=_group("quantization"))
+    quant_int8_mode: Literal["dynamic", "weight-only"] = Field(
+        "dynamic", description="INT8 kernel: dynamic int8 activations (compute-bound, CPU) or weight-only (memory-bound).",
+        json_schema_extra=_group("quantization"))  # fmt: skip
+    quant_group_size: Literal[32, 64, 128, 256] = Field(
+        128, description="Group size of INT4 weight quantization (smaller: more accurate, more scales).",
+        json_schema_extra=_group("quantization"))  # fmt: skip
     enable_fp8: bool = Field(False, description="FP8 weights for the transformer.", json_schema_extra=_group("quantization"))
     fp8_target_keys: CsvList = Field(
         (), description="Comma list: only modules whose name contains one of these get FP8 (empty: all eligible).",
@@ -106,11 +112,18 @@ class Settings(BaseSettings):
         False, description="Cast to bf16 (fp16 without bf16), keeping the layers that must stay fp32.",
         json_schema_extra=_group("quantization"))  # fmt: skip
     enable_prune: bool = Field(False, description="Drop an evenly spaced subset of transformer blocks (lossy; never default).", json_schema_extra=_group("quantization"))
+    prune_dual_ratio: float = Field(
+        0.25, ge=0, le=0.9, description="Share of dual-stream blocks ENABLE_PRUNE removes.", json_schema_extra=_group("quantization"))
+    prune_single_ratio: float = Field(
+        0.25, ge=0, le=0.9, description="Share of single-stream blocks ENABLE_PRUNE removes.", json_schema_extra=_group("quantization"))
 
     # ---- compilation -------------------------------------------------------------------------
     enable_compile: bool = Field(False, description="torch.compile the transformer.", json_schema_extra=_group("compilation"))
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode; reduce-overhead and max-autotune use CUDA graphs.",
+        json_schema_extra=_group("compilation"))  # fmt: skip
+    compile_scope: Literal["blocks", "model"] = Field(
+        "blocks", description="Compile each repeated block (fast to compile, reused) or the whole transformer.",
         json_schema_extra=_group("compilation"))  # fmt: skip
     jit_mode: Literal["off", "trace", "script"] = Field("off", description="TorchScript the transformer.", json_schema_extra=_group("compilation"))
     jit_artifact: Path = Field(
@@ -204,7 +217,7 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("quant_bits", mode="before")
+    @field_validator("quant_bits", "quant_group_size", mode="before")
     @classmethod
     def _int_choice(cls, value: Any) -> Any:
         # Literal[4, 8] does not coerce the strings flags and variables arrive as.

@@ -46,6 +46,7 @@ class ModelBundle:
     source: str  # human-readable origin, for the sidecar
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     load_seconds: float = 0.0
+    compile_states: dict[str, Any] = field(default_factory=dict)  # set by the compile pass
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {name: getattr(self, name) for name in MODULES}

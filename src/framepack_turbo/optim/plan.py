@@ -45,7 +45,10 @@ PASS_ORDER: tuple[PassSpec, ...] = (
         "framepack_turbo.optim.precision:LowPrecisionPass",
     ),  # fmt: skip
     PassSpec("prune", "block pruning", lambda s: s.enable_prune, ("enable_prune",)),
-    PassSpec("quant", "INT-N quantization", lambda s: s.enable_quant, ("enable_quant", "quant_bits")),
+    PassSpec(
+        "quant", "INT-N quantization", lambda s: s.enable_quant, ("enable_quant", "quant_bits"),
+        "framepack_turbo.optim.quant:QuantPass",
+    ),  # fmt: skip
     PassSpec("fp8", "FP8 weights", lambda s: s.enable_fp8, ("enable_fp8",)),
     PassSpec(
         "attention", "transformer attention backend", lambda s: s.xformers_mode != "standard", ("xformers_mode",)
@@ -61,7 +64,9 @@ PASS_ORDER: tuple[PassSpec, ...] = (
     PassSpec("kvcache", "context KV cache", lambda s: s.enable_kv_cache, ("enable_kv_cache",)),
     PassSpec("offload.v2", "memory v2 (pinned, streamed block offload)", lambda s: s.use_memory_v2, ("use_memory_v2",)),
     PassSpec("opt_cache", "optimized-model cache", lambda s: s.enable_opt_cache, ("enable_opt_cache",)),
-    PassSpec("compile", "torch.compile", lambda s: s.enable_compile, ("enable_compile",)),
+    PassSpec(
+        "compile", "torch.compile", lambda s: s.enable_compile, ("enable_compile",), "framepack_turbo.optim.compile:CompilePass"
+    ),
     PassSpec("jit", "TorchScript", lambda s: s.jit_mode != "off", ("jit_mode",)),
     PassSpec(
         "onnx", "ONNX engines (onnxruntime)", lambda s: s.use_onnx_engines or s.onnx_trt_enable,
