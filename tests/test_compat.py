@@ -48,6 +48,7 @@ CASES = [
     ("bnb-not-installed", dict(use_bnb=True), BARE_GPU, dict(use_bnb=True)),
     ("memory-v2-needs-cuda", dict(use_memory_v2=True), CPU, dict(use_memory_v2=True)),
     ("quant-needs-torchao", dict(enable_quant=True), CPU, dict(enable_quant=True)),
+    ("int4-on-cpu", dict(enable_quant=True, quant_bits=4), CPU, dict(enable_quant=True, quant_bits=8)),
     ("aggressive-attention-missing", dict(xformers_mode="aggressive"), CPU, dict(xformers_mode="aggressive")),
     ("faiss-missing", dict(enable_sim_cache=True, sim_cache_use_faiss=True), CPU,
      dict(enable_sim_cache=True, sim_cache_use_faiss=True)),

@@ -22,7 +22,7 @@ from framepack_turbo import compat
 from framepack_turbo.errors import FramePackError
 from framepack_turbo.hardware import Hardware
 from framepack_turbo.models.loading import ModelBundle, load_bundle
-from framepack_turbo.optim.plan import Plan, apply_plan, make_plan
+from framepack_turbo.optim.plan import Plan, apply_plan, loading_kwargs, make_plan
 from framepack_turbo.pipeline.events import CancelToken, EventSink
 from framepack_turbo.pipeline.generate import Generator, Result
 from framepack_turbo.pipeline.options import GenerateOptions
@@ -112,6 +112,7 @@ class FramePack:
             str(settings.model_dir) if settings.model_dir else None,
             settings.device,
             local_files_only=settings.offline,
+            component_kwargs=loading_kwargs(plan, settings),
         )
         apply_plan(plan, bundle, settings, hardware)
         return cls(bundle, settings, plan, report)

@@ -51,10 +51,12 @@ class ModelBundle:
     def modules(self) -> dict[str, torch.nn.Module]:
         return {name: getattr(self, name) for name in MODULES}
 
-    def to(self, device: torch.device | str) -> ModelBundle:
+    def to(self, device: torch.device | str, skip: set[str] | frozenset[str] = frozenset()) -> ModelBundle:
+        """Move the models; `skip` those a loader already placed (a device_map must not be undone)."""
         self.device = torch.device(device)
-        for module in self.modules().values():
-            module.to(self.device)
+        for name, module in self.modules().items():
+            if name not in skip:
+                module.to(self.device)
         return self
 
     def save_pretrained(self, model_dir: str | Path) -> Path:
@@ -122,10 +124,19 @@ def _hub_unreachable_reason(repo: str) -> str | None:
     return None
 
 
-def load_component(name: str, source: Source, dtype: torch.dtype | None, local_files_only: bool = False):
-    """`from_pretrained` of the component's class: from disk first, then the hub unless `local_files_only`."""
+def load_component(
+    name: str,
+    source: Source,
+    dtype: torch.dtype | None,
+    local_files_only: bool = False,
+    extra: dict[str, Any] | None = None,
+):
+    """`from_pretrained` of the component's class: from disk first, then the hub unless `local_files_only`.
+
+    `extra` carries arguments from passes that work while loading (bitsandbytes' quantization_config).
+    """
     cls = _component_class(name)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(extra or {})
     if source.subfolder:
         kwargs["subfolder"] = source.subfolder
     if dtype is not None and name in MODULES:
@@ -157,6 +168,7 @@ def load_bundle(
     device: str | torch.device | None = None,
     local_files_only: bool = False,
     dtypes: dict[str, torch.dtype] | None = None,
+    component_kwargs: dict[str, dict[str, Any]] | None = None,
 ) -> ModelBundle:
     """All components of a preset (or of `model_dir`), on `device` (CUDA if present, else CPU)."""
     started = time.perf_counter()
@@ -168,7 +180,8 @@ def load_bundle(
         if not Path(model_dir).is_dir():
             raise InputError(f"--model-dir {model_dir}: no such directory")
         sources = local_dir_sources(model_dir)
-        parts = {n: load_component(n, s, dtypes.get(n), local_files_only=True) for n, s in sources.items()}
+        extra = component_kwargs or {}
+        parts = {n: load_component(n, s, dtypes.get(n), True, extra.get(n)) for n, s in sources.items()}
         origin = str(Path(model_dir).resolve())
     elif spec.is_random:
         from framepack_turbo.models.random import SIZES, build_models
@@ -181,11 +194,13 @@ def load_bundle(
         parts = build_models(spec.random_size, dev, dtypes)
         origin = f"random:{spec.random_size}"
     else:
-        parts = {n: load_component(n, s, dtypes.get(n), local_files_only) for n, s in spec.sources.items()}
+        extra = component_kwargs or {}
+        parts = {n: load_component(n, s, dtypes.get(n), local_files_only, extra.get(n)) for n, s in spec.sources.items()}
         origin = ", ".join(sorted({s.repo for s in spec.sources.values()}))
 
     bundle = ModelBundle(**parts, preset=spec, source=origin)
-    bundle.to(dev)
+    placed_by_loader = {n for n, kw in (component_kwargs or {}).items() if "device_map" in kw}
+    bundle.to(dev, skip=placed_by_loader)
     if dev.type == "cpu" and (model_dir is not None or not spec.is_random):
         for module in bundle.modules().values():
             _realign_cpu_tensors(module)

@@ -35,7 +35,10 @@ class PassSpec:
 
 
 PASS_ORDER: tuple[PassSpec, ...] = (
-    PassSpec("loading.bnb", "bitsandbytes quantized loading", lambda s: s.use_bnb, ("use_bnb",)),
+    PassSpec(
+        "loading.bnb", "bitsandbytes quantized loading", lambda s: s.use_bnb, ("use_bnb",),
+        "framepack_turbo.optim.bnb:BnbPass",
+    ),  # fmt: skip
     PassSpec(
         "loading.parallel", "parallel component loading",
         lambda s: s.parallel_loaders > 1 or s.preload_repos, ("parallel_loaders", "preload_repos"),
@@ -44,12 +47,12 @@ PASS_ORDER: tuple[PassSpec, ...] = (
         "precision", "low precision (bf16/fp16)", lambda s: s.enforce_low_precision, ("enforce_low_precision",),
         "framepack_turbo.optim.precision:LowPrecisionPass",
     ),  # fmt: skip
-    PassSpec("prune", "block pruning", lambda s: s.enable_prune, ("enable_prune",)),
+    PassSpec("prune", "block pruning", lambda s: s.enable_prune, ("enable_prune",), "framepack_turbo.optim.prune:PrunePass"),
     PassSpec(
         "quant", "INT-N quantization", lambda s: s.enable_quant, ("enable_quant", "quant_bits"),
         "framepack_turbo.optim.quant:QuantPass",
     ),  # fmt: skip
-    PassSpec("fp8", "FP8 weights", lambda s: s.enable_fp8, ("enable_fp8",)),
+    PassSpec("fp8", "FP8 weights", lambda s: s.enable_fp8, ("enable_fp8",), "framepack_turbo.optim.fp8:Fp8Pass"),
     PassSpec(
         "attention", "transformer attention backend", lambda s: s.xformers_mode != "standard", ("xformers_mode",)
     ),
@@ -136,6 +139,21 @@ def make_plan(settings: Settings, report: CompatReport) -> Plan:
         else:
             planned.append(PlannedPass(spec.name, spec.title, "active"))
     return Plan(tuple(planned))
+
+
+def loading_kwargs(plan: Plan, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Extra `from_pretrained` arguments per component from the active passes that work while loading."""
+    out: dict[str, dict[str, Any]] = {}
+    if any(p.name == "loading.bnb" for p in plan.active()):
+        from framepack_turbo.models.presets import COMPONENTS
+        from framepack_turbo.optim import bnb
+
+        config = bnb.BnbPass().config(settings)
+        for component in COMPONENTS:
+            kwargs = bnb.loading_kwargs(config, component)
+            if kwargs:
+                out[component] = kwargs
+    return out
 
 
 def apply_plan(plan: Plan, bundle: Any, settings: Settings, hardware: Hardware) -> list[Any]:
