@@ -21,8 +21,9 @@ from typing import Any
 from framepack_turbo import compat
 from framepack_turbo.errors import FramePackError
 from framepack_turbo.hardware import Hardware
-from framepack_turbo.models.loading import ModelBundle, load_bundle
-from framepack_turbo.optim.plan import Plan, apply_plan, loading_kwargs, make_plan
+from framepack_turbo.models.loading import ModelBundle, load_bundle, transformer_identity
+from framepack_turbo.optim import artifact
+from framepack_turbo.optim.plan import WEIGHT_PASSES, Plan, apply_plan, loading_kwargs, make_plan
 from framepack_turbo.pipeline.events import CancelToken, EventSink
 from framepack_turbo.pipeline.generate import Generator, Result
 from framepack_turbo.pipeline.options import GenerateOptions
@@ -61,6 +62,25 @@ def options_from_settings(settings: Settings, prompt: str, negative_prompt: str 
     return GenerateOptions(prompt=prompt, negative_prompt=negative_prompt, **{**values, **overrides})
 
 
+def _cached_transformer(plan: Plan, settings: Settings, model_dir: str | None):
+    """The optimized transformer from the cache when one fits this run, else None (and the reason logged)."""
+    if not any(p.name == "opt_cache" for p in plan.active()):
+        return None
+    import torch
+
+    device = torch.device(settings.device) if settings.device else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    )  # fmt: skip
+    path = Path(settings.optimized_transformer)
+    try:
+        identity = transformer_identity(settings.model, model_dir)
+        manifest = artifact.check(path, identity, artifact.shaping_settings(settings, device))
+        return artifact.load(path, manifest, device)
+    except artifact.ArtifactRefused as exc:
+        log.info("Optimized transformer cache not used: %s; building it", exc)
+        return None
+
+
 class FramePack:
     """Loaded models plus the generation entry point. One instance can run many jobs, one at a time."""
 
@@ -72,6 +92,7 @@ class FramePack:
         report: compat.CompatReport | None = None,
     ) -> None:
         self.bundle = bundle
+        self.reports: list = []  # what each pass did at load
         self.settings = settings or Settings.load({"model": bundle.preset.name}, source="api")
         self.report = report or compat.CompatReport(())
         self.plan = plan or make_plan(self.settings, self.report)
@@ -107,15 +128,25 @@ class FramePack:
         plan = make_plan(settings, report)
         for line in plan.summary_lines():
             log.info(line)
+        model_dir = str(settings.model_dir) if settings.model_dir else None
+        cached = _cached_transformer(plan, settings, model_dir)
         bundle = load_bundle(
             settings.model,
-            str(settings.model_dir) if settings.model_dir else None,
+            model_dir,
             settings.device,
             local_files_only=settings.offline,
             component_kwargs=loading_kwargs(plan, settings),
+            skip=frozenset({"transformer"}) if cached else frozenset(),
         )
-        apply_plan(plan, bundle, settings, hardware)
-        return cls(bundle, settings, plan, report)
+        if cached:
+            bundle.transformer = cached.to(bundle.device)
+        reports = apply_plan(plan, bundle, settings, hardware, skip=WEIGHT_PASSES if cached else frozenset())
+        if any(p.name == "opt_cache" for p in plan.active()) and not cached:
+            identity = transformer_identity(settings.model, model_dir)
+            artifact.save(bundle, settings, settings.optimized_transformer, identity, reports)
+        fp = cls(bundle, settings, plan, report)
+        fp.reports = reports
+        return fp
 
     def generate(
         self,

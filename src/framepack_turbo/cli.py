@@ -237,6 +237,40 @@ def doctor(
     raise typer.Exit(1 if any(f["severity"] == "critical" for f in data["compat"]) else 0)
 
 
+@app.command(context_settings=SETTINGS_CONTEXT, epilog=_settings_epilog())
+def optimize(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder for transformer.safetensors and its manifest.")],
+    preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
+    ignore_incompatible: Annotated[bool, typer.Option("--ignore-incompatible")] = False,
+) -> None:
+    """Build the optimized transformer (low precision, pruning, INT-N, FP8 as set) and save it.
+
+    Point FRAMEPACK_OPTIMIZED_TRANSFORMER at OUT/transformer.safetensors with ENABLE_OPT_CACHE=1 and
+    later runs load it instead of re-quantizing.
+    """
+    console = _console()
+    _configure_logging(False, console)
+    try:
+        from framepack_turbo.api import FramePack
+        from framepack_turbo.models.loading import transformer_identity
+        from framepack_turbo.optim import artifact
+
+        settings = _settings_from(ctx, preset)
+        target = out / "transformer.safetensors"
+        _check_writable_file(target)
+        # build from the weights, never from an existing artifact
+        build = settings.model_copy(update={"enable_opt_cache": False})
+        build._sources = settings._sources
+        fp = FramePack.load(settings=build, ignore_incompatible=ignore_incompatible)
+        model_dir = str(settings.model_dir) if settings.model_dir else None
+        artifact.save(fp.bundle, settings, target, transformer_identity(settings.model, model_dir), fp.reports)
+        size = target.stat().st_size / 2**20
+        typer.echo(f"wrote {target} ({size:.1f} MiB) and {artifact.manifest_path(target).name}")
+    except FramePackError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+
+
 @app.command()
 def bench(
     model: Annotated[str, typer.Option(help="tiny or small (CPU), full (real size, random weights, CUDA).")] = "tiny",

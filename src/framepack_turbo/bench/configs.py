@@ -30,7 +30,9 @@ else:  # pragma: no cover
 BUILTIN: dict[str, dict[str, Any]] = {
     "baseline": {},
     "bf16": {"enforce_low_precision": True},
+    "low-precision": {"enforce_low_precision": True},
     "int8": {"enable_quant": True, "quant_bits": 8},
+    "int8-wo": {"enable_quant": True, "quant_bits": 8, "quant_int8_mode": "weight-only"},
     "int4": {"enable_quant": True, "quant_bits": 4},
     "fp8": {"enable_fp8": True},
     "fp8-scaled": {"enable_fp8": True, "fp8_use_scaled_mm": True},

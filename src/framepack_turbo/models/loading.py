@@ -49,7 +49,7 @@ class ModelBundle:
     compile_states: dict[str, Any] = field(default_factory=dict)  # set by the compile pass
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {name: getattr(self, name) for name in MODULES}
+        return {name: getattr(self, name) for name in MODULES if getattr(self, name) is not None}
 
     def to(self, device: torch.device | str, skip: set[str] | frozenset[str] = frozenset()) -> ModelBundle:
         """Move the models; `skip` those a loader already placed (a device_map must not be undone)."""
@@ -169,8 +169,12 @@ def load_bundle(
     local_files_only: bool = False,
     dtypes: dict[str, torch.dtype] | None = None,
     component_kwargs: dict[str, dict[str, Any]] | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> ModelBundle:
-    """All components of a preset (or of `model_dir`), on `device` (CUDA if present, else CPU)."""
+    """All components of a preset (or of `model_dir`), on `device` (CUDA if present, else CPU).
+
+    Components in `skip` are not loaded (None): the caller supplies them (an optimized transformer).
+    """
     started = time.perf_counter()
     spec = get_preset(preset)
     dev = torch.device(device) if device is not None else _default_device()
@@ -181,7 +185,7 @@ def load_bundle(
             raise InputError(f"--model-dir {model_dir}: no such directory")
         sources = local_dir_sources(model_dir)
         extra = component_kwargs or {}
-        parts = {n: load_component(n, s, dtypes.get(n), True, extra.get(n)) for n, s in sources.items()}
+        parts = {n: None if n in skip else load_component(n, s, dtypes.get(n), True, extra.get(n)) for n, s in sources.items()}
         origin = str(Path(model_dir).resolve())
     elif spec.is_random:
         from framepack_turbo.models.random import SIZES, build_models
@@ -191,31 +195,73 @@ def load_bundle(
                 f"--model {spec.name} builds the full-size transformer (~13B parameters, 26 GB in bf16) on a GPU; "
                 f"this run's device is {dev}: use a CUDA machine, or --model small on CPU"
             )
-        parts = build_models(spec.random_size, dev, dtypes)
+        parts = build_models(spec.random_size, dev, dtypes, skip=skip)
         origin = f"random:{spec.random_size}"
     else:
         extra = component_kwargs or {}
-        parts = {n: load_component(n, s, dtypes.get(n), local_files_only, extra.get(n)) for n, s in spec.sources.items()}
+        parts = {
+            n: None if n in skip else load_component(n, s, dtypes.get(n), local_files_only, extra.get(n))
+            for n, s in spec.sources.items()
+        }
         origin = ", ".join(sorted({s.repo for s in spec.sources.values()}))
 
     bundle = ModelBundle(**parts, preset=spec, source=origin)
     placed_by_loader = {n for n, kw in (component_kwargs or {}).items() if "device_map" in kw}
-    bundle.to(dev, skip=placed_by_loader)
+    bundle.to(dev, skip=placed_by_loader | set(skip))
     if dev.type == "cpu" and (model_dir is not None or not spec.is_random):
         for module in bundle.modules().values():
-            _realign_cpu_tensors(module)
+            realign_cpu_tensors(module)
     bundle.load_seconds = time.perf_counter() - started
     log.info("Loaded %s models from %s on %s in %.1f s", spec.name, origin, dev, bundle.load_seconds)
     return bundle
 
 
-def _realign_cpu_tensors(module: torch.nn.Module, alignment: int = 64) -> None:
+def transformer_identity(preset: str, model_dir: str | None = None, local_files_only: bool = True) -> dict[str, Any]:
+    """Which transformer weights a run uses (preset, source, revision, config hash), read without loading them.
+
+    Revision: the hub snapshot's commit for repos in the HF cache, a hash of the files' names and sizes
+    for a local folder, the seed for random presets. Used to key the optimized-model cache.
+    """
+    import hashlib
+    import json
+
+    spec = get_preset(preset)
+    if model_dir is not None:
+        root = Path(model_dir) / "transformer"
+        files = sorted((p.name, p.stat().st_size) for p in root.glob("*") if p.is_file())
+        revision = "files:" + hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+        config = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else {}
+        source = str(Path(model_dir).resolve())
+    elif spec.is_random:
+        from framepack_turbo.models.random import SEED, SIZES, transformer_config
+
+        config, revision, source = transformer_config(SIZES[spec.random_size]), f"seed:{SEED}", f"random:{spec.random_size}"
+    else:
+        src = spec.sources["transformer"]
+        revision, config = None, {}
+        try:
+            import huggingface_hub
+
+            snapshot = Path(huggingface_hub.snapshot_download(src.repo, local_files_only=True, allow_patterns=["config.json"]))
+            revision = snapshot.name
+            config = json.loads((snapshot / "config.json").read_text())
+        except Exception:  # not in the cache: identity without a revision never matches a saved one
+            pass
+        source = src.repo
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return {"preset": spec.name, "source": source, "revision": revision, "config_sha256": config_sha}
+
+
+def realign_cpu_tensors(module: torch.nn.Module, alignment: int = 64) -> None:
     """Copy weights that safetensors memory-maps at unaligned offsets into fresh, aligned memory.
 
     CPU kernels pick another code path for unaligned operands and round differently (~1 ulp), so
     the same weights loaded from disk and built in memory would give different videos.
     """
     for tensor in [*module.parameters(), *module.buffers()]:
+        if type(tensor.data) is not torch.Tensor:  # quantized tensor subclasses manage their own storage
+            continue
         if tensor.device.type == "cpu" and tensor.data_ptr() % alignment:
             tensor.data = tensor.data.clone()
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 SEED = 0  # random presets are deterministic: same weights in every process
+MODULE_SEEDS = {"transformer": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "image_encoder": 4}
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,12 @@ def build_models(
     size_name: str,
     device: torch.device | str = "cpu",
     dtypes: dict[str, torch.dtype] | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> dict:
-    """Every component of a random preset, built on `device` in `dtypes` (default float32), in eval mode."""
+    """Every component of a random preset, built on `device` in `dtypes` (default float32), in eval mode.
+
+    Components in `skip` are None (the caller supplies them); the others are the same as without it.
+    """
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
     from transformers import (
         CLIPTextConfig,
@@ -130,14 +135,18 @@ def build_models(
     dtypes = dtypes or {}
     tokenizer, tokenizer_2 = build_tokenizers()
 
+    @contextlib.contextmanager
     def as_(name: str):
-        return _built_as(device, dtypes.get(name, torch.float32))
+        # Each component from its own seed: skipping or changing one leaves the others' weights alone.
+        torch.manual_seed(SEED + MODULE_SEEDS[name])
+        with _built_as(device, dtypes.get(name, torch.float32)):
+            yield
 
     # Seeded on the CPU generator and, for a CUDA build, the device's: same weights every time.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(SEED)
         with as_("transformer"):
-            transformer = HunyuanVideoFramepackTransformer3DModel(**transformer_config(size))
+            with torch.device("meta") if "transformer" in skip else contextlib.nullcontext():
+                transformer = HunyuanVideoFramepackTransformer3DModel(**transformer_config(size))
         with as_("vae"):
             vae = AutoencoderKLHunyuanVideo(latent_channels=16, **size.vae)
         with as_("text_encoder"):
@@ -192,6 +201,8 @@ def build_models(
         "image_encoder": image_encoder,
         "feature_extractor": feature_extractor,
     }
+    for name in skip:
+        models[name] = None
     for m in models.values():
         if isinstance(m, torch.nn.Module):
             m.eval().requires_grad_(False)

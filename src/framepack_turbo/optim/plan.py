@@ -66,7 +66,10 @@ PASS_ORDER: tuple[PassSpec, ...] = (
     PassSpec("simcache", "similarity cache", lambda s: s.enable_sim_cache, ("enable_sim_cache",)),
     PassSpec("kvcache", "context KV cache", lambda s: s.enable_kv_cache, ("enable_kv_cache",)),
     PassSpec("offload.v2", "memory v2 (pinned, streamed block offload)", lambda s: s.use_memory_v2, ("use_memory_v2",)),
-    PassSpec("opt_cache", "optimized-model cache", lambda s: s.enable_opt_cache, ("enable_opt_cache",)),
+    PassSpec(
+        "opt_cache", "optimized-model cache", lambda s: s.enable_opt_cache, ("enable_opt_cache",),
+        "framepack_turbo.optim.artifact",  # not a pass over the bundle: FramePack.load loads or saves it
+    ),  # fmt: skip
     PassSpec(
         "compile", "torch.compile", lambda s: s.enable_compile, ("enable_compile",), "framepack_turbo.optim.compile:CompilePass"
     ),
@@ -156,11 +159,20 @@ def loading_kwargs(plan: Plan, settings: Settings) -> dict[str, dict[str, Any]]:
     return out
 
 
-def apply_plan(plan: Plan, bundle: Any, settings: Settings, hardware: Hardware) -> list[Any]:
-    """Run every active pass on the bundle, in order; returns their reports."""
+# Passes whose whole effect the optimized-model cache stores. (Low precision also casts the encoders,
+# so it still runs on a cached transformer and leaves that alone.)
+WEIGHT_PASSES = frozenset({"prune", "quant", "fp8"})
+
+
+def apply_plan(
+    plan: Plan, bundle: Any, settings: Settings, hardware: Hardware, skip: frozenset[str] = frozenset()
+) -> list[Any]:
+    """Run every active pass on the bundle, in order (but those in `skip`); returns their reports."""
     reports = []
     for planned in plan.active():
         spec = PASSES_BY_NAME[planned.name]
+        if planned.name in skip or ":" not in spec.implementation:
+            continue
         module_name, _, cls_name = spec.implementation.partition(":")
         pass_ = getattr(importlib.import_module(module_name), cls_name)()
         config = pass_.config(settings)

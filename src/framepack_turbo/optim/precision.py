@@ -28,6 +28,7 @@ KEEP_FP32: dict[str, tuple[str, ...]] = {
 }
 LOW_PRECISION_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "image_encoder")
 _HOOK_ATTR = "_framepack_fp32_output_hook"
+FROM_ARTIFACT_ATTR = "_framepack_from_artifact"
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,12 @@ class LowPrecisionPass:
     def apply(self, bundle: ModelBundle, config: LowPrecisionConfig, hardware: Hardware) -> PassReport:
         dtype = torch.bfloat16 if (hardware.bf16 or bundle.device.type == "cpu") else torch.float16
         kept: list[str] = []
-        for name in config.components:
+        # a transformer from the optimized-model cache already has its precision (and quantized weights)
+        from_cache = getattr(bundle.transformer, FROM_ARTIFACT_ATTR, False)
+        components = tuple(c for c in config.components if not (c == "transformer" and from_cache))
+        for name in components:
             module = getattr(bundle, name)
             kept += [f"{name}.{k}" for k in cast_keeping_fp32(module, dtype)]
         dtype_name = str(dtype).removeprefix("torch.")
-        detail = f"{', '.join(config.components)} in {dtype_name}; kept in float32: {', '.join(kept) or 'nothing'}"
+        detail = f"{', '.join(components)} in {dtype_name}; kept in float32: {', '.join(kept) or 'nothing'}"
         return PassReport(self.name, "applied", detail, {"dtype": dtype_name, "kept_fp32": kept})

@@ -73,14 +73,22 @@ def torchao_config(config: QuantConfig, device: torch.device):
 
 
 def quantize_transformer(transformer: torch.nn.Module, config: QuantConfig) -> dict:
-    keep = LinearFilter(block_stacks(transformer))
+    base = LinearFilter(block_stacks(transformer))
+    if config.bits == 4:  # group-wise scales need the input width to divide into groups
+
+        def keep(module: torch.nn.Module, fqn: str) -> bool:
+            return base(module, fqn) and module.in_features % config.group_size == 0
+    else:
+        keep = base
     names = selected(transformer, keep)
+    left_out = len(selected(transformer, base)) - len(names)
     modules = dict(transformer.named_modules())
     before = sum(tensor_bytes(modules[n].weight) for n in names)
     ao_config, kernel = torchao_config(config, next(transformer.parameters()).device)
     torchao_quantization().quantize_(transformer, ao_config, filter_fn=keep)
     after = sum(tensor_bytes(modules[n].weight) for n in names)
-    return {"modules": len(names), "weight_bytes_before": before, "weight_bytes_after": after, "kernel": kernel}
+    return {"modules": len(names), "left_out": left_out, "weight_bytes_before": before, "weight_bytes_after": after,
+            "kernel": kernel}  # fmt: skip
 
 
 class QuantPass:
@@ -95,8 +103,9 @@ class QuantPass:
         log.info("Applying INT-%d quantization to transformer...", config.bits)
         counters = quantize_transformer(bundle.transformer, config)
         ratio = counters["weight_bytes_before"] / max(counters["weight_bytes_after"], 1)
+        left_out = f" ({counters['left_out']} left out: width not a multiple of the group)" if counters["left_out"] else ""
         detail = (
-            f"{counters['kernel']}; {counters['modules']} linears, weights "
+            f"{counters['kernel']}; {counters['modules']} linears{left_out}, weights "
             f"{counters['weight_bytes_before'] / 2**20:.1f} -> {counters['weight_bytes_after'] / 2**20:.1f} MiB ({ratio:.1f}x smaller)"
         )
         return PassReport(self.name, "applied", detail, counters)

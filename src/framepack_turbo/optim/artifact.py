@@ -1,0 +1,212 @@
+"""The optimized-model cache (ENABLE_OPT_CACHE, OPTIMIZED_TRANSFORMER, `framepack optimize`).
+
+The transformer after the weight passes (low precision, pruning, INT-N, FP8) is saved as
+safetensors, quantized tensors included (torchao's safetensors support flattens them into plain
+tensors plus JSON metadata for an allow-list of classes: no pickle anywhere), beside a JSON manifest:
+
+    {"format": ..., "version": 1, "identity": {preset, source, revision, config_sha256},
+     "settings": {the settings that shaped the weights, and the device kind}, "settings_sha256": ...,
+     "versions": {torch, diffusers, torchao}, "config": {the transformer's config}, "hooks": [...],
+     "file_sha256": ..., "created": ...}
+
+On start, an artifact loads only when identity, settings hash, library versions and the file hash
+all match; it is built into a fresh module, so a failure at any point leaves nothing half-loaded.
+Anything else is refused with the reason, and the caller rebuilds it. Hooks (fp32 output, fp8
+layerwise casting) are not state: the manifest lists them and loading re-installs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from framepack_turbo.hardware import library_versions
+from framepack_turbo.optim.backends import torchao_quantization
+from framepack_turbo.optim.precision import FROM_ARTIFACT_ATTR
+from framepack_turbo.pipeline.video import atomic_path
+
+if TYPE_CHECKING:
+    from framepack_turbo.models.loading import ModelBundle
+    from framepack_turbo.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FORMAT = "framepack-turbo-optimized-transformer"
+VERSION = 1
+# The settings that change the saved weights. Anything else (caches, compile, attention) does not.
+SHAPING_SETTINGS = (
+    "enforce_low_precision", "enable_prune", "prune_dual_ratio", "prune_single_ratio", "enable_quant", "quant_bits",
+    "quant_int8_mode", "quant_group_size", "enable_fp8", "fp8_target_keys", "fp8_exclude_keys", "fp8_use_scaled_mm",
+)  # fmt: skip
+VERSION_KEYS = ("torch", "diffusers", "torchao")
+
+
+class ArtifactRefused(Exception):
+    """The artifact cannot be used; the message says why (the caller rebuilds)."""
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _canonical_sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def shaping_settings(settings: Settings, device: torch.device) -> dict[str, Any]:
+    values = {k: getattr(settings, k) for k in SHAPING_SETTINGS}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    values["device_kind"] = device.type  # kernels and packing differ between CPU and CUDA
+    return values
+
+
+def _versions() -> dict[str, str]:
+    all_versions = library_versions()
+    try:
+        from importlib import metadata
+
+        all_versions["torchao"] = metadata.version("torchao")
+    except Exception:
+        all_versions["torchao"] = "not installed"
+    return {k: all_versions.get(k, "unknown") for k in VERSION_KEYS}
+
+
+def _hooks(transformer: torch.nn.Module) -> list[dict[str, Any]]:
+    from framepack_turbo.optim.precision import _HOOK_ATTR
+
+    hooks: list[dict[str, Any]] = []
+    if hasattr(transformer, _HOOK_ATTR):
+        hooks.append({"kind": "fp32_output"})
+    cast = [
+        (fqn, str(m._diffusers_hook.get_hook("layerwise_casting").compute_dtype).removeprefix("torch."))
+        for fqn, m in transformer.named_modules()
+        if hasattr(m, "_diffusers_hook") and m._diffusers_hook.get_hook("layerwise_casting") is not None
+    ]
+    if cast:
+        hooks.append({"kind": "layerwise_casting", "modules": [f for f, _ in cast], "compute_dtype": cast[0][1]})
+    return hooks
+
+
+def save(bundle: ModelBundle, settings: Settings, path: Path, source_identity: dict[str, Any], reports: list[Any] = ()) -> Path:
+    """Write the transformer's weights and the manifest, each atomically (manifest last)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    transformer = bundle.transformer
+    state = transformer.state_dict()
+    torchao_quantization()  # makes torchao's tensor classes importable for flattening
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    tensors, metadata = flatten_tensor_state_dict(state)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    settings_values = shaping_settings(settings, bundle.device)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "identity": source_identity,
+        "settings": settings_values,
+        "settings_sha256": _canonical_sha(settings_values),
+        "versions": _versions(),
+        "config": dict(transformer.config),
+        "hooks": _hooks(transformer),
+        "passes": [{"name": r.name, "outcome": r.outcome, "detail": r.detail} for r in reports],
+        "file_sha256": _sha256_file(path),
+        "file_bytes": path.stat().st_size,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with atomic_path(manifest_path(path)) as tmp, open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, default=str)
+    log.info("Saved optimized transformer weights to %s", path)
+    return path
+
+
+def check(path: Path, bundle_identity: dict[str, Any], settings_values: dict[str, Any]) -> dict[str, Any]:
+    """The manifest if the artifact fits this run; raises ArtifactRefused with the reason otherwise."""
+    path = Path(path)
+    if not path.is_file() or not manifest_path(path).is_file():
+        raise ArtifactRefused(f"no artifact at {path}")
+    try:
+        manifest = json.loads(manifest_path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactRefused(f"manifest unreadable ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ArtifactRefused(f"not a version-{VERSION} {FORMAT} manifest")
+    if manifest.get("identity") != bundle_identity:
+        raise ArtifactRefused(f"made from other weights ({manifest.get('identity')} vs {bundle_identity})")
+    if manifest.get("settings_sha256") != _canonical_sha(settings_values):
+        saved = manifest.get("settings", {})
+        diff = {k: (saved.get(k), v) for k, v in settings_values.items() if saved.get(k) != v}
+        raise ArtifactRefused("built for other settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()))
+    if manifest.get("versions") != _versions():
+        raise ArtifactRefused(f"built with {manifest.get('versions')}, this run has {_versions()}")
+    if path.stat().st_size != manifest.get("file_bytes") or _sha256_file(path) != manifest.get("file_sha256"):
+        raise ArtifactRefused("weights file does not match its manifest (truncated or modified)")
+    return manifest
+
+
+def load(path: Path, manifest: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """A new transformer with the artifact's weights and hooks. Raises ArtifactRefused on any failure."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+    from safetensors import safe_open
+
+    try:
+        torchao_quantization()
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+        if leftover:
+            raise ArtifactRefused(f"unexpected tensors in the file: {sorted(leftover)[:5]}")
+        config = {k: v for k, v in manifest["config"].items() if not k.startswith("_")}
+        with torch.device("meta"):
+            model = HunyuanVideoFramepackTransformer3DModel(**config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.to(device).eval().requires_grad_(False)
+        from framepack_turbo.models.loading import realign_cpu_tensors
+
+        realign_cpu_tensors(model)  # safetensors offsets: same kernels, same numbers as before saving
+        _reinstall_hooks(model, manifest.get("hooks", []))
+        setattr(model, FROM_ARTIFACT_ATTR, True)
+    except ArtifactRefused:
+        raise
+    except Exception as exc:  # any failure: refuse the artifact, the caller rebuilds from the weights
+        raise ArtifactRefused(f"could not load ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    log.info("Loaded optimized transformer weights from %s", path)
+    return model
+
+
+def _reinstall_hooks(model: torch.nn.Module, hooks: list[dict[str, Any]]) -> None:
+    from diffusers.hooks import apply_layerwise_casting
+
+    from framepack_turbo.optim.precision import _HOOK_ATTR, _upcast_inputs
+
+    modules = dict(model.named_modules())
+    for hook in hooks:
+        if hook["kind"] == "fp32_output" and not hasattr(model, _HOOK_ATTR):
+            setattr(model, _HOOK_ATTR, model.norm_out.register_forward_pre_hook(_upcast_inputs))
+        elif hook["kind"] == "layerwise_casting":
+            compute = getattr(torch, hook["compute_dtype"])
+            for name in hook["modules"]:
+                apply_layerwise_casting(modules[name], modules[name].weight.dtype, compute, skip_modules_pattern=None)
+        elif hook["kind"] not in ("fp32_output", "layerwise_casting"):
+            raise ArtifactRefused(f"unknown hook kind {hook['kind']!r}")
+
+
