@@ -332,6 +332,24 @@ RULES: tuple[Rule, ...] = (
         "FRAMEPACK_ENABLE_PRUNE=0 for full quality.",
     ),
     Rule(
+        "opt-cache-bitsandbytes",
+        Severity.WARNING,
+        lambda s, h: s.enable_opt_cache and s.use_bnb,
+        "bitsandbytes quantizes while the weights load, and its layers are not stored in the optimized-model "
+        "cache; the cache is skipped for this run.",
+        "Use ENABLE_QUANT or ENABLE_FP8 with the cache, or FRAMEPACK_ENABLE_OPT_CACHE=0.",
+        disables=("opt_cache",),
+    ),
+    Rule(
+        "opt-cache-nothing-to-store",
+        Severity.INFO,
+        lambda s, h: s.enable_opt_cache and not (s.enforce_low_precision or s.enable_prune or s.enable_quant or s.enable_fp8),
+        "ENABLE_OPT_CACHE stores the transformer after low precision, pruning, INT-N or FP8; none is on, so there "
+        "is nothing to cache (compiled code is not stored).",
+        "Turn on a weight pass, or FRAMEPACK_ENABLE_OPT_CACHE=0.",
+        disables=("opt_cache",),
+    ),
+    Rule(
         "setting-without-switch",
         Severity.WARNING,
         lambda s, h: bool(_idle_settings(s)),
