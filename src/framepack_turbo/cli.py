@@ -64,13 +64,7 @@ def check_writable(out: Path) -> None:
         raise InputError(f"--out {out}: the output must be an .mp4 file")
     if out.is_dir():
         raise InputError(f"--out {out}: is a directory; give a file name ending in .mp4")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".framepack-write-test-"):
-            pass
-    except OSError as exc:
-        raise InputError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    _check_writable_file(out, "--out ")
 
 
 class _InterruptToCancel:
@@ -335,14 +329,15 @@ def bench(
     typer.echo(report.markdown(results, command))
 
 
-def _check_writable_file(path: Path) -> None:
+def _check_writable_file(path: Path, label: str = "") -> None:
+    """Create the folder and a scratch file in it: refuse a path we could not write, before any work."""
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".framepack-write-test-"):
             pass
     except OSError as exc:
-        raise InputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
+        raise InputError(f"{label}{path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _check_device(device: str | None) -> None:
