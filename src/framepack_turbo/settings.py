@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     xformers_mode: Literal["standard", "aggressive", "off"] = Field(
         "standard", description="Transformer attention: standard = PyTorch SDPA, aggressive = fastest installed kernel, off = math.",
         json_schema_extra=_group("attention"))  # fmt: skip
+    encoder_attn_implementation: Literal["default", "eager", "sdpa", "flash_attention_2"] = Field(
+        "default", description="Encoders' attention implementation; default: as loaded (ENABLE_BETTERTRANSFORMER=1 picks the fastest).",
+        json_schema_extra=_group("attention"))  # fmt: skip
     enable_bettertransformer: bool = Field(
         False, description="SDPA attention in the text and image encoders (off by default, as the spec says).",
         json_schema_extra=_group("attention"))  # fmt: skip

@@ -54,11 +54,14 @@ PASS_ORDER: tuple[PassSpec, ...] = (
     ),  # fmt: skip
     PassSpec("fp8", "FP8 weights", lambda s: s.enable_fp8, ("enable_fp8",), "framepack_turbo.optim.fp8:Fp8Pass"),
     PassSpec(
-        "attention", "transformer attention backend", lambda s: s.xformers_mode != "standard", ("xformers_mode",)
-    ),
+        "attention", "transformer attention backend", lambda s: s.xformers_mode != "standard", ("xformers_mode",),
+        "framepack_turbo.optim.attention:AttentionPass",
+    ),  # fmt: skip
     PassSpec(
-        "encoder_attention", "encoder SDPA attention (BetterTransformer)",
-        lambda s: s.enable_bettertransformer, ("enable_bettertransformer",),
+        "encoder_attention", "encoder attention (BetterTransformer)",
+        lambda s: s.enable_bettertransformer or s.encoder_attn_implementation != "default",
+        ("enable_bettertransformer", "encoder_attn_implementation"),
+        "framepack_turbo.optim.encoder_attention:EncoderAttentionPass",
     ),  # fmt: skip
     PassSpec("modulecache", "encoder output cache", lambda s: s.enable_module_cache, ("enable_module_cache",)),
     PassSpec("fbcache", "first-block cache", lambda s: s.enable_fbcache, ("enable_fbcache",)),

@@ -1,0 +1,76 @@
+"""Transformer attention backend (XFORMERS_MODE / --xformers-mode), through diffusers' attention dispatch.
+
+| mode | backend | why |
+|---|---|---|
+| standard | `native`: PyTorch SDPA, which picks flash / memory-efficient kernels where the device has them | the default |
+| aggressive | the fastest installed of SageAttention, FlashAttention 3, FlashAttention 2, xFormers (CUDA) | speed; Sage is lossy (int8 QK) |
+| off | `_native_math`: plain math attention | the reference, and the slowest |
+
+A backend asked for and missing falls back to SDPA with a compat warning (`aggressive-attention-missing`),
+never a crash. Text padding needs no mask: at batch 1 the transformer trims it, as FramePack does.
+The token refiner's attention (a small part) keeps diffusers' own processor, which dispatch does not reach.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from framepack_turbo.optim.base import PassReport
+
+if TYPE_CHECKING:
+    from framepack_turbo.hardware import Hardware
+    from framepack_turbo.models.loading import ModelBundle
+    from framepack_turbo.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# aggressive: (installed module, diffusers backend name), fastest first
+AGGRESSIVE_ORDER: tuple[tuple[str, str], ...] = (
+    ("sageattention", "sage"),
+    ("flash_attn_interface", "_flash_3"),
+    ("flash_attn", "flash"),
+    ("xformers", "xformers"),
+)
+STANDARD, MATH = "native", "_native_math"
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    mode: Literal["standard", "aggressive", "off"] = "standard"
+
+
+def choose_backend(mode: str, hardware: Hardware) -> tuple[str, str]:
+    """(diffusers backend name, why) for a mode on this machine."""
+    if mode == "off":
+        return MATH, "plain math attention (the reference)"
+    if mode == "aggressive":
+        if hardware.cuda:
+            for module, backend in AGGRESSIVE_ORDER:
+                if hardware.has(module):
+                    return backend, f"{module} is the fastest installed kernel"
+        return STANDARD, "no faster kernel usable here: PyTorch SDPA"
+    return STANDARD, "PyTorch SDPA"
+
+
+def attention_backends(transformer) -> set[str]:
+    """The dispatch backend each attention processor of the transformer uses (None: the default)."""
+    return {str(getattr(m.processor, "_attention_backend", None)) for m in transformer.modules()
+            if hasattr(m, "processor") and hasattr(m.processor, "_attention_backend")}  # fmt: skip
+
+
+class AttentionPass:
+    name = "attention"
+
+    def config(self, settings: Settings) -> AttentionConfig | None:
+        return AttentionConfig(settings.xformers_mode) if settings.xformers_mode != "standard" else None
+
+    def apply(self, bundle: ModelBundle, config: AttentionConfig, hardware: Hardware) -> PassReport:
+        backend, why = choose_backend(config.mode, hardware)
+        from framepack_turbo.logs import quiet_logger
+
+        with quiet_logger("diffusers.models.modeling_utils"):  # "experimental feature" notice on every call
+            bundle.transformer.set_attention_backend(backend)
+        log.info("Transformer attention: %s (%s)", backend, why)
+        return PassReport(self.name, "applied", f"{backend}: {why}", {"backend": backend})
