@@ -94,3 +94,22 @@ def test_fast_start_skips_and_says_so(caplog):
     assert status["compile"] == "skipped" and status["encoder_attention"] == "skipped"
     assert "fast-start-skips" in caplog.text and "skips torch.compile" in caplog.text
     assert not fp.bundle.compile_states  # nothing was compiled
+
+
+@pytest.mark.slow
+def test_regional_compile_compiles_each_block_kind_once_and_never_again_across_sections(tmp_path):
+    from framepack_turbo.optim.compile import compiled_graph_count
+    from framepack_turbo.pipeline.events import SectionDone
+
+    from .conftest import EXAMPLE_IMAGE
+
+    torch._dynamo.reset()
+    fp = FramePack.load("tiny", enable_compile=True)
+    start = compiled_graph_count()
+    after_section = []
+    fp.generate(EXAMPLE_IMAGE, "a cat", out=tmp_path / "c.mp4", seconds=4, steps=2, resolution=64,
+                on_event=lambda e: after_section.append(compiled_graph_count()) if isinstance(e, SectionDone) else None)  # fmt: skip
+    assert len(after_section) == 3
+    assert after_section[0] - start == 2  # one graph per block kind (dual, single), reused by every block
+    assert after_section[-1] == after_section[0]  # no recompilation in the next sections
+    assert all(not s.failed and s.calls["compiled"] > 0 for s in fp.bundle.compile_states.values())

@@ -230,6 +230,9 @@ def _summarise(spec: BenchSpec, runs: dict[str, ConfigRun]) -> dict[str, Any]:
                 row["peak_gpu_reserved_gb"] = max(x["peak_gpu_reserved_gb"] for x in samples)
             if r.warmup and r.warmup.get("status") == "ok":
                 row["first_run_s"] = r.warmup["timings"]["total"]
+                if "compiled_graphs" in r.warmup:
+                    row["compiled_graphs"] = {"warmup": r.warmup["compiled_graphs"],
+                                              "timed_runs": sum(x.get("compiled_graphs", 0) for x in samples)}  # fmt: skip
             if base_step and row["s_per_step"]:
                 row["speedup"] = base_step["median"] / row["s_per_step"]["median"]
             keep = next((x["outputs"] for x in samples if "outputs" in x), None)

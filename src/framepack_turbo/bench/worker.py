@@ -62,6 +62,14 @@ def prepare(job: WorkerJob) -> tuple[Any, dict[str, Any]]:
     }
 
 
+def _graph_count(fp) -> int:
+    if not fp.bundle.compile_states:
+        return 0
+    from framepack_turbo.optim.compile import compiled_graph_count
+
+    return compiled_graph_count()
+
+
 def run_once(fp, job: WorkerJob, index: int, keep: bool) -> dict[str, Any]:
     """One generation; with `keep`, the outputs the fidelity metrics need are saved for the coordinator."""
     import torch
@@ -79,6 +87,7 @@ def run_once(fp, job: WorkerJob, index: int, keep: bool) -> dict[str, Any]:
             first_output.append(tensor.detach().float().cpu())
 
     hook = fp.bundle.transformer.register_forward_hook(capture)
+    graphs_before = _graph_count(fp)
     try:
         out = Path(job.out_dir) / f"{job.config_name.replace(':', '_').replace('+', '_')}_{index}.mp4"
         result = fp.generate(job.image_path, job.prompt, out=out)
@@ -92,6 +101,8 @@ def run_once(fp, job: WorkerJob, index: int, keep: bool) -> dict[str, Any]:
         "video_seconds": result.frames.shape[0] / 30.0,
         "peak_host_gb": _peak_host_gb(),
     }
+    if fp.bundle.compile_states:
+        record["compiled_graphs"] = _graph_count(fp) - graphs_before  # 0 once warm: no recompilation
     if cuda:
         record["peak_gpu_alloc_gb"] = torch.cuda.max_memory_allocated() / 2**30
         record["peak_gpu_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30

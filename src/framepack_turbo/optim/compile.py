@@ -81,6 +81,13 @@ def guarded_compile(module: torch.nn.Module, mode: str, name: str) -> _Fallback:
     return state
 
 
+def compiled_graph_count() -> int:
+    """Graphs dynamo has compiled in this process so far (first compilations and recompilations)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 class CompilePass:
     name = "compile"
 
