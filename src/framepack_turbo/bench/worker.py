@@ -125,6 +125,7 @@ def main(conn, job: WorkerJob) -> None:
     # Configurations say everything: variables from the user's shell must not turn passes on here.
     for key in [k for k in os.environ if k.upper().startswith(ENV_PREFIX)]:
         del os.environ[key]
+    os.chdir(job.out_dir)  # relative artifact paths (JIT_ARTIFACT, OPTIMIZED_TRANSFORMER) stay in the bench's folder
     from framepack_turbo.errors import FramePackError
     from framepack_turbo.logs import quiet_libraries
 

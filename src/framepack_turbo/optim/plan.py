@@ -76,7 +76,7 @@ PASS_ORDER: tuple[PassSpec, ...] = (
     PassSpec(
         "compile", "torch.compile", lambda s: s.enable_compile, ("enable_compile",), "framepack_turbo.optim.compile:CompilePass"
     ),
-    PassSpec("jit", "TorchScript", lambda s: s.jit_mode != "off", ("jit_mode",)),
+    PassSpec("jit", "TorchScript", lambda s: s.jit_mode != "off", ("jit_mode",), "framepack_turbo.optim.jit:JitPass"),
     PassSpec(
         "onnx", "ONNX engines (onnxruntime)", lambda s: s.use_onnx_engines or s.onnx_trt_enable,
         ("use_onnx_engines", "onnx_trt_enable"),
