@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from framepack_turbo.bench import configs, metrics, report
-from framepack_turbo.bench.configs import BenchConfig, resolve
+from framepack_turbo.bench.configs import resolve
 from framepack_turbo.cli import app
 from framepack_turbo.errors import InputError
 

@@ -13,7 +13,7 @@ from framepack_turbo.models.loading import load_bundle
 from framepack_turbo.optim.jit import JitConfig, JitPass, JitShapeError, TracedTransformer
 
 from .conftest import EXAMPLE_IMAGE
-from .test_optim import _forward, _inputs
+from .test_optim import _inputs
 
 
 @pytest.fixture(autouse=True)
