@@ -21,7 +21,7 @@ from typing import Any
 from framepack_turbo import compat
 from framepack_turbo.errors import FramePackError
 from framepack_turbo.hardware import Hardware
-from framepack_turbo.models.loading import ModelBundle, load_bundle, transformer_identity
+from framepack_turbo.models.loading import ModelBundle, default_device, load_bundle, transformer_identity
 from framepack_turbo.optim import artifact
 from framepack_turbo.optim.plan import WEIGHT_PASSES, Plan, apply_plan, loading_kwargs, make_plan
 from framepack_turbo.pipeline.events import CancelToken, EventSink
@@ -68,9 +68,7 @@ def _cached_transformer(plan: Plan, settings: Settings, model_dir: str | None):
         return None
     import torch
 
-    device = torch.device(settings.device) if settings.device else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    )  # fmt: skip
+    device = torch.device(settings.device) if settings.device else default_device()
     path = Path(settings.optimized_transformer)
     try:
         identity = transformer_identity(settings.model, model_dir)

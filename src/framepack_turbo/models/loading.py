@@ -177,7 +177,7 @@ def load_bundle(
     """
     started = time.perf_counter()
     spec = get_preset(preset)
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = torch.device(device) if device is not None else default_device()
     dtypes = dtypes or default_dtypes(dev)
 
     if model_dir is not None:
@@ -266,5 +266,5 @@ def realign_cpu_tensors(module: torch.nn.Module, alignment: int = 64) -> None:
             tensor.data = tensor.data.clone()
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

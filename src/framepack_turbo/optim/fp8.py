@@ -24,8 +24,7 @@ import torch
 from framepack_turbo.compat import FP8_COMPUTE_CAPABILITY
 from framepack_turbo.optim.backends import torchao_quantization
 from framepack_turbo.optim.base import PassReport
-from framepack_turbo.optim.quant import tensor_bytes
-from framepack_turbo.optim.select import DEFAULT_EXCLUDE, LinearFilter, block_stacks, selected
+from framepack_turbo.optim.select import DEFAULT_EXCLUDE, LinearFilter, block_stacks, selected, weight_bytes
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -65,7 +64,7 @@ class Fp8Pass:
         keep = fp8_filter(transformer, config)
         names = selected(transformer, keep)
         modules = dict(transformer.named_modules())
-        before = sum(tensor_bytes(modules[n].weight) for n in names)
+        before = weight_bytes(transformer, names)
         compute = (
             config.scaled_mm
             and bundle.device.type == "cuda"
@@ -84,7 +83,7 @@ class Fp8Pass:
             for name in names:
                 apply_layerwise_casting(modules[name], STORAGE_DTYPE, compute_dtype, skip_modules_pattern=None)
             mode = f"fp8 storage, {str(compute_dtype).removeprefix('torch.')} compute (layerwise casting)"
-        after = sum(tensor_bytes(modules[n].weight) for n in names)
+        after = weight_bytes(transformer, names)
         log.info("FP8 optimization active")
         detail = f"{mode}; {len(names)} linears, weights {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
         return PassReport(self.name, "applied", detail, {"modules": len(names), "compute": compute,

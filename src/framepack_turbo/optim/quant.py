@@ -26,7 +26,7 @@ import torch
 
 from framepack_turbo.optim.backends import torchao_quantization
 from framepack_turbo.optim.base import PassReport
-from framepack_turbo.optim.select import LinearFilter, block_stacks, selected
+from framepack_turbo.optim.select import LinearFilter, block_stacks, selected, weight_bytes
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -46,14 +46,6 @@ class QuantConfig:
         return f"int{self.bits}" + ("-wo" if self.bits == 8 and self.int8_mode == "weight-only" else "") + (
             f"-g{self.group_size}" if self.bits == 4 else ""
         )
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Storage of a tensor, looking inside tensor subclasses (quantized data + scales)."""
-    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.nn.Parameter and type(t) is not torch.Tensor:
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
 
 
 def torchao_config(config: QuantConfig, device: torch.device):
@@ -82,11 +74,10 @@ def quantize_transformer(transformer: torch.nn.Module, config: QuantConfig) -> d
         keep = base
     names = selected(transformer, keep)
     left_out = len(selected(transformer, base)) - len(names)
-    modules = dict(transformer.named_modules())
-    before = sum(tensor_bytes(modules[n].weight) for n in names)
+    before = weight_bytes(transformer, names)
     ao_config, kernel = torchao_config(config, next(transformer.parameters()).device)
     torchao_quantization().quantize_(transformer, ao_config, filter_fn=keep)
-    after = sum(tensor_bytes(modules[n].weight) for n in names)
+    after = weight_bytes(transformer, names)
     return {"modules": len(names), "left_out": left_out, "weight_bytes_before": before, "weight_bytes_after": after,
             "kernel": kernel}  # fmt: skip
 

@@ -49,3 +49,17 @@ class LinearFilter:
 
 def selected(model: torch.nn.Module, keep: Callable[[torch.nn.Module, str], bool]) -> list[str]:
     return [fqn for fqn, m in model.named_modules() if keep(m, fqn)]
+
+
+def weight_bytes(model: torch.nn.Module, names: list[str]) -> int:
+    """Storage of the named modules' weights, quantized tensors included (data + scales)."""
+    modules = dict(model.named_modules())
+    return sum(tensor_bytes(modules[n].weight) for n in names)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage of a tensor, looking inside tensor subclasses (quantized data + scales)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.nn.Parameter and type(t) is not torch.Tensor:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
