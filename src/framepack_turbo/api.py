@@ -88,9 +88,10 @@ class FramePack:
         settings: Settings | None = None,
         plan: Plan | None = None,
         report: compat.CompatReport | None = None,
+        reports: list | None = None,
     ) -> None:
         self.bundle = bundle
-        self.reports: list = []  # what each pass did at load
+        self.reports: list = reports or []  # what each pass did at load
         self.settings = settings or Settings.load({"model": bundle.preset.name}, source="api")
         self.report = report or compat.CompatReport(())
         self.plan = plan or make_plan(self.settings, self.report)
@@ -142,9 +143,7 @@ class FramePack:
         if any(p.name == "opt_cache" for p in plan.active()) and not cached:
             identity = transformer_identity(settings.model, model_dir)
             artifact.save(bundle, settings, settings.optimized_transformer, identity, reports)
-        fp = cls(bundle, settings, plan, report)
-        fp.reports = reports
-        return fp
+        return cls(bundle, settings, plan, report, reports)
 
     def generate(
         self,

@@ -12,7 +12,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
-VERSIONED_PACKAGES = ("framepack-turbo", "torch", "diffusers", "transformers", "accelerate", "av", "numpy")
+VERSIONED_PACKAGES = ("framepack-turbo", "torch", "diffusers", "transformers", "accelerate", "torchao", "av", "numpy")
 
 # Optional backends: import name -> what it is for. Presence is checked without importing them
 # (some print or initialise CUDA at import); `framepack doctor` lists them.

@@ -76,12 +76,6 @@ def shaping_settings(settings: Settings, device: torch.device) -> dict[str, Any]
 
 def _versions() -> dict[str, str]:
     all_versions = library_versions()
-    try:
-        from importlib import metadata
-
-        all_versions["torchao"] = metadata.version("torchao")
-    except Exception:
-        all_versions["torchao"] = "not installed"
     return {k: all_versions.get(k, "unknown") for k in VERSION_KEYS}
 
 
