@@ -115,13 +115,17 @@ SWITCHES: dict[str, Callable[[Settings], bool]] = {
     **dict.fromkeys(("jit_artifact", "jit_save", "jit_load", "jit_strict"), lambda s: s.jit_mode != "off"),
     **dict.fromkeys(("optimized_transformer",), lambda s: s.enable_opt_cache),
     **dict.fromkeys(("runtime_cache_dir",), lambda s: s.runtime_cache),
-    **dict.fromkeys(("fbcache_threshold", "fbcache_verbose"), lambda s: s.enable_fbcache),
-    **dict.fromkeys(("teacache_threshold",), lambda s: s.enable_teacache),
+    **dict.fromkeys(("module_cache_max_mb", "module_cache_loose_match"), lambda s: s.enable_module_cache),
+    **dict.fromkeys(("fbcache_threshold", "fbcache_verbose", "fbcache_max_skip"), lambda s: s.enable_fbcache),
+    **dict.fromkeys(("teacache_threshold", "teacache_verbose"), lambda s: s.enable_teacache),
     **dict.fromkeys(
-        ("sim_cache_threshold", "sim_cache_max_skip", "sim_cache_max_entries", "sim_cache_use_faiss", "sim_cache_verbose"),
+        (
+            "sim_cache_threshold", "sim_cache_max_skip", "sim_cache_max_entries", "sim_cache_use_faiss",
+            "sim_cache_verbose", "sim_cache_budget_mb",
+        ),
         lambda s: s.enable_sim_cache,
-    ),
-    **dict.fromkeys(("kv_cache_len", "kv_cache_verbose"), lambda s: s.enable_kv_cache),
+    ),  # fmt: skip
+    **dict.fromkeys(("kv_cache_len", "kv_cache_verbose", "kv_cache_refresh"), lambda s: s.enable_kv_cache),
     **dict.fromkeys(
         ("trt_transformer", "trt_text_encoders", "trt_workspace_mb", "trt_max_aux_streams", "tensorrt_cache_dir"),
         lambda s: s.enable_tensorrt,

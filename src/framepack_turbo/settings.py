@@ -155,23 +155,37 @@ class Settings(BaseSettings):
     runtime_cache: bool = Field(True, description="Persist what is safe to reuse across runs.", json_schema_extra=_group("caches"))
     runtime_cache_dir: Path = Field(Path("Cache/runtime_caches"), description="Runtime cache folder.", json_schema_extra=_group("caches"))
     enable_module_cache: bool = Field(False, description="Cache text/image encoder outputs on disk by content hash.", json_schema_extra=_group("caches"))
+    module_cache_max_mb: int = Field(
+        2048, ge=1, le=1 << 20, description="Disk budget of the encoder output cache; least recently used entries go first.",
+        json_schema_extra=_group("caches"))  # fmt: skip
+    module_cache_loose_match: bool = Field(
+        False, description="Also reuse a cached prompt that differs only in case, spacing or punctuation (approximate: warns).",
+        json_schema_extra=_group("caches"))  # fmt: skip
     enable_fbcache: bool = Field(False, description="First-block cache (reuse the other blocks' residual when the first changes little).", json_schema_extra=_group("caches"))
     fbcache_threshold: float = Field(
         0.035, gt=0, le=1, description="Relative L1 change under which the first-block cache reuses.",
         json_schema_extra=_group("caches"))  # fmt: skip
     fbcache_verbose: bool = Field(False, description="Log every first-block cache decision.", json_schema_extra=_group("caches"))
+    fbcache_max_skip: int = Field(3, ge=1, le=100, description="Steps in a row the first-block cache may reuse.", json_schema_extra=_group("caches"))
     enable_teacache: bool = Field(False, description="TeaCache as FramePack has it (FramePack's UI turns it on; here lossy passes are opt-in).", json_schema_extra=_group("caches"))
     teacache_threshold: float = Field(0.15, gt=0, le=1, description="TeaCache relative L1 threshold.", json_schema_extra=_group("caches"))
+    teacache_verbose: bool = Field(False, description="Log every TeaCache decision.", json_schema_extra=_group("caches"))
     enable_sim_cache: bool = Field(False, description="Per-block similarity cache.", json_schema_extra=_group("caches"))
     sim_cache_threshold: float = Field(
         0.9, ge=0, le=1, description="Cosine similarity above which a block reuses its cached residual.",
         json_schema_extra=_group("caches"))  # fmt: skip
     sim_cache_max_skip: int = Field(1, ge=1, le=100, description="Consecutive reuses per block.", json_schema_extra=_group("caches"))
     sim_cache_max_entries: int = Field(12, ge=1, le=4096, description="Cached entries per block.", json_schema_extra=_group("caches"))
+    sim_cache_budget_mb: int = Field(
+        1024, ge=1, le=1 << 20, description="Memory for all similarity cache entries; least recently used entries go first.",
+        json_schema_extra=_group("caches"))  # fmt: skip
     sim_cache_use_faiss: bool = Field(False, description="FAISS inner-product search (exact search otherwise; same results).", json_schema_extra=_group("caches"))
     sim_cache_verbose: bool = Field(False, description="Log similarity cache decisions.", json_schema_extra=_group("caches"))
     enable_kv_cache: bool = Field(False, description="Reuse K/V of the context tokens across steps of a section.", json_schema_extra=_group("caches"))
     kv_cache_len: int = Field(4096, ge=1, le=1 << 20, description="Maximum cached sequence length.", json_schema_extra=_group("caches"))
+    kv_cache_refresh: int = Field(
+        4, ge=1, le=1000, description="Steps between recomputations of the context tokens' K/V (1: every step, no reuse).",
+        json_schema_extra=_group("caches"))  # fmt: skip
     kv_cache_verbose: bool = Field(False, description="Log KV cache use.", json_schema_extra=_group("caches"))
 
     # ---- memory and loading ------------------------------------------------------------------

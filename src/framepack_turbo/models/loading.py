@@ -47,6 +47,8 @@ class ModelBundle:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     load_seconds: float = 0.0
     compile_states: dict[str, Any] = field(default_factory=dict)  # set by the compile pass
+    step_caches: list[Any] = field(default_factory=list)  # controllers of the step caches' hooks (optim/stepcache.py)
+    encoder_cache: Any = None  # the module cache (optim/modulecache.py), when on
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {name: getattr(self, name) for name in MODULES if getattr(self, name) is not None}

@@ -63,11 +63,26 @@ PASS_ORDER: tuple[PassSpec, ...] = (
         ("enable_bettertransformer", "encoder_attn_implementation"),
         "framepack_turbo.optim.encoder_attention:EncoderAttentionPass",
     ),  # fmt: skip
-    PassSpec("modulecache", "encoder output cache", lambda s: s.enable_module_cache, ("enable_module_cache",)),
-    PassSpec("fbcache", "first-block cache", lambda s: s.enable_fbcache, ("enable_fbcache",)),
-    PassSpec("teacache", "TeaCache", lambda s: s.enable_teacache, ("enable_teacache",)),
-    PassSpec("simcache", "similarity cache", lambda s: s.enable_sim_cache, ("enable_sim_cache",)),
-    PassSpec("kvcache", "context KV cache", lambda s: s.enable_kv_cache, ("enable_kv_cache",)),
+    PassSpec(
+        "modulecache", "encoder output cache", lambda s: s.enable_module_cache, ("enable_module_cache",),
+        "framepack_turbo.optim.modulecache:ModuleCachePass",
+    ),  # fmt: skip
+    PassSpec(
+        "fbcache", "first-block cache", lambda s: s.enable_fbcache, ("enable_fbcache",),
+        "framepack_turbo.optim.fbcache:FirstBlockCachePass",
+    ),  # fmt: skip
+    PassSpec(
+        "teacache", "TeaCache", lambda s: s.enable_teacache, ("enable_teacache",),
+        "framepack_turbo.optim.teacache:TeaCachePass",
+    ),  # fmt: skip
+    PassSpec(
+        "simcache", "similarity cache", lambda s: s.enable_sim_cache, ("enable_sim_cache",),
+        "framepack_turbo.optim.simcache:SimilarityCachePass",
+    ),  # fmt: skip
+    PassSpec(
+        "kvcache", "context KV cache", lambda s: s.enable_kv_cache, ("enable_kv_cache",),
+        "framepack_turbo.optim.kvcache:ContextKVCachePass",
+    ),  # fmt: skip
     PassSpec("offload.v2", "memory v2 (pinned, streamed block offload)", lambda s: s.use_memory_v2, ("use_memory_v2",)),
     PassSpec(
         "opt_cache", "optimized-model cache", lambda s: s.enable_opt_cache, ("enable_opt_cache",),

@@ -8,6 +8,7 @@ after every section. Events go to `on_event`; a `CancelToken` stops it after the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -110,7 +111,8 @@ class Generator:
         self.bundle = bundle
         self.on_event = on_event or (lambda event: None)
         self.cancel = cancel or CancelToken()
-        self.stateful = list(stateful)
+        self.stateful = list(stateful) + list(bundle.step_caches)
+        self.caches = list(bundle.step_caches)  # step caches: their calls get a cache context, their counts a record
         self.settings = settings or {}  # recorded in the sidecar as given
 
     # ---- public -------------------------------------------------------------------------------
@@ -127,6 +129,8 @@ class Generator:
         self._reset_state()
 
         cond = self._condition(picture, options, timings)
+        if self.bundle.encoder_cache is not None:
+            sidecar.setdefault("caches", {})["modulecache"] = self.bundle.encoder_cache.take_stats()
         sidecar["image"]["bucket"] = [cond.height, cond.width]
 
         rng = torch.Generator("cpu").manual_seed(options.seed)
@@ -140,6 +144,7 @@ class Generator:
             for section in sections:
                 self._reset_state()
                 latents = self._sample_section(section, variant, history, cond, options, rng, timings, job_started, len(sections))
+                self._record_cache_stats(sidecar, section)
                 if variant == "inverted":
                     if section.is_last:
                         latents = torch.cat([cond.start_latent, latents], dim=2)
@@ -190,16 +195,14 @@ class Generator:
 
         self.on_event(StageStarted("text_encode"))
         t0 = time.perf_counter()
-        positive = encode.encode_prompt(options.prompt, b.tokenizer, b.text_encoder, b.tokenizer_2, b.text_encoder_2)
+        positive = self._encode_prompt(options.prompt)
         for line in positive.truncations:
             log.warning("Prompt truncated: %s", line)
             self.on_event(Notice(f"prompt truncated: {line}"))
         if options.cfg == 1:
             negative = encode.PromptEmbeddings.zeros_like(positive)
         else:
-            negative = encode.encode_prompt(
-                options.negative_prompt, b.tokenizer, b.text_encoder, b.tokenizer_2, b.text_encoder_2
-            )
+            negative = self._encode_prompt(options.negative_prompt)
         timings.add("text_encode", self._clock() - t0)
 
         self.on_event(StageStarted("image_encode"))
@@ -208,7 +211,7 @@ class Generator:
         picture = encode.resize_and_center_crop(picture, height, width)
         posterior_rng = torch.Generator(b.vae.device).manual_seed(options.seed)
         start_latent = vae.encode(encode.image_to_tensor(picture), b.vae, posterior_rng)
-        image_embeds = encode.encode_image(picture, b.feature_extractor, b.image_encoder)
+        image_embeds = self._encode_image(picture)
         timings.add("image_encode", self._clock() - t0)
 
         def cast(p: encode.PromptEmbeddings) -> encode.PromptEmbeddings:
@@ -268,24 +271,28 @@ class Generator:
             return_dict=False,
         )
 
-        def predict(hidden: torch.Tensor, timestep: torch.Tensor, p: encode.PromptEmbeddings) -> torch.Tensor:
-            return b.transformer(
-                hidden_states=hidden,
-                timestep=timestep,
-                encoder_hidden_states=p.llama.to(device),
-                encoder_attention_mask=p.mask.to(device),
-                pooled_projections=p.clip_pooled.to(device),
-                **shared,
-            )[0].float()
+        step_index = iter(range(options.steps))  # the sampler evaluates the model once per step
+
+        def predict(hidden: torch.Tensor, timestep: torch.Tensor, p: encode.PromptEmbeddings, label: str, step: int):
+            with self._cache_context(label, step, options.steps):
+                return b.transformer(
+                    hidden_states=hidden,
+                    timestep=timestep,
+                    encoder_hidden_states=p.llama.to(device),
+                    encoder_attention_mask=p.mask.to(device),
+                    pooled_projections=p.clip_pooled.to(device),
+                    **shared,
+                )[0].float()
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             t0 = time.perf_counter()
             # As FramePack: the sample is rounded to the model dtype, x0 is formed in float32 from it.
             x = x.to(dtype)
             timestep = (sigma.float() * TIME_SCALE).to(dtype)
-            flow = predict(x, timestep, cond.positive)
+            step = next(step_index)
+            flow = predict(x, timestep, cond.positive, "cond", step)
             if options.cfg != 1:
-                uncond = predict(x, timestep, cond.negative)
+                uncond = predict(x, timestep, cond.negative, "uncond", step)
                 guided = uncond + options.cfg * (flow - uncond)
                 flow = _rescale_guidance(guided, flow, options.guidance_rescale)
             x0 = x.float() - flow * sigma.float().view(-1, 1, 1, 1, 1)
@@ -355,6 +362,42 @@ class Generator:
         if self.bundle.device.type == "cuda":
             torch.cuda.synchronize(self.bundle.device)
         return time.perf_counter()
+
+    def _encode_prompt(self, prompt: str) -> encode.PromptEmbeddings:
+        b = self.bundle
+
+        def compute() -> encode.PromptEmbeddings:
+            return encode.encode_prompt(prompt, b.tokenizer, b.text_encoder, b.tokenizer_2, b.text_encoder_2)
+
+        return b.encoder_cache.prompt(prompt, compute) if b.encoder_cache else compute()
+
+    def _encode_image(self, picture: np.ndarray) -> torch.Tensor:
+        b = self.bundle
+
+        def compute() -> torch.Tensor:
+            return encode.encode_image(picture, b.feature_extractor, b.image_encoder)
+
+        return b.encoder_cache.image(picture, compute) if b.encoder_cache else compute()
+
+    def _cache_context(self, label: str, step: int, steps: int):
+        """diffusers' cache context for the step caches' hooks: which prediction, which step."""
+        if not self.caches:
+            return contextlib.nullcontext()
+        return self.bundle.transformer.cache_context(label, step_index=step, num_inference_steps=steps)
+
+    def _record_cache_stats(self, sidecar: dict[str, Any], section: Section) -> None:
+        """Each step cache's counts for the section just sampled: logged, and kept in the sidecar."""
+        for cache in self.caches:
+            stats = cache.section_stats()
+            record = sidecar.setdefault("caches", {}).setdefault(cache.name, {"sections": []})
+            record["sections"].append(stats)
+            totals = {k: sum(s.get(k, 0) for s in record["sections"]) for k in ("hit", "miss", "forced")}
+            decisions = sum(totals.values())
+            record.update(totals, hit_rate=round(totals["hit"] / decisions, 4) if decisions else 0.0)
+            log.log(
+                logging.INFO if cache.verbose else logging.DEBUG,
+                "%s, section %d: %s", cache.name, section.number + 1, ", ".join(f"{k} {v}" for k, v in stats.items()),
+            )  # fmt: skip
 
     def _reset_state(self) -> None:
         for item in self.stateful:

@@ -1,0 +1,110 @@
+"""What the step caches (first-block, TeaCache, similarity, context KV) share.
+
+Each cache is diffusers hooks on the transformer's blocks plus one `StepCache` controller that the
+generator holds. The generator runs every transformer call inside
+`transformer.cache_context(name, step_index=i, num_inference_steps=n)` (diffusers' `CacheContext`):
+`name` ("cond"/"uncond") keeps the positive and the negative prediction's state apart, and the step
+tells a hook where it is in the section (first and last steps are always computed).
+
+State never outlives a section: the generator calls `reset()` before every section, after the
+last and at job start; `reset()` drops every cached tensor and the counters (and so, a new
+resolution starts from nothing). Counters are per section: `section_stats()` returns them for the
+sidecar before the reset.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Protocol
+
+import torch
+from diffusers.hooks import HookRegistry
+
+from framepack_turbo.optim.select import block_stacks
+
+log = logging.getLogger(__name__)
+
+
+class StepCache(Protocol):
+    name: str  # the plan's pass name: "fbcache", "teacache", ...
+    verbose: bool
+
+    def reset(self) -> None: ...
+
+    def section_stats(self) -> dict[str, Any]: ...
+
+
+def blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Every repeated block, in execution order, with its qualified name."""
+    out = []
+    for stack in block_stacks(transformer):
+        out.extend((f"{stack}.{i}", block) for i, block in enumerate(getattr(transformer, stack)))
+    return out
+
+
+def step_position(context) -> tuple[int | None, int | None]:
+    """(step, steps) of the current call, or (None, None) when the caller gave none."""
+    return context.step_index, context.num_inference_steps
+
+
+def is_boundary_step(context) -> bool:
+    """First or last step of a section (or an unknown position): always computed, never reused."""
+    step, steps = step_position(context)
+    return step is None or steps is None or step == 0 or step == steps - 1
+
+
+class CacheCounters:
+    """Hits and misses of the current section, by kind ("hit", "miss", "forced", ...)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.extra: dict[str, Any] = {}
+
+    def add(self, kind: str, n: int = 1) -> None:
+        self.counts[kind] += n
+
+    def stats(self) -> dict[str, Any]:
+        hits = self.counts["hit"]
+        decisions = hits + self.counts["miss"] + self.counts["forced"]
+        return {
+            **{kind: self.counts[kind] for kind in ("hit", "miss", "forced")},
+            **dict(sorted(self.counts.items())),
+            "hit_rate": round(hits / decisions, 4) if decisions else 0.0,
+            **self.extra,
+        }
+
+    def clear(self) -> None:
+        self.counts.clear()
+        self.extra.clear()
+
+
+class HookedCache:
+    """Base controller: counters, verbose decision logging, and a reset that clears every hook's state."""
+
+    name = "cache"
+
+    def __init__(self, transformer: torch.nn.Module, verbose: bool = False) -> None:
+        self.transformer = transformer
+        self.verbose = verbose
+        self.counters = CacheCounters()
+
+    def record(self, kind: str, context, detail: str = "") -> None:
+        self.counters.add(kind)
+        if self.verbose:
+            step, steps = step_position(context)
+            log.info("%s %s step %s/%s: %s%s", self.name, context.name, None if step is None else step + 1, steps,
+                     kind, f" ({detail})" if detail else "")  # fmt: skip
+
+    def reset(self) -> None:
+        HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
+        self.counters.clear()
+
+    def section_stats(self) -> dict[str, Any]:
+        return self.counters.stats()
+
+
+def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """mean|a - b| / mean|b| in float32 (one host sync: the decision is made on the host)."""
+    current, previous = current.float(), previous.float()
+    return float((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
