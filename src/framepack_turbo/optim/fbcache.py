@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers.hooks import HookRegistry
 from diffusers.hooks.first_block_cache import FBCBlockHook, FBCHeadBlockHook, FBCSharedBlockState
 from diffusers.hooks.hooks import StateManager
 
 from framepack_turbo.optim.base import PassReport
-from framepack_turbo.optim.stepcache import HookedCache, blocks, is_boundary_step, relative_l1
+from framepack_turbo.optim.stepcache import HookedCache, blocks, is_boundary_step, register_hook, relative_l1
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -96,12 +95,10 @@ def apply_first_block_cache(transformer: torch.nn.Module, config: FirstBlockCach
     controller = FirstBlockCache(transformer, config.verbose)
     state_manager = StateManager(_State)
     (_, head), *rest = blocks(transformer)
-    HookRegistry.check_if_exists_or_initialize(head).register_hook(
-        StepAwareHeadHook(state_manager, config, controller), HEAD_HOOK
-    )
+    register_hook(transformer, head, StepAwareHeadHook(state_manager, config, controller), HEAD_HOOK)
     for i, (_, block) in enumerate(rest):
         is_tail = i == len(rest) - 1
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(FBCBlockHook(state_manager, is_tail), BLOCK_HOOK)
+        register_hook(transformer, block, FBCBlockHook(state_manager, is_tail), BLOCK_HOOK)
     return controller
 
 

@@ -43,6 +43,16 @@ def blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return out
 
 
+def register_hook(transformer: torch.nn.Module, module: torch.nn.Module, hook, name: str) -> None:
+    """Put `hook` on `module` (a block of `transformer`, or the transformer itself).
+
+    The transformer's registry caches the list of hooked children that `cache_context` walks; it is
+    invalidated so a hook added after a first call still gets the context.
+    """
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+
+
 def step_position(context) -> tuple[int | None, int | None]:
     """(step, steps) of the current call, or (None, None) when the caller gave none."""
     return context.step_index, context.num_inference_steps

@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.first_block_cache import FBCBlockHook, FBCSharedBlockState
 from diffusers.hooks.hooks import ModelHook, StateManager
 
 from framepack_turbo.optim.base import PassReport
-from framepack_turbo.optim.stepcache import HookedCache, blocks, is_boundary_step, relative_l1
+from framepack_turbo.optim.stepcache import HookedCache, blocks, is_boundary_step, register_hook, relative_l1
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -123,12 +122,10 @@ def apply_teacache(transformer: torch.nn.Module, config: TeaCacheConfig) -> TeaC
     controller = TeaCache(transformer, config.verbose)
     state_manager = StateManager(_State)
     (_, head), *rest = blocks(transformer)
-    HookRegistry.check_if_exists_or_initialize(head).register_hook(
-        TeaCacheHeadHook(state_manager, config, controller), HEAD_HOOK
-    )
+    register_hook(transformer, head, TeaCacheHeadHook(state_manager, config, controller), HEAD_HOOK)
     for i, (_, block) in enumerate(rest):
         is_tail = i == len(rest) - 1
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(FBCBlockHook(state_manager, is_tail), BLOCK_HOOK)
+        register_hook(transformer, block, FBCBlockHook(state_manager, is_tail), BLOCK_HOOK)
     return controller
 
 

@@ -1,0 +1,235 @@
+"""Encoder output cache (ENABLE_MODULE_CACHE; kept under RUNTIME_CACHE_DIR when RUNTIME_CACHE=1).
+
+Text (LLaMA + CLIP) and image (SigLIP) encoder outputs, keyed by an exact hash of the input (the
+prompt's text; the bucket-cropped image's pixels) and of the encoder's identity (class, weights
+source and revision, a fingerprint of its weights, dtype, device type, attention implementation,
+quantization). Re-running a prompt or an image skips the 8B LLaMA / SigLIP forward. Another prompt
+never gets these embeddings, unless the user opts into loose matching (case, spacing and
+punctuation ignored), which warns at load and on every loose hit.
+
+Persistence (the runtime cache): one safetensors file per entry, written atomically (temp file +
+rename); its header metadata carries a format tag, version, kind, key and identity, and an entry is
+used only if all match. A corrupt or foreign file is ignored with a warning and overwritten on the
+next save; nothing is ever unpickled. The folder is an LRU bounded in bytes: a hit refreshes the
+file's time, a save evicts the oldest files past the budget. With RUNTIME_CACHE=0 the same cache
+lives in memory for the process (several jobs of one `FramePack`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from framepack_turbo.optim.base import PassReport
+from framepack_turbo.pipeline.encode import PromptEmbeddings
+
+if TYPE_CHECKING:
+    from framepack_turbo.hardware import Hardware
+    from framepack_turbo.models.loading import ModelBundle
+    from framepack_turbo.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FORMAT = "framepack-turbo-module-cache"
+VERSION = "1"
+SUBDIR = f"module_cache_v{VERSION}"
+FINGERPRINT_BYTES = 1 << 16  # of the first and last parameter: different weights, different identity
+
+
+@dataclass(frozen=True)
+class ModuleCacheConfig:
+    """`directory`: where entries persist (None: in memory for this process). `max_bytes`: LRU budget.
+    `loose_match`: prompts equal up to case, spacing and punctuation share an entry (approximate)."""
+
+    directory: Path | None
+    max_bytes: int = 2048 << 20
+    loose_match: bool = False
+
+
+def module_identity(module: torch.nn.Module) -> dict[str, str]:
+    """What makes two encoders give the same outputs for the same input."""
+    config = getattr(module, "config", None)
+    params = list(module.parameters())
+    digest = hashlib.sha256()
+    for p in (params[0], params[-1]) if params else ():
+        raw = p.detach().flatten()[: FINGERPRINT_BYTES // max(p.element_size(), 1)]
+        digest.update(raw.float().cpu().numpy().tobytes())
+    return {
+        "class": type(module).__name__,
+        "source": str(getattr(config, "_name_or_path", "")),
+        "revision": str(getattr(config, "_commit_hash", "") or ""),
+        "dtype": str(params[0].dtype) if params else "",
+        "device": params[0].device.type if params else "",
+        "attention": str(getattr(config, "_attn_implementation", "")),
+        "quantization": str(getattr(config, "quantization_config", "") or ""),
+        "weights": digest.hexdigest()[:16],
+    }
+
+
+def loose_text(prompt: str) -> str:
+    """The loose-match form of a prompt: NFKC, case-folded, punctuation dropped, spaces collapsed."""
+    text = unicodedata.normalize("NFKC", prompt).casefold()
+    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _key(kind: str, identity: dict[str, Any], payload: bytes) -> str:
+    head = json.dumps({"format": FORMAT, "version": VERSION, "kind": kind, "identity": identity}, sort_keys=True)
+    return hashlib.sha256(head.encode() + b"\0" + payload).hexdigest()
+
+
+class EncoderCache:
+    def __init__(self, config: ModuleCacheConfig, text_identity: dict[str, Any], image_identity: dict[str, Any]):
+        self.config = config
+        self.text_identity = text_identity
+        self.image_identity = image_identity
+        self.memory: OrderedDict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = OrderedDict()
+        self.memory_bytes = 0
+        self.stats: dict[str, int] = {}
+
+    # ---- the two entry points the generator calls ----------------------------------------------
+
+    def prompt(self, prompt: str, compute: Callable[[], PromptEmbeddings]) -> PromptEmbeddings:
+        text = loose_text(prompt) if self.config.loose_match else prompt
+        key = _key("prompt", self.text_identity, text.encode())
+        found = self._get(key, "prompt")
+        if found is not None:
+            tensors, meta = found
+            if meta.get("prompt") != prompt:
+                log.warning("Module cache: loose match: using the embeddings of %r for %r", meta.get("prompt"), prompt)
+            truncations = tuple(json.loads(meta.get("truncations", "[]")))
+            return PromptEmbeddings(tensors["llama"], tensors["mask"], tensors["clip_pooled"], truncations)
+        value = compute()
+        tensors = {"llama": value.llama, "mask": value.mask, "clip_pooled": value.clip_pooled}
+        self._put(key, "prompt", tensors, {"prompt": prompt, "truncations": json.dumps(list(value.truncations))})
+        return value
+
+    def image(self, picture: np.ndarray, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        payload = json.dumps([list(picture.shape), str(picture.dtype)]).encode() + np.ascontiguousarray(picture).tobytes()
+        key = _key("image", self.image_identity, payload)
+        found = self._get(key, "image")
+        if found is not None:
+            return found[0]["image_embeds"]
+        value = compute()
+        self._put(key, "image", {"image_embeds": value}, {})
+        return value
+
+    def take_stats(self) -> dict[str, Any]:
+        """Hits and misses since the last call (one job), by kind."""
+        stats, self.stats = self.stats, {}
+        hits = sum(v for k, v in stats.items() if k.endswith("_hit"))
+        misses = sum(v for k, v in stats.items() if k.endswith("_miss"))
+        return {**stats, "hit": hits, "miss": misses, "hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0}
+
+    # ---- storage ------------------------------------------------------------------------------
+
+    def _count(self, name: str) -> None:
+        self.stats[name] = self.stats.get(name, 0) + 1
+
+    def _path(self, key: str) -> Path:
+        return self.config.directory / SUBDIR / key[:2] / f"{key}.safetensors"
+
+    def _get(self, key: str, kind: str):
+        found = self._read(key) if self.config.directory is not None else self._from_memory(key)
+        self._count(f"{kind}_{'hit' if found is not None else 'miss'}")
+        log.debug("Module cache %s %s: %s", kind, key[:12], "hit" if found is not None else "miss")
+        return found
+
+    def _from_memory(self, key: str):
+        if key in self.memory:
+            self.memory.move_to_end(key)
+            return self.memory[key]
+        return None
+
+    def _read(self, key: str):
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("key") != key:
+                    raise ValueError("not an entry of this cache (format, version or key differ)")
+                # copied: memory-mapped tensors sit at unaligned offsets and CPU kernels round differently on them
+                tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
+        except Exception as exc:  # corrupt, truncated, foreign: never trusted, replaced on the next save
+            log.warning("Module cache: ignoring %s: %s", path, exc)
+            self._count("ignored")
+            return None
+        os.utime(path)  # least recently used goes first
+        return tensors, meta
+
+    def _put(self, key: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        meta = {"format": FORMAT, "version": VERSION, "key": key, "kind": kind, **meta}
+        if self.config.directory is None:
+            self.memory[key] = (tensors, meta)
+            self.memory_bytes += _nbytes(tensors)
+            while self.memory_bytes > self.config.max_bytes and len(self.memory) > 1:
+                _, (old, _) = self.memory.popitem(last=False)
+                self.memory_bytes -= _nbytes(old)
+            return
+        from framepack_turbo.pipeline.video import atomic_path
+
+        path = self._path(key)
+        try:
+            with atomic_path(path) as tmp:
+                save_file(tensors, tmp, metadata=meta)
+        except OSError as exc:  # a full or read-only disk costs the cache, not the job
+            log.warning("Module cache: could not write %s: %s", path, exc)
+            return
+        self._evict()
+
+    def _evict(self) -> None:
+        files = sorted(
+            ((p.stat().st_mtime, p.stat().st_size, p) for p in (self.config.directory / SUBDIR).glob("*/*.safetensors")),
+            key=lambda item: item[0],
+        )  # fmt: skip
+        total = sum(size for _, size, _ in files)
+        for _, size, path in files[:-1]:  # never the newest: it was just written
+            if total <= self.config.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            self._count("evicted")
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class ModuleCachePass:
+    name = "modulecache"
+
+    def config(self, settings: Settings) -> ModuleCacheConfig | None:
+        if not settings.enable_module_cache:
+            return None
+        directory = Path(settings.runtime_cache_dir) if settings.runtime_cache else None
+        return ModuleCacheConfig(directory, settings.module_cache_max_mb << 20, settings.module_cache_loose_match)
+
+    def apply(self, bundle: ModelBundle, config: ModuleCacheConfig, hardware: Hardware) -> PassReport:
+        text = {"llama": module_identity(bundle.text_encoder), "clip": module_identity(bundle.text_encoder_2)}
+        image = {"siglip": module_identity(bundle.image_encoder), "size": str(getattr(bundle.feature_extractor, "size", ""))}
+        bundle.encoder_cache = EncoderCache(config, text, image)
+        if config.loose_match:
+            log.warning(
+                "Module cache loose matching is on: a prompt that differs only in case, spacing or punctuation "
+                "reuses another prompt's embeddings (approximate; each such hit is logged)."
+            )
+        where = f"{config.directory / SUBDIR}" if config.directory is not None else "memory (RUNTIME_CACHE=0)"
+        match = "loose" if config.loose_match else "exact"
+        return PassReport(self.name, "applied", f"{match} match, up to {config.max_bytes >> 20} MB in {where}")
