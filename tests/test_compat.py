@@ -53,7 +53,7 @@ CASES = [
     ("faiss-missing", dict(enable_sim_cache=True, sim_cache_use_faiss=True), CPU,
      dict(enable_sim_cache=True, sim_cache_use_faiss=True)),
     ("step-caches-exclusive", dict(enable_fbcache=True, enable_teacache=True), CPU, dict(enable_fbcache=True)),
-    ("sim-cache-under-step-cache", dict(enable_sim_cache=True, enable_fbcache=True), CPU, dict(enable_sim_cache=True)),
+    ("step-caches-torchscript", dict(enable_kv_cache=True, jit_mode="trace"), CPU, dict(enable_kv_cache=True)),
     ("bettertransformer-with-offload", dict(enable_bettertransformer=True, use_memory_v2=True), H100,
      dict(enable_bettertransformer=True)),
     ("fast-start-skips", dict(fast_start=True, enable_compile=True), CPU, dict(fast_start=True)),
@@ -147,11 +147,11 @@ def test_plan_skips_what_a_rule_disables():
 
 
 def test_plan_says_not_built_instead_of_pretending():
-    settings = s(enable_fbcache=True)
-    plan = make_plan(settings, check(settings, CPU))
-    p = _status(plan, "fbcache")
-    assert p.status == "not built" and "FRAMEPACK_ENABLE_FBCACHE" in p.reason
-    assert any("first-block cache: not built" in line for line in plan.summary_lines())
+    settings = s(use_memory_v2=True)
+    plan = make_plan(settings, check(settings, H100))
+    p = _status(plan, "offload.v2")
+    assert p.status == "not built" and "FRAMEPACK_USE_MEMORY_V2" in p.reason
+    assert any("memory v2 (pinned, streamed block offload): not built" in line for line in plan.summary_lines())
 
 
 def test_plan_order_is_the_design_order():

@@ -76,10 +76,10 @@ def test_doctor_critical_exits_1():
 
 
 def test_doctor_text():
-    text = doctor("--enable-fbcache").output
+    text = doctor("--parallel-loaders", "2").output
     for heading in ("Hardware", "Settings (value, source)", "Plan (in order)", "Compatibility"):
         assert heading in text
-    assert "FRAMEPACK_ENABLE_FBCACHE" in text and "not built" in text
+    assert "FRAMEPACK_PARALLEL_LOADERS" in text and "not built" in text
 
 
 def test_generate_stops_before_loading_on_critical(monkeypatch, example_image, tmp_path):
@@ -98,12 +98,13 @@ def test_api_gate_and_ignore(monkeypatch):
     loaded = []
     monkeypatch.setattr(api, "load_bundle", lambda *a, **k: loaded.append(a) or _FakeBundle())
     monkeypatch.setattr(api.time, "sleep", lambda s: loaded.append(("slept", s)))
-    with pytest.raises(api.IncompatibleSettings, match="step-caches-exclusive"):
-        api.FramePack.load("tiny", enable_fbcache=True, enable_teacache=True)
+    with pytest.raises(api.IncompatibleSettings, match="multiple-quantization"):
+        api.FramePack.load("tiny", enable_quant=True, enable_fp8=True)
     assert loaded == []
-    fp = api.FramePack.load("tiny", enable_fbcache=True, enable_teacache=True, ignore_incompatible=True)
+    monkeypatch.setattr(api, "apply_plan", lambda *a, **k: [])
+    fp = api.FramePack.load("tiny", enable_quant=True, enable_fp8=True, ignore_incompatible=True)
     assert ("slept", api.INCOMPATIBLE_PAUSE_S) in loaded
-    assert fp.settings.source_of("enable_fbcache") == "api"
+    assert fp.settings.source_of("enable_fp8") == "api"
 
 
 class _FakeBundle:
@@ -116,7 +117,7 @@ def test_generate_with_preset_runs_baseline_and_records_settings(tiny, example_i
     result = fp.generate(example_image, "a cat", out=tmp_path / "o.mp4", seconds=1, steps=1, resolution=64)
     record = result.sidecar["settings"]
     assert record["values"]["enable_quant"] == {"value": True, "source": "preset", "env": "FRAMEPACK_ENABLE_QUANT"}
-    assert {p["name"]: p["status"] for p in record["plan"]}["fbcache"] == "not built"
+    assert {p["name"]: p["status"] for p in record["plan"]}["offload.v2"] == "not built"
 
 
 def test_settings_defaults_flow_into_options(tiny, example_image, tmp_path):

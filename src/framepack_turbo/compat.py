@@ -34,7 +34,8 @@ class Rule:
     when: Condition
     message: Text
     fix: Text
-    disables: tuple[str, ...] = ()  # plan passes that do not run when this rule fires
+    # plan passes that do not run when this rule fires (or a function of the settings naming them)
+    disables: tuple[str, ...] | Callable[[Settings, Hardware], tuple[str, ...]] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,18 @@ def _trt_any(s: Settings) -> bool:
 def _quant_methods(s: Settings) -> list[str]:
     names = {"enable_quant": s.enable_quant, "enable_fp8": s.enable_fp8, "use_bnb": s.use_bnb}
     return [env_name(n) for n, on in names.items() if on]
+
+
+STEP_CACHE_SWITCHES = {
+    "enable_fbcache": "FRAMEPACK_ENABLE_FBCACHE", "enable_teacache": "FRAMEPACK_ENABLE_TEACACHE",
+    "enable_sim_cache": "FRAMEPACK_ENABLE_SIM_CACHE", "enable_kv_cache": "FRAMEPACK_ENABLE_KV_CACHE",
+}  # fmt: skip
+STEP_CACHE_PASSES = dict(zip(STEP_CACHE_SWITCHES.values(), ("fbcache", "teacache", "simcache", "kvcache")))
+
+
+def _step_caches(s: Settings) -> list[str]:
+    """The step caches turned on, in the order of precedence (the first one runs)."""
+    return [env for name, env in STEP_CACHE_SWITCHES.items() if getattr(s, name)]
 
 
 # Sub-settings that do nothing unless their switch is on. Flagged only when the user set them.
@@ -298,20 +311,30 @@ RULES: tuple[Rule, ...] = (
         "pip install faiss-cpu (or faiss-gpu), or FRAMEPACK_SIM_CACHE_USE_FAISS=0.",
     ),
     # ---- settings that work against each other ----------------------------------------------------
+    # The spec's max-performance and low-vram presets stack them; they run, with the first one only.
     Rule(
         "step-caches-exclusive",
-        Severity.CRITICAL,
-        lambda s, h: s.enable_fbcache and s.enable_teacache,
-        "The first-block cache and TeaCache both decide, per step, whether to skip the whole block stack, each "
-        "from its own measurement; together one hides steps from the other and neither threshold means what it says.",
-        "Keep one: FRAMEPACK_ENABLE_FBCACHE=0 or FRAMEPACK_ENABLE_TEACACHE=0.",
+        Severity.WARNING,
+        lambda s, h: len(_step_caches(s)) > 1,
+        lambda s, h: (
+            f"{' and '.join(_step_caches(s))} each decide per step what the transformer blocks compute, from "
+            "their own measurements of the previous steps; stacked, one would record what another skipped (a reused "
+            f"residual, a token set that changes between steps). Only {_step_caches(s)[0]} runs; the others are "
+            "skipped."
+        ),
+        "Keep one step cache; `framepack bench --configs fbcache,teacache,simcache,kvcache` compares them.",
+        disables=lambda s, h: tuple(STEP_CACHE_PASSES[env] for env in _step_caches(s)[1:]),
     ),
     Rule(
-        "sim-cache-under-step-cache",
-        Severity.INFO,
-        lambda s, h: s.enable_sim_cache and (s.enable_fbcache or s.enable_teacache),
-        "The similarity cache works inside the steps the step cache computes; on skipped steps it does nothing.",
-        "Nothing to do; compare with `framepack bench` if in doubt.",
+        "step-caches-torchscript",
+        Severity.WARNING,
+        lambda s, h: bool(_step_caches(s)) and s.jit_mode != "off",
+        lambda s, h: (
+            f"TorchScript records one pass through the Python code; {', '.join(_step_caches(s))} decide per step in "
+            "Python, so the trace would freeze the first step's decision: the cache is skipped."
+        ),
+        "Use torch.compile (FRAMEPACK_ENABLE_COMPILE=1) with a step cache, or --jit-mode off.",
+        disables=("fbcache", "teacache", "simcache", "kvcache"),
     ),
     Rule(
         "bettertransformer-with-offload",
@@ -376,7 +399,10 @@ def check(settings: Settings, hardware: Hardware) -> CompatReport:
     """Every rule that applies, most severe first."""
     order = {Severity.CRITICAL: 0, Severity.WARNING: 1, Severity.INFO: 2}
     findings = [
-        Finding(r.id, r.severity, _text(r.message, settings, hardware), _text(r.fix, settings, hardware), r.disables)
+        Finding(
+            r.id, r.severity, _text(r.message, settings, hardware), _text(r.fix, settings, hardware),
+            r.disables(settings, hardware) if callable(r.disables) else r.disables,
+        )  # fmt: skip
         for r in RULES
         if r.when(settings, hardware)
     ]
