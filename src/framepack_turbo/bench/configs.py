@@ -49,6 +49,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "fbcache": {"enable_fbcache": True},
     "teacache": {"enable_teacache": True},
     "simcache": {"enable_sim_cache": True},
+    "simcache-faiss": {"enable_sim_cache": True, "sim_cache_use_faiss": True},
     "kvcache": {"enable_kv_cache": True},
     "modulecache": {"enable_module_cache": True},
     "memory-v2": {"use_memory_v2": True},
@@ -58,7 +59,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
 
 # Configurations that lose information by design; the report labels them.
 LOSSY_SETTINGS = ("enable_quant", "enable_fp8", "use_bnb", "enable_prune", "enable_fbcache", "enable_teacache",
-                  "enable_sim_cache", "enforce_low_precision")  # fmt: skip
+                  "enable_sim_cache", "enable_kv_cache", "enforce_low_precision")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,12 @@ def _fmt_gb(row: dict[str, Any]) -> str:
     return f"{row['peak_host_gb']:.2f} host" if "peak_host_gb" in row else "-"
 
 
+def _fmt_caches(row: dict[str, Any]) -> str:
+    caches = row.get("caches") or {}
+    return ", ".join(f"{name} {c['hit_rate'] * 100:.0f}% ({c['hit']}/{c['hit'] + c['miss'] + c.get('forced', 0)})"
+                     for name, c in caches.items()) or "-"  # fmt: skip
+
+
 def markdown(results: dict[str, Any], command: str = "") -> str:
     spec, machine = results["spec"], results["machine"]
     lines = [
@@ -43,8 +49,8 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
                      "the output, not how good the video looks.")  # fmt: skip
     lines += [
         "",
-        "| config | s/step median (min-max) | speed-up | s per video s | load s / first run s | peak memory GB | PSNR dB | SSIM | status |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | s/step median (min-max) | speed-up | cache hit rate | s per video s | load s / first run s | peak memory GB | PSNR dB | SSIM | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         fid = row.get("fidelity") or {}
@@ -56,15 +62,20 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
         first = f"{load} / {row['first_run_s']:.2f}" if row.get("first_run_s") is not None else "-"
         ssim = f"{fid['ssim']:.4f}" if "ssim" in fid else "-"
         lines.append(
-            f"| {name} | {_fmt_range(row.get('s_per_step'))} | {speedup} | {per_video} | {first} | {_fmt_gb(row)} | "
+            f"| {name} | {_fmt_range(row.get('s_per_step'))} | {speedup} | {_fmt_caches(row)} | {per_video} | {first} | {_fmt_gb(row)} | "
             f"{_fmt_db(fid.get('psnr_db'))} | {ssim} | {status} |"
         )
     noise = results.get("noise_floor")
     if noise:
         lines.append(
-            f"| noise floor (baseline vs baseline) | - | - | - | - | - | {_fmt_db(noise['psnr_db'])} | "
+            f"| noise floor (baseline vs baseline) | - | - | - | - | - | - | {_fmt_db(noise['psnr_db'])} | "
             f"{noise['ssim']:.4f} | first-step rel. L2 {noise['first_step_rel_l2']:.2e} |"
         )
+    lines += ["", "s/step: transformer seconds / steps of each generation (a step a cache skipped counts at its "
+              "cost), median and range over the timed runs. Cache hit rate: reused / all decisions (hits, misses, "
+              "forced first/last steps); the module cache counts encoder calls."]  # fmt: skip
+    for group in results.get("identical_outputs") or []:
+        lines.append(f"Bit-identical outputs: {' = '.join(group)}.")
     lines += ["", "Stages (median seconds per generation):", "",
               "| config | text encode | image encode | transformer | VAE decode | write | total |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -207,20 +207,42 @@ def _fidelity(candidate: dict, reference: dict) -> dict[str, Any]:
     }
 
 
+def _step_seconds(run: dict[str, Any]) -> float:
+    """Transformer seconds per step of one generation: a step a cache skipped counts at what it cost.
+    (The median single step would hide a cache's saving: skipped and computed steps alternate.)"""
+    return run["timings"]["transformer"] / run["timings"]["steps"]
+
+
+def _identical_groups(kept: dict[str, str]) -> list[list[str]]:
+    """Configurations whose final latents are bit-identical, in groups of two or more."""
+    import torch
+
+    groups: list[tuple[Any, list[str]]] = []
+    for name, path in kept.items():
+        latents = _load(path)["latents"]
+        for reference, names in groups:
+            if reference.shape == latents.shape and torch.equal(reference, latents):
+                names.append(name)
+                break
+        else:
+            groups.append((latents, [name]))
+    return [names for _, names in groups if len(names) > 1]
+
+
 def _summarise(spec: BenchSpec, runs: dict[str, ConfigRun]) -> dict[str, Any]:
     from framepack_turbo.hardware import Hardware, library_versions
 
     baseline = runs["baseline"]
     timed = {name: r.runs[: spec.repeats] for name, r in runs.items()}
-    base_step = _median_range([x["timings"]["step_median"] for x in timed["baseline"]])
+    base_step = _median_range([_step_seconds(x) for x in timed["baseline"]])
     base_outputs = [_load(x["outputs"]) for x in baseline.runs if "outputs" in x]
-    rows = []
+    rows, kept = [], {}
     for name, r in runs.items():
         row: dict[str, Any] = {"config": name, "settings": _plain(r.config.settings), "lossy": r.config.lossy,
                                "status": r.status, "reason": r.reason, "load_s": r.load_s, "plan": r.plan}  # fmt: skip
         samples = timed[name]
         if samples:
-            row["s_per_step"] = _median_range([x["timings"]["step_median"] for x in samples])
+            row["s_per_step"] = _median_range([_step_seconds(x) for x in samples])
             row["stages_s"] = {s: _median_range([x["timings"].get(s) for x in samples]) for s in STAGES}
             row["s_per_video_second"] = _median_range([x["timings"]["total"] / x["video_seconds"] for x in samples])
             row["frames"] = samples[0]["frames"]
@@ -235,7 +257,11 @@ def _summarise(spec: BenchSpec, runs: dict[str, ConfigRun]) -> dict[str, Any]:
                                               "timed_runs": sum(x.get("compiled_graphs", 0) for x in samples)}  # fmt: skip
             if base_step and row["s_per_step"]:
                 row["speedup"] = base_step["median"] / row["s_per_step"]["median"]
+            if samples[0].get("caches"):
+                row["caches"] = samples[0]["caches"]
             keep = next((x["outputs"] for x in samples if "outputs" in x), None)
+            if keep:
+                kept[name] = keep
             if keep and base_outputs:
                 row["fidelity"] = _fidelity(_load(keep), base_outputs[0])
         rows.append(row)
@@ -246,6 +272,7 @@ def _summarise(spec: BenchSpec, runs: dict[str, ConfigRun]) -> dict[str, Any]:
     return {
         "spec": {k: v for k, v in spec.__dict__.items() if k != "configs"},
         "rows": rows,
+        "identical_outputs": _identical_groups(kept),
         "noise_floor": noise,
         "machine": {
             "cpu": _cpu_model(),

@@ -101,6 +101,9 @@ def run_once(fp, job: WorkerJob, index: int, keep: bool) -> dict[str, Any]:
         "video_seconds": result.frames.shape[0] / 30.0,
         "peak_host_gb": _peak_host_gb(),
     }
+    caches = result.sidecar.get("caches", {})
+    if caches:
+        record["caches"] = {name: {k: c[k] for k in ("hit", "miss", "forced", "hit_rate") if k in c} for name, c in caches.items()}
     if fp.bundle.compile_states:
         record["compiled_graphs"] = _graph_count(fp) - graphs_before  # 0 once warm: no recompilation
     if cuda:
