@@ -199,6 +199,9 @@ def generate(
             f"wrote {result.video_path} ({len(result.frames)} frames, {len(result.frames) / 30:.2f} s) "
             f"and {result.sidecar_path.name} in {timings['total']:.1f} s",
         )
+        for name, record in result.sidecar.get("caches", {}).items():
+            typer.echo(f"{name}: {record['hit']} reused of {record['hit'] + record['miss'] + record.get('forced', 0)} "
+                       f"({record['hit_rate'] * 100:.0f}%)")  # fmt: skip
     except FramePackError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     except KeyboardInterrupt:
