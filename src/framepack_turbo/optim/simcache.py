@@ -11,9 +11,10 @@ exact: a matrix product over the block's cached keys, or with USE_FAISS a FAISS 
 (`IndexFlatIP`) proposes candidates and the same exact product ranks them, so both searches pick
 the same entry. FAISS pays a copy of every key to host float32, so it only helps with many entries.
 
-Memory: an entry holds the block's input (the key) and its two residuals, each the size of the
-stream; on the full model at 640 px that is ~90 MB per entry in bf16, so the budget, not
-MAX_ENTRIES, is what bounds it there.
+Memory: an entry holds the block's input as a unit float32 key (cosines near the threshold need
+the precision, and FAISS and the exact search then see the same numbers) and its two residuals in
+the model's dtype. On the full model at 640 px (~14k image tokens x 3072) that is ~170 MB of key +
+~90 MB of residuals per entry, so the budget, not MAX_ENTRIES, is what bounds it there.
 """
 
 from __future__ import annotations
