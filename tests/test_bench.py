@@ -175,7 +175,7 @@ def test_bench_bar_with_failure_rows(tmp_path):
         assert len(row["fidelity"]["psnr_per_frame"]) == 37
     # the baseline is identical to itself; the env variable did not turn compile on for it
     assert rows["baseline"]["fidelity"]["psnr_db_identical"] is True
-    assert rows["baseline"]["plan"] and all(p["status"] == "off" for p in rows["baseline"]["plan"])
+    assert rows["baseline"]["plan"] and all(p["status"] == "off" for p in rows["baseline"]["plan"] if p["name"] not in ("placement", "loading.parallel"))
     assert 20 < rows["bf16"]["fidelity"]["psnr_db"] < 90 and rows["bf16"]["fidelity"]["ssim"] < 1
     assert rows["parallel"]["status"] == "skipped" and "not built" in rows["parallel"]["reason"]
     assert rows["broken"]["status"] == "failed" and "multiple-quantization" in rows["broken"]["reason"]

@@ -147,14 +147,14 @@ def test_plan_skips_what_a_rule_disables():
 
 
 def test_plan_says_not_built_instead_of_pretending():
-    settings = s(use_memory_v2=True)
+    settings = s(use_onnx_engines=True)
     plan = make_plan(settings, check(settings, H100))
-    p = _status(plan, "offload.v2")
-    assert p.status == "not built" and "FRAMEPACK_USE_MEMORY_V2" in p.reason
-    assert any("memory v2 (pinned, streamed block offload): not built" in line for line in plan.summary_lines())
+    p = _status(plan, "onnx")
+    assert p.status == "not built" and "FRAMEPACK_USE_ONNX_ENGINES" in p.reason
+    assert any("ONNX engines (onnxruntime): not built" in line for line in plan.summary_lines())
 
 
 def test_plan_order_is_the_design_order():
     names = [p.name for p in PASS_ORDER]
-    order = ["loading.bnb", "precision", "prune", "quant", "attention", "fbcache", "offload.v2", "compile", "tensorrt"]
+    order = ["loading.bnb", "precision", "prune", "quant", "attention", "fbcache", "placement", "compile", "tensorrt"]
     assert [n for n in names if n in order] == order

@@ -117,7 +117,7 @@ def test_generate_with_preset_runs_baseline_and_records_settings(tiny, example_i
     result = fp.generate(example_image, "a cat", out=tmp_path / "o.mp4", seconds=1, steps=1, resolution=64)
     record = result.sidecar["settings"]
     assert record["values"]["enable_quant"] == {"value": True, "source": "preset", "env": "FRAMEPACK_ENABLE_QUANT"}
-    assert {p["name"]: p["status"] for p in record["plan"]}["offload.v2"] == "not built"
+    assert {p["name"]: p["status"] for p in record["plan"]}["onnx"] == "off"
 
 
 def test_settings_defaults_flow_into_options(tiny, example_image, tmp_path):

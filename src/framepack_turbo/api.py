@@ -18,11 +18,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from framepack_turbo import compat
 from framepack_turbo.errors import FramePackError
 from framepack_turbo.hardware import Hardware
+from framepack_turbo.models import loading
 from framepack_turbo.models.loading import ModelBundle, default_device, load_bundle, transformer_identity
-from framepack_turbo.optim import artifact
+from framepack_turbo.optim import artifact, offload
 from framepack_turbo.optim.plan import WEIGHT_PASSES, Plan, apply_plan, loading_kwargs, make_plan
 from framepack_turbo.pipeline.events import CancelToken, EventSink
 from framepack_turbo.pipeline.generate import Generator, Result
@@ -66,8 +69,6 @@ def _cached_transformer(plan: Plan, settings: Settings, model_dir: str | None):
     """The optimized transformer from the cache when one fits this run, else None (and the reason logged)."""
     if not any(p.name == "opt_cache" for p in plan.active()):
         return None
-    import torch
-
     device = torch.device(settings.device) if settings.device else default_device()
     path = Path(settings.optimized_transformer)
     try:
@@ -129,14 +130,21 @@ class FramePack:
             log.info(line)
         model_dir = str(settings.model_dir) if settings.model_dir else None
         cached = _cached_transformer(plan, settings, model_dir)
+        device = torch.device(settings.device) if settings.device else default_device()
+        placement = offload.decide(settings, hardware, device)
+        # Offloading modes load on the host and let the placement pass move what fits: loading a 13B model
+        # straight to a 6 GB GPU would fail before any pass ran.
+        load_device = "cpu" if placement.mode in ("v1", "v2") else device
         bundle = load_bundle(
             settings.model,
             model_dir,
-            settings.device,
+            load_device,
             local_files_only=settings.offline,
             component_kwargs=loading_kwargs(plan, settings),
             skip=frozenset({"transformer"}) if cached else frozenset(),
+            parallel=loading.parallel_plan(settings, plan),
         )
+        bundle.device = device  # the compute device, wherever the weights rest
         if cached:
             bundle.transformer = cached.to(bundle.device)
         reports = apply_plan(plan, bundle, settings, hardware, skip=WEIGHT_PASSES if cached else frozenset())

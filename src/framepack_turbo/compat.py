@@ -275,9 +275,8 @@ RULES: tuple[Rule, ...] = (
         Severity.WARNING,
         lambda s, h: s.use_memory_v2 and not h.cuda,
         "--use-memory-v2 offloads through pinned host memory and CUDA streams; without CUDA there is nothing to "
-        "offload to, so it is skipped.",
+        "offload to: every model stays on the CPU (placement mode cpu).",
         "Drop --use-memory-v2 on this machine.",
-        disables=("offload.v2",),
     ),
     Rule(
         "quant-needs-torchao",

@@ -12,7 +12,9 @@ from framepack_turbo.settings import Settings, known_env, unknown_env_warnings
 
 
 def diagnose(settings: Settings, hardware: Hardware | None = None) -> dict[str, Any]:
-    """The doctor report as data: keys settings, known_env, plan, compat, hardware (+ versions, warnings)."""
+    """The doctor report as data: keys settings, known_env, plan, placement, compat, hardware (+ versions, warnings)."""
+    from framepack_turbo.optim import offload
+
     hardware = hardware or Hardware.detect(import_backends=True)
     report = compat.check(settings, hardware)
     plan = make_plan(settings, report)
@@ -22,6 +24,7 @@ def diagnose(settings: Settings, hardware: Hardware | None = None) -> dict[str, 
         "settings": settings.to_json_dict(),
         "known_env": known_env(),
         "plan": plan.to_list(),
+        "placement": offload.decide(settings, hardware).to_dict(),
         "compat": report.to_list(),
         "warnings": unknown_env_warnings(os.environ),
     }
@@ -60,6 +63,9 @@ def render_text(data: dict[str, Any]) -> str:
     for p in data["plan"]:
         detail = f": {p['reason']}" if p["reason"] else ""
         lines.append(f"  {p['status']:>9}  {p['title']}{detail}")
+
+    lines.append("")
+    lines.append(f"Memory placement: {data['placement']['mode']} ({data['placement']['reason']})")
 
     lines.append("")
     lines.append("Compatibility")

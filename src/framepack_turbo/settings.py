@@ -192,14 +192,24 @@ class Settings(BaseSettings):
     use_memory_v2: bool = Field(
         False, description="Block offload from pinned memory with prefetch on a side CUDA stream.",
         json_schema_extra=_group("memory"))  # fmt: skip
+    memory_mode: Literal["auto", "high-vram", "v1", "v2"] = Field(
+        "auto", description="Model placement: auto (from free VRAM), high-vram (all resident), v1 (on-demand moves), v2 (streamed blocks).",
+        json_schema_extra=_group("memory"))  # fmt: skip
+    high_vram_threshold_gb: float = Field(
+        60.0, ge=0, le=4096, description="Free VRAM (GB) above which auto keeps every model resident (FramePack's 60).",
+        json_schema_extra=_group("memory"))  # fmt: skip
     gpu_memory_preservation: float = Field(
         6.0, ge=0, le=128, description="GB of GPU memory kept free when models are moved on demand (FramePack's).",
         json_schema_extra=_group("memory"))  # fmt: skip
-    parallel_loaders: int = Field(1, ge=1, le=32, description="Threads loading components.", json_schema_extra=_group("memory"))
-    preload_repos: bool = Field(False, description="Fetch repo snapshots before loading.", json_schema_extra=_group("memory"))
-    force_parallel_loaders: bool = Field(False, description="Load in parallel even where it is not known to be safe.", json_schema_extra=_group("memory"))
+    parallel_loaders: int = Field(
+        4, ge=1, le=32, description="Threads reading component weights from disk (1: serial); on when the host has room.",
+        json_schema_extra=_group("memory"))  # fmt: skip
+    preload_repos: bool = Field(False, description="Fetch every component's repo snapshot (in parallel) before loading.", json_schema_extra=_group("memory"))
+    force_parallel_loaders: bool = Field(
+        False, description="Read weights in parallel even when the host-memory check says there is no room (builds stay serial).",
+        json_schema_extra=_group("memory"))  # fmt: skip
     vae_chunk_size: int | None = Field(
-        None, ge=1, le=1024, description="Latent frames per VAE decode chunk; unset: from free memory.",
+        None, ge=0, le=1024, description="Latent frames per VAE decode chunk (0: one pass; at least 2 otherwise); unset: from free GPU memory.",
         json_schema_extra=_group("memory"))  # fmt: skip
     vae_chunk_reserve_gb: float = Field(2.0, ge=0, le=1024, description="GB kept free when sizing VAE chunks.", json_schema_extra=_group("memory"))
     vae_chunk_safety: float = Field(1.2, ge=1, le=10, description="Safety factor on the VAE chunk memory estimate.", json_schema_extra=_group("memory"))
@@ -239,6 +249,13 @@ class Settings(BaseSettings):
     def _int_choice(cls, value: Any) -> Any:
         # Literal[4, 8] does not coerce the strings flags and variables arrive as.
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @field_validator("vae_chunk_size")
+    @classmethod
+    def _vae_chunk(cls, value: int | None) -> int | None:
+        if value == 1:  # chunks overlap by one latent frame: a chunk of one would never advance
+            raise ValueError("must be 0 (one pass) or at least 2 latent frames")
+        return value
 
     @field_validator("model_dir", "jit_load")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class ModelBundle:
     compile_states: dict[str, Any] = field(default_factory=dict)  # set by the compile pass
     step_caches: list[Any] = field(default_factory=list)  # controllers of the step caches' hooks (optim/stepcache.py)
     encoder_cache: Any = None  # the module cache (optim/modulecache.py), when on
+    placer: Any = None  # memory placement (optim/offload.py): moves models around their use, steps down on OOM
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {name: getattr(self, name) for name in MODULES if getattr(self, name) is not None}
@@ -164,6 +166,106 @@ def load_component(
     return obj
 
 
+@dataclass(frozen=True)
+class ParallelLoading:
+    """How components are loaded (PARALLEL_LOADERS, PRELOAD_REPOS, FORCE_PARALLEL_LOADERS).
+
+    `threads` > 1 reads every component's weight files in that many threads (into the page cache),
+    then builds the components one after the other from those files: the I/O overlaps, the build
+    stays serial. Building in threads is not offered even under FORCE: transformers and diffusers
+    switch process-wide state while they build (the default dtype, meta-device initialisation), and
+    two builds at once left parameters on the meta device here ("Cannot copy out of meta tensor").
+    The reads happen only when the host has room for the files (MemAvailable >= 1.2 x their size);
+    `force` skips that check. `preload` fetches every repo snapshot first, in threads.
+    """
+
+    threads: int = 1
+    preload: bool = False
+    force: bool = False
+
+
+ROOM_FACTOR = 1.2
+READ_CHUNK = 16 << 20
+
+
+def parallel_plan(settings, plan) -> ParallelLoading:
+    """The loading the plan allows: serial unless the `loading.parallel` pass is active."""
+    if not any(p.name == "loading.parallel" for p in plan.active()):
+        return ParallelLoading()
+    return ParallelLoading(settings.parallel_loaders, settings.preload_repos, settings.force_parallel_loaders)
+
+
+def available_host_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def weight_files(source: Source) -> list[Path]:
+    """The component's safetensors files already on disk (a local folder, or the HF cache); [] if none."""
+    root = Path(source.repo) if _is_local(source) else None
+    if root is None:
+        try:
+            import huggingface_hub
+
+            pattern = f"{source.subfolder}/*" if source.subfolder else "*"
+            root = Path(huggingface_hub.snapshot_download(source.repo, local_files_only=True, allow_patterns=[pattern]))
+        except Exception:  # not cached: nothing to read ahead
+            return []
+    folder = root / source.subfolder if source.subfolder else root
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _read_through(path: Path) -> int:
+    with open(path, "rb", buffering=0) as f:
+        total = 0
+        while chunk := f.read(READ_CHUNK):
+            total += len(chunk)
+    return total
+
+
+def preload_snapshots(sources: dict[str, Source], threads: int) -> None:
+    """Fetch each hub repo's files for the components (what `from_pretrained` would fetch one by one)."""
+    import huggingface_hub
+
+    repos = sorted({s.repo for s in sources.values() if not _is_local(s)})
+    with ThreadPoolExecutor(max(1, min(threads, len(repos) or 1))) as pool:
+        list(pool.map(lambda repo: huggingface_hub.snapshot_download(repo), repos))
+    log.info("Preloaded %d repo snapshot(s)", len(repos))
+
+
+def _load_components(sources, dtypes, local_files_only, extra, skip, parallel: ParallelLoading) -> dict[str, Any]:
+    wanted = {n: s for n, s in sources.items() if n not in skip}
+    if parallel.preload and not local_files_only:
+        preload_snapshots(wanted, parallel.threads)
+
+    def build(item):
+        name, source = item
+        return name, load_component(name, source, dtypes.get(name), local_files_only, extra.get(name))
+
+    parts: dict[str, Any] = dict.fromkeys(skip)
+    if parallel.threads > 1:
+        files = [f for s in wanted.values() for f in weight_files(s)]
+        size = sum(f.stat().st_size for f in files)
+        available = available_host_bytes()
+        if files and (parallel.force or available is None or available >= ROOM_FACTOR * size):
+            started = time.perf_counter()
+            with ThreadPoolExecutor(parallel.threads) as pool:
+                read = sum(pool.map(_read_through, files))
+            log.info("Read %d weight files (%.2f GB) in %d threads in %.1f s", len(files), read / 2**30,
+                     parallel.threads, time.perf_counter() - started)  # fmt: skip
+        elif files:
+            log.info("Serial loading: %.1f GB of weights, %.1f GB of host memory available (needs %.1fx; "
+                     "FORCE_PARALLEL_LOADERS=1 reads in parallel anyway)", size / 2**30, (available or 0) / 2**30,
+                     ROOM_FACTOR)  # fmt: skip
+    parts.update(map(build, wanted.items()))
+    return parts
+
+
 def load_bundle(
     preset: str = "framepack",
     model_dir: str | None = None,
@@ -172,11 +274,14 @@ def load_bundle(
     dtypes: dict[str, torch.dtype] | None = None,
     component_kwargs: dict[str, dict[str, Any]] | None = None,
     skip: frozenset[str] = frozenset(),
+    parallel: ParallelLoading | None = None,
 ) -> ModelBundle:
     """All components of a preset (or of `model_dir`), on `device` (CUDA if present, else CPU).
 
     Components in `skip` are not loaded (None): the caller supplies them (an optimized transformer).
+    `parallel` says how many threads read weights (see `ParallelLoading`).
     """
+    parallel = parallel or ParallelLoading()
     started = time.perf_counter()
     spec = get_preset(preset)
     dev = torch.device(device) if device is not None else default_device()
@@ -186,8 +291,7 @@ def load_bundle(
         if not Path(model_dir).is_dir():
             raise InputError(f"--model-dir {model_dir}: no such directory")
         sources = local_dir_sources(model_dir)
-        extra = component_kwargs or {}
-        parts = {n: None if n in skip else load_component(n, s, dtypes.get(n), True, extra.get(n)) for n, s in sources.items()}
+        parts = _load_components(sources, dtypes, True, component_kwargs or {}, skip, parallel)
         origin = str(Path(model_dir).resolve())
     elif spec.is_random:
         from framepack_turbo.models.random import SIZES, build_models
@@ -200,11 +304,7 @@ def load_bundle(
         parts = build_models(spec.random_size, dev, dtypes, skip=skip)
         origin = f"random:{spec.random_size}"
     else:
-        extra = component_kwargs or {}
-        parts = {
-            n: None if n in skip else load_component(n, s, dtypes.get(n), local_files_only, extra.get(n))
-            for n, s in spec.sources.items()
-        }
+        parts = _load_components(spec.sources, dtypes, local_files_only, component_kwargs or {}, skip, parallel)
         origin = ", ".join(sorted({s.repo for s in spec.sources.values()}))
 
     bundle = ModelBundle(**parts, preset=spec, source=origin)

@@ -32,6 +32,7 @@ class PassSpec:
     wanted: Callable[[Settings], bool]
     switches: tuple[str, ...]  # the settings that turn it on, for messages
     implementation: str | None = None  # "module:Class" of the pass; None: not in this version
+    housekeeping: bool = False  # loading and placement: not a change to the computation, left out of the summary
 
 
 PASS_ORDER: tuple[PassSpec, ...] = (
@@ -42,6 +43,7 @@ PASS_ORDER: tuple[PassSpec, ...] = (
     PassSpec(
         "loading.parallel", "parallel component loading",
         lambda s: s.parallel_loaders > 1 or s.preload_repos, ("parallel_loaders", "preload_repos"),
+        "framepack_turbo.models.loading", housekeeping=True,  # not a pass over the bundle: load_bundle does it
     ),  # fmt: skip
     PassSpec(
         "precision", "low precision (bf16/fp16)", lambda s: s.enforce_low_precision, ("enforce_low_precision",),
@@ -83,7 +85,10 @@ PASS_ORDER: tuple[PassSpec, ...] = (
         "kvcache", "context KV cache", lambda s: s.enable_kv_cache, ("enable_kv_cache",),
         "framepack_turbo.optim.kvcache:ContextKVCachePass",
     ),  # fmt: skip
-    PassSpec("offload.v2", "memory v2 (pinned, streamed block offload)", lambda s: s.use_memory_v2, ("use_memory_v2",)),
+    PassSpec(
+        "placement", "memory placement (high-VRAM / v1 / v2)", lambda s: True, ("memory_mode", "use_memory_v2"),
+        "framepack_turbo.optim.offload:PlacementPass", housekeeping=True,
+    ),  # fmt: skip
     PassSpec(
         "opt_cache", "optimized-model cache", lambda s: s.enable_opt_cache, ("enable_opt_cache",),
         "framepack_turbo.optim.artifact",  # not a pass over the bundle: FramePack.load loads or saves it
@@ -127,7 +132,7 @@ class Plan:
     def summary_lines(self) -> list[str]:
         """One screen: what runs, what was asked for and does not, and why."""
         lines = []
-        active = self.active()
+        active = [p for p in self.active() if not PASSES_BY_NAME[p.name].housekeeping]
         lines.append("Active optimizations: " + (", ".join(p.title for p in active) if active else "none (baseline)"))
         for p in self.passes:
             if p.status in ("skipped", "not built"):

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from framepack_turbo.errors import Cancelled
+from framepack_turbo.errors import Cancelled, FramePackError
 from framepack_turbo.hardware import Hardware, library_versions
 from framepack_turbo.models.loading import ModelBundle
 from framepack_turbo.pipeline import encode, vae, video
@@ -49,6 +49,12 @@ log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
 TIME_SCALE = 1000.0  # the transformer takes timestep and guidance scaled by 1000
+
+
+class OutOfMemory(FramePackError):
+    """Out of GPU memory even after stepping the placement down; the finished sections are kept."""
+
+    exit_code = 1
 
 
 class Stateful(Protocol):
@@ -142,8 +148,7 @@ class Generator:
         self.on_event(StageStarted("sampling"))
         try:
             for section in sections:
-                self._reset_state()
-                latents = self._sample_section(section, variant, history, cond, options, rng, timings, job_started, len(sections))
+                latents = self._sample_with_step_down(section, variant, history, cond, options, rng, timings, job_started, len(sections), sidecar)
                 self._record_cache_stats(sidecar, section)
                 if variant == "inverted":
                     if section.is_last:
@@ -195,23 +200,27 @@ class Generator:
 
         self.on_event(StageStarted("text_encode"))
         t0 = time.perf_counter()
-        positive = self._encode_prompt(options.prompt)
+        with self._on_gpu("text_encoder"), self._on_gpu("text_encoder_2"):
+            positive = self._encode_prompt(options.prompt)
         for line in positive.truncations:
             log.warning("Prompt truncated: %s", line)
             self.on_event(Notice(f"prompt truncated: {line}"))
         if options.cfg == 1:
             negative = encode.PromptEmbeddings.zeros_like(positive)
         else:
-            negative = self._encode_prompt(options.negative_prompt)
+            with self._on_gpu("text_encoder"), self._on_gpu("text_encoder_2"):
+                negative = self._encode_prompt(options.negative_prompt)
         timings.add("text_encode", self._clock() - t0)
 
         self.on_event(StageStarted("image_encode"))
         t0 = time.perf_counter()
         height, width = encode.nearest_bucket(*picture.shape[:2], resolution=options.resolution)
         picture = encode.resize_and_center_crop(picture, height, width)
-        posterior_rng = torch.Generator(b.vae.device).manual_seed(options.seed)
-        start_latent = vae.encode(encode.image_to_tensor(picture), b.vae, posterior_rng)
-        image_embeds = self._encode_image(picture)
+        with self._on_gpu("vae"):
+            posterior_rng = torch.Generator(b.vae.device).manual_seed(options.seed)
+            start_latent = vae.encode(encode.image_to_tensor(picture), b.vae, posterior_rng).cpu()
+        with self._on_gpu("image_encoder"):
+            image_embeds = self._encode_image(picture)
         timings.add("image_encode", self._clock() - t0)
 
         def cast(p: encode.PromptEmbeddings) -> encode.PromptEmbeddings:
@@ -330,6 +339,34 @@ class Generator:
             latents = sample_unipc(denoise, noise, sigmas, callback=on_step)
         return latents.float().cpu()
 
+    def _sample_with_step_down(self, section, variant, history, cond, options, rng, timings, job_started, n_sections, sidecar):
+        """Sample a section; on out-of-memory, step the placement down one mode and retry it once."""
+        from framepack_turbo.optim import offload
+
+        rng_state = rng.get_state()  # a retry draws the same noise
+        for attempt in (1, 2):
+            self._reset_state()
+            try:
+                return self._sample_section(section, variant, history, cond, options, rng, timings, job_started, n_sections)
+            except Exception as exc:
+                placer = self.bundle.placer
+                if not offload.is_out_of_memory(exc):
+                    raise
+                lower = placer.step_down(exc) if placer is not None and attempt == 1 else None
+                if lower is None:
+                    mode = placer.placement.mode if placer is not None else "none"
+                    raise OutOfMemory(
+                        f"out of GPU memory in section {section.number + 1} (placement {mode}"
+                        f"{', after one step-down and retry' if attempt == 2 else ''}); the finished sections are "
+                        "in the video. Lower --resolution or raise FRAMEPACK_GPU_MEMORY_PRESERVATION, use "
+                        "--use-memory-v2 (FRAMEPACK_MEMORY_MODE=v2), or shrink the weights (FRAMEPACK_ENABLE_QUANT=1, "
+                        "FRAMEPACK_ENABLE_FP8=1)"
+                    ) from exc
+                sidecar["placement"] = {"mode": placer.placement.mode, "history": placer.history}
+                self.on_event(Notice(f"out of GPU memory: stepped down to placement {lower}, retrying the section"))
+                rng.set_state(rng_state)
+        raise AssertionError("unreachable")
+
     def _decode_append(
         self,
         variant: str,
@@ -346,12 +383,12 @@ class Generator:
         real = history[:, :, :generated] if variant == "inverted" else history[:, :, -generated:]
         overlap = pixel_frames_per_window(window)
         if pixels is None:
-            out = vae.decode(real, self.bundle.vae)
+            out = self._decode(real)
         elif variant == "inverted":
             span = window * 2 + 1 if section.is_last else window * 2
-            out = vae.soft_append(vae.decode(real[:, :, :span], self.bundle.vae), pixels, overlap)
+            out = vae.soft_append(self._decode(real[:, :, :span]), pixels, overlap)
         else:
-            out = vae.soft_append(pixels, vae.decode(real[:, :, -window * 2 :], self.bundle.vae), overlap)
+            out = vae.soft_append(pixels, self._decode(real[:, :, -window * 2 :]), overlap)
         timings.add("vae_decode", self._clock() - t0)
         return out
 
@@ -362,6 +399,15 @@ class Generator:
         if self.bundle.device.type == "cuda":
             torch.cuda.synchronize(self.bundle.device)
         return time.perf_counter()
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        placer = self.bundle.placer
+        return placer.decode(latents) if placer is not None else vae.decode(latents, self.bundle.vae)
+
+    def _on_gpu(self, name: str):
+        """The memory placement's context for a component's work (encoders and VAE move in only then)."""
+        placer = self.bundle.placer
+        return placer.use(name) if placer is not None else contextlib.nullcontext()
 
     def _encode_prompt(self, prompt: str) -> encode.PromptEmbeddings:
         b = self.bundle
@@ -426,6 +472,10 @@ class Generator:
             "sections_total": n_sections,
             "sections_done": 0,
             "frames": 0,
+            "placement": (
+                {"mode": b.placer.placement.mode, "reason": b.placer.placement.reason, "history": b.placer.history}
+                if b.placer is not None else None
+            ),
             "hardware": Hardware.detect().to_dict(),
             "versions": library_versions(),
         }

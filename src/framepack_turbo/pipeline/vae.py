@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Linear map from the 16 latent channels to RGB (the ComfyUI factors FramePack uses for previews).
@@ -27,15 +29,57 @@ def encode(pixels: torch.Tensor, vae, generator: torch.Generator | None = None) 
     return (dist.sample(generator=generator) * vae.config.scaling_factor).float()
 
 
+MIN_CHUNK = 2  # latent frames: a chunk overlaps the next by one, so two is the least that advances
+
+
 @torch.no_grad()
-def decode(latents: torch.Tensor, vae) -> torch.Tensor:
+def decode(latents: torch.Tensor, vae, chunk: int | None = None) -> torch.Tensor:
     """Scaled latents (B, 16, T, h, w) -> pixels (B, 3, 4(T-1)+1, 8h, 8w) in [-1, 1], on CPU.
+
+    `chunk`: latent frames per temporal chunk (VAE_CHUNK_SIZE), decoded by diffusers' temporal tiling:
+    each chunk overlaps the next by one latent frame (4 pixel frames, cross-faded), and the result
+    has exactly the single-pass frame count. None keeps the VAE's own setting (diffusers decodes in
+    4-latent-frame tiles by default); 0 decodes in one pass.
 
     Pixels stay in the VAE's dtype (fp16 on CUDA, as FramePack keeps its pixel history): a minute of
     video at 640 is 8 GB in float32.
     """
     z = (latents / vae.config.scaling_factor).to(device=vae.device, dtype=vae.dtype)
-    return vae.decode(z).sample.cpu()
+    with temporal_chunks(vae, chunk):
+        return vae.decode(z).sample.cpu()
+
+
+@contextlib.contextmanager
+def temporal_chunks(vae, chunk: int | None):
+    """Set the VAE's temporal tiling to `chunk` latent frames (overlap one) for the duration."""
+    if chunk is None:
+        yield
+        return
+    if chunk != 0 and chunk < MIN_CHUNK:
+        raise ValueError(f"VAE chunk must be 0 (one pass) or >= {MIN_CHUNK} latent frames, got {chunk}")
+    saved = (vae.use_framewise_decoding, vae.tile_sample_min_num_frames, vae.tile_sample_stride_num_frames)
+    ratio = vae.config.temporal_compression_ratio
+    vae.use_framewise_decoding = chunk != 0
+    if chunk:
+        vae.tile_sample_min_num_frames = chunk * ratio
+        vae.tile_sample_stride_num_frames = (chunk - 1) * ratio
+    try:
+        yield
+    finally:
+        vae.use_framewise_decoding, vae.tile_sample_min_num_frames, vae.tile_sample_stride_num_frames = saved
+
+
+def chunk_frames(free_gb: float, height: int, width: int, channels: int, dtype_bytes: int, reserve_gb: float,
+                 safety: float, upscale: int, temporal: int = 4) -> int:  # fmt: skip
+    """Latent frames per decode chunk that fit in `free_gb` minus `reserve_gb`.
+
+    The estimate: one latent frame decodes into `temporal` pixel frames at `upscale` x the latent
+    size, and the decoder's widest full-resolution activation has `channels` channels; times the
+    `safety` factor. At least `MIN_CHUNK`.
+    """
+    per_frame = temporal * (height * upscale) * (width * upscale) * channels * dtype_bytes * safety
+    usable = max(free_gb - reserve_gb, 0.0) * 2**30
+    return max(MIN_CHUNK, int(usable // per_frame))
 
 
 @torch.no_grad()
