@@ -282,6 +282,7 @@ def bench(
     seed: Annotated[int, typer.Option()] = 31337,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: CUDA if present.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="One configuration process at a time (no interleaving).")] = False,
+    model_dir: Annotated[Optional[Path], typer.Option(help="Load every configuration's weights from this folder (the --model-dir layout; --model names the preset).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every raw number here.")] = None,
     markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Write the tables here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot here.")] = None,
@@ -309,7 +310,7 @@ def bench(
         spec = runner.BenchSpec(
             resolved, model=model, variant=variant, seconds=seconds, steps=steps,
             resolution=resolution or (640 if model == "full" else 128), repeats=repeats, seed=seed, device=device,
-            sequential=sequential,
+            sequential=sequential, model_dir=str(model_dir.resolve()) if model_dir else None,
         )  # fmt: skip
         from framepack_turbo.settings import Settings
 

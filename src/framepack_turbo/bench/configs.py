@@ -53,6 +53,12 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "kvcache": {"enable_kv_cache": True},
     "modulecache": {"enable_module_cache": True},
     "memory-v2": {"use_memory_v2": True},
+    "memory-v1": {"memory_mode": "v1"},
+    "high-vram": {"memory_mode": "high-vram"},
+    "vae-chunk-2": {"vae_chunk_size": 2},
+    "vae-one-pass": {"vae_chunk_size": 0},
+    "serial-load": {"parallel_loaders": 1},
+    "parallel-load": {"parallel_loaders": 4, "force_parallel_loaders": True},
     "onnx": {"use_onnx_engines": True},
     "tensorrt": {"enable_tensorrt": True, "trt_transformer": True},
 }

@@ -75,7 +75,7 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
               "cost), median and range over the timed runs. Cache hit rate: reused / all decisions (hits, misses, "
               "forced first/last steps); the module cache counts encoder calls."]  # fmt: skip
     for group in results.get("identical_outputs") or []:
-        lines.append(f"Bit-identical outputs: {' = '.join(group)}.")
+        lines.append(f"Bit-identical outputs (latents and video): {' = '.join(group)}.")
     lines += ["", "Stages (median seconds per generation):", "",
               "| config | text encode | image encode | transformer | VAE decode | write | total |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip

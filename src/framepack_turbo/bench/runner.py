@@ -44,10 +44,11 @@ class BenchSpec:
     seed: int = 31337
     device: str | None = None
     sequential: bool = False  # one configuration at a time (when several do not fit in memory together)
+    model_dir: str | None = None  # every configuration loads these weights (the layout of --model-dir)
 
     def common_settings(self) -> dict[str, Any]:
         values = dict(model=self.model, variant=self.variant, seconds=self.seconds, steps=self.steps,
-                      resolution=self.resolution, seed=self.seed, device=self.device)  # fmt: skip
+                      resolution=self.resolution, seed=self.seed, device=self.device, model_dir=self.model_dir)  # fmt: skip
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -214,18 +215,21 @@ def _step_seconds(run: dict[str, Any]) -> float:
 
 
 def _identical_groups(kept: dict[str, str]) -> list[list[str]]:
-    """Configurations whose final latents are bit-identical, in groups of two or more."""
+    """Configurations whose final latents and decoded frames are bit-identical, in groups of two or more."""
     import torch
+
+    def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in ("latents", "frames"))
 
     groups: list[tuple[Any, list[str]]] = []
     for name, path in kept.items():
-        latents = _load(path)["latents"]
+        outputs = _load(path)
         for reference, names in groups:
-            if reference.shape == latents.shape and torch.equal(reference, latents):
+            if same(reference, outputs):
                 names.append(name)
                 break
         else:
-            groups.append((latents, [name]))
+            groups.append((outputs, [name]))
     return [names for _, names in groups if len(names) > 1]
 
 
