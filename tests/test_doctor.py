@@ -33,7 +33,8 @@ def test_doctor_json_has_the_contract_keys():
     assert {"FRAMEPACK_" + v for v in SPEC_VARIABLES} <= set(data["known_env"])
     assert data["settings"]["quant_bits"] == {"value": 8, "source": "default", "env": "FRAMEPACK_QUANT_BITS"}
     assert {"device", "backends", "compute_capability"} <= data["hardware"].keys()
-    assert [p["status"] for p in data["plan"]] == ["off"] * len(data["plan"])
+    assert {p["name"] for p in data["plan"] if p["status"] != "off"} == {"placement", "loading.parallel"}
+    assert data["placement"]["mode"] in ("cpu", "high-vram", "v1", "v2") and data["placement"]["reason"]
     assert data["compat"] == []
 
 
@@ -76,10 +77,10 @@ def test_doctor_critical_exits_1():
 
 
 def test_doctor_text():
-    text = doctor("--parallel-loaders", "2").output
-    for heading in ("Hardware", "Settings (value, source)", "Plan (in order)", "Compatibility"):
+    text = doctor("--use-onnx-engines").output
+    for heading in ("Hardware", "Settings (value, source)", "Plan (in order)", "Memory placement", "Compatibility"):
         assert heading in text
-    assert "FRAMEPACK_PARALLEL_LOADERS" in text and "not built" in text
+    assert "FRAMEPACK_USE_ONNX_ENGINES" in text and ("not built" in text or "onnx-needs-onnxruntime" in text)
 
 
 def test_generate_stops_before_loading_on_critical(monkeypatch, example_image, tmp_path):
