@@ -65,16 +65,18 @@ def options_from_settings(settings: Settings, prompt: str, negative_prompt: str 
     return GenerateOptions(prompt=prompt, negative_prompt=negative_prompt, **{**values, **overrides})
 
 
-def _cached_transformer(plan: Plan, settings: Settings, model_dir: str | None):
-    """The optimized transformer from the cache when one fits this run, else None (and the reason logged)."""
+def _cached_transformer(plan: Plan, settings: Settings, model_dir: str | None, device: torch.device, load_device):
+    """The optimized transformer from the cache when one fits this run, else None (and the reason logged).
+
+    It is keyed by the compute `device` and loaded onto `load_device` (the host when placement offloads).
+    """
     if not any(p.name == "opt_cache" for p in plan.active()):
         return None
-    device = torch.device(settings.device) if settings.device else default_device()
     path = Path(settings.optimized_transformer)
     try:
         identity = transformer_identity(settings.model, model_dir)
         manifest = artifact.check(path, identity, artifact.shaping_settings(settings, device))
-        return artifact.load(path, manifest, device)
+        return artifact.load(path, manifest, torch.device(load_device))
     except artifact.ArtifactRefused as exc:
         log.info("Optimized transformer cache not used: %s; building it", exc)
         return None
@@ -129,12 +131,12 @@ class FramePack:
         for line in plan.summary_lines():
             log.info(line)
         model_dir = str(settings.model_dir) if settings.model_dir else None
-        cached = _cached_transformer(plan, settings, model_dir)
         device = torch.device(settings.device) if settings.device else default_device()
         placement = offload.decide(settings, hardware, device)
         # Offloading modes load on the host and let the placement pass move what fits: loading a 13B model
         # straight to a 6 GB GPU would fail before any pass ran.
-        load_device = "cpu" if placement.mode in ("v1", "v2") else device
+        load_device = torch.device("cpu") if placement.mode in ("v1", "v2") else device
+        cached = _cached_transformer(plan, settings, model_dir, device, load_device)
         bundle = load_bundle(
             settings.model,
             model_dir,
@@ -146,7 +148,7 @@ class FramePack:
         )
         bundle.device = device  # the compute device, wherever the weights rest
         if cached:
-            bundle.transformer = cached.to(bundle.device)
+            bundle.transformer = cached.to(load_device)
         reports = apply_plan(plan, bundle, settings, hardware, skip=WEIGHT_PASSES if cached else frozenset())
         if any(p.name == "opt_cache" for p in plan.active()) and not cached:
             identity = transformer_identity(settings.model, model_dir)
