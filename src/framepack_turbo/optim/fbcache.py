@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers.hooks.first_block_cache import FBCBlockHook, FBCHeadBlockHook, FBCSharedBlockState
+from diffusers.hooks.first_block_cache import FBCHeadBlockHook, FBCSharedBlockState
 from diffusers.hooks.hooks import StateManager
 
 from framepack_turbo.optim.base import PassReport
-from framepack_turbo.optim.stepcache import HookedCache, blocks, is_boundary_step, register_hook, relative_l1
+from framepack_turbo.optim.stepcache import HookedCache, blocks, hook_whole_stack, is_boundary_step, relative_l1
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -94,11 +94,7 @@ def apply_first_block_cache(transformer: torch.nn.Module, config: FirstBlockCach
     """Hook the transformer's blocks; returns the controller the generator resets and reads."""
     controller = FirstBlockCache(transformer, config.verbose)
     state_manager = StateManager(_State)
-    (_, head), *rest = blocks(transformer)
-    register_hook(transformer, head, StepAwareHeadHook(state_manager, config, controller), HEAD_HOOK)
-    for i, (_, block) in enumerate(rest):
-        is_tail = i == len(rest) - 1
-        register_hook(transformer, block, FBCBlockHook(state_manager, is_tail), BLOCK_HOOK)
+    hook_whole_stack(transformer, StepAwareHeadHook(state_manager, config, controller), state_manager, HEAD_HOOK, BLOCK_HOOK)
     return controller
 
 

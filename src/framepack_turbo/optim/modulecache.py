@@ -195,10 +195,8 @@ class EncoderCache:
         self._evict()
 
     def _evict(self) -> None:
-        files = sorted(
-            ((p.stat().st_mtime, p.stat().st_size, p) for p in (self.config.directory / SUBDIR).glob("*/*.safetensors")),
-            key=lambda item: item[0],
-        )  # fmt: skip
+        stats = ((p.stat(), p) for p in (self.config.directory / SUBDIR).glob("*/*.safetensors"))
+        files = sorted(((st.st_mtime, st.st_size, p) for st, p in stats), key=lambda item: item[0])
         total = sum(size for _, size, _ in files)
         for _, size, path in files[:-1]:  # never the newest: it was just written
             if total <= self.config.max_bytes:

@@ -120,7 +120,6 @@ class Placer:
         self.gpu = bundle.device
         self.free = FreeMemory(self.gpu, config.stats_ttl_s)
         self.history: list[dict[str, str]] = [placement.to_dict()]
-        self.resident_blocks: int | None = None
 
     # ---- applying a mode ------------------------------------------------------------------------
 
@@ -168,7 +167,6 @@ class Placer:
         for block in blocks[resident:]:
             apply_group_offloading(block, onload_device=self.gpu, offload_device=host, offload_type="block_level",
                                    num_blocks_per_group=1)  # fmt: skip
-        self.resident_blocks = resident
         return (f"{resident} of {len(blocks)} transformer blocks resident, the rest moved in on demand; "
                 f"{self.config.preserve_gb:g} GB kept free; encoders and VAE moved in while they run")  # fmt: skip
 
@@ -181,7 +179,6 @@ class Placer:
             transformer, onload_device=self.gpu, offload_device=host, offload_type="block_level",
             num_blocks_per_group=1, use_stream=True, record_stream=True, non_blocking=True,
         )  # fmt: skip
-        self.resident_blocks = 0
         return "transformer blocks streamed from pinned host memory, next block prefetched on a side stream"
 
     def _remove_offloading(self) -> None:

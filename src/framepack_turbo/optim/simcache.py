@@ -19,8 +19,6 @@ the model's dtype. On the full model at 640 px (~14k image tokens x 3072) that i
 
 from __future__ import annotations
 
-import itertools
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
@@ -36,8 +34,6 @@ if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
-
-log = logging.getLogger(__name__)
 
 HOOK = "framepack_simcache"
 FAISS_CANDIDATES = 4  # FAISS proposes this many; the exact product ranks them
@@ -127,7 +123,6 @@ class EntryBudget:
         self.peak = 0
         self.evicted = 0
         self._lru: OrderedDict[int, _Entry] = OrderedDict()
-        self._ids = itertools.count()
 
     def touch(self, entry: _Entry) -> None:
         self._lru.move_to_end(id(entry))

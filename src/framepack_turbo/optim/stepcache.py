@@ -53,6 +53,18 @@ def register_hook(transformer: torch.nn.Module, module: torch.nn.Module, hook, n
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
 
+def hook_whole_stack(transformer: torch.nn.Module, head_hook, state_manager, head_name: str, block_name: str) -> None:
+    """A cache that skips all blocks at once: `head_hook` on the first block decides, and diffusers'
+    `FBCBlockHook` on every other block passes its input through on a skipped step (the last one
+    records the stack's residual on a computed step), all sharing `state_manager`."""
+    from diffusers.hooks.first_block_cache import FBCBlockHook
+
+    (_, head), *rest = blocks(transformer)
+    register_hook(transformer, head, head_hook, head_name)
+    for i, (_, block) in enumerate(rest):
+        register_hook(transformer, block, FBCBlockHook(state_manager, is_tail=i == len(rest) - 1), block_name)
+
+
 def step_position(context) -> tuple[int | None, int | None]:
     """(step, steps) of the current call, or (None, None) when the caller gave none."""
     return context.step_index, context.num_inference_steps

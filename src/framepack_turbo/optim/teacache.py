@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from diffusers.hooks._helpers import TransformerBlockRegistry
-from diffusers.hooks.first_block_cache import FBCBlockHook, FBCSharedBlockState
+from diffusers.hooks.first_block_cache import FBCSharedBlockState
 from diffusers.hooks.hooks import ModelHook, StateManager
 
 from framepack_turbo.optim.base import PassReport
-from framepack_turbo.optim.stepcache import HookedCache, blocks, is_boundary_step, register_hook, relative_l1
+from framepack_turbo.optim.stepcache import HookedCache, hook_whole_stack, is_boundary_step, relative_l1
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -121,11 +121,7 @@ class TeaCache(HookedCache):
 def apply_teacache(transformer: torch.nn.Module, config: TeaCacheConfig) -> TeaCache:
     controller = TeaCache(transformer, config.verbose)
     state_manager = StateManager(_State)
-    (_, head), *rest = blocks(transformer)
-    register_hook(transformer, head, TeaCacheHeadHook(state_manager, config, controller), HEAD_HOOK)
-    for i, (_, block) in enumerate(rest):
-        is_tail = i == len(rest) - 1
-        register_hook(transformer, block, FBCBlockHook(state_manager, is_tail), BLOCK_HOOK)
+    hook_whole_stack(transformer, TeaCacheHeadHook(state_manager, config, controller), state_manager, HEAD_HOOK, BLOCK_HOOK)
     return controller
 
 
