@@ -220,6 +220,12 @@ class Settings(BaseSettings):
     trt_transformer: bool = Field(False, description="TensorRT for the transformer.", json_schema_extra=_group("tensorrt"))
     trt_text_encoders: bool = Field(False, description="TensorRT for the text encoders.", json_schema_extra=_group("tensorrt"))
     use_onnx_engines: bool = Field(False, description="Run exported ONNX components through onnxruntime.", json_schema_extra=_group("tensorrt"))
+    onnx_components: CsvList = Field(
+        ("transformer",), description="Comma list of components USE_ONNX_ENGINES runs through onnxruntime: "
+        "transformer, text-encoder, image-encoder, vae-decoder.", json_schema_extra=_group("tensorrt"))  # fmt: skip
+    onnx_dir: Path | None = Field(
+        None, description="Exports from `framepack export onnx --out DIR` (unset: exported on first use into "
+        "RUNTIME_CACHE_DIR/onnx).", json_schema_extra=_group("tensorrt"))  # fmt: skip
     tensorrt_cache_dir: Path = Field(Path("Cache/trt_cache"), description="TensorRT engine cache.", json_schema_extra=_group("tensorrt"))
     trt_workspace_mb: int = Field(4096, ge=16, le=1 << 20, description="TensorRT workspace (MB).", json_schema_extra=_group("tensorrt"))
     trt_max_aux_streams: int = Field(2, ge=0, le=64, description="TensorRT auxiliary streams.", json_schema_extra=_group("tensorrt"))
@@ -237,12 +243,22 @@ class Settings(BaseSettings):
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)  # name -> default/preset/env/cli/api
 
-    @field_validator("fp8_target_keys", "fp8_exclude_keys", mode="before")
+    @field_validator("fp8_target_keys", "fp8_exclude_keys", "onnx_components", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("onnx_components")
+    @classmethod
+    def _onnx_components(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from framepack_turbo.optim.onnx_export import COMPONENTS
+
+        unknown = [c for c in value if c not in COMPONENTS]
+        if unknown or not value:
+            raise ValueError(f"{', '.join(unknown) or 'empty'}: choose from {', '.join(COMPONENTS)}")
+        return tuple(dict.fromkeys(value))
 
     @field_validator("quant_bits", "quant_group_size", mode="before")
     @classmethod

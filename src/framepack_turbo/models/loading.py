@@ -50,6 +50,7 @@ class ModelBundle:
     compile_states: dict[str, Any] = field(default_factory=dict)  # set by the compile pass
     step_caches: list[Any] = field(default_factory=list)  # controllers of the step caches' hooks (optim/stepcache.py)
     encoder_cache: Any = None  # the module cache (optim/modulecache.py), when on
+    engines: list[Any] = field(default_factory=list)  # ONNX / TensorRT runners standing in for modules (their stats)
     placer: Any = None  # memory placement (optim/offload.py): moves models around their use, steps down on OOM
 
     def modules(self) -> dict[str, torch.nn.Module]:

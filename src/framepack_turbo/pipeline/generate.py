@@ -117,7 +117,7 @@ class Generator:
         self.bundle = bundle
         self.on_event = on_event or (lambda event: None)
         self.cancel = cancel or CancelToken()
-        self.stateful = list(stateful) + list(bundle.step_caches)
+        self.stateful = list(stateful) + list(bundle.step_caches) + list(bundle.engines)
         self.caches = list(bundle.step_caches)  # step caches: their calls get a cache context, their counts a record
         self.settings = settings or {}  # recorded in the sidecar as given
 
@@ -150,6 +150,8 @@ class Generator:
             for section in sections:
                 latents = self._sample_with_step_down(section, variant, history, cond, options, rng, timings, job_started, len(sections), sidecar)
                 self._record_cache_stats(sidecar, section)
+                if self.bundle.engines:  # ONNX / TensorRT stand-ins: which provider ran, how often
+                    sidecar["engines"] = {r.module_name: r.stats() for r in self.bundle.engines}
                 if variant == "inverted":
                     if section.is_last:
                         latents = torch.cat([cond.start_latent, latents], dim=2)

@@ -1,0 +1,349 @@
+"""ONNX engines (USE_ONNX_ENGINES, ONNX_TRT_*): exported components run through onnxruntime.
+
+Each component in ONNX_COMPONENTS is replaced by a stand-in module with the same call convention
+(the generator and diffusers' VAE tiling do not know), which feeds its tensors to an onnxruntime
+session. Exports come from ONNX_DIR (`framepack export onnx --out DIR`) or, when it is unset, from
+the runtime cache, where each component is exported on first use under a key of its weights.
+
+Providers, as installed: TensorRT (ONNX_TRT_ENABLE) -> CUDA -> CPU. The ONNX_TRT_* settings become
+the TensorRT provider's options. A TensorRT engine is built for one input shape: each shape gets its
+own engine folder under ONNX_TRT_CACHE_DIR (keyed by graph, shapes and options) so a shape seen before
+loads in seconds instead of building for minutes, and at most TRT_MAX_CACHED_SHAPES folders are kept
+per graph (least recently used go first). Only the newest TensorRT session is held in memory: each one
+holds a copy of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from framepack_turbo.errors import FramePackError
+from framepack_turbo.optim import onnx_export as ox
+from framepack_turbo.optim.base import PassReport
+
+if TYPE_CHECKING:
+    from framepack_turbo.hardware import Hardware
+    from framepack_turbo.models.loading import ModelBundle
+    from framepack_turbo.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+class OnnxShapeError(FramePackError):
+    """A call whose shapes no exported graph covers, with exports that are not ours to extend."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class OnnxConfig:
+    components: tuple[str, ...] = ("transformer",)
+    export_dir: Path | None = None  # ONNX_DIR; None: the runtime cache, exported on first use
+    cache_root: Path = Path("Cache/runtime_caches/onnx")
+    trt: bool = False
+    trt_fp16: bool = True
+    trt_int8: bool = False
+    device_id: int = 0
+    trt_workspace_mb: int = 4096
+    trt_cache_dir: Path = Path("Cache/onnx_trt_cache")
+    max_cached_shapes: int = 8
+
+    def directory(self, component: str, identity: dict[str, Any]) -> Path:
+        if self.export_dir is not None:
+            return self.export_dir / component
+        return self.cache_root / ox.identity_key(identity) / component
+
+    @property
+    def extendable(self) -> bool:
+        """Exports in the runtime cache are ours: a new shape may add a file. A user's folder is not."""
+        return self.export_dir is None
+
+
+def provider_chain(config: OnnxConfig, available: Sequence[str], cuda: bool) -> list[tuple[str, dict[str, Any]]]:
+    """TensorRT -> CUDA -> CPU, keeping those installed (and wanted); each with its options."""
+    chain: list[tuple[str, dict[str, Any]]] = []
+    if config.trt and cuda and TRT in available:
+        chain.append((TRT, {
+            "device_id": config.device_id,
+            "trt_fp16_enable": config.trt_fp16,
+            "trt_int8_enable": config.trt_int8,
+            "trt_max_workspace_size": config.trt_workspace_mb << 20,
+            "trt_engine_cache_enable": True,
+            "trt_timing_cache_enable": True,
+        }))  # fmt: skip
+    if cuda and CUDA in available:
+        chain.append((CUDA, {"device_id": config.device_id}))
+    chain.append((CPU, {}))
+    return chain
+
+
+class EngineCache:
+    """Engine folders keyed by (graph, input shapes, provider options), at most `max_entries` kept."""
+
+    def __init__(self, root: Path, max_entries: int) -> None:
+        self.root, self.max_entries = Path(root), max_entries
+
+    @staticmethod
+    def key(graph_id: str, shapes: dict[str, tuple[int, ...]], options: dict[str, Any]) -> str:
+        text = json.dumps({"graph": graph_id, "shapes": sorted((k, list(v)) for k, v in shapes.items()),
+                           "options": sorted((k, str(v)) for k, v in options.items())})  # fmt: skip
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def folder(self, key: str, about: dict[str, Any]) -> Path:
+        """The folder for `key` (created, marked most recently used); evicts the oldest past the bound."""
+        path = self.root / key
+        path.mkdir(parents=True, exist_ok=True)
+        marker = path / "key.json"
+        if not marker.exists():
+            marker.write_text(json.dumps(about, indent=2))
+        os.utime(marker)
+        self.evict(keep=key)
+        return path
+
+    def entries(self) -> list[Path]:
+        """Engine folders, least recently used first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if (p / "key.json").is_file()]
+        return sorted(found, key=lambda p: (p / "key.json").stat().st_mtime_ns)
+
+    def evict(self, keep: str = "") -> None:
+        entries = [p for p in self.entries() if p.name != keep]
+        excess = len(entries) + (1 if keep else 0) - self.max_entries
+        for path in entries[: max(excess, 0)]:
+            log.info("TensorRT engine cache: removing %s (more than %d shapes)", path.name, self.max_entries)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _trt_profile(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes.items())
+
+
+class GraphRunner:
+    """Runs one module's exported graphs: picks the file covering each call, holds its sessions."""
+
+    def __init__(self, module_name: str, component: str, directory: Path, original: torch.nn.Module,
+                 bundle: Any, config: OnnxConfig, providers: list[tuple[str, dict[str, Any]]]) -> None:  # fmt: skip
+        self.module_name, self.component, self.directory = module_name, component, directory
+        self.original, self.bundle, self.config, self.providers = original, bundle, config, providers
+        self.sessions: dict[str, Any] = {}  # graph file (or TensorRT engine key) -> session
+        self.calls, self.exports = 0, 0
+        self.provider = ""
+        self.engine_cache = EngineCache(config.trt_cache_dir / f"{directory.parent.name}-{module_name}", config.max_cached_shapes)
+
+    def run(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        entry = self._graph_for(shapes)
+        session = self._session(entry, shapes)
+        device = next(iter(tensors.values())).device
+        feed = {}
+        for spec in entry["inputs"]:
+            t = tensors[spec["name"]].detach()
+            t = t.to(getattr(torch, entry["dtype"])) if spec["kind"] == "float" else t.long()
+            feed[spec["name"]] = t.cpu().numpy()
+        # Host arrays in and out: one copy each way on CUDA, the price of not binding device memory
+        # (io_binding), which no test here can exercise without a GPU.
+        out = session.run(None, feed)[0]
+        self.calls += 1
+        return torch.from_numpy(np.ascontiguousarray(out)).to(device)
+
+    def _graph_for(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+        manifest = ox.read_manifest(self.directory) or {"graphs": []}
+        for entry in manifest["graphs"]:
+            if entry["module"] == self.module_name and ox.bind_dims(entry["inputs"], entry["dims"], shapes) is not None:
+                return entry
+        covered = "; ".join(
+            ", ".join(f"{i['name']} {i['shape']}" for i in g["inputs"][:3]) for g in manifest["graphs"] if g["module"] == self.module_name
+        )  # fmt: skip
+        asked = ", ".join(f"{k} {list(v)}" for k, v in list(shapes.items())[:3])
+        if not self.config.extendable:
+            raise OnnxShapeError(
+                f"the ONNX export of {self.module_name} in {self.directory} covers {covered or 'nothing'}; this call has "
+                f"{asked}. Export again with `framepack export onnx --component {self.component}` or unset "
+                "FRAMEPACK_ONNX_DIR to export shapes on demand into the runtime cache"
+            )
+        log.info("No exported graph of %s covers %s: exporting this shape", self.module_name, asked)
+        spec = next(s for s in ox.graph_specs(self.bundle, self.component) if s.module == self.module_name)
+        identity = (ox.read_manifest(self.directory) or {}).get("identity") or ox.component_identity(self.bundle, self.component)
+        with _original_in_place(self.bundle, self.module_name, self.original):
+            entry = ox.export_graph(self.bundle, self.component, spec, self.directory, identity, shapes=shapes)
+        self.exports += 1
+        return entry
+
+    def _session(self, entry: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> Any:
+        import onnxruntime
+
+        providers = self.providers
+        key = entry["file"]
+        if providers[0][0] == TRT:  # an engine per shape, in its own cache folder
+            name, options = providers[0]
+            graph_id = f"{self.directory}/{entry['file']}:{(self.directory / entry['file']).stat().st_mtime_ns}"
+            key = EngineCache.key(graph_id, shapes, options)
+            if key not in self.sessions:
+                folder = self.engine_cache.folder(key, {"graph": graph_id, "shapes": {k: list(v) for k, v in shapes.items()}})
+                profile = _trt_profile({i["name"]: shapes[i["name"]] for i in entry["inputs"]})
+                options = {**options, "trt_engine_cache_path": str(folder), "trt_timing_cache_path": str(folder),
+                           "trt_profile_min_shapes": profile, "trt_profile_opt_shapes": profile,
+                           "trt_profile_max_shapes": profile}  # fmt: skip
+                providers = [(name, options), *providers[1:]]
+                self.sessions.clear()  # one TensorRT session in memory: each holds the weights
+        session = self.sessions.get(key)
+        if session is None:
+            started = time.perf_counter()
+            opts = onnxruntime.SessionOptions()
+            opts.log_severity_level = 3
+            session = onnxruntime.InferenceSession(str(self.directory / entry["file"]), opts, providers=providers)
+            self.sessions[key] = session
+            self.provider = session.get_providers()[0]
+            log.info("onnxruntime session for %s on %s in %.1f s", entry["file"], self.provider, time.perf_counter() - started)
+        return session
+
+    def reset(self) -> None:  # per job: the sidecar counts this job's calls
+        self.calls = self.exports = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"provider": self.provider, "calls": self.calls, "exported_shapes": self.exports, "folder": str(self.directory)}
+
+
+@contextlib.contextmanager
+def _original_in_place(bundle: Any, module_name: str, original: torch.nn.Module):
+    """Put the PyTorch module back where its stand-in is, for the duration of an export."""
+    parent_name, _, attr = module_name.rpartition(".")
+    parent = ox.resolve_module(bundle, parent_name) if parent_name else bundle
+    stand_in = getattr(parent, attr)
+    setattr(parent, attr, original)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, stand_in)
+
+
+class OnnxStandIn(torch.nn.Module):
+    """Takes a module's place; answers attribute reads (config, dtype, device) from the original."""
+
+    def __init__(self, original: torch.nn.Module, runner: GraphRunner) -> None:
+        super().__init__()
+        self.original = original
+        self.runner = runner
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("original"), name)
+
+    def _run(self, **tensors: torch.Tensor | None) -> torch.Tensor:
+        return self.runner.run({k: v for k, v in tensors.items() if v is not None})
+
+
+class OnnxTransformer(OnnxStandIn):
+    def forward(self, return_dict: bool = False, attention_kwargs: Any = None, **tensors: torch.Tensor):
+        return (self._run(**tensors).to(self.original.dtype),)
+
+
+class OnnxLlama(OnnxStandIn):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any):
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        out = self._run(input_ids=input_ids, attention_mask=attention_mask)
+        # Only the layer the pipeline reads was exported; the others are None so any other use fails loudly.
+        layers = self.original.config.num_hidden_layers + 1
+        hidden = tuple(out if i == layers + ox.LLAMA_HIDDEN_LAYER else None for i in range(layers))
+        return BaseModelOutputWithPast(hidden_states=hidden)
+
+
+class OnnxClip(OnnxStandIn):
+    def forward(self, input_ids: torch.Tensor, **_: Any):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=self._run(input_ids=input_ids))
+
+
+class OnnxSiglip(OnnxStandIn):
+    def forward(self, pixel_values: torch.Tensor, **_: Any):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(last_hidden_state=self._run(pixel_values=pixel_values).to(pixel_values.dtype))
+
+
+class OnnxVaeDecoder(OnnxStandIn):
+    def forward(self, hidden_states: torch.Tensor, **_: Any) -> torch.Tensor:
+        return self._run(hidden_states=hidden_states).to(hidden_states.dtype)
+
+
+STAND_INS = {
+    "transformer": OnnxTransformer, "text_encoder": OnnxLlama, "text_encoder_2": OnnxClip,
+    "image_encoder": OnnxSiglip, "vae.decoder": OnnxVaeDecoder,
+}  # fmt: skip
+
+
+def install(bundle: Any, component: str, config: OnnxConfig, providers: list[tuple[str, dict[str, Any]]]) -> list[GraphRunner]:
+    """Make sure the component is exported (first use) and put its stand-ins in the bundle."""
+    identity = ox.component_identity(bundle, component)
+    directory = config.directory(component, identity)
+    manifest = ox.read_manifest(directory)
+    if manifest is None:
+        log.info("No ONNX export of %s in %s: exporting it (once; later runs reuse it)", component, directory)
+        ox.export_component(bundle, component, directory)
+    elif manifest.get("identity") != identity:
+        raise ox.OnnxExportError(
+            f"the ONNX export in {directory} was made from other weights than this run's {component} "
+            "(model, pruning or precision differ); export again with "
+            f"`framepack export onnx --component {component} --out {directory.parent}` and the same settings"
+        )
+    runners = []
+    for name in ox.COMPONENT_MODULES[component]:
+        original = ox.resolve_module(bundle, name)
+        runner = GraphRunner(name, component, directory, original, bundle, config, providers)
+        parent_name, _, attr = name.rpartition(".")
+        parent = ox.resolve_module(bundle, parent_name) if parent_name else bundle
+        setattr(parent, attr, STAND_INS[name](original, runner))
+        runners.append(runner)
+    return runners
+
+
+class OnnxPass:
+    name = "onnx"
+
+    def config(self, settings: Settings) -> OnnxConfig | None:
+        if not (settings.use_onnx_engines or settings.onnx_trt_enable):
+            return None
+        return OnnxConfig(
+            components=tuple(settings.onnx_components),
+            export_dir=settings.onnx_dir,
+            cache_root=settings.runtime_cache_dir / "onnx",
+            trt=settings.onnx_trt_enable,
+            trt_fp16=settings.onnx_trt_fp16,
+            trt_int8=settings.onnx_trt_int8,
+            device_id=settings.onnx_trt_device_id,
+            trt_workspace_mb=settings.onnx_trt_workspace_mb,
+            trt_cache_dir=settings.onnx_trt_cache_dir,
+            max_cached_shapes=settings.trt_max_cached_shapes,
+        )
+
+    def apply(self, bundle: ModelBundle, config: OnnxConfig, hardware: Hardware) -> PassReport:
+        import onnxruntime
+
+        cuda = bundle.device.type == "cuda"
+        providers = provider_chain(config, onnxruntime.get_available_providers(), cuda)
+        runners = []
+        for component in config.components:
+            runners += install(bundle, component, config, providers)
+        bundle.engines.extend(runners)
+        chain = " -> ".join(name.removesuffix("ExecutionProvider") for name, _ in providers)
+        return PassReport(self.name, "applied", f"{', '.join(config.components)} through onnxruntime ({chain})")
