@@ -44,6 +44,13 @@ CASES = [
     ("tensorrt-not-installed", dict(enable_tensorrt=True), BARE_GPU, dict(enable_tensorrt=True)),
     ("onnx-needs-onnxruntime", dict(use_onnx_engines=True), CPU, dict(use_onnx_engines=True)),
     ("onnx-trt-provider-missing", dict(onnx_trt_enable=True), A100, dict(onnx_trt_enable=True)),
+    ("onnx-step-caches", dict(use_onnx_engines=True, enable_teacache=True), CPU,
+     dict(use_onnx_engines=True, onnx_components="vae-decoder", enable_teacache=True)),
+    ("onnx-compiled-transformer", dict(use_onnx_engines=True, enable_compile=True), CPU,
+     dict(use_onnx_engines=True, onnx_components="text-encoder", enable_compile=True)),
+    ("onnx-quantized-transformer", dict(use_onnx_engines=True, enable_quant=True), CPU, dict(enable_quant=True)),
+    ("onnx-trt-int8-uncalibrated", dict(onnx_trt_enable=True, onnx_trt_int8=True), H100, dict(onnx_trt_enable=True)),
+    ("onnx-with-offload", dict(use_onnx_engines=True), BARE_GPU, dict(use_onnx_engines=True, memory_mode="high-vram")),
     ("bnb-needs-cuda", dict(use_bnb=True), CPU, dict(use_bnb=True)),
     ("bnb-not-installed", dict(use_bnb=True), BARE_GPU, dict(use_bnb=True)),
     ("memory-v2-needs-cuda", dict(use_memory_v2=True), CPU, dict(use_memory_v2=True)),
@@ -147,12 +154,34 @@ def test_plan_skips_what_a_rule_disables():
     assert _status(make_plan(settings, check(settings, CPU)), "compile").status == "skipped"
 
 
-def test_plan_says_not_built_instead_of_pretending():
+def test_plan_says_not_built_instead_of_pretending(monkeypatch):
+    # Every pass of the spec is built now; the mechanism stays for the next flag that arrives before its pass.
+    import dataclasses
+
+    from framepack_turbo.optim import plan as plan_module
+
+    order = tuple(dataclasses.replace(p, implementation=None) if p.name == "onnx" else p for p in PASS_ORDER)
+    monkeypatch.setattr(plan_module, "PASS_ORDER", order)
     settings = s(use_onnx_engines=True)
     plan = make_plan(settings, check(settings, H100))
     p = _status(plan, "onnx")
     assert p.status == "not built" and "FRAMEPACK_USE_ONNX_ENGINES" in p.reason
     assert any("ONNX engines (onnxruntime): not built" in line for line in plan.summary_lines())
+
+
+def test_every_spec_pass_is_built():
+    assert [p.name for p in PASS_ORDER if p.implementation is None] == []
+
+
+def test_onnx_and_tensorrt_skip_paths_on_cpu():
+    settings = s(use_onnx_engines=True, enable_tensorrt=True, trt_transformer=True)
+    bare = make_plan(settings, check(settings, CPU))  # no onnxruntime, no CUDA
+    assert _status(bare, "onnx").status == "skipped" and "onnx-needs-onnxruntime" in _status(bare, "onnx").reason
+    assert _status(bare, "tensorrt").status == "skipped" and "tensorrt-needs-gpu" in _status(bare, "tensorrt").reason
+    no_trt = make_plan(settings, check(settings, BARE_GPU))  # CUDA without torch-tensorrt
+    assert "tensorrt-not-installed" in _status(no_trt, "tensorrt").reason
+    full = make_plan(settings, check(settings, H100))
+    assert _status(full, "onnx").status == "active" and _status(full, "tensorrt").status == "active"
 
 
 def test_plan_order_is_the_design_order():

@@ -268,6 +268,57 @@ def optimize(
         raise _fail(str(exc), exc.exit_code) from None
 
 
+export_app = typer.Typer(help="Export components for other runtimes.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+# What a graph must not record: hooks and compiled wrappers of passes that act at run time.
+_EXPORT_OFF = dict(
+    use_onnx_engines=False, onnx_trt_enable=False, enable_tensorrt=False, enable_compile=False, jit_mode="off",
+    enable_fbcache=False, enable_teacache=False, enable_sim_cache=False, enable_kv_cache=False,
+    enable_module_cache=False, enable_opt_cache=False,
+)  # fmt: skip
+
+
+@export_app.command("onnx", context_settings=SETTINGS_CONTEXT, epilog=_settings_epilog())
+def export_onnx(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder; each component goes to OUT/<component>/ with a manifest.json.")],
+    component: Annotated[
+        list[str], typer.Option(help="transformer, text-encoder, image-encoder, vae-decoder or all (repeatable).")
+    ] = ["transformer"],  # noqa: B006 - typer reads the default, never mutates it
+    check: Annotated[bool, typer.Option(help="Run each graph in onnxruntime against PyTorch before keeping it.")] = True,
+    preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
+) -> None:
+    """Export components to ONNX (dynamo exporter, weights as external data, dynamic text length, frames
+    and resolution). Run them with FRAMEPACK_USE_ONNX_ENGINES=1 FRAMEPACK_ONNX_DIR=OUT; weight passes
+    (low precision, pruning) must be the same in both runs, the manifest checks it.
+    """
+    console = _console()
+    _configure_logging(False, console)
+    try:
+        from framepack_turbo.optim import onnx_export as ox
+
+        names = list(ox.COMPONENTS) if "all" in component else list(dict.fromkeys(component))
+        for name in names:
+            if name not in ox.COMPONENTS:
+                raise InputError(f"--component {name}: choose from {', '.join(ox.COMPONENTS)} or all")
+        _check_writable_file(out / ".probe")
+        settings = _settings_from(ctx, preset)
+        from framepack_turbo.api import FramePack
+
+        build = settings.model_copy(update=_EXPORT_OFF)
+        build._sources = settings._sources
+        fp = FramePack.load(settings=build)
+        for name in names:
+            manifest = ox.export_component(fp.bundle, name, out / name, check=check)
+            for graph in manifest["graphs"]:
+                size = sum(p.stat().st_size for p in (out / name).glob(graph["file"] + "*")) / 2**20
+                error = f", max relative error {graph['check']['relative']:.1e}" if "check" in graph else ""
+                typer.echo(f"wrote {out / name / graph['file']} ({size:.1f} MiB, {graph['dtype']}{error})")
+    except FramePackError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+
+
 @app.command()
 def bench(
     model: Annotated[str, typer.Option(help="tiny or small (CPU), full (real size, random weights, CUDA).")] = "tiny",

@@ -99,6 +99,16 @@ def _trt_any(s: Settings) -> bool:
     return s.enable_tensorrt or s.use_onnx_engines or s.onnx_trt_enable
 
 
+def _onnx_transformer(s: Settings) -> bool:
+    return (s.use_onnx_engines or s.onnx_trt_enable) and "transformer" in s.onnx_components
+
+
+def _onnx_offloaded(s: Settings, h: Hardware) -> bool:
+    from framepack_turbo.optim import offload
+
+    return (s.use_onnx_engines or s.onnx_trt_enable) and h.cuda and offload.decide(s, h).mode in ("v1", "v2")
+
+
 def _quant_methods(s: Settings) -> list[str]:
     names = {"enable_quant": s.enable_quant, "enable_fp8": s.enable_fp8, "use_bnb": s.use_bnb}
     return [env_name(n) for n, on in names.items() if on]
@@ -148,6 +158,7 @@ SWITCHES: dict[str, Callable[[Settings], bool]] = {
         ("onnx_trt_fp16", "onnx_trt_int8", "onnx_trt_device_id", "onnx_trt_workspace_mb", "onnx_trt_cache_dir"),
         lambda s: s.onnx_trt_enable,
     ),
+    **dict.fromkeys(("onnx_components", "onnx_dir"), lambda s: s.use_onnx_engines or s.onnx_trt_enable),
     **dict.fromkeys(("force_parallel_loaders",), lambda s: s.parallel_loaders > 1),
 }
 
@@ -334,6 +345,53 @@ RULES: tuple[Rule, ...] = (
         ),
         "Use torch.compile (FRAMEPACK_ENABLE_COMPILE=1) with a step cache, or --jit-mode off.",
         disables=("fbcache", "teacache", "simcache", "kvcache"),
+    ),
+    Rule(
+        "onnx-step-caches",
+        Severity.WARNING,
+        lambda s, h: bool(_step_caches(s)) and _onnx_transformer(s),
+        lambda s, h: (
+            f"The ONNX transformer is one graph: {', '.join(_step_caches(s))} decide per block and per step in "
+            "Python hooks, which an onnxruntime session does not run; the cache is skipped."
+        ),
+        "Keep the transformer in PyTorch for a step cache (FRAMEPACK_ONNX_COMPONENTS without transformer), or "
+        "turn the cache off.",
+        disables=("fbcache", "teacache", "simcache", "kvcache"),
+    ),
+    Rule(
+        "onnx-compiled-transformer",
+        Severity.WARNING,
+        lambda s, h: _onnx_transformer(s) and (s.enable_compile or s.jit_mode != "off"),
+        "The ONNX engine replaces the transformer; torch.compile / TorchScript would compile a module that no "
+        "longer runs, so they are skipped.",
+        "Choose one: ONNX engines, torch.compile or TorchScript (`framepack bench` compares them).",
+        disables=("compile", "jit"),
+    ),
+    Rule(
+        "onnx-quantized-transformer",
+        Severity.WARNING,
+        lambda s, h: _onnx_transformer(s) and (s.enable_quant or s.enable_fp8),
+        "torchao's INT-N / FP8 weights are tensor subclasses with their own kernels; the ONNX exporter cannot "
+        "write them as standard operators, so the ONNX engines are skipped and the quantized PyTorch model runs.",
+        "Quantize or export, not both (ONNX_TRT_FP16 gives TensorRT its own reduced precision).",
+        disables=("onnx",),
+    ),
+    Rule(
+        "onnx-trt-int8-uncalibrated",
+        Severity.WARNING,
+        lambda s, h: s.onnx_trt_enable and s.onnx_trt_int8,
+        "ONNX_TRT_INT8 needs a calibration table (or a model with quantize/dequantize nodes), which this version "
+        "does not build; the TensorRT provider runs in FP16/FP32 instead.",
+        "FRAMEPACK_ONNX_TRT_INT8=0; for 8-bit weights use FRAMEPACK_ENABLE_QUANT=1 without ONNX.",
+    ),
+    Rule(
+        "onnx-with-offload",
+        Severity.WARNING,
+        _onnx_offloaded,
+        "This GPU gets an offloading placement (v1/v2); an onnxruntime session holds its whole graph in GPU "
+        "memory and cannot be offloaded, so the ONNX engines are skipped.",
+        "FRAMEPACK_MEMORY_MODE=high-vram if the models fit, or keep the PyTorch models with offloading.",
+        disables=("onnx",),
     ),
     Rule(
         "bettertransformer-with-offload",

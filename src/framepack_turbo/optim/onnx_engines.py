@@ -329,7 +329,7 @@ class OnnxPass:
             cache_root=settings.runtime_cache_dir / "onnx",
             trt=settings.onnx_trt_enable,
             trt_fp16=settings.onnx_trt_fp16,
-            trt_int8=settings.onnx_trt_int8,
+            trt_int8=False,  # no calibration table is built: rule onnx-trt-int8-uncalibrated
             device_id=settings.onnx_trt_device_id,
             trt_workspace_mb=settings.onnx_trt_workspace_mb,
             trt_cache_dir=settings.onnx_trt_cache_dir,

@@ -102,7 +102,8 @@ PASS_ORDER: tuple[PassSpec, ...] = (
         ("use_onnx_engines", "onnx_trt_enable"), "framepack_turbo.optim.onnx_engines:OnnxPass",
     ),  # fmt: skip
     PassSpec(
-        "tensorrt", "TensorRT (torch-tensorrt)", lambda s: s.enable_tensorrt, ("enable_tensorrt",)
+        "tensorrt", "TensorRT (torch-tensorrt)", lambda s: s.enable_tensorrt, ("enable_tensorrt",),
+        "framepack_turbo.optim.torch_trt:TensorRTPass",
     ),
 )
 PASSES_BY_NAME = {p.name: p for p in PASS_ORDER}

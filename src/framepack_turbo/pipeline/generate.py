@@ -117,7 +117,7 @@ class Generator:
         self.bundle = bundle
         self.on_event = on_event or (lambda event: None)
         self.cancel = cancel or CancelToken()
-        self.stateful = list(stateful) + list(bundle.step_caches) + list(bundle.engines)
+        self.stateful = list(stateful) + list(bundle.step_caches)
         self.caches = list(bundle.step_caches)  # step caches: their calls get a cache context, their counts a record
         self.settings = settings or {}  # recorded in the sidecar as given
 
@@ -133,6 +133,8 @@ class Generator:
         timings = _Timings()
         sidecar = self._sidecar(options, variant, image, len(sections))
         self._reset_state()
+        for runner in self.bundle.engines:  # counts are per job, not per section
+            runner.reset()
 
         cond = self._condition(picture, options, timings)
         if self.bundle.encoder_cache is not None:
