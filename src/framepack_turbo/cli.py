@@ -302,6 +302,7 @@ def export_onnx(
         for name in names:
             if name not in ox.COMPONENTS:
                 raise InputError(f"--component {name}: choose from {', '.join(ox.COMPONENTS)} or all")
+            ox.check_output_folder(out / name)
         _check_writable_file(out / ".probe")
         settings = _settings_from(ctx, preset)
         from framepack_turbo.api import FramePack

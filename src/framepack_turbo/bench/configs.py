@@ -60,6 +60,8 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "serial-load": {"parallel_loaders": 1},
     "parallel-load": {"parallel_loaders": 4, "force_parallel_loaders": True},
     "onnx": {"use_onnx_engines": True},
+    "onnx-all": {"use_onnx_engines": True, "onnx_components": "transformer,text-encoder,image-encoder,vae-decoder"},
+    "onnx-trt": {"use_onnx_engines": True, "onnx_trt_enable": True},
     "tensorrt": {"enable_tensorrt": True, "trt_transformer": True},
 }
 

@@ -146,7 +146,9 @@ def _run_configs(ctx, configs, runs, spec, common, image, out_dir, on_progress) 
     workers: dict[str, _Worker] = {}
     try:
         for config in configs:
-            job = WorkerJob(config.name, {**common, **config.settings}, str(image), PROMPT, str(out_dir))
+            # runtime caches (encoder outputs, ONNX exports) live and die with the bench's folder
+            settings = {**common, "runtime_cache_dir": str(out_dir / "runtime_caches"), **config.settings}
+            job = WorkerJob(config.name, settings, str(image), PROMPT, str(out_dir))
             workers[config.name] = _Worker(ctx, job)
         for name, worker in workers.items():
             status = worker.receive()

@@ -180,7 +180,7 @@ class GraphRunner:
         log.info("No exported graph of %s covers %s: exporting this shape", self.module_name, asked)
         spec = next(s for s in ox.graph_specs(self.bundle, self.component) if s.module == self.module_name)
         identity = (ox.read_manifest(self.directory) or {}).get("identity") or ox.component_identity(self.bundle, self.component)
-        with _original_in_place(self.bundle, self.module_name, self.original):
+        with _export_lock(self.directory), _original_in_place(self.bundle, self.module_name, self.original):
             entry = ox.export_graph(self.bundle, self.component, spec, self.directory, identity, shapes=shapes)
         self.exports += 1
         return entry
@@ -231,6 +231,20 @@ def _original_in_place(bundle: Any, module_name: str, original: torch.nn.Module)
         yield
     finally:
         setattr(parent, attr, stand_in)
+
+
+@contextlib.contextmanager
+def _export_lock(directory: Path):
+    """An exclusive lock file beside the export folder (POSIX advisory lock; held until the block ends)."""
+    import fcntl
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class OnnxStandIn(torch.nn.Module):
@@ -296,11 +310,12 @@ def install(bundle: Any, component: str, config: OnnxConfig, providers: list[tup
     """Make sure the component is exported (first use) and put its stand-ins in the bundle."""
     identity = ox.component_identity(bundle, component)
     directory = config.directory(component, identity)
-    manifest = ox.read_manifest(directory)
-    if manifest is None:
-        log.info("No ONNX export of %s in %s: exporting it (once; later runs reuse it)", component, directory)
-        ox.export_component(bundle, component, directory)
-    elif manifest.get("identity") != identity:
+    with _export_lock(directory):  # two processes (bench workers, two jobs) must not export into one folder
+        manifest = ox.read_manifest(directory)
+        if manifest is None:
+            log.info("No ONNX export of %s in %s: exporting it (once; later runs reuse it)", component, directory)
+            manifest = ox.export_component(bundle, component, directory)
+    if manifest.get("identity") != identity:
         raise ox.OnnxExportError(
             f"the ONNX export in {directory} was made from other weights than this run's {component} "
             "(model, pruning or precision differ); export again with "

@@ -146,7 +146,7 @@ def graph_specs(bundle: Any, component: str) -> list[GraphSpec]:
                 GraphInput("latents_history_4x", "float", (1, ch, CONTEXT_4X, "2*h", "2*w")),
                 GraphInput("indices_latents_history_4x", "index", (CONTEXT_4X,)),
             )
-            dims = {"frames": (1, 64), "h": (1, 256), "w": (1, 256), "text": (1, 1024), "image": (1, 4096)}
+            dims = {"frames": (1, 64), "h": (1, 128), "w": (1, 128), "text": (1, 512), "image": (1, 1024)}
             example = {"frames": 3, "h": 3, "w": 4, "text": 7, "image": 5}
         elif name == "text_encoder":
             limit = int(getattr(bundle.text_encoder.config, "max_position_embeddings", 4096))
@@ -388,13 +388,18 @@ def check_graph(path: Path, graph: torch.nn.Module, inputs: dict[str, torch.Tens
     return {"max_abs": max_abs, "relative": rel}
 
 
+def check_output_folder(directory: Path) -> None:
+    """Refuse to replace a folder that holds something other than an earlier export."""
+    if directory.is_dir() and any(directory.iterdir()) and not manifest_path(directory).is_file():
+        raise InputError(f"{directory}: exists and is not an ONNX export; choose another --out")
+
+
 def export_component(bundle: Any, component: str, directory: Path, check: bool = True) -> dict[str, Any]:
     """Export every graph of a component with dynamic axes into `directory` (emptied first)."""
     directory = Path(directory)
     identity = component_identity(bundle, component)
+    check_output_folder(directory)
     if directory.exists():
-        if any(directory.iterdir()) and not manifest_path(directory).is_file():
-            raise InputError(f"{directory}: exists and is not an ONNX export; choose another --out")
         shutil.rmtree(directory)  # our own earlier export: replaced whole, never mixed
     for spec in graph_specs(bundle, component):
         export_graph(bundle, component, spec, directory, identity, check=check)
