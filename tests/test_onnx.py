@@ -284,3 +284,13 @@ def test_export_cli_refuses_bad_input(tmp_path):
     taken = runner.invoke(app, ["export", "onnx", "--model", "tiny", "--out", str(tmp_path)])
     assert taken.exit_code == 2 and "not an ONNX export" in taken.output
     assert (tmp_path / "transformer" / "notes.txt").exists()
+
+
+def test_modules_tensorrt_took_get_no_onnx_engine(tmp_path):
+    from framepack_turbo.optim.torch_trt import TensorRTConfig, TensorRTModule
+
+    bundle = load_bundle("tiny", device="cpu")
+    bundle.transformer = TensorRTModule(bundle.transformer, TensorRTConfig(("transformer",)), compile_fn=lambda m, **k: m)
+    config = oe.OnnxConfig(cache_root=tmp_path)
+    assert oe.install(bundle, "transformer", config, [(oe.CPU, {})]) == []
+    assert isinstance(bundle.transformer, TensorRTModule) and not any(tmp_path.iterdir())  # nothing exported

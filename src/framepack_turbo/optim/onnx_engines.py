@@ -33,6 +33,7 @@ import torch
 from framepack_turbo.errors import FramePackError
 from framepack_turbo.optim import onnx_export as ox
 from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.torch_trt import TensorRTModule
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -308,6 +309,10 @@ STAND_INS = {
 
 def install(bundle: Any, component: str, config: OnnxConfig, providers: list[tuple[str, dict[str, Any]]]) -> list[GraphRunner]:
     """Make sure the component is exported (first use) and put its stand-ins in the bundle."""
+    taken = [n for n in ox.COMPONENT_MODULES[component] if isinstance(ox.resolve_module(bundle, n), TensorRTModule)]
+    if taken:  # ENABLE_TENSORRT took them (the plan runs TensorRT first); TRT_TEXT_ENCODERS takes both encoders
+        log.info("%s run through torch-tensorrt; no ONNX engine for %s", ", ".join(taken), component)
+        return []
     identity = ox.component_identity(bundle, component)
     directory = config.directory(component, identity)
     with _export_lock(directory):  # two processes (bench workers, two jobs) must not export into one folder

@@ -98,13 +98,13 @@ PASS_ORDER: tuple[PassSpec, ...] = (
     ),
     PassSpec("jit", "TorchScript", lambda s: s.jit_mode != "off", ("jit_mode",), "framepack_turbo.optim.jit:JitPass"),
     PassSpec(
-        "onnx", "ONNX engines (onnxruntime)", lambda s: s.use_onnx_engines or s.onnx_trt_enable,
-        ("use_onnx_engines", "onnx_trt_enable"), "framepack_turbo.optim.onnx_engines:OnnxPass",
-    ),  # fmt: skip
-    PassSpec(
         "tensorrt", "TensorRT (torch-tensorrt)", lambda s: s.enable_tensorrt, ("enable_tensorrt",),
         "framepack_turbo.optim.torch_trt:TensorRTPass",
     ),
+    PassSpec(
+        "onnx", "ONNX engines (onnxruntime)", lambda s: s.use_onnx_engines or s.onnx_trt_enable,
+        ("use_onnx_engines", "onnx_trt_enable"), "framepack_turbo.optim.onnx_engines:OnnxPass",
+    ),  # fmt: skip
 )
 PASSES_BY_NAME = {p.name: p for p in PASS_ORDER}
 
