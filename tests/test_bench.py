@@ -157,14 +157,14 @@ def test_plot_is_a_png(tmp_path):
 def test_bench_bar_with_failure_rows(tmp_path):
     extra = tmp_path / "c.toml"
     extra.write_text('[configs.broken]\nenable_quant = true\nenable_fp8 = true\n[configs.gpu]\ndevice = "cuda"\n')
-    args = ["bench", "--model", "tiny", "--configs", "baseline,bf16,onnx,broken,gpu", "--config-file", str(extra),
+    args = ["bench", "--model", "tiny", "--configs", "baseline,bf16,tensorrt,broken,gpu", "--config-file", str(extra),
             "--steps", "2", "--seconds", "1", "--resolution", "64", "--repeats", "1",
             "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")]  # fmt: skip
     result = CliRunner().invoke(app, args, env={"FRAMEPACK_ENABLE_COMPILE": "1"})
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "r.json").read_text())
     rows = {r["config"]: r for r in data["rows"]}
-    assert list(rows) == ["baseline", "bf16", "onnx", "broken", "gpu"]
+    assert list(rows) == ["baseline", "bf16", "tensorrt", "broken", "gpu"]
     for name in ("baseline", "bf16"):
         row = rows[name]
         assert row["status"] == "ok"
@@ -176,7 +176,7 @@ def test_bench_bar_with_failure_rows(tmp_path):
     assert rows["baseline"]["fidelity"]["psnr_db_identical"] is True
     assert rows["baseline"]["plan"] and all(p["status"] == "off" for p in rows["baseline"]["plan"] if p["name"] not in ("placement", "loading.parallel"))
     assert 20 < rows["bf16"]["fidelity"]["psnr_db"] < 90 and rows["bf16"]["fidelity"]["ssim"] < 1
-    assert rows["onnx"]["status"] == "skipped" and "onnx" in rows["onnx"]["reason"].lower()
+    assert rows["tensorrt"]["status"] == "skipped" and "tensorrt-needs-gpu" in rows["tensorrt"]["reason"]
     assert rows["broken"]["status"] == "failed" and "multiple-quantization" in rows["broken"]["reason"]
     assert rows["gpu"]["status"] in ("failed", "skipped") and rows["gpu"]["reason"]
     assert data["noise_floor"]["psnr_db_identical"] is True  # CPU runs are deterministic

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import torch
+
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
@@ -31,3 +33,18 @@ class Pass(Protocol):
     def config(self, settings: Settings) -> Any | None: ...
 
     def apply(self, bundle: ModelBundle, config: Any, hardware: Hardware) -> PassReport: ...
+
+
+class StandIn(torch.nn.Module):
+    """Takes another module's place (a traced, compiled or exported version of it): attribute reads it
+    does not answer itself (config, dtype, device ...) go to the `original`, so callers do not notice."""
+
+    def __init__(self, original: torch.nn.Module) -> None:
+        super().__init__()
+        self.original = original
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("original"), name)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from framepack_turbo.errors import FramePackError
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassReport, StandIn
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -75,12 +75,11 @@ class _Positional(torch.nn.Module):
         return self.model(**dict(zip(self.names, tensors)), **self.constants, return_dict=False)[0]
 
 
-class TracedTransformer(torch.nn.Module):
+class TracedTransformer(StandIn):
     """Stands in for the transformer: same attributes (config, dtype, ...), forward through TorchScript."""
 
     def __init__(self, original: torch.nn.Module, config: JitConfig) -> None:
-        super().__init__()
-        self.original = original
+        super().__init__(original)
         self.jit_config = config
         self.traces: dict[Signature, torch.jit.ScriptModule] = {}
         self.traced_count = 0
@@ -89,12 +88,6 @@ class TracedTransformer(torch.nn.Module):
             sig = tuple((n, tuple(s), d) for n, s, d in saved["signature"])
             self.traces[sig] = torch.jit.load(str(config.load), map_location=next(original.parameters()).device)
             log.info("Loaded TorchScript transformer from %s", config.load)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("original"), name)
 
     def forward(self, return_dict: bool = False, **kwargs: Any):
         sig = signature(kwargs)

@@ -32,7 +32,7 @@ import torch
 
 from framepack_turbo.errors import FramePackError
 from framepack_turbo.optim import onnx_export as ox
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassReport, StandIn
 from framepack_turbo.optim.torch_trt import TensorRTModule
 
 if TYPE_CHECKING:
@@ -112,7 +112,10 @@ class EngineCache:
         marker = path / "key.json"
         if not marker.exists():
             marker.write_text(json.dumps(about, indent=2))
-        os.utime(marker)
+        # Strictly newest even where the file system's clock is coarser than two uses in a row.
+        newest = max((p.joinpath("key.json").stat().st_mtime_ns for p in self.entries() if p != path), default=0)
+        now = max(time.time_ns(), newest + 1)
+        os.utime(marker, ns=(now, now))
         self.evict(keep=key)
         return path
 
@@ -145,6 +148,7 @@ class GraphRunner:
         self.sessions: dict[str, Any] = {}  # graph file (or TensorRT engine key) -> session
         self.calls, self.exports = 0, 0
         self.provider = ""
+        self.manifest: dict[str, Any] | None = None
         self.engine_cache = EngineCache(config.trt_cache_dir / f"{directory.parent.name}-{module_name}", config.max_cached_shapes)
 
     def run(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -164,7 +168,9 @@ class GraphRunner:
         return torch.from_numpy(np.ascontiguousarray(out)).to(device)
 
     def _graph_for(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-        manifest = ox.read_manifest(self.directory) or {"graphs": []}
+        if self.manifest is None:  # read once; re-read after an export adds a graph
+            self.manifest = ox.read_manifest(self.directory) or {"graphs": []}
+        manifest = self.manifest
         for entry in manifest["graphs"]:
             if entry["module"] == self.module_name and ox.bind_dims(entry["inputs"], entry["dims"], shapes) is not None:
                 return entry
@@ -180,10 +186,11 @@ class GraphRunner:
             )
         log.info("No exported graph of %s covers %s: exporting this shape", self.module_name, asked)
         spec = next(s for s in ox.graph_specs(self.bundle, self.component) if s.module == self.module_name)
-        identity = (ox.read_manifest(self.directory) or {}).get("identity") or ox.component_identity(self.bundle, self.component)
+        identity = manifest.get("identity") or ox.component_identity(self.bundle, self.component)
         with _export_lock(self.directory), _original_in_place(self.bundle, self.module_name, self.original):
             entry = ox.export_graph(self.bundle, self.component, spec, self.directory, identity, shapes=shapes)
         self.exports += 1
+        self.manifest = None
         return entry
 
     def _session(self, entry: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> Any:
@@ -248,19 +255,12 @@ def _export_lock(directory: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-class OnnxStandIn(torch.nn.Module):
-    """Takes a module's place; answers attribute reads (config, dtype, device) from the original."""
+class OnnxStandIn(StandIn):
+    """Takes a module's place with the same call convention; computes through its graph runner."""
 
     def __init__(self, original: torch.nn.Module, runner: GraphRunner) -> None:
-        super().__init__()
-        self.original = original
+        super().__init__(original)
         self.runner = runner
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("original"), name)
 
     def _run(self, **tensors: torch.Tensor | None) -> torch.Tensor:
         return self.runner.run({k: v for k, v in tensors.items() if v is not None})

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassReport, StandIn
 from framepack_turbo.optim.jit import Signature, signature
 
 if TYPE_CHECKING:
@@ -58,22 +58,15 @@ def compile_options(config: TensorRTConfig, dtype: torch.dtype) -> dict[str, Any
     }
 
 
-class TensorRTModule(torch.nn.Module):
+class TensorRTModule(StandIn):
     """Stands in for a module; compiles it with torch-tensorrt per input signature, on first use."""
 
     def __init__(self, original: torch.nn.Module, config: TensorRTConfig, compile_fn: Any = None) -> None:
-        super().__init__()
-        self.original = original
+        super().__init__(original)
         self.trt_config = config
         self.compiled: OrderedDict[Signature, Any] = OrderedDict()
         self.compile_fn = compile_fn
         self.compilations = 0
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("original"), name)
 
     def forward(self, *args: Any, **kwargs: Any):
         tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
