@@ -298,6 +298,7 @@ def export_onnx(
     try:
         from framepack_turbo.optim import onnx_export as ox
 
+        ox.require_exporter()  # before any model loads
         names = list(ox.COMPONENTS) if "all" in component else list(dict.fromkeys(component))
         for name in names:
             if name not in ox.COMPONENTS:

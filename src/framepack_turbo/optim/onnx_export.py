@@ -388,6 +388,18 @@ def check_graph(path: Path, graph: torch.nn.Module, inputs: dict[str, torch.Tens
     return {"max_abs": max_abs, "relative": rel}
 
 
+def require_exporter() -> None:
+    """The dynamo exporter needs onnx and onnxscript, the check onnxruntime: say how to get them."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise OnnxExportError(
+            f"ONNX export needs {', '.join(missing)}, which is not installed: pip install 'framepack-turbo[onnx]' "
+            "(or pip install onnx onnxscript onnxruntime)"
+        )
+
+
 def check_output_folder(directory: Path) -> None:
     """Refuse to replace a folder that holds something other than an earlier export."""
     if directory.is_dir() and any(directory.iterdir()) and not manifest_path(directory).is_file():
@@ -396,6 +408,7 @@ def check_output_folder(directory: Path) -> None:
 
 def export_component(bundle: Any, component: str, directory: Path, check: bool = True) -> dict[str, Any]:
     """Export every graph of a component with dynamic axes into `directory` (emptied first)."""
+    require_exporter()
     directory = Path(directory)
     identity = component_identity(bundle, component)
     check_output_folder(directory)
