@@ -294,3 +294,19 @@ def test_modules_tensorrt_took_get_no_onnx_engine(tmp_path):
     config = oe.OnnxConfig(cache_root=tmp_path)
     assert oe.install(bundle, "transformer", config, [(oe.CPU, {})]) == []
     assert isinstance(bundle.transformer, TensorRTModule) and not any(tmp_path.iterdir())  # nothing exported
+
+
+def test_identity_is_the_same_in_every_process():
+    """The export's identity must not depend on the process (diffusers keeps a set in its config)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from framepack_turbo.models.loading import load_bundle; from framepack_turbo.optim import onnx_export as ox; "
+            "b = load_bundle('tiny', device='cpu'); print([ox.identity_key(ox.component_identity(b, c)) for c in ox.COMPONENTS])")  # fmt: skip
+    keys = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip().splitlines()[-1]
+        for seed in ("1", "2")
+    ]  # fmt: skip
+    assert keys[0] == keys[1]

@@ -254,7 +254,11 @@ def _dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, Any]]:
 def module_fingerprint(module: torch.nn.Module) -> dict[str, Any]:
     """What makes two modules compute the same graph: class, config, parameter count, sampled weights."""
     config = getattr(module, "config", None)
-    config_text = config.to_json_string() if hasattr(config, "to_json_string") else json.dumps(dict(config or {}), sort_keys=True, default=str)
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    # Private keys are bookkeeping (diffusers' `_use_default_values` is a set in hash order, different per
+    # process; `_name_or_path` is where it was loaded from); versions are not the architecture.
+    values = {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"}
+    config_text = json.dumps(values, sort_keys=True, default=str)
     params = list(module.parameters())
     digest = hashlib.sha256()
     for p in (params[0], params[len(params) // 2], params[-1]) if params else ():
