@@ -1,0 +1,158 @@
+"""Jobs on disk: one SQLite file, so a restarted server keeps its queue and its finished videos.
+
+A job is a request (prompt, options, settings) plus a state: queued -> running -> done | failed |
+cancelled; a queued job can also be cancelled directly. Every state change is one conditional UPDATE,
+so two threads (the worker finishing a job, a user cancelling it) cannot both win. Connections are
+opened per call: the queue's worker thread and the web server's threads share nothing but the file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINAL = ("done", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    request TEXT NOT NULL,
+    image TEXT NOT NULL,
+    video TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    sections_done INTEGER NOT NULL DEFAULT 0,
+    sections INTEGER NOT NULL DEFAULT 0,
+    frames INTEGER NOT NULL DEFAULT 0
+)
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    state: str
+    created: float
+    request: dict[str, Any]
+    image: str  # the server's own copy of the start image
+    video: str  # where the mp4 goes (named by the server, never by the client)
+    started: float | None = None
+    finished: float | None = None
+    error: str = ""
+    sections_done: int = 0
+    sections: int = 0
+    frames: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def prompt(self) -> str:
+        return self.request.get("prompt", "")
+
+
+class JobStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")  # readers (the page) never wait on the worker's writes
+            db.execute(_SCHEMA)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.row_factory = sqlite3.Row
+        try:
+            with db:  # one transaction: committed on success, rolled back on error
+                yield db
+        finally:
+            db.close()
+
+    def add(self, request: dict[str, Any], image: str, video_dir: str | Path) -> Job:
+        """Queue a job; its video path is made from its id."""
+        with self._db() as db:
+            cur = db.execute(
+                "INSERT INTO jobs (state, created, request, image, video) VALUES ('queued', ?, ?, ?, '')",
+                (time.time(), json.dumps(request), image),
+            )
+            job_id = cur.lastrowid
+            video = str(Path(video_dir) / f"job-{job_id:05d}.mp4")
+            db.execute("UPDATE jobs SET video = ? WHERE id = ?", (video, job_id))
+        return self.get(job_id)
+
+    def get(self, job_id: int) -> Job | None:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def list(self, limit: int = 200) -> list[Job]:
+        """Newest first."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def claim_next(self) -> Job | None:
+        """The oldest queued job, now running; None when nothing waits."""
+        with self._db() as db:
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            cur = db.execute(
+                "UPDATE jobs SET state = 'running', started = ? WHERE id = ? AND state = 'queued'", (time.time(), row["id"])
+            )
+            if cur.rowcount == 0:
+                return None
+        return self.get(row["id"])
+
+    def progress(self, job_id: int, sections_done: int, sections: int, frames: int) -> None:
+        with self._db() as db:
+            db.execute(
+                "UPDATE jobs SET sections_done = ?, sections = ?, frames = ? WHERE id = ?",
+                (sections_done, sections, frames, job_id),
+            )
+
+    def finish(self, job_id: int, state: str, error: str = "") -> bool:
+        """running -> done/failed/cancelled; False when the job was not running."""
+        assert state in FINAL
+        with self._db() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = ?, finished = ?, error = ? WHERE id = ? AND state = 'running'",
+                (state, time.time(), error, job_id),
+            )
+        return cur.rowcount == 1
+
+    def cancel_queued(self, job_id: int) -> bool:
+        with self._db() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ? AND state = 'queued'", (time.time(), job_id)
+            )
+        return cur.rowcount == 1
+
+    def recover(self) -> list[int]:
+        """After a restart: jobs that were running when the server stopped are failed, with what is kept."""
+        with self._db() as db:
+            rows = db.execute("SELECT id, sections_done FROM jobs WHERE state = 'running'").fetchall()
+            for row in rows:
+                kept = (f"; the {row['sections_done']} finished section(s) are in its video" if row["sections_done"] else "")
+                db.execute(
+                    "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ?",
+                    (time.time(), "the server stopped while this job ran" + kept, row["id"]),
+                )
+        return [r["id"] for r in rows]
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"], state=row["state"], created=row["created"], request=json.loads(row["request"]),
+        image=row["image"], video=row["video"], started=row["started"], finished=row["finished"],
+        error=row["error"], sections_done=row["sections_done"], sections=row["sections"], frames=row["frames"],
+    )  # fmt: skip

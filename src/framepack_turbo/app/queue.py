@@ -1,0 +1,235 @@
+"""The job queue: jobs from the page or the API run one at a time on one worker thread (one GPU).
+
+`JobQueue.submit` checks the start image and the request before anything is queued, stores its own
+PNG copy of the image and names the output after the job id. The worker claims the oldest queued
+job, runs it through a `Runner`, and records the outcome; an exception fails that job only, and the
+queue goes on. What a running job is doing (step, section, ETA, latent preview, cache hit rates) is
+kept in memory for the page; the states are in the SQLite store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from framepack_turbo.app.jobs import Job, JobStore
+from framepack_turbo.errors import Cancelled, InputError
+from framepack_turbo.pipeline.events import CancelToken, Notice, SectionDone, StepProgress
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 20 << 20
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+
+
+class Runner(Protocol):
+    def __call__(self, job: Job, cancel: CancelToken, on_event: Callable[[Any], None]) -> None: ...
+
+
+@dataclass
+class Live:
+    """What the page shows of the running job."""
+
+    job_id: int
+    step: int = 0
+    steps: int = 0
+    section: int = 0
+    sections: int = 0
+    eta_s: float | None = None
+    fraction: float = 0.0
+    preview: np.ndarray | None = None
+    notices: list[str] = field(default_factory=list)
+    cache_timeline: list[dict[str, Any]] = field(default_factory=list)  # per finished section: {cache: hit rate}
+
+
+def check_upload(data: bytes) -> np.ndarray:
+    """An uploaded image, checked: size, a real image of an allowed type, sides in range; RGB array."""
+    from PIL import Image, UnidentifiedImageError
+
+    from framepack_turbo.pipeline.options import load_image
+
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise InputError(f"image is {len(data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES >> 20} MB")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in IMAGE_FORMATS:
+                raise InputError(f"image type {im.format or 'unknown'} is not accepted; use {', '.join(IMAGE_FORMATS)}")
+            im.load()
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise InputError("the upload is not a readable image") from None
+    return load_image(rgb)  # side limits
+
+
+class JobQueue:
+    def __init__(self, store: JobStore, runner: Runner, data_dir: str | Path, poll_s: float = 0.25) -> None:
+        self.store, self.runner, self.poll_s = store, runner, poll_s
+        self.data_dir = Path(data_dir)
+        self.inputs, self.videos = self.data_dir / "inputs", self.data_dir / "videos"
+        self.inputs.mkdir(parents=True, exist_ok=True)
+        self.videos.mkdir(parents=True, exist_ok=True)
+        self.live: Live | None = None
+        self._tokens: dict[int, CancelToken] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        recovered = store.recover()
+        if recovered:
+            log.warning("Jobs %s were running when the server stopped: marked failed", recovered)
+
+    # ---- from the page / API -------------------------------------------------------------------
+
+    def submit(self, image: bytes | np.ndarray, request: dict[str, Any]) -> Job:
+        """Check and queue a job. `request`: prompt, negative_prompt, options (GenerateOptions fields), settings."""
+        from PIL import Image
+
+        from framepack_turbo.pipeline.options import GenerateOptions, load_image
+
+        picture = check_upload(image) if isinstance(image, bytes) else load_image(image)
+        prompt = request.get("prompt", "")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("a prompt is needed")
+        GenerateOptions(prompt=prompt, negative_prompt=request.get("negative_prompt", ""), **request.get("options", {}))
+        json.dumps(request)  # only plain data is stored
+        stamp = f"{time.time_ns():x}"
+        image_path = self.inputs / f"input-{stamp}.png"  # our name, our encoding: nothing of the client's kept
+        Image.fromarray(picture).save(image_path)
+        job = self.store.add(request, str(image_path), self.videos)
+        log.info("Queued job %d: %s", job.id, prompt[:60])
+        self._wake.set()
+        return job
+
+    def cancel(self, job_id: int) -> str:
+        """Cancel a queued job at once, or ask a running one to stop after its current step."""
+        if self.store.cancel_queued(job_id):
+            return "cancelled"
+        job = self.store.get(job_id)
+        if job is None:
+            raise InputError(f"no job {job_id}")
+        token = self._tokens.get(job_id)
+        if job.state == "running" and token is not None:
+            token.cancel()
+            return "cancelling"
+        return job.state
+
+    # ---- the worker ----------------------------------------------------------------------------
+
+    def start(self) -> JobQueue:
+        self._thread = threading.Thread(target=self._loop, name="framepack-jobs", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        self._wake.set()
+        for token in list(self._tokens.values()):
+            token.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run_pending(self) -> int:
+        """Run queued jobs in this thread until none is left (tests, scripts); returns how many ran."""
+        count = 0
+        while self.run_one():
+            count += 1
+        return count
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.run_one():
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+
+    def run_one(self) -> bool:
+        job = self.store.claim_next()
+        if job is None:
+            return False
+        token = CancelToken()
+        self._tokens[job.id] = token
+        self.live = Live(job.id)
+        log.info("Running job %d", job.id)
+        try:
+            self.runner(job, token, lambda event: self._on_event(job, event))
+        except Cancelled:
+            self.store.finish(job.id, "cancelled")
+        except Exception as exc:  # one job's failure is its own: record it, keep the queue going
+            log.exception("Job %d failed", job.id)
+            self.store.finish(job.id, "failed", f"{type(exc).__name__}: {exc}")
+        else:
+            self.store.finish(job.id, "cancelled" if token.cancelled else "done")
+        finally:
+            self._tokens.pop(job.id, None)
+        return True
+
+    def _on_event(self, job: Job, event: Any) -> None:
+        live = self.live
+        if live is None or live.job_id != job.id:
+            return
+        if isinstance(event, StepProgress):
+            live.step, live.steps, live.section, live.sections = event.step, event.steps, event.section, event.sections
+            live.eta_s, live.fraction = event.eta_s, event.fraction
+            live.preview = event.preview()
+        elif isinstance(event, SectionDone):
+            self.store.progress(job.id, event.section, event.sections, event.frames)
+            live.cache_timeline.append(_section_cache_rates(Path(job.video)))
+        elif isinstance(event, Notice):
+            live.notices.append(event.message)
+
+
+def _section_cache_rates(video: Path) -> dict[str, float]:
+    """The step caches' hit rate in the section just finished, from the sidecar the generator wrote."""
+    from framepack_turbo.pipeline.video import sidecar_path
+
+    try:
+        caches = json.loads(sidecar_path(video).read_text()).get("caches", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+    rates = {}
+    for name, record in caches.items():
+        sections = record.get("sections") or []
+        if sections:
+            s = sections[-1]
+            total = s.get("hit", 0) + s.get("miss", 0) + s.get("forced", 0)
+            rates[name] = s.get("hit", 0) / total if total else 0.0
+    return rates
+
+
+class GenerationRunner:
+    """Runs a job with FramePack; the models load on the first job (never at import) and are kept while
+    the next job's settings ask for the same ones."""
+
+    def __init__(self, base: dict[str, Any]) -> None:
+        self.base = dict(base)  # the server's settings (flags it was started with)
+        self._loaded: tuple[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def settings_for(self, job_settings: dict[str, Any]):
+        from framepack_turbo.settings import Settings
+
+        return Settings.load({**self.base, **job_settings}, source="api")
+
+    def _framepack(self, job_settings: dict[str, Any]):
+        from framepack_turbo.api import FramePack
+
+        key = json.dumps({**self.base, **job_settings}, sort_keys=True, default=str)
+        if self._loaded is None or self._loaded[0] != key:
+            self._loaded = None  # drop the old models before loading new ones
+            self._loaded = (key, FramePack.load(settings=self.settings_for(job_settings)))
+        return self._loaded[1]
+
+    def __call__(self, job: Job, cancel: CancelToken, on_event: Callable[[Any], None]) -> None:
+        with self._lock:
+            fp = self._framepack(job.request.get("settings", {}))
+            fp.generate(
+                job.image, job.prompt, out=job.video, on_event=on_event, cancel=cancel,
+                negative_prompt=job.request.get("negative_prompt", ""), **job.request.get("options", {}),
+            )  # fmt: skip

@@ -1,0 +1,130 @@
+"""The job queue: order, persistence across a restart, cancel, failure isolation, upload checks."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from framepack_turbo.app.jobs import JobStore
+from framepack_turbo.app.queue import GenerationRunner, JobQueue, check_upload
+from framepack_turbo.errors import Cancelled, InputError
+from framepack_turbo.pipeline.events import SectionDone
+
+from .conftest import FAST
+
+PICTURE = (np.indices((96, 128)).sum(0) % 255).astype(np.uint8)[..., None].repeat(3, axis=2)
+
+
+def png(array=PICTURE, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+class FakeRunner:
+    """Records the order; 'fail' in a prompt raises; 'block' waits until cancelled."""
+
+    def __init__(self):
+        self.ran = []
+        self.started = threading.Event()
+
+    def __call__(self, job, cancel, on_event):
+        self.ran.append(job.prompt)
+        self.started.set()
+        if "fail" in job.prompt:
+            raise RuntimeError("boom")
+        if "block" in job.prompt:
+            while not cancel.cancelled:
+                cancel._event.wait(0.05)
+            raise Cancelled("stopped")
+        on_event(SectionDone(1, 1, 9, job.video))
+
+
+def make_queue(tmp_path, runner):
+    return JobQueue(JobStore(tmp_path / "jobs.sqlite"), runner, tmp_path)
+
+
+def test_jobs_run_in_order_and_a_failure_does_not_stop_the_queue(tmp_path):
+    runner = FakeRunner()
+    q = make_queue(tmp_path, runner)
+    ids = [q.submit(png(), {"prompt": p}).id for p in ("first", "fail here", "third")]
+    assert q.run_pending() == 3
+    assert runner.ran == ["first", "fail here", "third"]
+    states = {j.id: j for j in q.store.list()}
+    assert [states[i].state for i in ids] == ["done", "failed", "done"]
+    assert states[ids[1]].error == "RuntimeError: boom"
+    assert states[ids[0]].sections_done == 1 and states[ids[0]].frames == 9
+
+
+def test_queue_and_finished_jobs_survive_a_restart(tmp_path):
+    q = make_queue(tmp_path, FakeRunner())
+    done = q.submit(png(), {"prompt": "done before the restart"})
+    q.run_one()
+    waiting = [q.submit(png(), {"prompt": f"waiting {i}"}).id for i in range(2)]
+    interrupted = q.store.claim_next()  # running when the server "stops"
+    assert interrupted.id == waiting[0]
+    runner = FakeRunner()
+    again = make_queue(tmp_path, runner)  # a new server on the same folder
+    jobs = {j.id: j for j in again.store.list()}
+    assert jobs[done.id].state == "done" and jobs[done.id].video.endswith(f"job-{done.id:05d}.mp4")
+    assert jobs[interrupted.id].state == "failed" and "server stopped" in jobs[interrupted.id].error
+    assert jobs[waiting[1]].state == "queued"
+    again.run_pending()
+    assert runner.ran == ["waiting 1"] and again.store.get(waiting[1]).state == "done"
+
+
+def test_cancel_queued_and_running_jobs(tmp_path):
+    runner = FakeRunner()
+    q = make_queue(tmp_path, runner).start()
+    try:
+        running = q.submit(png(), {"prompt": "block until cancelled"})
+        assert runner.started.wait(10)
+        queued = q.submit(png(), {"prompt": "never runs"})
+        assert q.cancel(queued.id) == "cancelled"
+        assert q.cancel(running.id) == "cancelling"
+        for _ in range(200):
+            if q.store.get(running.id).state != "running":
+                break
+            threading.Event().wait(0.05)
+        assert q.store.get(running.id).state == "cancelled"
+        assert q.store.get(queued.id).state == "cancelled" and "never runs" not in runner.ran
+        assert q.cancel(queued.id) == "cancelled"  # cancelling twice says what it is
+        with pytest.raises(InputError, match="no job 999"):
+            q.cancel(999)
+    finally:
+        q.stop()
+
+
+def test_uploads_are_checked_before_queueing(tmp_path):
+    q = make_queue(tmp_path, FakeRunner())
+    with pytest.raises(InputError, match="not a readable image"):
+        q.submit(b"GIF89a not really", {"prompt": "x"})
+    with pytest.raises(InputError, match="type GIF"):
+        check_upload(png(fmt="GIF"))
+    with pytest.raises(InputError, match="each side"):
+        q.submit(png(PICTURE[:32, :32]), {"prompt": "x"})
+    with pytest.raises(InputError, match="limit"):
+        check_upload(b"\0" * (21 << 20))
+    with pytest.raises(InputError, match="prompt"):
+        q.submit(png(), {"prompt": "  "})
+    with pytest.raises(InputError, match="seconds"):
+        q.submit(png(), {"prompt": "x", "options": {"seconds": -1}})
+    assert q.store.list() == []  # nothing queued
+    job = q.submit(png(fmt="JPEG"), {"prompt": "ok"})
+    assert job.image.startswith(str(tmp_path / "inputs")) and job.image.endswith(".png")
+    assert job.video == str(tmp_path / "videos" / f"job-{job.id:05d}.mp4")
+
+
+def test_generation_runner_makes_videos_on_tiny(tmp_path):
+    q = make_queue(tmp_path, GenerationRunner({"model": "tiny"}))
+    a = q.submit(png(), {"prompt": "a cat", "options": {**FAST, "seconds": 1}})
+    b = q.submit(png(), {"prompt": "a dog", "options": {**FAST, "seconds": 1}, "settings": {"enable_teacache": True}})
+    assert q.run_pending() == 2
+    for job in (q.store.get(a.id), q.store.get(b.id)):
+        assert job.state == "done" and job.frames == 37 and job.sections_done == job.sections == 1
+        assert (tmp_path / "videos" / f"job-{job.id:05d}.mp4").stat().st_size > 0
+    assert "teacache" in q.live.cache_timeline[0]  # the second job's hit rate per section
