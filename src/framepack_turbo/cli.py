@@ -386,6 +386,67 @@ def bench(
     typer.echo(report.markdown(results, command))
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command(context_settings=SETTINGS_CONTEXT, epilog=_settings_epilog())
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --auth.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 7860,
+    auth: Annotated[Optional[str], typer.Option(help="user:pass required to open the page.")] = None,
+    share: Annotated[str, typer.Option(help="yes: a public Gradio share link (needs --auth).")] = "no",
+    data_dir: Annotated[Path, typer.Option(help="Jobs database, uploaded images and videos.")] = Path("outputs/app"),
+    preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
+) -> None:
+    """The web page and its job queue. Settings flags (--model, --resolution ...) are the page's defaults.
+
+    Jobs, their states and videos persist in DATA_DIR/jobs.sqlite and DATA_DIR/videos/: a restarted
+    server shows them again and goes on with the queued ones.
+    """
+    console = _console()
+    _configure_logging(False, console)
+    try:
+        if share not in ("yes", "no"):
+            raise InputError(f"--share {share}: yes or no")
+        credentials = None
+        if auth is not None:
+            user, sep, password = auth.partition(":")
+            if not (sep and user and password):
+                raise InputError("--auth must be user:pass")
+            credentials = (user, password)
+        public = host not in LOOPBACK or share == "yes"
+        if public and credentials is None:
+            where = "a share link" if share == "yes" else f"{host}"
+            raise InputError(
+                f"refusing to serve on {where} without --auth user:pass: anyone who reaches it could run jobs on "
+                "this machine and read its videos. Add --auth, or keep --host 127.0.0.1"
+            )
+        from framepack_turbo.settings import parse_flags
+
+        base = parse_flags(list(ctx.args))
+        if preset is not None:
+            base["preset"] = preset
+        settings = _settings_from(ctx, preset)  # bad flags fail here, before the page starts
+        _check_device(settings.device)
+        _check_writable_file(data_dir / "jobs.sqlite")
+    except FramePackError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
+    from framepack_turbo.app.jobs import JobStore
+    from framepack_turbo.app.queue import GenerationRunner, JobQueue
+    from framepack_turbo.app.ui import build
+    from framepack_turbo.hardware import Hardware
+
+    queue = JobQueue(JobStore(data_dir / "jobs.sqlite"), GenerationRunner(base), data_dir).start()
+    page = build(queue, base, Hardware.detect())
+    try:
+        page.launch(server_name=host, server_port=port, auth=credentials, share=share == "yes",
+                    allowed_paths=[str(data_dir.resolve())], quiet=False)  # fmt: skip
+    finally:
+        queue.stop()
+
+
 def _check_writable_file(path: Path, label: str = "") -> None:
     """Create the folder and a scratch file in it: refuse a path we could not write, before any work."""
     parent = path.parent if str(path.parent) else Path(".")

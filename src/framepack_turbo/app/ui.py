@@ -1,0 +1,176 @@
+"""The Gradio page: FramePack's controls, an optimization panel with the live compatibility report and
+plan, the job queue, and the running job's progress (bar, ETA, latent preview, growing video, cache
+hit rates per section). The page only reads the queue and the store; it decides nothing itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from framepack_turbo.app.queue import JobQueue
+from framepack_turbo.errors import FramePackError
+
+log = logging.getLogger(__name__)
+
+VARIANT_CHOICES = ["model default", "inverted", "f1"]
+ATTENTION_CHOICES = ["standard", "aggressive", "off"]
+# The settings the optimization panel changes, in the order of its controls.
+PANEL_SETTINGS = ("preset", "enable_teacache", "enable_fbcache", "enable_quant", "enable_compile", "enable_module_cache",
+                  "use_onnx_engines", "xformers_mode", "gpu_memory_preservation")  # fmt: skip
+JOB_COLUMNS = ["id", "state", "prompt", "sections", "frames", "error"]
+
+
+def panel_settings(values: tuple) -> dict[str, Any]:
+    return dict(zip(PANEL_SETTINGS, values))
+
+
+def compat_markdown(base: dict[str, Any], panel: dict[str, Any], hardware) -> str:
+    """The compatibility findings and the plan for these settings, as the run would get them."""
+    from framepack_turbo import compat
+    from framepack_turbo.optim.plan import make_plan
+    from framepack_turbo.settings import Settings
+
+    try:
+        settings = Settings.load({**base, **panel}, source="api")
+    except FramePackError as exc:
+        return f"**Settings error:** {exc}"
+    report = compat.check(settings, hardware)
+    plan = make_plan(settings, report)
+    lines = ["**Plan:** " + plan.summary_lines()[0].removeprefix("Active optimizations: ")]
+    for p in plan.passes:
+        if p.status == "skipped":
+            lines.append(f"- {p.title}: skipped ({p.reason})")
+    if report.findings:
+        lines.append("")
+        lines += [f"- **{f.severity.value}** `{f.id}`: {f.message} *Fix:* {f.fix}" for f in report.findings]
+    else:
+        lines.append("\nNo compatibility findings.")
+    return "\n".join(lines)
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return time.strftime("%M:%S", time.gmtime(max(seconds, 0)))
+
+
+def build(queue: JobQueue, base: dict[str, Any], hardware):
+    """The page. `base`: the server's settings (its flags), which the controls start from."""
+    import gradio as gr
+
+    from framepack_turbo.api import options_from_settings
+    from framepack_turbo.presets import PRESETS
+    from framepack_turbo.settings import Settings
+
+    start = Settings.load(base, source="api")
+    defaults = options_from_settings(start, "")
+
+    def queue_job(image_path, prompt, negative, seconds, seed, steps, gs, window, crf, variant, *panel):
+        if not image_path:
+            return "**Upload a start image first.**"
+        options = dict(seconds=float(seconds), seed=int(seed), steps=int(steps), distilled_guidance=float(gs),
+                       window=int(window), crf=int(crf), resolution=defaults.resolution)  # fmt: skip
+        if variant != VARIANT_CHOICES[0]:
+            options["variant"] = variant
+        request = {"prompt": prompt, "negative_prompt": negative, "options": options, "settings": panel_settings(panel)}
+        try:
+            job = queue.submit(Path(image_path).read_bytes(), request)
+        except (FramePackError, OSError) as exc:
+            return f"**Not queued:** {exc}"
+        return f"Queued job {job.id}."
+
+    def cancel_job(job_id):
+        if job_id is None:
+            return "**Enter a job id to cancel.**"
+        try:
+            return f"Job {int(job_id)}: {queue.cancel(int(job_id))}."
+        except FramePackError as exc:
+            return f"**{exc}**"
+
+    def on_preset(name):
+        values = Settings.load({**base, "preset": name}, source="api")
+        return [getattr(values, n) for n in PANEL_SETTINGS[1:]]
+
+    def refresh(shown):
+        jobs = queue.store.list()
+        table = [[j.id, j.state, j.prompt[:60], f"{j.sections_done}/{j.sections or '?'}", j.frames, j.error[:80]] for j in jobs]
+        live = queue.live
+        running = next((j for j in jobs if j.state == "running"), None)
+        if running is not None and live is not None and live.job_id == running.id:
+            progress = (f"Job {running.id}: section {live.section}/{live.sections}, step {live.step}/{live.steps}, "
+                        f"{live.fraction * 100:.0f}%, ETA {_eta(live.eta_s)}")  # fmt: skip
+            preview = live.preview
+            timeline = live.cache_timeline
+        else:
+            progress, preview, timeline = ("Idle." if running is None else f"Job {running.id}: loading models..."), None, []
+        caches = "\n".join(
+            f"- section {i + 1}: " + (", ".join(f"{k} {v * 100:.0f}% reused" for k, v in rates.items()) or "no step cache")
+            for i, rates in enumerate(timeline)
+        ) or "No cache data yet."
+        # The video of the running job once a section is written, else the newest finished one.
+        current = running if running is not None and running.sections_done else next((j for j in jobs if j.state == "done"), None)
+        key = (current.id, current.sections_done) if current is not None else None
+        video = gr.skip() if key == shown or current is None else current.video
+        summary = " · ".join(f"job {j.id}: {j.state}" for j in reversed(jobs[:12])) or "No jobs yet."
+        return table, summary, progress, preview if preview is not None else gr.skip(), caches, video, key
+
+    with gr.Blocks(title="FramePack Turbo") as page:
+        gr.Markdown("# FramePack Turbo\nOne image and a prompt; jobs run one at a time on this machine's GPU (or CPU).")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="filepath", label="Start image", elem_id="start-image", sources=["upload"])
+                prompt = gr.Textbox(label="Prompt", elem_id="prompt", lines=2)
+                negative = gr.Textbox(label="Negative prompt (used when real CFG > 1)", elem_id="negative")
+                with gr.Row():
+                    seconds = gr.Slider(1, 120, value=start.seconds, step=0.1, label="Seconds", elem_id="seconds")
+                    seed = gr.Number(value=start.seed, precision=0, label="Seed", elem_id="seed")
+                with gr.Row():
+                    steps = gr.Slider(1, 100, value=start.steps, step=1, label="Steps", elem_id="steps")
+                    gs = gr.Slider(0, 32, value=start.gs, step=0.1, label="Distilled guidance", elem_id="gs")
+                with gr.Row():
+                    window = gr.Slider(1, 33, value=start.window, step=1, label="Window (latent frames)", elem_id="window")
+                    crf = gr.Slider(0, 51, value=start.crf, step=1, label="MP4 CRF (lower: better)", elem_id="crf")
+                variant = gr.Radio(VARIANT_CHOICES, value=start.variant or VARIANT_CHOICES[0], label="Variant", elem_id="variant")
+                with gr.Accordion("Optimizations", open=True):
+                    with gr.Row():
+                        preset = gr.Dropdown(list(PRESETS), value=start.preset, label="Preset", elem_id="preset")
+                        attention = gr.Dropdown(ATTENTION_CHOICES, value=start.xformers_mode, label="Attention")
+                    with gr.Row():
+                        teacache = gr.Checkbox(start.enable_teacache, label="TeaCache", elem_id="teacache")
+                        fbcache = gr.Checkbox(start.enable_fbcache, label="First-block cache", elem_id="fbcache")
+                        quant = gr.Checkbox(start.enable_quant, label="INT-N quantization")
+                        compile_ = gr.Checkbox(start.enable_compile, label="torch.compile")
+                        module_cache = gr.Checkbox(start.enable_module_cache, label="Encoder cache")
+                        onnx = gr.Checkbox(start.use_onnx_engines, label="ONNX engines")
+                    preservation = gr.Slider(0, 128, value=start.gpu_memory_preservation, step=0.5,
+                                             label="GPU memory preservation (GB)", elem_id="preservation")  # fmt: skip
+                    panel = [preset, teacache, fbcache, quant, compile_, module_cache, onnx, attention, preservation]
+                    report = gr.Markdown(compat_markdown(base, panel_settings(tuple(c.value for c in panel)), hardware),
+                                         elem_id="compat")  # fmt: skip
+                queue_btn = gr.Button("Queue job", variant="primary", elem_id="queue-btn")
+                status = gr.Markdown(elem_id="status")
+            with gr.Column():
+                progress = gr.Markdown("Idle.", elem_id="progress")
+                preview = gr.Image(label="Latent preview (current step)", elem_id="preview", interactive=False)
+                video = gr.Video(label="Video (grows after each section)", elem_id="video", interactive=False)
+                caches = gr.Markdown(elem_id="caches")
+                summary = gr.Markdown(elem_id="queue-summary")
+                jobs = gr.Dataframe(headers=JOB_COLUMNS, label="Jobs", elem_id="jobs", interactive=False)
+                with gr.Row():
+                    cancel_id = gr.Number(label="Job id", precision=0, elem_id="cancel-id")
+                    cancel_btn = gr.Button("Cancel job", elem_id="cancel-btn")
+        shown = gr.State(None)
+
+        preset.change(on_preset, preset, panel[1:])
+        for control in panel:
+            control.change(lambda *v: compat_markdown(base, panel_settings(v), hardware), panel, report)
+        queue_btn.click(queue_job, [image, prompt, negative, seconds, seed, steps, gs, window, crf, variant, *panel],
+                        status, api_name="queue_job")  # fmt: skip
+        cancel_btn.click(cancel_job, cancel_id, status, api_name="cancel_job")
+        outputs = [jobs, summary, progress, preview, caches, video, shown]
+        gr.Timer(1.0).tick(refresh, shown, outputs)
+        page.load(refresh, shown, outputs)
+    return page
