@@ -100,7 +100,8 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         live = queue.live
         running = next((j for j in jobs if j.state == "running"), None)
         if running is not None and live is not None and live.job_id == running.id:
-            progress = (f"Job {running.id}: section {live.section}/{live.sections}, step {live.step}/{live.steps}, "
+            progress = (f"<progress value='{live.fraction:.3f}' max='1' style='width:100%'></progress><br>"
+                        f"Job {running.id}: section {live.section}/{live.sections}, step {live.step}/{live.steps}, "
                         f"{live.fraction * 100:.0f}%, ETA {_eta(live.eta_s)}")  # fmt: skip
             preview = live.preview
             timeline = live.cache_timeline
@@ -153,7 +154,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                 queue_btn = gr.Button("Queue job", variant="primary", elem_id="queue-btn")
                 status = gr.Markdown(elem_id="status")
             with gr.Column():
-                progress = gr.Markdown("Idle.", elem_id="progress")
+                progress = gr.HTML("Idle.", elem_id="progress")
                 preview = gr.Image(label="Latent preview (current step)", elem_id="preview", interactive=False)
                 video = gr.Video(label="Video (grows after each section)", elem_id="video", interactive=False)
                 caches = gr.Markdown(elem_id="caches")
