@@ -34,3 +34,12 @@ def test_compat_report_follows_the_panel():
     both = compat_markdown(base, {"enable_teacache": True, "enable_fbcache": True}, Hardware())
     assert "step-caches-exclusive" in both and "first-block cache" in both
     assert "Settings error" in compat_markdown(base, {"gpu_memory_preservation": -1}, Hardware())
+
+
+def test_critical_settings_are_not_queued():
+    from framepack_turbo.app.ui import critical_findings
+    from framepack_turbo.hardware import Hardware
+
+    assert critical_findings({"model": "tiny"}, Hardware()) == []
+    found = critical_findings({"model": "tiny", "enable_quant": True, "enable_fp8": True}, Hardware())
+    assert len(found) == 1 and found[0].startswith("multiple-quantization")

@@ -51,6 +51,15 @@ def compat_markdown(base: dict[str, Any], panel: dict[str, Any], hardware) -> st
     return "\n".join(lines)
 
 
+def critical_findings(values: dict[str, Any], hardware) -> list[str]:
+    """Findings that would stop the job's load: the page refuses to queue it instead."""
+    from framepack_turbo import compat
+    from framepack_turbo.settings import Settings
+
+    report = compat.check(Settings.load(values, source="api"), hardware)
+    return [f"{f.id}: {f.message} Fix: {f.fix}" for f in report.findings if f.severity is compat.Severity.CRITICAL]
+
+
 def _eta(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -77,6 +86,9 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             options["variant"] = variant
         request = {"prompt": prompt, "negative_prompt": negative, "options": options, "settings": panel_settings(panel)}
         try:
+            critical = critical_findings({**base, **request["settings"]}, hardware)
+            if critical:
+                return "**Not queued:** " + " ".join(critical)
             job = queue.submit(Path(image_path).read_bytes(), request)
         except (FramePackError, OSError) as exc:
             return f"**Not queued:** {exc}"
