@@ -1,0 +1,40 @@
+"""Train the shipped tiny model from nothing: `python scripts/train_tiny.py vae [--steps N] [--out DIR]`.
+
+Stages: `vae` (the procedural world's clips -> AutoencoderKLHunyuanVideo, small config). Seeded and
+resumable: re-running a stage continues from its last checkpoint in OUT/checkpoints/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["vae"])
+    parser.add_argument("--out", type=Path, default=Path("training/tiny"))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--save-every", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.stage == "vae":
+        from framepack_turbo.train import vae
+
+        cfg = vae.VaeTraining()
+        cfg = replace(cfg, **{k: v for k, v in {"steps": args.steps, "save_every": args.save_every}.items() if v})
+        record = vae.train(args.out, cfg)
+        (args.out / "vae_record.json").write_text(json.dumps(record, indent=2))
+        print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""A procedural video world for training the shipped tiny model: one coloured shape on a textured
+background, moving left, right, up, down, growing, shrinking or staying still at a set speed, with a
+prompt that says so ("the red circle moves right"). Everything comes from a seed: no downloads.
+
+Backgrounds are low-saturation textures (stripes, checks, blotches) so the object's colour stands out;
+`color_centroid` finds the object again in a generated clip by that colour, which is how the quality
+gate checks that the model moved the named object in the named direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 210, 40),
+}  # fmt: skip
+SHAPES = ("circle", "square", "triangle")
+MOTIONS = ("left", "right", "up", "down", "grow", "shrink", "still")
+# Unit direction per motion, in pixels per frame times the speed; (dx, dy, d_size)
+_STEP = {"left": (-1, 0, 0), "right": (1, 0, 0), "up": (0, -1, 0), "down": (0, 1, 0),
+         "grow": (0, 0, 1), "shrink": (0, 0, -1), "still": (0, 0, 0)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Scene:
+    color: str
+    shape: str
+    motion: str
+    speed: float  # pixels per frame (size: radius pixels per frame) at 64 px; scaled with the frame size
+    x: float  # start centre, as a fraction of the frame
+    y: float
+    radius: float  # start half-size, as a fraction of the frame
+    background: int  # seed of the texture
+
+    @property
+    def prompt(self) -> str:
+        verb = {"grow": "grows", "shrink": "shrinks", "still": "stays still"}.get(self.motion, f"moves {self.motion}")
+        return f"the {self.color} {self.shape} {verb}"
+
+
+def random_scene(rng: np.random.Generator, frames: int, motion: str | None = None) -> Scene:
+    """A scene whose object stays inside the frame for `frames` frames."""
+    motion = motion or str(rng.choice(MOTIONS))
+    speed = float(rng.uniform(0.25, 0.5))  # 64 px frame: 8-16 px per 33-frame section
+    travel = speed * (frames - 1) / 64
+    dx, dy, ds = _STEP[motion]
+    radius = float(rng.uniform(0.09, 0.14)) if ds >= 0 else float(rng.uniform(0.16, 0.22))
+    if ds > 0:
+        radius = min(radius, 0.3 - travel * 0.5)
+    end_radius = radius + ds * travel * 0.5
+    margin = max(radius, end_radius) + 0.02
+    lo_x, hi_x = margin - min(dx, 0) * travel, 1 - margin - max(dx, 0) * travel
+    lo_y, hi_y = margin - min(dy, 0) * travel, 1 - margin - max(dy, 0) * travel
+    if lo_x > hi_x or lo_y > hi_y:  # too fast for this length: slow down
+        return random_scene(rng, max(frames // 2, 2), motion)
+    return Scene(
+        color=str(rng.choice(list(COLORS))), shape=str(rng.choice(SHAPES)), motion=motion, speed=speed,
+        x=float(rng.uniform(lo_x, hi_x)), y=float(rng.uniform(lo_y, hi_y)), radius=max(radius, 0.05),
+        background=int(rng.integers(2**31)),
+    )  # fmt: skip
+
+
+def background(seed: int, size: int) -> np.ndarray:
+    """A muted texture (H, W, 3) float in [0, 255]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = rng.uniform(70, 170)
+    tint = rng.uniform(-18, 18, size=3)
+    kind = rng.integers(3)
+    if kind == 0:  # stripes
+        angle, period = rng.uniform(0, np.pi), rng.uniform(0.1, 0.3)
+        pattern = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
+    elif kind == 1:  # checks
+        period = rng.uniform(0.12, 0.3)
+        pattern = np.sign(np.sin(np.pi * xx / period) * np.sin(np.pi * yy / period))
+    else:  # blotches: a few smooth bumps
+        pattern = np.zeros_like(xx)
+        for _ in range(5):
+            cx, cy, s = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.3)
+            pattern += rng.choice([-1, 1]) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
+    gray = base + rng.uniform(12, 25) * pattern
+    return np.clip(gray[..., None] + tint, 0, 255)
+
+
+def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
+    """Anti-aliased coverage (H, W) in [0, 1] of the shape centred at (cx, cy) pixels, half-size r pixels."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    if shape == "circle":
+        dist = np.hypot(xx - cx, yy - cy) - r
+    elif shape == "square":
+        dist = np.maximum(abs(xx - cx), abs(yy - cy)) - r
+    else:  # triangle pointing up, inscribed in the square of half-size r
+        top = cy - r
+        slope = (yy - top) / (2 * r)  # 0 at the apex, 1 at the base
+        half_width = slope * r
+        dist = np.maximum(np.maximum(abs(xx - cx) - half_width, top - yy), yy - (cy + r))
+    return np.clip(0.5 - dist, 0, 1)
+
+
+def render(scene: Scene, frames: int, size: int = 64) -> np.ndarray:
+    """The clip, (frames, size, size, 3) uint8."""
+    bg = background(scene.background, size)
+    color = np.array(COLORS[scene.color], dtype=np.float64)
+    dx, dy, ds = _STEP[scene.motion]
+    step = scene.speed * size / 64  # pixels per frame at this size
+    out = np.empty((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        cx = scene.x * size + dx * step * t
+        cy = scene.y * size + dy * step * t
+        r = max(scene.radius * size + ds * step * t * 0.5, 1.5)
+        m = _mask(scene.shape, size, cx, cy, r)[..., None]
+        out[t] = np.round(bg * (1 - m) + color * m).astype(np.uint8)
+    return out
+
+
+def color_centroid(frames: np.ndarray, color: str, tolerance: float = 60.0) -> np.ndarray:
+    """Per frame, (x, y, area) of the pixels within `tolerance` (RGB distance) of the named colour;
+    NaN where none is found. Frames (T, H, W, 3) uint8."""
+    target = np.array(COLORS[color], dtype=np.float32)
+    dist = np.linalg.norm(frames.astype(np.float32) - target, axis=-1)
+    out = np.full((len(frames), 3), np.nan)
+    yy, xx = np.mgrid[0 : frames.shape[1], 0 : frames.shape[2]]
+    for t, near in enumerate(dist < tolerance):
+        area = near.sum()
+        if area:
+            out[t] = (xx[near].mean(), yy[near].mean(), area)
+    return out
+
+
+def observed_motion(frames: np.ndarray, color: str, min_shift: float = 2.0) -> str:
+    """Which of MOTIONS the named colour's blob did over the clip (the first vs the last quarter)."""
+    track = color_centroid(frames, color)
+    quarter = max(len(frames) // 4, 1)
+    first, last = np.nanmean(track[:quarter], axis=0), np.nanmean(track[-quarter:], axis=0)
+    if np.isnan(first).any() or np.isnan(last).any():
+        return "lost"
+    dx, dy = last[0] - first[0], last[1] - first[1]
+    growth = np.sqrt(last[2] / first[2]) if first[2] > 0 else 1.0  # ratio of sizes
+    size_shift = (growth - 1) * np.sqrt(first[2])  # pixels of half-size gained, comparable to a move
+    moves = {"right": dx, "left": -dx, "down": dy, "up": -dy, "grow": size_shift, "shrink": -size_shift}
+    best = max(moves, key=moves.get)
+    return best if moves[best] >= min_shift else "still"
