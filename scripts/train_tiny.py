@@ -1,7 +1,8 @@
 """Train the shipped tiny model from nothing: `python scripts/train_tiny.py vae [--steps N] [--out DIR]`.
 
-Stages: `vae` (the procedural world's clips -> AutoencoderKLHunyuanVideo, small config). Seeded and
-resumable: re-running a stage continues from its last checkpoint in OUT/checkpoints/.
+Stages: `vae` (the procedural world's clips -> AutoencoderKLHunyuanVideo, small config), then
+`transformer` (flow matching on FramePack's packed sections, with OUT/vae). Seeded and resumable:
+re-running a stage continues from its last checkpoint in OUT/checkpoints/.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae"])
+    parser.add_argument("stage", choices=["vae", "transformer"])
     parser.add_argument("--out", type=Path, default=Path("training/tiny"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--save-every", type=int, default=None)
@@ -33,6 +34,20 @@ def main() -> None:
         cfg = replace(cfg, **{k: v for k, v in {"steps": args.steps, "save_every": args.save_every}.items() if v})
         record = vae.train(args.out, cfg)
         (args.out / "vae_record.json").write_text(json.dumps(record, indent=2))
+        print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
+    if args.stage == "transformer":
+        from diffusers import AutoencoderKLHunyuanVideo
+
+        from framepack_turbo.models.random import build_models
+        from framepack_turbo.train import transformer
+
+        # The frozen conditioning: the tiny random text and image encoders (deterministic from their seeds).
+        conditioning = build_models("tiny", skip=frozenset({"transformer", "vae"}))
+        vae = AutoencoderKLHunyuanVideo.from_pretrained(args.out / "vae").eval()
+        cfg = transformer.TransformerTraining()
+        cfg = replace(cfg, **{k: v for k, v in {"steps": args.steps, "save_every": args.save_every}.items() if v})
+        record = transformer.train(args.out, conditioning, vae, cfg)
+        (args.out / "transformer_record.json").write_text(json.dumps(record, indent=2))
         print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
 
 

@@ -1,0 +1,199 @@
+"""Train the tiny model's transformer: diffusers' `HunyuanVideoFramepackTransformer3DModel` (small
+config) with flow matching on exactly what our section loop feeds it.
+
+Each training example is one section of a clip of the procedural world, laid out as the generator
+lays it out (pipeline/sections.py, generate.py): for the inverted variant the section at its true time
+position with FramePack's padding schedule, the later latents as 1x/2x/4x history (zeros past the end)
+and the start latent as clean pre; for F1 the history so far (zeros, the start latent, the earlier
+sections) with its last 16+2+1 frames as context. Both variants are trained into one model. The loss
+is the flow-matching one of our sampler (x_t = (1-s) x0 + s e, the model predicts e - x0, sigma drawn
+through the sampler's own shift). Text and image encoders are the tiny random ones, frozen: their
+outputs for the world's 84 prompts and each clip's start frame are computed once.
+
+Clips are encoded once with the trained VAE into a latent dataset (cached in the checkpoint folder).
+Seeded and resumable like the VAE stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from framepack_turbo.pipeline.sections import CONTEXT_1X, CONTEXT_2X, CONTEXT_4X, f1_indices, inverted_indices, inverted_paddings
+from framepack_turbo.train import checkpoint, world
+
+log = logging.getLogger(__name__)
+
+GUIDANCE = 10.0  # the distilled guidance the page and CLI default to; the model is trained at this value
+TRANSFORMER_CONFIG = dict(
+    in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=48, num_layers=2,
+    num_single_layers=4, num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=32,
+    rope_axes_dim=(8, 20, 20), has_image_proj=True, image_proj_dim=32, has_clean_x_embedder=True,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TransformerTraining:
+    steps: int = 6000
+    batch: int = 4
+    clips: int = 1200
+    max_sections: int = 4
+    window: int = 9
+    size: int = 64
+    lr: float = 4e-4
+    seed: int = 0
+    save_every: int = 250
+
+
+def prompts() -> list[str]:
+    """Every prompt of the world, in a fixed order."""
+    return [
+        world.Scene(color, shape, motion, 0.3, 0.5, 0.5, 0.1, 0).prompt
+        for color in world.COLORS for shape in world.SHAPES for motion in world.MOTIONS
+    ]  # fmt: skip
+
+
+@torch.no_grad()
+def build_dataset(vae, conditioning: dict[str, Any], cfg: TransformerTraining, path: Path, chunk: int = 50) -> dict[str, Any]:
+    """Latents (N, 16, T, h, w) of `cfg.clips` clips, their prompt ids and SigLIP embeddings; cached at `path`.
+
+    Built in chunks of `chunk` clips, each saved as it finishes, so a stopped run resumes the encoding.
+    """
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    from framepack_turbo.pipeline.encode import encode_image
+
+    if path.is_file():
+        return load_file(path)
+    frames = cfg.max_sections * cfg.window * 4 + 1
+    all_prompts = prompts()
+    vae.use_framewise_encoding = False  # 64 px clips fit in one pass; tiles would encode overlaps twice
+    parts = []
+    for first in tqdm(range(0, cfg.clips, chunk), desc="encoding clips"):
+        part_path = path.with_name(f"{path.stem}-{first:05d}.safetensors")
+        if not part_path.is_file():
+            rng = np.random.default_rng([cfg.seed, 1, first])
+            latents, prompt_ids, images = [], [], []
+            for _ in range(min(chunk, cfg.clips - first)):
+                scene = world.random_scene(rng, frames)
+                clip = world.render(scene, frames, cfg.size)
+                x = torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
+                latents.append((vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)[0].half())
+                prompt_ids.append(all_prompts.index(scene.prompt))
+                images.append(encode_image(clip[0], conditioning["feature_extractor"], conditioning["image_encoder"])[0])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"latents": torch.stack(latents), "prompt_ids": torch.tensor(prompt_ids),
+                       "image_embeds": torch.stack(images)}, part_path)  # fmt: skip
+        parts.append(load_file(part_path))
+    data = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    save_file(data, path)
+    return data
+
+
+def section_example(z: torch.Tensor, variant: str, n: int, k: int, window: int):
+    """Inputs of the k-th generated section of an n-section clip whose true latents are `z` (B, C, T, h, w):
+    (noisy target x0, clean, clean_2x, clean_4x, PackedIndices)."""
+    b, c, _, h, w = z.shape
+    context = CONTEXT_1X + CONTEXT_2X + CONTEXT_4X
+    zeros = z.new_zeros(b, c, context, h, w)
+    if variant == "inverted":
+        position = n - 1 - k  # generated last-to-first
+        start = 1 + position * window
+        later = z[:, :, start + window : 1 + n * window]
+        post, two_x, four_x = torch.cat([later, zeros], dim=2)[:, :, :context].split([CONTEXT_1X, CONTEXT_2X, CONTEXT_4X], 2)
+        indices = inverted_indices(inverted_paddings(n)[k], window)
+    else:
+        start = 1 + k * window
+        history = torch.cat([zeros, z[:, :, :start]], dim=2)
+        four_x, two_x, post = history[:, :, -context:].split([CONTEXT_4X, CONTEXT_2X, CONTEXT_1X], 2)
+        indices = f1_indices(window)
+    clean = torch.cat([z[:, :, :1], post], dim=2)
+    return z[:, :, start : start + window], clean, two_x, four_x, indices
+
+
+def train(out_dir: Path, conditioning: dict[str, Any], vae, cfg: TransformerTraining = TransformerTraining(),
+          progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train (or resume) and write `out_dir/transformer/`; returns the training record."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+    from tqdm import tqdm
+
+    from framepack_turbo.pipeline.encode import encode_prompt
+    from framepack_turbo.pipeline.sampler import flux_mu, shift_sigma
+
+    out_dir = Path(out_dir)
+    data = build_dataset(vae, conditioning, cfg, out_dir / "checkpoints" / "latents.safetensors")
+    texts = [encode_prompt(p, conditioning["tokenizer"], conditioning["text_encoder"], conditioning["tokenizer_2"],
+                           conditioning["text_encoder_2"]) for p in prompts()]  # fmt: skip
+    by_prompt: dict[int, np.ndarray] = {}
+    for index, pid in enumerate(data["prompt_ids"].tolist()):
+        by_prompt.setdefault(pid, []).append(index)
+    by_prompt = {k: np.array(v) for k, v in by_prompt.items()}
+
+    torch.manual_seed(cfg.seed)
+    model = HunyuanVideoFramepackTransformer3DModel(**TRANSFORMER_CONFIG)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    ckpt = out_dir / "checkpoints" / "transformer"
+    info = checkpoint.load(ckpt, model, opt) or {"step": 0, "losses": [], "seconds": 0.0}
+    start_step = info["step"]
+    model.train()
+    h = w = cfg.size // 8
+    mu = flux_mu(cfg.window * h * w // 4)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="transformer", disable=not progress)
+    started = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        rng = np.random.default_rng([cfg.seed, 2, step])
+        warmup = min(1.0, (step + 1) / 200)
+        lr = cfg.lr * warmup * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pid = int(rng.choice(list(by_prompt)))  # one prompt per batch: no text padding, as at batch 1
+        rows = rng.choice(by_prompt[pid], size=cfg.batch, replace=len(by_prompt[pid]) < cfg.batch)
+        variant = "inverted" if rng.random() < 0.5 else "f1"
+        n = int(rng.integers(1, cfg.max_sections + 1))
+        k = int(rng.integers(0, n))
+        z = data["latents"][torch.from_numpy(rows)].float()
+        x0, clean, two_x, four_x, idx = section_example(z, variant, n, k, cfg.window)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        sigma = shift_sigma(torch.rand(cfg.batch, generator=gen), mu).view(-1, 1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = (1 - sigma) * x0 + sigma * noise
+        text = texts[pid]
+        b = cfg.batch
+        pred = model(
+            hidden_states=x_t, timestep=sigma.flatten() * 1000,
+            encoder_hidden_states=text.llama.expand(b, -1, -1), encoder_attention_mask=text.mask.expand(b, -1),
+            pooled_projections=text.clip_pooled.expand(b, -1), image_embeds=data["image_embeds"][torch.from_numpy(rows)],
+            indices_latents=idx.latents, guidance=torch.full((b,), GUIDANCE * 1000),
+            latents_clean=clean, indices_latents_clean=idx.clean,
+            latents_history_2x=two_x, indices_latents_history_2x=idx.clean_2x,
+            latents_history_4x=four_x, indices_latents_history_4x=idx.clean_4x, return_dict=False,
+        )[0]  # fmt: skip
+        loss = (pred.float() - (noise - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        info["losses"].append(round(float(loss), 5))
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            info.update(step=step + 1, seconds=info["seconds"] + time.perf_counter() - started)
+            started = time.perf_counter()
+            checkpoint.save(ckpt, model, opt, info)
+    bar.close()
+    model.eval()
+    model.save_pretrained(out_dir / "transformer", safe_serialization=True)
+    parameters = sum(p.numel() for p in model.parameters())
+    record = {"config": asdict(cfg), "transformer_config": TRANSFORMER_CONFIG, "parameters": parameters,
+              "steps": info["step"], "seconds": round(info["seconds"], 1),
+              "final_loss": float(np.mean(info["losses"][-100:]))}  # fmt: skip
+    log.info("transformer: %s", record)
+    return record
