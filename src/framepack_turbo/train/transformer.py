@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 
 GUIDANCE = 10.0  # the distilled guidance the page and CLI default to; the model is trained at this value
 TRANSFORMER_CONFIG = dict(
-    in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=48, num_layers=2,
+    in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32, num_layers=2,
     num_single_layers=4, num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=32,
-    rope_axes_dim=(8, 20, 20), has_image_proj=True, image_proj_dim=32, has_clean_x_embedder=True,
+    rope_axes_dim=(8, 12, 12), has_image_proj=True, image_proj_dim=32, has_clean_x_embedder=True,
 )  # fmt: skip
 
 

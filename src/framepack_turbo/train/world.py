@@ -41,23 +41,28 @@ class Scene:
 
 
 def random_scene(rng: np.random.Generator, frames: int, motion: str | None = None) -> Scene:
-    """A scene whose object stays inside the frame for `frames` frames."""
+    """A scene whose object stays inside the frame (and visible) for `frames` frames; on a long clip
+    the speed is lowered until it does."""
     motion = motion or str(rng.choice(MOTIONS))
-    speed = float(rng.uniform(0.25, 0.5))  # 64 px frame: 8-16 px per 33-frame section
-    travel = speed * (frames - 1) / 64
     dx, dy, ds = _STEP[motion]
     radius = float(rng.uniform(0.09, 0.14)) if ds >= 0 else float(rng.uniform(0.16, 0.22))
+    speed = float(rng.uniform(0.25, 0.5))  # 64 px frame: 8-16 px per 33-frame section
+    # the largest travel (fraction of the frame over the clip) that keeps the object in view
     if ds > 0:
-        radius = min(radius, 0.3 - travel * 0.5)
+        limit = 2 * (0.3 - radius)  # half-size grows by travel/2, up to 0.3 of the frame
+    elif ds < 0:
+        limit = 2 * (radius - 0.06)  # shrinks by travel/2, down to 0.06
+    else:
+        limit = 1 - 2 * (radius + 0.02) if (dx or dy) else 1.0
+    speed = min(speed, 0.95 * limit * 64 / max(frames - 1, 1))
+    travel = speed * (frames - 1) / 64
     end_radius = radius + ds * travel * 0.5
     margin = max(radius, end_radius) + 0.02
     lo_x, hi_x = margin - min(dx, 0) * travel, 1 - margin - max(dx, 0) * travel
     lo_y, hi_y = margin - min(dy, 0) * travel, 1 - margin - max(dy, 0) * travel
-    if lo_x > hi_x or lo_y > hi_y:  # too fast for this length: slow down
-        return random_scene(rng, max(frames // 2, 2), motion)
     return Scene(
         color=str(rng.choice(list(COLORS))), shape=str(rng.choice(SHAPES)), motion=motion, speed=speed,
-        x=float(rng.uniform(lo_x, hi_x)), y=float(rng.uniform(lo_y, hi_y)), radius=max(radius, 0.05),
+        x=float(rng.uniform(lo_x, hi_x)), y=float(rng.uniform(lo_y, hi_y)), radius=radius,
         background=int(rng.integers(2**31)),
     )  # fmt: skip
 
