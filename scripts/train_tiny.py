@@ -2,7 +2,8 @@
 
 Stages: `vae` (the procedural world's clips -> AutoencoderKLHunyuanVideo, small config), then
 `transformer` (flow matching on FramePack's packed sections, with OUT/vae). Seeded and resumable:
-re-running a stage continues from its last checkpoint in OUT/checkpoints/.
+re-running a stage continues from its last checkpoint in OUT/checkpoints/. `ship` copies the result
+into the package (src/framepack_turbo/models/weights/tiny/) with a manifest and runs the quality gates.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "transformer"])
+    parser.add_argument("stage", choices=["vae", "transformer", "ship"])
     parser.add_argument("--out", type=Path, default=Path("training/tiny"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--save-every", type=int, default=None)
@@ -49,6 +50,20 @@ def main() -> None:
         record = transformer.train(args.out, conditioning, vae, cfg)
         (args.out / "transformer_record.json").write_text(json.dumps(record, indent=2))
         print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
+    if args.stage == "ship":
+        from framepack_turbo.api import FramePack
+        from framepack_turbo.train import ship
+
+        records = {name: json.loads((args.out / f"{name}_record.json").read_text()) for name in ("vae", "transformer")}
+        manifest = ship.ship(args.out, records)
+        fp = FramePack.load(model="framepack", model_dir=str(ship.SHIPPED))  # the shipped files, as users load them
+        gates = {v: ship.direction_accuracy(fp, v, out_dir=args.out) for v in ("inverted", "f1")}
+        manifest["direction_gate"] = {v: {k: g[k] for k in ("accuracy", "sections")} for v, g in gates.items()}
+        (ship.SHIPPED / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        print(json.dumps({k: manifest[k] for k in ("bytes", "direction_gate")}, indent=2))
+        for v, g in gates.items():
+            for case in g["cases"]:
+                print(v, case)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""Write the trained tiny model into the package in the `--model-dir` layout, with a manifest, and
+check it: the quality gates the tests hold it to (VAE reconstruction, direction of motion)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from framepack_turbo.train import world
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "weights" / "tiny"
+MAX_SHIPPED_BYTES = 20 << 20
+HELD_OUT_SEED = 99  # scenes no training run draws from (training uses seeds [seed, 0|1|2, ...])
+
+
+def held_out_scenes(count: int, frames: int, seed: int = HELD_OUT_SEED, motions=world.MOTIONS) -> list[world.Scene]:
+    rng = np.random.default_rng([seed, 7])
+    return [world.random_scene(rng, frames, motions[i % len(motions)]) for i in range(count)]
+
+
+def direction_accuracy(fp, variant: str, count: int = 14, seconds: float = 3.6, steps: int = 25,
+                       out_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Generate from held-out scenes' first frames with their prompts and check, by the object's colour,
+    that it did what the prompt says. Returns the accuracy and every case."""
+    from framepack_turbo.pipeline.sections import section_count
+
+    frames = int(round(seconds * 30))
+    cases = []
+    for i, scene in enumerate(held_out_scenes(count, frames)):
+        start = world.render(scene, 1, 64)[0]
+        out = (out_dir or Path("/tmp")) / f"gate-{variant}-{i:02d}.mp4"
+        result = fp.generate(start, scene.prompt, out=out, seconds=seconds, steps=steps, variant=variant,
+                             resolution=64, seed=i)  # fmt: skip
+        seen = world.observed_motion(result.frames, scene.color)
+        cases.append({"prompt": scene.prompt, "observed": seen, "ok": seen == scene.motion})
+    sections = section_count(seconds, 9)
+    return {"variant": variant, "sections": sections, "accuracy": float(np.mean([c["ok"] for c in cases])), "cases": cases}
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+
+
+def ship(training_dir: Path, records: dict[str, Any], target: Path = SHIPPED) -> dict[str, Any]:
+    """Copy the trained VAE (float32) and transformer (float16: half the bytes, upcast on load) with the
+    frozen tiny encoders into `target`, and write `target/manifest.json`."""
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
+
+    from framepack_turbo.models.random import build_models
+
+    training_dir, target = Path(training_dir), Path(target)
+    encoders = build_models("tiny", skip=frozenset({"transformer", "vae"}))
+    HunyuanVideoFramepackTransformer3DModel.from_pretrained(training_dir / "transformer").to(torch.float16).save_pretrained(
+        target / "transformer", safe_serialization=True
+    )
+    AutoencoderKLHunyuanVideo.from_pretrained(training_dir / "vae").save_pretrained(target / "vae", safe_serialization=True)
+    for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor"):
+        encoders[name].save_pretrained(target / name)
+    files = {str(p.relative_to(target)): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    total = sum(files.values())
+    if total > MAX_SHIPPED_BYTES:
+        raise RuntimeError(f"shipped weights are {total / 2**20:.1f} MB, over the {MAX_SHIPPED_BYTES >> 20} MB budget")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = ""
+    manifest = {
+        "model": "framepack-turbo tiny (trained on the procedural world)",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": _machine(),
+        "torch": torch.__version__,
+        "code_commit": commit,
+        "command": "python scripts/train_tiny.py vae && python scripts/train_tiny.py transformer && python scripts/train_tiny.py ship",
+        "bytes": total,
+        "files": files,
+        **records,
+    }
+    (target / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
