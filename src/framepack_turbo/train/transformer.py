@@ -41,9 +41,9 @@ TRANSFORMER_CONFIG = dict(
 
 @dataclass(frozen=True)
 class TransformerTraining:
-    steps: int = 6000
+    steps: int = 5000
     batch: int = 4
-    clips: int = 1200
+    clips: int = 800
     max_sections: int = 4
     window: int = 9
     size: int = 64
