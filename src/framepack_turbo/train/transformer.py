@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from framepack_turbo.pipeline.sections import CONTEXT_1X, CONTEXT_2X, CONTEXT_4X, f1_indices, inverted_indices, inverted_paddings
-from framepack_turbo.train import checkpoint, world
+from framepack_turbo.train import loop, world
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,6 @@ def train(out_dir: Path, conditioning: dict[str, Any], vae, cfg: TransformerTrai
           progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Train (or resume) and write `out_dir/transformer/`; returns the training record."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
-    from tqdm import tqdm
 
     from framepack_turbo.pipeline.encode import encode_prompt
     from framepack_turbo.pipeline.sampler import flux_mu, shift_sigma
@@ -140,20 +138,11 @@ def train(out_dir: Path, conditioning: dict[str, Any], vae, cfg: TransformerTrai
     torch.manual_seed(cfg.seed)
     model = HunyuanVideoFramepackTransformer3DModel(**TRANSFORMER_CONFIG)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    ckpt = out_dir / "checkpoints" / "transformer"
-    info = checkpoint.load(ckpt, model, opt) or {"step": 0, "losses": [], "seconds": 0.0}
-    start_step = info["step"]
-    model.train()
     h = w = cfg.size // 8
     mu = flux_mu(cfg.window * h * w // 4)
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="transformer", disable=not progress)
-    started = time.perf_counter()
-    for step in range(start_step, cfg.steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         rng = np.random.default_rng([cfg.seed, 2, step])
-        warmup = min(1.0, (step + 1) / 200)
-        lr = cfg.lr * warmup * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
         pid = int(rng.choice(list(by_prompt)))  # one prompt per batch: no text padding, as at batch 1
         rows = rng.choice(by_prompt[pid], size=cfg.batch, replace=len(by_prompt[pid]) < cfg.batch)
         variant = "inverted" if rng.random() < 0.5 else "f1"
@@ -176,20 +165,14 @@ def train(out_dir: Path, conditioning: dict[str, Any], vae, cfg: TransformerTrai
             latents_history_2x=two_x, indices_latents_history_2x=idx.clean_2x,
             latents_history_4x=four_x, indices_latents_history_4x=idx.clean_4x, return_dict=False,
         )[0]  # fmt: skip
-        loss = (pred.float() - (noise - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        info["losses"].append(round(float(loss), 5))
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            info.update(step=step + 1, seconds=info["seconds"] + time.perf_counter() - started)
-            started = time.perf_counter()
-            checkpoint.save(ckpt, model, opt, info)
-    bar.close()
-    model.eval()
+        return (pred.float() - (noise - x0)).pow(2).mean()
+
+    def lr_at(step: int) -> float:
+        warmup = min(1.0, (step + 1) / 200)
+        return cfg.lr * warmup * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+    info = loop.fit(model, opt, out_dir / "checkpoints" / "transformer", cfg.steps, cfg.save_every, lr_at, loss_at,
+                    "transformer", progress)  # fmt: skip
     model.save_pretrained(out_dir / "transformer", safe_serialization=True)
     parameters = sum(p.numel() for p in model.parameters())
     record = {"config": asdict(cfg), "transformer_config": TRANSFORMER_CONFIG, "parameters": parameters,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from framepack_turbo.train import checkpoint, world
+from framepack_turbo.train import loop, world
 
 log = logging.getLogger(__name__)
 
@@ -71,41 +70,21 @@ def evaluate(vae, cfg: VaeTraining, seed: int = 10_000) -> dict[str, float]:
 def train(out_dir: Path, cfg: VaeTraining = VaeTraining(), progress: bool = True) -> dict[str, Any]:
     """Train (or resume) and write `out_dir/vae/` in diffusers' layout; returns the training record."""
     from diffusers import AutoencoderKLHunyuanVideo
-    from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKLHunyuanVideo(**VAE_CONFIG)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    ckpt = Path(out_dir) / "checkpoints" / "vae"
-    info = checkpoint.load(ckpt, vae, opt) or {"step": 0, "losses": [], "seconds": 0.0}
-    start = info["step"]
-    if start:
-        log.info("Resuming the VAE at step %d", start)
-    vae.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc="VAE", disable=not progress)
-    started = time.perf_counter()
-    for step in range(start, cfg.steps):
-        rng = np.random.default_rng([cfg.seed, step])  # the data stream resumes exactly
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x = clip_batch(rng, cfg.batch, cfg.frames, cfg.size)
+
+    def loss_at(step: int) -> torch.Tensor:
+        x = clip_batch(np.random.default_rng([cfg.seed, step]), cfg.batch, cfg.frames, cfg.size)
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample()).sample
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + cfg.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        info["losses"].append(round(float(loss), 5))
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            info.update(step=step + 1, seconds=info["seconds"] + time.perf_counter() - started)
-            started = time.perf_counter()
-            checkpoint.save(ckpt, vae, opt, info)
-    bar.close()
-    vae.eval()
+        return (rec - x).abs().mean() + (rec - x).pow(2).mean() + cfg.kl_weight * posterior.kl().mean()
+
+    info = loop.fit(
+        vae, opt, Path(out_dir) / "checkpoints" / "vae", cfg.steps, cfg.save_every,
+        lambda step: cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)), loss_at, "VAE", progress,
+    )  # fmt: skip
     metrics = evaluate(vae, cfg)
     vae.register_to_config(scaling_factor=round(1.0 / metrics["latent_std"], 6))
     vae.save_pretrained(Path(out_dir) / "vae", safe_serialization=True)
