@@ -24,11 +24,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from diffusers.hooks._helpers import TransformerBlockRegistry
-from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
+from diffusers.hooks.hooks import BaseState, StateManager
 
 from framepack_turbo.optim.base import PassReport
-from framepack_turbo.optim.stepcache import HookedCache, blocks, is_boundary_step, register_hook
+from framepack_turbo.optim.stepcache import BlockArgsHook, HookedCache, blocks, is_boundary_step, register_hook
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -150,7 +149,7 @@ class EntryBudget:
         self.evicted += 1
 
 
-class SimilarityBlockHook(ModelHook):
+class SimilarityBlockHook(BlockArgsHook):
     _is_stateful = True
 
     def __init__(self, config: SimilarityCacheConfig, controller: SimilarityCache, name: str) -> None:
@@ -159,15 +158,9 @@ class SimilarityBlockHook(ModelHook):
         self.controller = controller
         self.name = name
         self.state_manager = StateManager(_BlockState, (config.use_faiss,))
-        self._metadata = None
-
-    def initialize_hook(self, module):
-        self._metadata = TransformerBlockRegistry.get(type(module))
-        return module
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        hidden = self._metadata._get_parameter_from_args_kwargs("hidden_states", args, kwargs)
-        encoder = self._metadata._get_parameter_from_args_kwargs("encoder_hidden_states", args, kwargs)
+        hidden, encoder = self.block_args(args, kwargs, "hidden_states", "encoder_hidden_states")
         state: _BlockState = self.state_manager.get_state()
         context = self.state_manager.context
         query = self._key(hidden)

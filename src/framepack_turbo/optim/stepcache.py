@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import torch
 from diffusers.hooks import HookRegistry
+from diffusers.hooks._helpers import TransformerBlockRegistry
+from diffusers.hooks.hooks import ModelHook
 
 from framepack_turbo.optim.select import block_stacks
 
@@ -124,6 +126,22 @@ class HookedCache:
 
     def section_stats(self) -> dict[str, Any]:
         return self.counters.stats()
+
+
+class BlockArgsHook(ModelHook):
+    """A hook on a transformer block that reads the block's call arguments by name, wherever the caller put
+    them (diffusers' block registry knows each block class's signature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._metadata = None
+
+    def initialize_hook(self, module):
+        self._metadata = TransformerBlockRegistry.get(type(module))
+        return module
+
+    def block_args(self, args: tuple, kwargs: dict, *names: str) -> tuple:
+        return tuple(self._metadata._get_parameter_from_args_kwargs(name, args, kwargs) for name in names)
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:

@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.first_block_cache import FBCSharedBlockState
-from diffusers.hooks.hooks import ModelHook, StateManager
+from diffusers.hooks.hooks import StateManager
 
 from framepack_turbo.optim.base import PassReport
-from framepack_turbo.optim.stepcache import HookedCache, hook_whole_stack, is_boundary_step, relative_l1
+from framepack_turbo.optim.stepcache import BlockArgsHook, HookedCache, hook_whole_stack, is_boundary_step, relative_l1
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -62,7 +61,7 @@ class _State(FBCSharedBlockState):
         self.accumulated = 0.0
 
 
-class TeaCacheHeadHook(ModelHook):
+class TeaCacheHeadHook(BlockArgsHook):
     _is_stateful = True
 
     def __init__(self, state_manager: StateManager, config: TeaCacheConfig, controller: TeaCache) -> None:
@@ -71,16 +70,9 @@ class TeaCacheHeadHook(ModelHook):
         self.config = config
         self.controller = controller
         self.rescale = np.poly1d(HUNYUAN_RESCALE)
-        self._metadata = None
-
-    def initialize_hook(self, module):
-        self._metadata = TransformerBlockRegistry.get(type(module))
-        return module
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        hidden = self._metadata._get_parameter_from_args_kwargs("hidden_states", args, kwargs)
-        encoder = self._metadata._get_parameter_from_args_kwargs("encoder_hidden_states", args, kwargs)
-        temb = self._metadata._get_parameter_from_args_kwargs("temb", args, kwargs)
+        hidden, encoder, temb = self.block_args(args, kwargs, "hidden_states", "encoder_hidden_states", "temb")
         state: _State = self.state_manager.get_state()
         modulated = module.norm1(hidden, emb=temb)[0]
         compute = self._should_compute(state, modulated)
