@@ -42,11 +42,6 @@ def export_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def eager():
-    return load_bundle("tiny", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def engines(export_dir):
     """A tiny bundle whose every component runs through onnxruntime from `export_dir`."""
     bundle = load_bundle("tiny", device="cpu")
@@ -57,11 +52,11 @@ def engines(export_dir):
     return bundle
 
 
-def test_export_layout_manifest_and_check(export_dir, eager):
+def test_export_layout_manifest_and_check(export_dir, tiny_bundle):
     for component, modules in ox.COMPONENT_MODULES.items():
         manifest = json.loads((export_dir / component / "manifest.json").read_text())
         assert manifest["format"] == ox.FORMAT and manifest["component"] == component
-        assert manifest["identity"] == ox.component_identity(eager, component)
+        assert manifest["identity"] == ox.component_identity(tiny_bundle, component)
         assert [g["module"] for g in manifest["graphs"]] == list(modules)
         for graph in manifest["graphs"]:
             assert (export_dir / component / graph["file"]).is_file()
@@ -83,40 +78,41 @@ def _transformer_inputs(bundle, frames, h, w, text, seed):
 
 
 @pytest.mark.parametrize(("frames", "h", "w", "text"), [(9, 8, 7, 5), (9, 10, 6, 23), (5, 4, 4, 1)])
-def test_transformer_engine_matches_eager_across_text_lengths_and_resolutions(engines, eager, frames, h, w, text):
-    inputs = _transformer_inputs(eager, frames, h, w, text, seed=frames + h + text)
+def test_transformer_engine_matches_eager_across_text_lengths_and_resolutions(engines, tiny_bundle, frames, h, w, text):
+    inputs = _transformer_inputs(tiny_bundle, frames, h, w, text, seed=frames + h + text)
     with torch.no_grad():
-        reference = eager.transformer(**inputs, return_dict=False)[0]
+        reference = tiny_bundle.transformer(**inputs, return_dict=False)[0]
         out = engines.transformer(**inputs, return_dict=False)[0]
     assert out.shape == reference.shape == (1, 16, frames, 2 * h, 2 * w)
     assert rel_error(out, reference) < REL_TOL
 
 
 @pytest.mark.parametrize("prompt", ["a cat", "a red circle moves slowly to the right across a striped floor"])
-def test_text_encoder_engines_match_eager(engines, eager, prompt):
+def test_text_encoder_engines_match_eager(engines, tiny_bundle, prompt):
     from framepack_turbo.pipeline.encode import encode_prompt
 
-    ref = encode_prompt(prompt, eager.tokenizer, eager.text_encoder, eager.tokenizer_2, eager.text_encoder_2)
+    b = tiny_bundle
+    ref = encode_prompt(prompt, b.tokenizer, b.text_encoder, b.tokenizer_2, b.text_encoder_2)
     out = encode_prompt(prompt, engines.tokenizer, engines.text_encoder, engines.tokenizer_2, engines.text_encoder_2)
     assert out.llama.shape == ref.llama.shape and torch.equal(out.mask, ref.mask)
     assert rel_error(out.llama, ref.llama) < REL_TOL and rel_error(out.clip_pooled, ref.clip_pooled) < REL_TOL
 
 
-def test_image_encoder_engine_matches_eager(engines, eager):
+def test_image_encoder_engine_matches_eager(engines, tiny_bundle):
     from framepack_turbo.pipeline.encode import encode_image
 
     picture = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
-    ref = encode_image(picture, eager.feature_extractor, eager.image_encoder)
+    ref = encode_image(picture, tiny_bundle.feature_extractor, tiny_bundle.image_encoder)
     out = encode_image(picture, engines.feature_extractor, engines.image_encoder)
     assert rel_error(out, ref) < REL_TOL
 
 
 @pytest.mark.parametrize(("frames", "h", "w"), [(10, 16, 14), (3, 8, 12)])
-def test_vae_decoder_engine_matches_eager_inside_diffusers_tiling(engines, eager, frames, h, w):
+def test_vae_decoder_engine_matches_eager_inside_diffusers_tiling(engines, tiny_bundle, frames, h, w):
     from framepack_turbo.pipeline import vae
 
     latents = torch.randn(1, 16, frames, h, w, generator=torch.Generator().manual_seed(frames))
-    ref, out = vae.decode(latents, eager.vae), vae.decode(latents, engines.vae)
+    ref, out = vae.decode(latents, tiny_bundle.vae), vae.decode(latents, engines.vae)
     assert out.shape == ref.shape == (1, 3, 4 * (frames - 1) + 1, 8 * h, 8 * w)
     assert rel_error(out, ref) < REL_TOL
 
@@ -142,7 +138,7 @@ def test_generation_with_onnx_engines_end_to_end(tmp_path, example_image, export
     assert engines["vae.decoder"]["calls"] > 0 and engines["text_encoder"]["calls"] == 1
 
 
-def test_export_of_other_weights_is_refused(tmp_path, export_dir, eager):
+def test_export_of_other_weights_is_refused(tmp_path, export_dir, tiny_bundle):
     copy = tmp_path / "text-encoder"
     shutil.copytree(export_dir / "text-encoder", copy)
     manifest = json.loads((copy / "manifest.json").read_text())
