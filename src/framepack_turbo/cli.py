@@ -422,12 +422,12 @@ def serve(
                 f"refusing to serve on {where} without --auth user:pass: anyone who reaches it could run jobs on "
                 "this machine and read its videos. Add --auth, or keep --host 127.0.0.1"
             )
-        from framepack_turbo.settings import parse_flags
+        from framepack_turbo.settings import Settings, parse_flags
 
-        base = parse_flags(list(ctx.args))
+        base = parse_flags(list(ctx.args))  # the page's defaults; each job's settings start from them
         if preset is not None:
             base["preset"] = preset
-        settings = _settings_from(ctx, preset)  # bad flags fail here, before the page starts
+        settings = Settings.load(base, source="cli")  # bad flags fail here, before the page starts
         _check_device(settings.device)
         _check_writable_file(data_dir / "jobs.sqlite")
     except FramePackError as exc:

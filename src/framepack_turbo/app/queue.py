@@ -210,7 +210,6 @@ class GenerationRunner:
     def __init__(self, base: dict[str, Any]) -> None:
         self.base = dict(base)  # the server's settings (flags it was started with)
         self._loaded: tuple[str, Any] | None = None
-        self._lock = threading.Lock()
 
     def settings_for(self, job_settings: dict[str, Any]):
         from framepack_turbo.settings import Settings
@@ -227,9 +226,9 @@ class GenerationRunner:
         return self._loaded[1]
 
     def __call__(self, job: Job, cancel: CancelToken, on_event: Callable[[Any], None]) -> None:
-        with self._lock:
-            fp = self._framepack(job.request.get("settings", {}))
-            fp.generate(
-                job.image, job.prompt, out=job.video, on_event=on_event, cancel=cancel,
-                negative_prompt=job.request.get("negative_prompt", ""), **job.request.get("options", {}),
-            )  # fmt: skip
+        # Called only from the queue's one worker: one job at a time needs no lock here.
+        fp = self._framepack(job.request.get("settings", {}))
+        fp.generate(
+            job.image, job.prompt, out=job.video, on_event=on_event, cancel=cancel,
+            negative_prompt=job.request.get("negative_prompt", ""), **job.request.get("options", {}),
+        )  # fmt: skip
