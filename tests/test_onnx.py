@@ -306,3 +306,11 @@ def test_identity_is_the_same_in_every_process():
         for seed in ("1", "2")
     ]  # fmt: skip
     assert keys[0] == keys[1]
+
+
+def test_identity_survives_save_pretrained(tmp_path):
+    """Saving a model (which writes `architectures` into transformers' configs) does not change what it computes."""
+    bundle = load_bundle("tiny", device="cpu")
+    before = {c: ox.component_identity(bundle, c) for c in ox.COMPONENTS}
+    bundle.save_pretrained(tmp_path / "saved")
+    assert {c: ox.component_identity(bundle, c) for c in ox.COMPONENTS} == before

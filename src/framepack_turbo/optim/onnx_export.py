@@ -251,13 +251,18 @@ def _dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, Any]]:
 # ---- identity and manifest ------------------------------------------------------------------------
 
 
+_CONFIG_METADATA = ("transformers_version", "architectures", "dtype", "torch_dtype")
+
+
 def module_fingerprint(module: torch.nn.Module) -> dict[str, Any]:
     """What makes two modules compute the same graph: class, config, parameter count, sampled weights."""
     config = getattr(module, "config", None)
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
     # Private keys are bookkeeping (diffusers' `_use_default_values` is a set in hash order, different per
-    # process; `_name_or_path` is where it was loaded from); versions are not the architecture.
-    values = {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"}
+    # process; `_name_or_path` is where it was loaded from); versions are not the architecture, and
+    # `architectures` and `dtype` are written by `save_pretrained`, so a saved model would not match its
+    # unsaved self (the weights' real dtype shows in the sampled weights below).
+    values = {k: v for k, v in values.items() if not k.startswith("_") and k not in _CONFIG_METADATA}
     config_text = json.dumps(values, sort_keys=True, default=str)
     params = list(module.parameters())
     digest = hashlib.sha256()
