@@ -1,7 +1,9 @@
 """Train the shipped tiny model from nothing: `python scripts/train_tiny.py vae [--steps N] [--out DIR]`.
 
 Stages: `vae` (the procedural world's clips -> AutoencoderKLHunyuanVideo, small config), then
-`transformer` (flow matching on FramePack's packed sections, with OUT/vae). Seeded and resumable:
+`transformer` (flow matching on FramePack's packed sections, with OUT/vae's encoder) and, at the same
+time if you like, `decoder` (more training of OUT/vae's decoder alone, the encoder frozen, so the
+transformer's latents stay valid). Seeded and resumable:
 re-running a stage continues from its last checkpoint in OUT/checkpoints/. `ship` copies the result
 into the package (src/framepack_turbo/models/weights/tiny/) with a manifest and runs the quality gates.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "transformer", "ship"])
+    parser.add_argument("stage", choices=["vae", "decoder", "transformer", "ship"])
     parser.add_argument("--out", type=Path, default=Path("training/tiny"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--save-every", type=int, default=None)
@@ -35,6 +37,14 @@ def main() -> None:
         cfg = replace(cfg, **{k: v for k, v in {"steps": args.steps, "save_every": args.save_every}.items() if v})
         record = vae.train(args.out, cfg)
         (args.out / "vae_record.json").write_text(json.dumps(record, indent=2))
+        print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
+    if args.stage == "decoder":
+        from framepack_turbo.train import vae
+
+        cfg = vae.VaeTraining()
+        cfg = replace(cfg, **{k: v for k, v in {"steps": args.steps, "save_every": args.save_every}.items() if v})
+        record = vae.finetune_decoder(args.out, cfg)
+        (args.out / "decoder_record.json").write_text(json.dumps(record, indent=2))
         print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
     if args.stage == "transformer":
         from diffusers import AutoencoderKLHunyuanVideo
@@ -54,7 +64,8 @@ def main() -> None:
         from framepack_turbo.api import FramePack
         from framepack_turbo.train import ship
 
-        records = {name: json.loads((args.out / f"{name}_record.json").read_text()) for name in ("vae", "transformer")}
+        records = {name: json.loads((args.out / f"{name}_record.json").read_text())
+                   for name in ("vae", "decoder", "transformer") if (args.out / f"{name}_record.json").is_file()}
         manifest = ship.ship(args.out, records)
         fp = FramePack.load(model="framepack", model_dir=str(ship.SHIPPED))  # the shipped files, as users load them
         gates = {v: ship.direction_accuracy(fp, v, out_dir=args.out) for v in ("inverted", "f1")}

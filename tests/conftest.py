@@ -18,7 +18,7 @@ def example_image() -> Path:
 def tiny_bundle():
     from framepack_turbo.models.loading import load_bundle
 
-    return load_bundle("tiny", device="cpu")
+    return load_bundle("tiny-random", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ def test_compat_report_follows_the_panel():
     from framepack_turbo.app.ui import compat_markdown
     from framepack_turbo.hardware import Hardware
 
-    base = {"model": "tiny"}
+    base = {"model": "tiny-random"}
     assert "No compatibility findings" in compat_markdown(base, {}, Hardware())
     both = compat_markdown(base, {"enable_teacache": True, "enable_fbcache": True}, Hardware())
     assert "step-caches-exclusive" in both and "first-block cache" in both
@@ -40,6 +40,6 @@ def test_critical_settings_are_not_queued():
     from framepack_turbo.app.ui import critical_findings
     from framepack_turbo.hardware import Hardware
 
-    assert critical_findings({"model": "tiny"}, Hardware()) == []
-    found = critical_findings({"model": "tiny", "enable_quant": True, "enable_fp8": True}, Hardware())
+    assert critical_findings({"model": "tiny-random"}, Hardware()) == []
+    found = critical_findings({"model": "tiny-random", "enable_quant": True, "enable_fp8": True}, Hardware())
     assert len(found) == 1 and found[0].startswith("multiple-quantization")

@@ -46,7 +46,7 @@ def test_backend_choice(mode, hardware, backend):
 
 
 def test_math_attention_matches_sdpa():
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     ref = _forward(bundle.transformer)
     report = AttentionPass().apply(bundle, AttentionConfig("off"), CPU)
     assert report.counters["backend"] == "_native_math"
@@ -62,7 +62,7 @@ def test_standard_mode_is_not_a_pass():
 
 
 def test_encoder_attention_switch_and_warning(caplog):
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     ids = bundle.tokenizer(["a cat walks"], return_tensors="pt").input_ids
     with torch.no_grad():
         ref = bundle.text_encoder(input_ids=ids).last_hidden_state
@@ -89,7 +89,7 @@ def test_bettertransformer_off_by_default_and_flag_turns_it_off():
 
 def test_fast_start_skips_and_says_so(caplog):
     with caplog.at_level(logging.INFO):
-        fp = FramePack.load("tiny", fast_start=True, enable_compile=True, enable_bettertransformer=True)
+        fp = FramePack.load("tiny-random", fast_start=True, enable_compile=True, enable_bettertransformer=True)
     status = {p.name: p.status for p in fp.plan.passes}
     assert status["compile"] == "skipped" and status["encoder_attention"] == "skipped"
     assert "fast-start-skips" in caplog.text and "skips torch.compile" in caplog.text
@@ -104,7 +104,7 @@ def test_regional_compile_compiles_each_block_kind_once_and_never_again_across_s
     from .conftest import EXAMPLE_IMAGE
 
     torch._dynamo.reset()
-    fp = FramePack.load("tiny", enable_compile=True)
+    fp = FramePack.load("tiny-random", enable_compile=True)
     start = compiled_graph_count()
     after_section = []
     fp.generate(EXAMPLE_IMAGE, "a cat", out=tmp_path / "c.mp4", seconds=4, steps=2, resolution=64,

@@ -120,7 +120,7 @@ def _results():
     skipped = {"config": "int8", "status": "skipped", "reason": "INT-N quantization not built", "lossy": True}
     failed = {"config": "gpu", "status": "failed", "reason": "RuntimeError: no CUDA", "lossy": False}
     return {
-        "spec": {"model": "tiny", "seconds": 1, "resolution": 64, "steps": 1, "variant": None, "repeats": 1},
+        "spec": {"model": "tiny-random", "seconds": 1, "resolution": 64, "steps": 1, "variant": None, "repeats": 1},
         "machine": {"gpu": None, "cpu": "test cpu", "cpu_count": 2, "versions": {"torch": "x"}, "date": "today"},
         "rows": [base, fast, skipped, failed],
         "noise_floor": same,
@@ -157,7 +157,7 @@ def test_plot_is_a_png(tmp_path):
 def test_bench_bar_with_failure_rows(tmp_path):
     extra = tmp_path / "c.toml"
     extra.write_text('[configs.broken]\nenable_quant = true\nenable_fp8 = true\n[configs.gpu]\ndevice = "cuda"\n')
-    args = ["bench", "--model", "tiny", "--configs", "baseline,bf16,tensorrt,broken,gpu", "--config-file", str(extra),
+    args = ["bench", "--model", "tiny-random", "--configs", "baseline,bf16,tensorrt,broken,gpu", "--config-file", str(extra),
             "--steps", "2", "--seconds", "1", "--resolution", "64", "--repeats", "1",
             "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")]  # fmt: skip
     result = CliRunner().invoke(app, args, env={"FRAMEPACK_ENABLE_COMPILE": "1"})

@@ -43,7 +43,7 @@ def server(tmp_path):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     env = {k: v for k, v in env.items() if not k.startswith("FRAMEPACK_")}
     cmd = [sys.executable, "-m", "framepack_turbo.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path / "app"),
-           "--model", "tiny", "--resolution", "128", "--steps", "2", "--seconds", "1"]  # fmt: skip
+           "--model", "tiny-random", "--resolution", "128", "--steps", "2", "--seconds", "1"]  # fmt: skip
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/"

@@ -39,7 +39,7 @@ def generate(fp, image, tmp_path, name="out", prompt="a cat", **options):
 
 
 def load(**settings) -> FramePack:
-    return FramePack.load("tiny", device="cpu", **settings)
+    return FramePack.load("tiny-random", device="cpu", **settings)
 
 
 @pytest.fixture

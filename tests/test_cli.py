@@ -15,7 +15,7 @@ from framepack_turbo.cli import _InterruptToCancel, app
 from framepack_turbo.pipeline import video
 from framepack_turbo.pipeline.events import CancelToken
 
-BAR = ["--model", "tiny", "--prompt", "a cat", "--seconds", "2", "--steps", "4", "--resolution", "128"]
+BAR = ["--model", "tiny-random", "--prompt", "a cat", "--seconds", "2", "--steps", "4", "--resolution", "128"]
 
 
 def _framepack(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -71,7 +71,7 @@ def _small_image(tmp_path: Path) -> Path:
         (lambda t, img: ["--image", str(img), "--seconds", "-3"], "--seconds -3: allowed"),
         (lambda t, img: ["--image", str(img), "--steps", "0"], "--steps 0: allowed an integer >= 1"),
         (lambda t, img: ["--image", str(img), "--window", "0"], "--window 0: allowed an integer >= 1"),
-        (lambda t, img: ["--image", str(img), "--model", "gigantic"], "--model gigantic: allowed framepack or framepack-f1 or tiny or small"),
+        (lambda t, img: ["--image", str(img), "--model", "gigantic"], "--model gigantic: allowed framepack or framepack-f1 or tiny or tiny-random or small"),
         (lambda t, img: ["--image", str(img), "--variant", "sideways"], "--variant sideways: allowed inverted or f1"),
         (lambda t, img: ["--image", str(img), "--out", str(t)], "must be an .mp4 file"),
         (lambda t, img: ["--image", str(img), "--out", "/proc/no/such/out.mp4"], "cannot write there"),
@@ -119,7 +119,7 @@ def test_interrupt_handler_cancels_then_aborts():
 @pytest.mark.slow
 def test_ctrl_c_keeps_the_finished_sections(example_image, tmp_path):
     out = tmp_path / "out.mp4"
-    args = ["generate", "--image", str(example_image), "--model", "tiny", "--prompt", "a cat", "--seconds", "4",
+    args = ["generate", "--image", str(example_image), "--model", "tiny-random", "--prompt", "a cat", "--seconds", "4",
             "--steps", "8", "--resolution", "128", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

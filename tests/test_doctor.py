@@ -90,7 +90,7 @@ def test_generate_stops_before_loading_on_critical(monkeypatch, example_image, t
         raise AssertionError("models must not load when a critical rule fires")
 
     monkeypatch.setattr(api, "load_bundle", no_loading)
-    args = ["generate", "--image", str(example_image), "--prompt", "x", "--model", "tiny", "--out", str(tmp_path / "o.mp4")]
+    args = ["generate", "--image", str(example_image), "--prompt", "x", "--model", "tiny-random", "--out", str(tmp_path / "o.mp4")]
     result = CliRunner().invoke(app, args, env={"FRAMEPACK_ENABLE_TENSORRT": "1", "FRAMEPACK_USE_BNB": "1"})
     assert result.exit_code == 1
     assert "tensorrt-bitsandbytes" in result.output and "FRAMEPACK_USE_BNB=0" in result.output
@@ -102,21 +102,21 @@ def test_api_gate_and_ignore(monkeypatch):
     monkeypatch.setattr(api, "load_bundle", lambda *a, **k: loaded.append(a) or _FakeBundle())
     monkeypatch.setattr(api.time, "sleep", lambda s: loaded.append(("slept", s)))
     with pytest.raises(api.IncompatibleSettings, match="multiple-quantization"):
-        api.FramePack.load("tiny", enable_quant=True, enable_fp8=True)
+        api.FramePack.load("tiny-random", enable_quant=True, enable_fp8=True)
     assert loaded == []
     monkeypatch.setattr(api, "apply_plan", lambda *a, **k: [])
-    fp = api.FramePack.load("tiny", enable_quant=True, enable_fp8=True, ignore_incompatible=True)
+    fp = api.FramePack.load("tiny-random", enable_quant=True, enable_fp8=True, ignore_incompatible=True)
     assert ("slept", api.INCOMPATIBLE_PAUSE_S) in loaded
     assert fp.settings.source_of("enable_fp8") == "api"
 
 
 class _FakeBundle:
     class preset:
-        name = "tiny"
+        name = "tiny-random"
 
 
 def test_generate_with_preset_runs_baseline_and_records_settings(tiny, example_image, tmp_path):
-    fp = api.FramePack(tiny.bundle, Settings.load({"preset": "max-performance", "model": "tiny"}))
+    fp = api.FramePack(tiny.bundle, Settings.load({"preset": "max-performance", "model": "tiny-random"}))
     result = fp.generate(example_image, "a cat", out=tmp_path / "o.mp4", seconds=1, steps=1, resolution=64)
     record = result.sidecar["settings"]
     assert record["values"]["enable_quant"] == {"value": True, "source": "preset", "env": "FRAMEPACK_ENABLE_QUANT"}

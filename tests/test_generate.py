@@ -52,7 +52,7 @@ def test_sidecar(runs):
     assert data["prompt"] == "a cat" and data["seed"] == 31337 and data["variant"] == "inverted"
     assert data["sections_done"] == data["sections_total"] == 2
     assert data["options"]["steps"] == 2 and data["options"]["window"] == 9 and data["options"]["crf"] == 16
-    assert data["model"]["preset"] == "tiny" and data["model"]["source"] == "random:tiny"
+    assert data["model"]["preset"] == "tiny-random" and data["model"]["source"] == "random:tiny"
     assert {"torch", "diffusers", "transformers", "python", "av"} <= data["versions"].keys()
     t = data["timings"]
     assert {"text_encode", "image_encode", "transformer", "vae_decode", "write", "total"} <= t.keys()

@@ -30,7 +30,7 @@ def _call(t, **shape):
 
 
 def test_trace_equals_eager_and_retraces_new_shapes():
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     eager = bundle.transformer
     ref, ref2 = _call(eager), _call(eager, h=8, w=10)
     report = JitPass().apply(bundle, JitConfig(), Hardware())
@@ -45,7 +45,7 @@ def test_trace_equals_eager_and_retraces_new_shapes():
 
 
 def test_strict_refuses_other_shapes():
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     JitPass().apply(bundle, JitConfig(strict=True), Hardware())
     _call(bundle.transformer)
     with pytest.raises(JitShapeError, match="JIT_STRICT.*traced for.*FRAMEPACK_JIT_STRICT=0"):
@@ -54,25 +54,25 @@ def test_strict_refuses_other_shapes():
 
 def test_save_and_load_round_trip(tmp_path):
     path = tmp_path / "t.pt"
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     ref = _call(bundle.transformer)
     JitPass().apply(bundle, JitConfig(save=path), Hardware())
     _call(bundle.transformer)
     assert path.exists() and path.with_suffix(".signature.json").exists()
-    fresh = load_bundle("tiny", device="cpu")
+    fresh = load_bundle("tiny-random", device="cpu")
     JitPass().apply(fresh, JitConfig(load=path, strict=True), Hardware())
     assert fresh.transformer.traced_count == 0  # nothing traced: the loaded trace serves
     torch.testing.assert_close(_call(fresh.transformer), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_script_falls_back_to_trace():
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     report = JitPass().apply(bundle, JitConfig(mode="script"), Hardware())
     assert "tracing instead" in report.detail and isinstance(bundle.transformer, TracedTransformer)
 
 
 def test_generation_with_jit_matches_eager(tiny, tmp_path):
-    fp = FramePack.load("tiny", jit_mode="trace", jit_save=str(tmp_path / "j.pt"))
+    fp = FramePack.load("tiny-random", jit_mode="trace", jit_save=str(tmp_path / "j.pt"))
     got = fp.generate(EXAMPLE_IMAGE, "a cat", out=tmp_path / "j.mp4", seconds=2, steps=2, resolution=64)
     ref = tiny.generate(EXAMPLE_IMAGE, "a cat", out=tmp_path / "e.mp4", seconds=2, steps=2, resolution=64)
     assert got.frames.shape == ref.frames.shape

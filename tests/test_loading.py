@@ -29,7 +29,7 @@ def test_tiny_dimensions_agree(tiny_bundle):
 
 
 def test_random_presets_are_deterministic(tiny_bundle):
-    again = load_bundle("tiny", device="cpu")
+    again = load_bundle("tiny-random", device="cpu")
     for name in MODULES:
         a, b = tiny_bundle.modules()[name].state_dict(), again.modules()[name].state_dict()
         assert a.keys() == b.keys()
@@ -51,7 +51,7 @@ def test_saved_layout_is_one_folder_per_component(tiny_dir):
 def test_local_dir_round_trip_is_identical(tiny, tiny_dir, example_image, tmp_path):
     from framepack_turbo.api import FramePack
 
-    loaded = FramePack.load("tiny", model_dir=tiny_dir, device="cpu")
+    loaded = FramePack.load("tiny-random", model_dir=tiny_dir, device="cpu")
     assert loaded.bundle.source == str(tiny_dir.resolve())
     for name in MODULES:
         a, b = tiny.bundle.modules()[name].state_dict(), loaded.bundle.modules()[name].state_dict()
@@ -69,12 +69,12 @@ def test_local_dir_missing_component(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, broken)
     shutil.rmtree(broken / "vae")
     with pytest.raises(ModelUnavailableError, match=r"vae.*broken.*sub-folder per component"):
-        load_bundle("tiny", model_dir=str(broken), device="cpu")
+        load_bundle("tiny-random", model_dir=str(broken), device="cpu")
 
 
 def test_model_dir_must_exist(tmp_path):
     with pytest.raises(InputError, match="no such directory"):
-        load_bundle("tiny", model_dir=str(tmp_path / "nope"))
+        load_bundle("tiny-random", model_dir=str(tmp_path / "nope"))
 
 
 def test_unknown_preset():

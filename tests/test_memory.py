@@ -61,7 +61,7 @@ def test_doctor_shows_the_placement_and_why():
 
 def test_placement_is_a_logged_no_op_on_cpu(caplog, example_image, tmp_path):
     with caplog.at_level(logging.INFO):
-        fp = FramePack.load("tiny", device="cpu", use_memory_v2=True)
+        fp = FramePack.load("tiny-random", device="cpu", use_memory_v2=True)
     assert "no-op" in caplog.text
     assert all(p.device.type == "cpu" for m in fp.bundle.modules().values() for p in m.parameters())
     result = fp.generate(example_image, "a cat", out=tmp_path / "o.mp4", **OPTS)
@@ -104,7 +104,7 @@ def _fail_calls(monkeypatch, transformer, fail_on: set[int]):
 
 def test_oom_steps_down_and_retries_the_section(monkeypatch, tiny, example_image, tmp_path):
     reference = tiny.generate(example_image, "a cat", out=tmp_path / "ref.mp4", **OPTS)
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     fp = _with_placer(bundle)
     _fail_calls(monkeypatch, bundle.transformer, {3})  # second section, second step
     events = []
@@ -117,7 +117,7 @@ def test_oom_steps_down_and_retries_the_section(monkeypatch, tiny, example_image
 
 
 def test_oom_after_the_last_step_down_is_a_clear_error_and_keeps_the_video(monkeypatch, example_image, tmp_path):
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     fp = _with_placer(bundle, mode="v1")
     _fail_calls(monkeypatch, bundle.transformer, set(range(2, 100)))  # every call of the second section
     out = tmp_path / "o.mp4"
@@ -133,7 +133,7 @@ def test_oom_after_the_last_step_down_is_a_clear_error_and_keeps_the_video(monke
 
 
 def test_other_errors_are_not_retried(monkeypatch, example_image, tmp_path):
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     fp = _with_placer(bundle)
     monkeypatch.setattr(bundle.transformer, "forward", lambda *a, **k: (_ for _ in ()).throw(ValueError("bug")))
     with pytest.raises(ValueError, match="bug"):
@@ -205,7 +205,7 @@ def test_decode_oom_halves_the_chunk(monkeypatch, tiny_bundle):
 
 def test_generation_with_chunked_decode_keeps_the_frame_count(example_image, tmp_path, tiny):
     reference = tiny.generate(example_image, "a cat", out=tmp_path / "ref.mp4", **OPTS)
-    result = FramePack.load("tiny", device="cpu", vae_chunk_size=2).generate(
+    result = FramePack.load("tiny-random", device="cpu", vae_chunk_size=2).generate(
         example_image, "a cat", out=tmp_path / "o.mp4", **OPTS
     )
     assert result.frames.shape == reference.frames.shape
@@ -226,11 +226,11 @@ def _state(bundle) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("parallel", [ParallelLoading(4), ParallelLoading(4, force=True)], ids=["reads", "forced"])
 def test_parallel_loading_equals_serial(tiny_dir, parallel, caplog, monkeypatch):
-    serial = load_bundle("tiny", model_dir=str(tiny_dir), device="cpu", parallel=ParallelLoading(1))
+    serial = load_bundle("tiny-random", model_dir=str(tiny_dir), device="cpu", parallel=ParallelLoading(1))
     if parallel.force:  # FORCE reads in parallel even when the room check says no
         monkeypatch.setattr(loading, "available_host_bytes", lambda: 1024)
     with caplog.at_level(logging.INFO):
-        threaded = load_bundle("tiny", model_dir=str(tiny_dir), device="cpu", parallel=parallel)
+        threaded = load_bundle("tiny-random", model_dir=str(tiny_dir), device="cpu", parallel=parallel)
     assert "in 4 threads" in caplog.text
     a, b = _state(serial), _state(threaded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -239,7 +239,7 @@ def test_parallel_loading_equals_serial(tiny_dir, parallel, caplog, monkeypatch)
 
 def test_parallel_generation_is_identical(tiny_dir, example_image, tmp_path):
     runs = [
-        FramePack.load("tiny", model_dir=str(tiny_dir), device="cpu", parallel_loaders=n)
+        FramePack.load("tiny-random", model_dir=str(tiny_dir), device="cpu", parallel_loaders=n)
         .generate(example_image, "a cat", out=tmp_path / f"{n}.mp4", **OPTS)
         for n in (1, 4)
     ]
@@ -249,7 +249,7 @@ def test_parallel_generation_is_identical(tiny_dir, example_image, tmp_path):
 def test_no_room_means_serial(tiny_dir, monkeypatch, caplog):
     monkeypatch.setattr(loading, "available_host_bytes", lambda: 1024)
     with caplog.at_level(logging.INFO):
-        load_bundle("tiny", model_dir=str(tiny_dir), device="cpu", parallel=ParallelLoading(4))
+        load_bundle("tiny-random", model_dir=str(tiny_dir), device="cpu", parallel=ParallelLoading(4))
     assert "Serial loading" in caplog.text
 
 
@@ -264,9 +264,9 @@ def test_weight_files_of_a_local_folder(tiny_dir):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["v1", "v2"])
 def test_offload_modes_match_resident_on_cuda(mode, example_image, tmp_path):
-    resident = FramePack.load("tiny", device="cuda", memory_mode="high-vram")
+    resident = FramePack.load("tiny-random", device="cuda", memory_mode="high-vram")
     reference = resident.generate(example_image, "a cat", out=tmp_path / "r.mp4", **OPTS)
-    fp = FramePack.load("tiny", device="cuda", memory_mode=mode, gpu_memory_preservation=0)
+    fp = FramePack.load("tiny-random", device="cuda", memory_mode=mode, gpu_memory_preservation=0)
     assert fp.bundle.text_encoder.device.type == "cpu"  # moved in only while it runs
     result = fp.generate(example_image, "a cat", out=tmp_path / "o.mp4", **OPTS)
     assert result.frames.shape == reference.frames.shape

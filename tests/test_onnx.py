@@ -36,7 +36,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def export_dir(tmp_path_factory):
     """Every component of tiny exported by the command users run (the issue's bar, with all components)."""
     out = tmp_path_factory.mktemp("onnx")
-    result = CliRunner().invoke(app, ["export", "onnx", "--model", "tiny", "--component", "all", "--out", str(out)])
+    result = CliRunner().invoke(app, ["export", "onnx", "--model", "tiny-random", "--component", "all", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
 
@@ -44,7 +44,7 @@ def export_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engines(export_dir):
     """A tiny bundle whose every component runs through onnxruntime from `export_dir`."""
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     config = oe.OnnxConfig(components=ox.COMPONENTS, export_dir=export_dir)
     providers = oe.provider_chain(config, ["CPUExecutionProvider"], cuda=False)
     for component in ox.COMPONENTS:
@@ -122,7 +122,7 @@ def test_generation_with_onnx_engines_end_to_end(tmp_path, example_image, export
     from framepack_turbo.settings import Settings
 
     settings = Settings.load(
-        {"model": "tiny", "use_onnx_engines": True, "onnx_dir": str(export_dir), "onnx_components": ",".join(ox.COMPONENTS)},
+        {"model": "tiny-random", "use_onnx_engines": True, "onnx_dir": str(export_dir), "onnx_components": ",".join(ox.COMPONENTS)},
         source="api",
     )
     fp = FramePack.load(settings=settings)
@@ -144,14 +144,14 @@ def test_export_of_other_weights_is_refused(tmp_path, export_dir, tiny_bundle):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["identity"]["text_encoder"]["weights"] = "0" * 16
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     config = oe.OnnxConfig(components=("text-encoder",), export_dir=tmp_path)
     with pytest.raises(ox.OnnxExportError, match="other weights"):
         oe.install(bundle, "text-encoder", config, [(oe.CPU, {})])
 
 
 def test_fixed_shape_files_extend_on_demand_in_the_runtime_cache_only(tmp_path):
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     spec = next(s for s in ox.graph_specs(bundle, "text-encoder") if s.module == "text_encoder_2")
     identity = ox.component_identity(bundle, "text-encoder")
     ids = lambda n: torch.randint(0, 16, (1, n), generator=torch.Generator().manual_seed(n))  # noqa: E731
@@ -273,11 +273,11 @@ def test_torch_tensorrt_wrapper_compiles_once_per_shape_within_the_bound(tmp_pat
 
 def test_export_cli_refuses_bad_input(tmp_path):
     runner = CliRunner()
-    bad = runner.invoke(app, ["export", "onnx", "--model", "tiny", "--component", "unet", "--out", str(tmp_path)])
+    bad = runner.invoke(app, ["export", "onnx", "--model", "tiny-random", "--component", "unet", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "--component unet" in bad.output
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "notes.txt").write_text("mine")
-    taken = runner.invoke(app, ["export", "onnx", "--model", "tiny", "--out", str(tmp_path)])
+    taken = runner.invoke(app, ["export", "onnx", "--model", "tiny-random", "--out", str(tmp_path)])
     assert taken.exit_code == 2 and "not an ONNX export" in taken.output
     assert (tmp_path / "transformer" / "notes.txt").exists()
 
@@ -285,7 +285,7 @@ def test_export_cli_refuses_bad_input(tmp_path):
 def test_modules_tensorrt_took_get_no_onnx_engine(tmp_path):
     from framepack_turbo.optim.torch_trt import TensorRTConfig, TensorRTModule
 
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     bundle.transformer = TensorRTModule(bundle.transformer, TensorRTConfig(("transformer",)), compile_fn=lambda m, **k: m)
     config = oe.OnnxConfig(cache_root=tmp_path)
     assert oe.install(bundle, "transformer", config, [(oe.CPU, {})]) == []
@@ -299,7 +299,7 @@ def test_identity_is_the_same_in_every_process():
     import sys
 
     code = ("from framepack_turbo.models.loading import load_bundle; from framepack_turbo.optim import onnx_export as ox; "
-            "b = load_bundle('tiny', device='cpu'); print([ox.identity_key(ox.component_identity(b, c)) for c in ox.COMPONENTS])")  # fmt: skip
+            "b = load_bundle('tiny-random', device='cpu'); print([ox.identity_key(ox.component_identity(b, c)) for c in ox.COMPONENTS])")  # fmt: skip
     keys = [
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip().splitlines()[-1]
@@ -310,7 +310,7 @@ def test_identity_is_the_same_in_every_process():
 
 def test_identity_survives_save_pretrained(tmp_path):
     """Saving a model (which writes `architectures` into transformers' configs) does not change what it computes."""
-    bundle = load_bundle("tiny", device="cpu")
+    bundle = load_bundle("tiny-random", device="cpu")
     before = {c: ox.component_identity(bundle, c) for c in ox.COMPONENTS}
     bundle.save_pretrained(tmp_path / "saved")
     assert {c: ox.component_identity(bundle, c) for c in ox.COMPONENTS} == before

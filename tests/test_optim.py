@@ -65,7 +65,7 @@ def _weights(module):
 
 @pytest.fixture
 def fresh():
-    return load_bundle("tiny", device="cpu")
+    return load_bundle("tiny-random", device="cpu")
 
 
 def _changed(before, after):
@@ -227,7 +227,7 @@ def test_bnb_configs_build_with_the_real_libraries():
 
 
 def _load(tmp_path, **extra):
-    settings = dict(model="tiny", enable_quant=True, enforce_low_precision=True, enable_opt_cache=True,
+    settings = dict(model="tiny-random", enable_quant=True, enforce_low_precision=True, enable_opt_cache=True,
                     optimized_transformer=str(tmp_path / "art" / "t.safetensors"))  # fmt: skip
     return FramePack.load(**{**settings, **extra})
 
@@ -247,7 +247,7 @@ def test_artifact_round_trip_is_identical(tmp_path, caplog, extra):
     built = _load(tmp_path, **extra)
     path = tmp_path / "art" / "t.safetensors"
     manifest = json.loads(path.with_suffix(".json").read_text())
-    assert manifest["format"] == artifact.FORMAT and manifest["identity"]["preset"] == "tiny"
+    assert manifest["format"] == artifact.FORMAT and manifest["identity"]["preset"] == "tiny-random"
     assert manifest["settings"]["enforce_low_precision"] is True and manifest["file_sha256"]
     with caplog.at_level("INFO"):
         loaded = _load(tmp_path, **extra)
@@ -304,10 +304,10 @@ def test_optimize_command(tmp_path):
     from framepack_turbo.cli import app
 
     out = tmp_path / "opt"
-    result = CliRunner().invoke(app, ["optimize", "--out", str(out), "--model", "tiny", "--enable-quant"])
+    result = CliRunner().invoke(app, ["optimize", "--out", str(out), "--model", "tiny-random", "--enable-quant"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "transformer.json").read_text())
     assert manifest["settings"]["enable_quant"] is True
     assert any(p["name"] == "quant" and p["outcome"] == "applied" for p in manifest["passes"])
-    fp = FramePack.load("tiny", enable_quant=True, enable_opt_cache=True, optimized_transformer=str(out / "transformer.safetensors"))
+    fp = FramePack.load("tiny-random", enable_quant=True, enable_opt_cache=True, optimized_transformer=str(out / "transformer.safetensors"))
     assert getattr(fp.bundle.transformer, artifact.FROM_ARTIFACT_ATTR, False)

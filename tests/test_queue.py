@@ -120,7 +120,7 @@ def test_uploads_are_checked_before_queueing(tmp_path):
 
 
 def test_generation_runner_makes_videos_on_tiny(tmp_path):
-    q = make_queue(tmp_path, GenerationRunner({"model": "tiny"}))
+    q = make_queue(tmp_path, GenerationRunner({"model": "tiny-random"}))
     a = q.submit(png(), {"prompt": "a cat", "options": {**FAST, "seconds": 1}})
     b = q.submit(png(), {"prompt": "a dog", "options": {**FAST, "seconds": 1}, "settings": {"enable_teacache": True}})
     assert q.run_pending() == 2

@@ -83,3 +83,25 @@ def test_training_sections_match_the_generators_layout(variant, n):
         assert torch.equal(ex_2x, two_x) and torch.equal(ex_4x, four_x)
         assert idx.as_lists() == section.indices.as_lists()
         history = torch.cat([truth, history], dim=2) if variant == "inverted" else torch.cat([history, truth], dim=2)
+
+
+def test_decoder_finetune_keeps_the_encoder_and_its_latent_scale(tmp_path):
+    """The transformer trains on the encoder's latents while the decoder goes on training: the decoder
+    stage must change the decoder only, and keep `scaling_factor`, resuming where it stopped."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from framepack_turbo.train.vae import VAE_CONFIG, VaeTraining, finetune_decoder
+
+    torch.manual_seed(0)
+    AutoencoderKLHunyuanVideo(**VAE_CONFIG, scaling_factor=0.75).save_pretrained(tmp_path / "vae")
+    before = AutoencoderKLHunyuanVideo.from_pretrained(tmp_path / "vae").state_dict()
+    cfg = VaeTraining(steps=2, batch=1, frames=5, save_every=1, eval_clips=1)
+    record = finetune_decoder(tmp_path, cfg, progress=False)
+    after = AutoencoderKLHunyuanVideo.from_pretrained(tmp_path / "vae")
+    assert after.config.scaling_factor == 0.75 and record["steps"] == 2
+    changed = {k.split(".")[0] for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"decoder"} or changed == {"decoder", "post_quant_conv"}
+    again = finetune_decoder(tmp_path, cfg, progress=False)  # resumes at step 2: nothing left to do
+    assert again["steps"] == 2 and torch.equal(
+        AutoencoderKLHunyuanVideo.from_pretrained(tmp_path / "vae").decoder.conv_out.conv.weight, after.decoder.conv_out.conv.weight
+    )

@@ -137,6 +137,8 @@ class _ProgressView:
             pass
 
 
+# Presets the bench can load without downloads, with their default bucket base.
+BENCH_MODELS = {"tiny": 64, "tiny-random": 128, "small": 128, "full": 640}
 SETTINGS_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -323,14 +325,14 @@ def export_onnx(
 
 @app.command()
 def bench(
-    model: Annotated[str, typer.Option(help="tiny or small (CPU), full (real size, random weights, CUDA).")] = "tiny",
+    model: Annotated[str, typer.Option(help="tiny (trained, 64 px), tiny-random or small (CPU), full (real size, random weights, CUDA).")] = "tiny",
     configs: Annotated[str, typer.Option(help="Comma list of configurations; combine with + (int8+compile).")] = "baseline",
     preset: Annotated[Optional[list[str]], typer.Option(help="Add an optimization preset as a configuration (repeatable).")] = None,
     config_file: Annotated[Optional[Path], typer.Option(help="TOML with [configs.NAME] tables of settings.")] = None,
     variant: Annotated[Optional[str], typer.Option(help="inverted or f1.")] = None,
     seconds: Annotated[float, typer.Option(help="Clip length per generation.")] = 2.0,
     steps: Annotated[int, typer.Option(help="Sampling steps per section.")] = 4,
-    resolution: Annotated[Optional[int], typer.Option(help="Bucket base; default 128 (640 for full).")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Bucket base; default 128 (64 for tiny, 640 for full).")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per configuration after the warm-up.")] = 2,
     seed: Annotated[int, typer.Option()] = 31337,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: CUDA if present.")] = None,
@@ -354,15 +356,15 @@ def bench(
             del os.environ[key]
         if leaked:
             typer.echo(f"note: bench ignores {', '.join(leaked)}: put settings in configurations", err=True)
-        if model not in ("tiny", "small", "full"):
-            raise InputError(f"--model {model}: choose tiny, small or full")
+        if model not in BENCH_MODELS:
+            raise InputError(f"--model {model}: choose {', '.join(BENCH_MODELS)}")
         if repeats < 1:
             raise InputError(f"--repeats {repeats}: must be >= 1")
         extra = bench_configs.load_config_file(config_file) if config_file else None
         resolved = bench_configs.resolve(configs.split(","), preset or [], extra)
         spec = runner.BenchSpec(
             resolved, model=model, variant=variant, seconds=seconds, steps=steps,
-            resolution=resolution or (640 if model == "full" else 128), repeats=repeats, seed=seed, device=device,
+            resolution=resolution or BENCH_MODELS[model], repeats=repeats, seed=seed, device=device,
             sequential=sequential, model_dir=str(model_dir.resolve()) if model_dir else None,
         )  # fmt: skip
         from framepack_turbo.settings import Settings

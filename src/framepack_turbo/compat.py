@@ -163,6 +163,12 @@ SWITCHES: dict[str, Callable[[Settings], bool]] = {
 }
 
 
+def _native_resolution(s: Settings) -> int | None:
+    from framepack_turbo.models.presets import PRESETS
+
+    return None if s.model_dir is not None else PRESETS[s.model].native_resolution
+
+
 def _idle_settings(s: Settings) -> list[str]:
     return [env_name(n) for n, on in SWITCHES.items() if s.explicitly_set(n) and not on(s)]
 
@@ -435,6 +441,16 @@ RULES: tuple[Rule, ...] = (
         "is nothing to cache (compiled code is not stored).",
         "Turn on a weight pass, or FRAMEPACK_ENABLE_OPT_CACHE=0.",
         disables=("opt_cache",),
+    ),
+    Rule(
+        "model-native-resolution",
+        Severity.WARNING,
+        lambda s, h: _native_resolution(s) not in (None, s.resolution),
+        lambda s, h: (
+            f"--model {s.model} was trained at {_native_resolution(s)} px only; at --resolution {s.resolution} its "
+            "clips are not what it learned (and cost more)."
+        ),
+        lambda s, h: f"--resolution {_native_resolution(s)}.",
     ),
     Rule(
         "setting-without-switch",

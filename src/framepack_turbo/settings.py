@@ -54,9 +54,10 @@ class Settings(BaseSettings):
     )
 
     # ---- generation -------------------------------------------------------------------------
-    model: Literal["framepack", "framepack-f1", "tiny", "small", "full"] = Field(
-        "framepack", description="Model preset: the real weights (framepack, framepack-f1), or random weights: "
-        "tiny, small (CPU), full (real size, CUDA).",
+    model: Literal["framepack", "framepack-f1", "tiny", "tiny-random", "small", "full"] = Field(
+        "framepack", description="Model preset: the real weights (framepack, framepack-f1); tiny, trained on a "
+        "procedural world and shipped in the package (64 px, CPU); or random weights: tiny-random, small (CPU), "
+        "full (real size, CUDA).",
         json_schema_extra=_group("generation"))  # fmt: skip
     model_dir: Path | None = Field(
         None, description="Local folder with one sub-folder per component, laid out like the repos; must exist.",

@@ -289,7 +289,7 @@ def _summarise(spec: BenchSpec, runs: dict[str, ConfigRun]) -> dict[str, Any]:
             "versions": library_versions(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         },
-        "random_weights": spec.model in ("tiny", "small", "full"),
+        "random_weights": spec.model_dir is None and spec.model in ("tiny-random", "small", "full"),
     }
 
 

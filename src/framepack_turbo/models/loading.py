@@ -267,6 +267,19 @@ def _load_components(sources, dtypes, local_files_only, extra, skip, parallel: P
     return parts
 
 
+def bundled_model_dir(spec: ModelPreset) -> str | None:
+    """The folder of a preset whose weights ship in the package; an install without them is an error
+    that says how to get them back, not a download attempt."""
+    if spec.bundled_dir is None:
+        return None
+    if not (spec.bundled_dir / "transformer" / "config.json").is_file():
+        raise InputError(
+            f"--model {spec.name}: its weights are missing from this install ({spec.bundled_dir}); reinstall "
+            "framepack-turbo, or train them: python scripts/train_tiny.py vae|transformer|ship"
+        )
+    return str(spec.bundled_dir)
+
+
 def load_bundle(
     preset: str = "framepack",
     model_dir: str | None = None,
@@ -288,6 +301,7 @@ def load_bundle(
     dev = torch.device(device) if device is not None else default_device()
     dtypes = dtypes or default_dtypes(dev)
 
+    model_dir = model_dir if model_dir is not None else bundled_model_dir(spec)
     if model_dir is not None:
         if not Path(model_dir).is_dir():
             raise InputError(f"--model-dir {model_dir}: no such directory")
@@ -329,6 +343,7 @@ def transformer_identity(preset: str, model_dir: str | None = None, local_files_
     import json
 
     spec = get_preset(preset)
+    model_dir = model_dir if model_dir is not None else bundled_model_dir(spec)
     if model_dir is not None:
         root = Path(model_dir) / "transformer"
         files = sorted((p.name, p.stat().st_size) for p in root.glob("*") if p.is_file())

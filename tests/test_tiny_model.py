@@ -1,0 +1,98 @@
+"""The shipped, trained `tiny` model: its files and manifest, its quality gates on held-out scenes
+(VAE reconstruction, direction of motion in both variants over >= 3 sections), and the README's demo."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from framepack_turbo.errors import InputError
+from framepack_turbo.models.presets import PRESETS, TINY_WEIGHTS
+from framepack_turbo.train import ship, world
+
+ROOT = Path(__file__).resolve().parents[1]
+VAE_PSNR_BOUND_DB = ship.VAE_PSNR_BOUND_DB
+MIN_DIRECTION_ACCURACY = 0.8
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from framepack_turbo.api import FramePack
+
+    return FramePack.load("tiny", device="cpu")
+
+
+def test_shipped_files_match_their_manifest_and_budget():
+    manifest = json.loads((TINY_WEIGHTS / "manifest.json").read_text())
+    on_disk = {str(p.relative_to(TINY_WEIGHTS)): p.stat().st_size for p in TINY_WEIGHTS.rglob("*")
+               if p.is_file() and p.name != "manifest.json"}  # fmt: skip
+    assert on_disk == manifest["files"]
+    assert sum(on_disk.values()) == manifest["bytes"] <= ship.MAX_SHIPPED_BYTES
+    assert all(name.endswith((".json", ".safetensors", ".txt", ".model")) for name in on_disk)  # no pickles
+    for stage in ("vae", "transformer"):
+        record = manifest[stage]
+        assert record["steps"] > 0 and record["seconds"] > 0 and np.isfinite(record["final_loss"])
+    assert manifest["vae"]["psnr_db"] >= VAE_PSNR_BOUND_DB
+    assert all(gate["accuracy"] >= MIN_DIRECTION_ACCURACY for gate in manifest["direction_gate"].values())
+
+
+def test_tiny_loads_the_shipped_folder(trained):
+    bundle = trained.bundle
+    assert bundle.preset.name == "tiny" and Path(bundle.source) == TINY_WEIGHTS
+    assert sum(p.numel() for p in bundle.transformer.parameters()) > 1_000_000  # not the random preset's
+
+
+def test_missing_shipped_weights_say_how_to_get_them(monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    from framepack_turbo.models.loading import load_bundle
+
+    monkeypatch.setitem(PRESETS, "tiny", replace(PRESETS["tiny"], bundled_dir=tmp_path / "gone"))
+    with pytest.raises(InputError, match="weights are missing.*train_tiny.py"):
+        load_bundle("tiny", device="cpu")
+
+
+def test_vae_reconstructs_held_out_clips_above_the_bound(trained):
+    from framepack_turbo.train.vae import VaeTraining, evaluate
+
+    metrics = evaluate(trained.bundle.vae, VaeTraining())
+    assert metrics["psnr_db"] >= VAE_PSNR_BOUND_DB, metrics
+    assert metrics["motion_kept"] >= 0.9, metrics  # the object (its colour, where it goes) survives the VAE
+
+
+@pytest.mark.parametrize("variant", ["inverted", "f1"])
+def test_generated_clips_move_the_named_object_the_named_way(trained, variant, tmp_path):
+    gate = ship.direction_accuracy(trained, variant, out_dir=tmp_path)
+    assert gate["sections"] >= 3
+    assert gate["accuracy"] >= MIN_DIRECTION_ACCURACY, gate["cases"]
+
+
+def _readme_demo() -> list[str]:
+    """The arguments of the README's first `framepack generate` command."""
+    text = (ROOT / "README.md").read_text()
+    line = next(ln for ln in text.splitlines() if "framepack generate" in ln)
+    return shlex.split(re.sub(r"^.*?framepack generate", "generate", line))
+
+
+def test_readme_demo_moves_the_object_as_prompted(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from framepack_turbo.cli import app
+
+    args = _readme_demo()
+    assert args[args.index("--model") + 1] == "tiny"
+    monkeypatch.chdir(ROOT)  # the command's relative paths are the repo's
+    out = tmp_path / "out.mp4"
+    args[args.index("--out") + 1] = str(out)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    prompt = args[args.index("--prompt") + 1]
+    color, motion = re.fullmatch(r"the (\w+) \w+ moves (\w+)", prompt).groups()
+    from framepack_turbo.pipeline.video import read_frames
+
+    assert world.observed_motion(read_frames(out), color) == motion
