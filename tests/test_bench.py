@@ -137,6 +137,30 @@ def test_markdown_has_every_row_and_the_noise_floor():
     assert "Random weights" in md and "Command: `framepack bench ...`" in md
 
 
+def test_markdown_says_whether_the_trained_model_still_moves_as_prompted():
+    results = _results()
+    results["input"] = {"prompt": "the red circle moves right", "expected_motion": "right"}
+    results["rows"][0]["motion"] = ["right", "right"]
+    results["rows"][1]["motion"] = ["right", "still"]
+    md = report.markdown(results)
+    assert "| baseline | right, right | 2/2 |" in md and "| bf16 | right, still | 1/2 |" in md
+    assert "Motion" not in report.markdown(_results())  # random weights: no motion to check
+
+
+def test_tiny_bench_input_is_a_world_scene_that_moves_as_its_prompt_says(tmp_path):
+    from PIL import Image
+
+    from framepack_turbo.bench.runner import BenchSpec, bench_input
+    from framepack_turbo.train import world
+
+    spec = BenchSpec(resolve(["baseline"]), model="tiny", resolution=64)
+    image, prompt, (color, motion) = bench_input(spec, tmp_path)
+    assert prompt == "the red circle moves right" and (color, motion) == ("red", "right")
+    assert np.array_equal(np.asarray(Image.open(image)), np.asarray(Image.open("examples/red-circle.png")))
+    random = BenchSpec(resolve(["baseline"]), model="tiny-random", resolution=64)
+    assert bench_input(random, tmp_path)[2] is None
+
+
 def test_json_is_strict_and_marks_identical(tmp_path):
     path = report.write_json(_results(), tmp_path / "r.json", "cmd")
     data = json.loads(path.read_text())  # strict JSON: no Infinity

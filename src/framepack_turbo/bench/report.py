@@ -76,6 +76,15 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
               "forced first/last steps); the module cache counts encoder calls."]  # fmt: skip
     for group in results.get("identical_outputs") or []:
         lines.append(f"Bit-identical outputs (latents and video): {' = '.join(group)}.")
+    expected = (results.get("input") or {}).get("expected_motion")
+    if expected:
+        lines += ["", f"Motion (trained weights; the prompt \"{results['input']['prompt']}\" asks `{expected}`): what "
+                  "the colour tracker sees the object do in each timed run.", "",
+                  "| config | observed motion per run | as prompted |", "|---|---|---|"]  # fmt: skip
+        for row in results["rows"]:
+            if row.get("motion"):
+                ok = sum(m == expected for m in row["motion"])
+                lines.append(f"| {row['config']} | {', '.join(row['motion'])} | {ok}/{len(row['motion'])} |")
     lines += ["", "Stages (median seconds per generation):", "",
               "| config | text encode | image encode | transformer | VAE decode | write | total |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip

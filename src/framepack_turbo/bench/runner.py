@@ -79,6 +79,22 @@ def make_test_image(path: Path, width: int = 768, height: int = 576) -> Path:
     return path
 
 
+def bench_input(spec: BenchSpec, out_dir: Path) -> tuple[Path, str, tuple[str, str] | None]:
+    """(start image, prompt, what the prompt asks of the object). The trained `tiny` preset gets a scene
+    of the world it learned and that scene's prompt, so a configuration's row can also say whether the
+    object still moves as prompted; other models get the synthetic test image."""
+    if spec.model != "tiny" or spec.model_dir is not None:
+        return make_test_image(out_dir / "start.png"), PROMPT, None
+    from PIL import Image
+
+    from framepack_turbo.train import world
+
+    scene = world.DEMO_SCENE
+    path = out_dir / "start.png"
+    Image.fromarray(world.render(scene, 1, spec.resolution)[0]).save(path)
+    return path, scene.prompt, (scene.color, scene.motion)
+
+
 class _Worker:
     def __init__(self, ctx, job: WorkerJob) -> None:
         self.conn, child = ctx.Pipe()
@@ -124,17 +140,18 @@ def run(spec: BenchSpec, work_dir: Path | None = None, on_progress: Callable[[st
     tmp = tempfile.TemporaryDirectory(prefix="framepack-bench-") if own_dir else None
     out_dir = Path(tmp.name if tmp else work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    image = make_test_image(out_dir / "start.png")
+    image, prompt, track = bench_input(spec, out_dir)
     common = spec.common_settings()
     started = time.time()
     runs = {c.name: ConfigRun(c) for c in spec.configs}
     try:
         if spec.sequential:
             for config in spec.configs:
-                _run_configs(ctx, [config], runs, spec, common, image, out_dir, on_progress)
+                _run_configs(ctx, [config], runs, spec, common, (image, prompt, track), out_dir, on_progress)
         else:
-            _run_configs(ctx, spec.configs, runs, spec, common, image, out_dir, on_progress)
+            _run_configs(ctx, spec.configs, runs, spec, common, (image, prompt, track), out_dir, on_progress)
         results = _summarise(spec, runs)
+        results["input"] = {"prompt": prompt, "expected_motion": track[1] if track else None}
     finally:
         if tmp:
             tmp.cleanup()
@@ -142,13 +159,14 @@ def run(spec: BenchSpec, work_dir: Path | None = None, on_progress: Callable[[st
     return results
 
 
-def _run_configs(ctx, configs, runs, spec, common, image, out_dir, on_progress) -> None:
+def _run_configs(ctx, configs, runs, spec, common, inputs, out_dir, on_progress) -> None:
     workers: dict[str, _Worker] = {}
     try:
         for config in configs:
             # runtime caches (encoder outputs, ONNX exports) live and die with the bench's folder
             settings = {**common, "runtime_cache_dir": str(out_dir / "runtime_caches"), **config.settings}
-            job = WorkerJob(config.name, settings, str(image), PROMPT, str(out_dir))
+            image, prompt, track = inputs
+            job = WorkerJob(config.name, settings, str(image), prompt, str(out_dir), track)
             workers[config.name] = _Worker(ctx, job)
         for name, worker in workers.items():
             status = worker.receive()
@@ -263,6 +281,8 @@ def _summarise(spec: BenchSpec, runs: dict[str, ConfigRun]) -> dict[str, Any]:
                                               "timed_runs": sum(x.get("compiled_graphs", 0) for x in samples)}  # fmt: skip
             if base_step and row["s_per_step"]:
                 row["speedup"] = base_step["median"] / row["s_per_step"]["median"]
+            if "motion" in samples[0]:
+                row["motion"] = [x["motion"] for x in samples]
             if samples[0].get("caches"):
                 row["caches"] = samples[0]["caches"]
             keep = next((x["outputs"] for x in samples if "outputs" in x), None)

@@ -26,6 +26,7 @@ class WorkerJob:
     image_path: str
     prompt: str
     out_dir: str
+    track: tuple[str, str] | None = None  # (colour, motion) the prompt asks of a trained world model's object
 
 
 def _peak_host_gb() -> float:
@@ -101,6 +102,10 @@ def run_once(fp, job: WorkerJob, index: int, keep: bool) -> dict[str, Any]:
         "video_seconds": result.frames.shape[0] / 30.0,
         "peak_host_gb": _peak_host_gb(),
     }
+    if job.track:
+        from framepack_turbo.train.world import observed_motion
+
+        record["motion"] = observed_motion(result.frames, job.track[0])
     caches = result.sidecar.get("caches", {})
     if caches:
         record["caches"] = {name: {k: c[k] for k in ("hit", "miss", "forced", "hit_rate") if k in c} for name, c in caches.items()}

@@ -40,8 +40,8 @@ TRANSFORMER_CONFIG = dict(
 
 @dataclass(frozen=True)
 class TransformerTraining:
-    steps: int = 5000
-    batch: int = 4
+    steps: int = 7000
+    batch: int = 8
     clips: int = 800
     max_sections: int = 4
     window: int = 9

@@ -42,6 +42,10 @@ class Scene:
         return f"the {self.color} {self.shape} {verb}"
 
 
+# The README demo's scene (examples/red-circle.png is its first frame) and the bench's input on `tiny`.
+DEMO_SCENE = Scene("red", "circle", "right", speed=0.35, x=0.25, y=0.5, radius=0.13, background=1346229104)
+
+
 def random_scene(rng: np.random.Generator, frames: int, motion: str | None = None) -> Scene:
     """A scene whose object stays inside the frame (and visible) for `frames` frames; on a long clip
     the speed is lowered until it does."""
