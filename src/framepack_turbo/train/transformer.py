@@ -40,7 +40,7 @@ TRANSFORMER_CONFIG = dict(
 
 @dataclass(frozen=True)
 class TransformerTraining:
-    steps: int = 7000
+    steps: int = 11000
     batch: int = 8
     clips: int = 800
     max_sections: int = 4
