@@ -67,14 +67,14 @@ def main() -> None:
         records = {name: json.loads((args.out / f"{name}_record.json").read_text())
                    for name in ("vae", "decoder", "transformer") if (args.out / f"{name}_record.json").is_file()}
         manifest = ship.ship(args.out, records)
-        fp = FramePack.load(model="framepack", model_dir=str(ship.SHIPPED))  # the shipped files, as users load them
+        from framepack_turbo.train.vae import VaeTraining, evaluate
+
+        fp = FramePack.load("tiny", device="cpu")  # the shipped files, as users load them
+        manifest["vae_gate"] = {"bound_db": ship.VAE_PSNR_BOUND_DB, **evaluate(fp.bundle.vae, VaeTraining())}
         gates = {v: ship.direction_accuracy(fp, v, out_dir=args.out) for v in ("inverted", "f1")}
-        manifest["direction_gate"] = {v: {k: g[k] for k in ("accuracy", "sections")} for v, g in gates.items()}
+        manifest["direction_gate"] = gates
         (ship.SHIPPED / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        print(json.dumps({k: manifest[k] for k in ("bytes", "direction_gate")}, indent=2))
-        for v, g in gates.items():
-            for case in g["cases"]:
-                print(v, case)
+        print(json.dumps({k: manifest[k] for k in ("bytes", "vae_gate", "direction_gate")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -96,3 +96,16 @@ def test_readme_demo_moves_the_object_as_prompted(tmp_path, monkeypatch):
     from framepack_turbo.pipeline.video import read_frames
 
     assert world.observed_motion(read_frames(out), color) == motion
+
+
+def test_other_frame_sizes_warn_that_tiny_only_knows_64_px():
+    from framepack_turbo import compat
+    from framepack_turbo.hardware import Hardware
+    from framepack_turbo.settings import Settings
+
+    def ids(**values):
+        return {f.id for f in compat.check(Settings.load(values), Hardware()).findings}
+
+    assert "model-native-resolution" in ids(model="tiny", resolution=640)
+    assert "model-native-resolution" not in ids(model="tiny", resolution=64)
+    assert "model-native-resolution" not in ids(model="tiny-random", resolution=640)

@@ -18,7 +18,7 @@ from framepack_turbo.train import world
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "weights" / "tiny"
 MAX_SHIPPED_BYTES = 20 << 20
-VAE_PSNR_BOUND_DB = 0.0  # set from the shipped VAE's measured held-out PSNR (manifest), less a margin
+VAE_PSNR_BOUND_DB = 22.5  # the shipped VAE measures 23.3 dB on held-out clips (manifest); margin for other CPUs
 HELD_OUT_SEED = 99  # scenes no training run draws from (training uses seeds [seed, 0|1|2, ...])
 
 
@@ -30,20 +30,24 @@ def held_out_scenes(count: int, frames: int, seed: int = HELD_OUT_SEED, motions=
 def direction_accuracy(fp, variant: str, count: int = 14, seconds: float = 3.6, steps: int = 25,
                        out_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Generate from held-out scenes' first frames with their prompts and check, by the object's colour,
-    that it did what the prompt says. Returns the accuracy and every case."""
+    that it did what the prompt says. Returns the accuracy, the settings and every case; the clips are
+    kept in `out_dir` when given."""
+    import tempfile
+
     from framepack_turbo.pipeline.sections import section_count
 
     frames = int(round(seconds * 30))
     cases = []
-    for i, scene in enumerate(held_out_scenes(count, frames)):
-        start = world.render(scene, 1, 64)[0]
-        out = (out_dir or Path("/tmp")) / f"gate-{variant}-{i:02d}.mp4"
-        result = fp.generate(start, scene.prompt, out=out, seconds=seconds, steps=steps, variant=variant,
-                             resolution=64, seed=i)  # fmt: skip
-        seen = world.observed_motion(result.frames, scene.color)
-        cases.append({"prompt": scene.prompt, "observed": seen, "ok": seen == scene.motion})
-    sections = section_count(seconds, 9)
-    return {"variant": variant, "sections": sections, "accuracy": float(np.mean([c["ok"] for c in cases])), "cases": cases}
+    with tempfile.TemporaryDirectory(prefix="framepack-gate-") as tmp:
+        for i, scene in enumerate(held_out_scenes(count, frames)):
+            start = world.render(scene, 1, 64)[0]
+            out = Path(out_dir or tmp) / f"gate-{variant}-{i:02d}.mp4"
+            result = fp.generate(start, scene.prompt, out=out, seconds=seconds, steps=steps, variant=variant,
+                                 resolution=64, seed=i)  # fmt: skip
+            seen = world.observed_motion(result.frames, scene.color)
+            cases.append({"prompt": scene.prompt, "observed": seen, "ok": seen == scene.motion})
+    return {"variant": variant, "sections": section_count(seconds, 9), "seconds": seconds, "steps": steps,
+            "accuracy": float(np.mean([c["ok"] for c in cases])), "cases": cases}  # fmt: skip
 
 
 def _machine() -> str:
@@ -87,7 +91,12 @@ def ship(training_dir: Path, records: dict[str, Any], target: Path = SHIPPED) ->
         "machine": _machine(),
         "torch": torch.__version__,
         "code_commit": commit,
-        "command": "python scripts/train_tiny.py vae && python scripts/train_tiny.py transformer && python scripts/train_tiny.py ship",
+        "command": "python scripts/train_tiny.py vae, then transformer and decoder (side by side), then ship",
+        "data": {
+            "world": "framepack_turbo.train.world (procedural; nothing downloaded)",
+            "training_seeds": "seed 0; numpy default_rng([seed, step]) for the VAE, [seed, 1, chunk] latent dataset, [seed, 2, step] transformer, [seed, 3, step] decoder",
+            "held_out": f"direction gate: default_rng([{HELD_OUT_SEED}, 7]); VAE evaluation: default_rng(10000)",
+        },
         "bytes": total,
         "files": files,
         **records,
