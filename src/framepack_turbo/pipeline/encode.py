@@ -71,7 +71,7 @@ def resize_and_center_crop(image: np.ndarray, height: int, width: int) -> np.nda
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 HWC -> float (1, 3, 1, H, W) in [-1, 1], the VAE's input."""
-    t = torch.from_numpy(image).float() / 127.5 - 1
+    t = torch.tensor(image, dtype=torch.float32) / 127.5 - 1  # a copy: callers may pass read-only arrays
     return t.permute(2, 0, 1)[None, :, None]
 
 
