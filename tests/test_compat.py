@@ -68,6 +68,7 @@ CASES = [
     ("setting-without-switch", dict(quant_bits=4), CPU, dict(quant_bits=4, enable_quant=True)),
     ("opt-cache-bitsandbytes", dict(enable_opt_cache=True, use_bnb=True), H100, dict(enable_opt_cache=True, enable_quant=True)),
     ("opt-cache-nothing-to-store", dict(enable_opt_cache=True), CPU, dict(enable_opt_cache=True, enable_fp8=True)),
+    ("model-native-resolution", dict(model="tiny", resolution=640), CPU, dict(model="tiny", resolution=64)),
 ]
 # Where the quiet case needs other hardware than the firing case.
 QUIET_HARDWARE = {"fp8-without-fp8-hardware": H100, "tensorrt-needs-gpu": H100, "tensorrt-not-installed": H100,

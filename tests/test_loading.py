@@ -78,7 +78,7 @@ def test_model_dir_must_exist(tmp_path):
 
 
 def test_unknown_preset():
-    with pytest.raises(InputError, match="unknown model preset 'huge'.*framepack, framepack-f1, tiny, small"):
+    with pytest.raises(InputError, match="unknown model preset 'huge'.*framepack, framepack-f1, tiny, tiny-random, small"):
         load_bundle("huge")
 
 
