@@ -17,6 +17,17 @@ from dataclasses import replace
 from pathlib import Path
 
 
+def _with_overrides(cfg, args):
+    """The stage's defaults with the command line's --steps / --save-every where given."""
+    return replace(cfg, **{k: v for k, v in {"steps": args.steps, "save_every": args.save_every}.items() if v})
+
+
+def _save_record(out: Path, stage: str, record: dict) -> None:
+    """OUT/<stage>_record.json, which `ship` puts in the manifest; printed without the config."""
+    (out / f"{stage}_record.json").write_text(json.dumps(record, indent=2))
+    print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["vae", "decoder", "transformer", "ship"])
@@ -33,19 +44,11 @@ def main() -> None:
     if args.stage == "vae":
         from framepack_turbo.train import vae
 
-        cfg = vae.VaeTraining()
-        cfg = replace(cfg, **{k: v for k, v in {"steps": args.steps, "save_every": args.save_every}.items() if v})
-        record = vae.train(args.out, cfg)
-        (args.out / "vae_record.json").write_text(json.dumps(record, indent=2))
-        print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
+        _save_record(args.out, "vae", vae.train(args.out, _with_overrides(vae.VaeTraining(), args)))
     if args.stage == "decoder":
         from framepack_turbo.train import vae
 
-        cfg = vae.VaeTraining()
-        cfg = replace(cfg, **{k: v for k, v in {"steps": args.steps, "save_every": args.save_every}.items() if v})
-        record = vae.finetune_decoder(args.out, cfg)
-        (args.out / "decoder_record.json").write_text(json.dumps(record, indent=2))
-        print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
+        _save_record(args.out, "decoder", vae.finetune_decoder(args.out, _with_overrides(vae.VaeTraining(), args)))
     if args.stage == "transformer":
         from diffusers import AutoencoderKLHunyuanVideo
 
@@ -55,11 +58,8 @@ def main() -> None:
         # The frozen conditioning: the tiny random text and image encoders (deterministic from their seeds).
         conditioning = build_models("tiny", skip=frozenset({"transformer", "vae"}))
         vae = AutoencoderKLHunyuanVideo.from_pretrained(args.out / "vae").eval()
-        cfg = transformer.TransformerTraining()
-        cfg = replace(cfg, **{k: v for k, v in {"steps": args.steps, "save_every": args.save_every}.items() if v})
-        record = transformer.train(args.out, conditioning, vae, cfg)
-        (args.out / "transformer_record.json").write_text(json.dumps(record, indent=2))
-        print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
+        cfg = _with_overrides(transformer.TransformerTraining(), args)
+        _save_record(args.out, "transformer", transformer.train(args.out, conditioning, vae, cfg))
     if args.stage == "ship":
         from framepack_turbo.api import FramePack
         from framepack_turbo.train import ship

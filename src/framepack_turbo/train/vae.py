@@ -55,6 +55,16 @@ def object_mask(x: torch.Tensor) -> torch.Tensor:
     return (saturation > 90).float()
 
 
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, cfg: VaeTraining) -> torch.Tensor:
+    """L1 + MSE on the pixels, the object's pixels weighted `1 + object_weight`."""
+    weight = 1 + cfg.object_weight * object_mask(x)
+    return (weight * ((rec - x).abs() + (rec - x).pow(2))).mean() / weight.mean()
+
+
+def cosine_lr(cfg: VaeTraining):
+    return lambda step: cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two [-1, 1] tensors, on the 0-255 scale."""
     mse = float(((a.clamp(-1, 1) - b.clamp(-1, 1)) * 127.5).pow(2).mean())
@@ -94,13 +104,11 @@ def train(out_dir: Path, cfg: VaeTraining = VaeTraining(), progress: bool = True
         x = clip_batch(np.random.default_rng([cfg.seed, step]), cfg.batch, cfg.frames, cfg.size)
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample()).sample
-        weight = 1 + cfg.object_weight * object_mask(x)
-        err = (rec - x).abs() + (rec - x).pow(2)
-        return (weight * err).mean() / weight.mean() + cfg.kl_weight * posterior.kl().mean()
+        return reconstruction_loss(rec, x, cfg) + cfg.kl_weight * posterior.kl().mean()
 
     info = loop.fit(
         vae, opt, Path(out_dir) / "checkpoints" / "vae", cfg.steps, cfg.save_every,
-        lambda step: cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)), loss_at, "VAE", progress,
+        cosine_lr(cfg), loss_at, "VAE", progress,
     )  # fmt: skip
     metrics = evaluate(vae, cfg)
     vae.register_to_config(scaling_factor=round(1.0 / metrics["latent_std"], 6))
@@ -130,13 +138,11 @@ def finetune_decoder(out_dir: Path, cfg: VaeTraining = VaeTraining(), progress: 
         x = clip_batch(np.random.default_rng([cfg.seed, 3, step]), cfg.batch, cfg.frames, cfg.size)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
-        rec = vae.decode(z).sample
-        weight = 1 + cfg.object_weight * object_mask(x)
-        return (weight * ((rec - x).abs() + (rec - x).pow(2))).mean() / weight.mean()
+        return reconstruction_loss(vae.decode(z).sample, x, cfg)
 
     info = loop.fit(
         vae, opt, Path(out_dir) / "checkpoints" / "decoder", cfg.steps, cfg.save_every,
-        lambda step: cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)), loss_at, "decoder", progress,
+        cosine_lr(cfg), loss_at, "decoder", progress,
     )  # fmt: skip
     metrics = evaluate(vae, cfg)
     vae.save_pretrained(Path(out_dir) / "vae", safe_serialization=True)
