@@ -73,12 +73,12 @@ def direction_gates(trained, tmp_path_factory):
 
 @pytest.mark.parametrize("variant", ["inverted", "f1"])
 def test_direction_gate_reproduces_the_shipped_record(direction_gates, variant):
-    """The gate's numbers in the manifest are what the shipped files give (one case of 14 either way, for
+    """The gate's numbers in the manifest are what the shipped files give (two cases either way, for
     another CPU's rounding)."""
     recorded = json.loads((TINY_WEIGHTS / "manifest.json").read_text())["direction_gate"][variant]
     gate = direction_gates[variant]
-    assert gate["sections"] >= 3 and len(gate["cases"]) == len(recorded["cases"]) == 14
-    assert abs(gate["accuracy"] - recorded["accuracy"]) <= 1 / 14 + 1e-9, gate["cases"]
+    assert gate["sections"] >= 3 and len(gate["cases"]) == len(recorded["cases"]) == ship.GATE_CASES
+    assert abs(gate["accuracy"] - recorded["accuracy"]) <= 2 / ship.GATE_CASES + 1e-9, gate["cases"]
 
 
 @pytest.mark.xfail(strict=True, reason="issue 11 open: the shipped model moves the object as prompted in 36% "

@@ -52,6 +52,12 @@ class TransformerTraining:
     seed: int = 0
     save_every: int = 250
 
+    @property
+    def clip_frames(self) -> int:
+        """Frames of every training clip: `max_sections` sections, plus the start frame. The world caps an
+        object's speed so it stays in view this long, so this length also sets the speeds the model knows."""
+        return self.max_sections * self.window * 4 + 1
+
 
 def prompts() -> list[str]:
     """Every prompt of the world, in a fixed order."""
@@ -74,7 +80,7 @@ def build_dataset(vae, conditioning: dict[str, Any], cfg: TransformerTraining, p
 
     if path.is_file():
         return load_file(path)
-    frames = cfg.max_sections * cfg.window * 4 + 1
+    frames = cfg.clip_frames
     all_prompts = prompts()
     vae.use_framewise_encoding = False  # 64 px clips fit in one pass; tiles would encode overlaps twice
     parts = []
