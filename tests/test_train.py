@@ -9,7 +9,7 @@ import torch
 
 from framepack_turbo.pipeline.sections import plan_sections
 from framepack_turbo.train import checkpoint, world
-from framepack_turbo.train.transformer import prompts, section_example
+from framepack_turbo.train.transformer import TransformerTraining, prompts, section_example
 
 
 def test_world_is_deterministic_and_keeps_the_object_in_frame():
@@ -28,6 +28,23 @@ def test_prompts_cover_the_world():
     all_prompts = prompts()
     assert len(all_prompts) == len(set(all_prompts)) == len(world.COLORS) * len(world.SHAPES) * len(world.MOTIONS)
     assert "the red circle moves right" in all_prompts and "the blue square stays still" in all_prompts
+
+
+def test_transformer_schedule_is_the_shipped_runs_and_anneals_to_zero():
+    """Training from nothing follows the shipped weights' learning rate: a cosine per resumed run, each
+    restart higher than where the run before it ended, and the last run decays to zero at `steps`."""
+    cfg = TransformerTraining()
+    lrs = np.array([cfg.lr_at(s) for s in range(cfg.steps)])
+    assert cfg.schedule[-1][0] == cfg.steps and lrs.max() <= cfg.lr and lrs.min() >= 0
+    assert lrs[-1] < 1e-3 * cfg.lr  # annealed
+    ends = [until for until, _, _ in cfg.schedule[:-1]]
+    for end in ends:  # a restart at every resume, and a smooth decay between them
+        assert lrs[end] > lrs[end - 1]
+    within = np.diff(lrs[200:])  # after the warm-up
+    restarts = {end - 201 for end in ends}
+    assert all(d <= 1e-12 for i, d in enumerate(within) if i not in restarts)
+    # The last run: the cosine over its own length, continued from its start (what `--steps 42000` ran).
+    assert np.isclose(cfg.lr_at(36000), cfg.lr * 0.5 * (1 + np.cos(np.pi * 36000 / 42000)))
 
 
 def test_checkpoint_resume_continues_exactly(tmp_path):
