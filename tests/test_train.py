@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from framepack_turbo.pipeline.sections import plan_sections
-from framepack_turbo.train import checkpoint, world
+from framepack_turbo.train import checkpoint, ship, world
 from framepack_turbo.train.transformer import TransformerTraining, prompts, section_example
 
 
@@ -45,6 +45,17 @@ def test_transformer_schedule_is_the_shipped_runs_and_anneals_to_zero():
     assert all(d <= 1e-12 for i, d in enumerate(within) if i not in restarts)
     # The last run: the cosine over its own length, continued from its start (what `--steps 42000` ran).
     assert np.isclose(cfg.lr_at(36000), cfg.lr * 0.5 * (1 + np.cos(np.pi * 36000 / 42000)))
+
+
+def test_gate_scenes_are_balanced_and_apart_from_the_development_sets():
+    """The direction gate's scenes: every motion equally often, drawn at the training clip's speeds, and
+    none of them a scene of the sets the recipe was chosen on."""
+    scenes = ship.held_out_scenes(ship.GATE_CASES)
+    assert [s.motion for s in scenes].count("grow") == ship.GATE_CASES // len(world.MOTIONS)
+    assert {s.motion for s in scenes} == set(world.MOTIONS)
+    assert ship.HELD_OUT_SEED not in ship.DEVELOPMENT_SEEDS
+    for seed in ship.DEVELOPMENT_SEEDS:
+        assert not set(ship.held_out_scenes(ship.GATE_CASES, seed=seed)) & set(scenes)
 
 
 def test_checkpoint_resume_continues_exactly(tmp_path):

@@ -19,8 +19,12 @@ from framepack_turbo.train import world
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "weights" / "tiny"
 MAX_SHIPPED_BYTES = 20 << 20
 VAE_PSNR_BOUND_DB = 22.5  # the shipped VAE measures 23.3 dB on held-out clips (manifest); margin for other CPUs
-GATE_CASES = 28  # 4 held-out prompts per motion: one case moves the accuracy 3.6 points
-HELD_OUT_SEED = 99  # scenes no training run draws from (training uses seeds [seed, 0|1|2, ...])
+GATE_CASES = 56  # 8 held-out prompts per motion: one case moves the accuracy 1.8 points
+# Scenes no training run draws from (training uses seeds [seed, 0|1|2, ...]). Seeds 99 and 98 were the
+# development sets: the recipe's last phases and the shipped checkpoint were chosen on them, so they
+# flatter it. 97 was drawn once, for the shipped weights, after every choice was made.
+HELD_OUT_SEED = 97
+DEVELOPMENT_SEEDS = (99, 98)
 
 
 def held_out_scenes(count: int, seed: int = HELD_OUT_SEED, motions=world.MOTIONS) -> list[world.Scene]:
@@ -51,9 +55,11 @@ def direction_accuracy(fp, variant: str, count: int = GATE_CASES, seconds: float
             result = fp.generate(start, scene.prompt, out=out, seconds=seconds, steps=steps, variant=variant,
                                  resolution=64, seed=i)  # fmt: skip
             seen = world.observed_motion(result.frames, scene.color)
-            cases.append({"prompt": scene.prompt, "observed": seen, "ok": seen == scene.motion})
+            ok = seen == scene.motion
+            cases.append({"prompt": scene.prompt, "motion": scene.motion, "observed": seen, "ok": ok})
+    by_motion = {m: float(np.mean([c["ok"] for c in cases if c["motion"] == m])) for m in world.MOTIONS}
     return {"variant": variant, "sections": section_count(seconds, 9), "seconds": seconds, "steps": steps,
-            "accuracy": float(np.mean([c["ok"] for c in cases])), "cases": cases}  # fmt: skip
+            "accuracy": float(np.mean([c["ok"] for c in cases])), "by_motion": by_motion, "cases": cases}  # fmt: skip
 
 
 def _machine() -> str:
@@ -101,7 +107,8 @@ def ship(training_dir: Path, records: dict[str, Any], target: Path = SHIPPED) ->
         "data": {
             "world": "framepack_turbo.train.world (procedural; nothing downloaded)",
             "training_seeds": "seed 0; numpy default_rng([seed, step]) for the VAE, [seed, 1, chunk] latent dataset, [seed, 2, step] transformer, [seed, 3, step] decoder",
-            "held_out": f"direction gate: default_rng([{HELD_OUT_SEED}, 7]); VAE evaluation: default_rng(10000)",
+            "held_out": f"direction gate: default_rng([{HELD_OUT_SEED}, 7]) (development sets, which chose the recipe: "
+                        f"seeds {', '.join(map(str, DEVELOPMENT_SEEDS))}); VAE evaluation: default_rng(10000)",
         },
         "bytes": total,
         "files": files,

@@ -40,7 +40,7 @@ TRANSFORMER_CONFIG = dict(
 
 @dataclass(frozen=True)
 class TransformerTraining:
-    steps: int = 46000
+    steps: int = 52000
     batch: int = 8
     clips: int = 800
     max_sections: int = 4
@@ -56,12 +56,12 @@ class TransformerTraining:
     focus_from: int = 42_000
     seed: int = 0
     save_every: int = 250
-    # The shipped run's learning rate: cosine decays, as the run was resumed five times, each resume
+    # The shipped run's learning rate: cosine decays, as the run was resumed six times, each resume
     # restarting the curve. Each entry is (until step, origin, length): lr = lr0 * (1 + cos(pi * (step -
     # origin) / length)) / 2. Kept as it ran, so that training from nothing follows the shipped recipe.
     schedule: tuple[tuple[int, int, int], ...] = (
         (1500, 0, 7000), (11000, 0, 11000), (16000, 0, 16000), (30000, 0, 30000), (42000, 0, 42000),
-        (46000, 34000, 12000),  # from a quarter of lr0 at 42000 down to 0
+        (46000, 34000, 12000), (52000, 34000, 18000),  # each from a quarter of lr0 down to 0
     )  # fmt: skip
 
     def lr_at(self, step: int) -> float:
