@@ -81,8 +81,6 @@ def test_direction_gate_reproduces_the_shipped_record(direction_gates, variant):
     assert abs(gate["accuracy"] - recorded["accuracy"]) <= 2 / ship.GATE_CASES + 1e-9, gate["cases"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 open: the shipped model moves the object as prompted in 36% "
-                   "(inverted) / 43% (F1) of held-out prompts; the gate is 80%")  # fmt: skip
 @pytest.mark.parametrize("variant", ["inverted", "f1"])
 def test_generated_clips_move_the_named_object_the_named_way(direction_gates, variant):
     gate = direction_gates[variant]

@@ -20,11 +20,11 @@ SHIPPED = Path(__file__).resolve().parents[1] / "models" / "weights" / "tiny"
 MAX_SHIPPED_BYTES = 20 << 20
 VAE_PSNR_BOUND_DB = 22.5  # the shipped VAE measures 23.3 dB on held-out clips (manifest); margin for other CPUs
 GATE_CASES = 56  # 8 held-out prompts per motion: one case moves the accuracy 1.8 points
-# Scenes no training run draws from (training uses seeds [seed, 0|1|2, ...]). Seeds 99 and 98 were the
-# development sets: the recipe's last phases and the shipped checkpoint were chosen on them, so they
-# flatter it. 97 was drawn once, for the shipped weights, after every choice was made.
-HELD_OUT_SEED = 97
-DEVELOPMENT_SEEDS = (99, 98)
+# Scenes no training run draws from (training uses seeds [seed, 0|1|2, ...]). Seeds 99, 98 and 97 were
+# development sets: the recipe's last phases and the shipped checkpoint were chosen looking at them, so
+# they flatter it. 96 was drawn once, for the shipped weights, after every choice was made.
+HELD_OUT_SEED = 96
+DEVELOPMENT_SEEDS = (99, 98, 97)
 
 
 def held_out_scenes(count: int, seed: int = HELD_OUT_SEED, motions=world.MOTIONS) -> list[world.Scene]:
