@@ -43,13 +43,13 @@ def test_transformer_schedule_is_the_shipped_runs_and_anneals_to_zero():
     within = np.diff(lrs[200:])  # after the warm-up
     restarts = {end - 201 for end in ends}
     assert all(d <= 1e-12 for i, d in enumerate(within) if i not in restarts)
-    # The last run: the cosine over its own length, continued from its start (what `--steps 42000` ran).
+    # A run inside the schedule (to 42000): the cosine over its own length, as `--steps 42000` ran it.
     assert np.isclose(cfg.lr_at(36000), cfg.lr * 0.5 * (1 + np.cos(np.pi * 36000 / 42000)))
 
 
 def test_gate_scenes_are_balanced_and_apart_from_the_development_sets():
-    """The direction gate's scenes: every motion equally often, drawn at the training clip's speeds, and
-    none of them a scene of the sets the recipe was chosen on."""
+    """The direction gate's scenes: every motion equally often, and none of them a scene of the sets the
+    recipe was chosen on."""
     scenes = ship.held_out_scenes(ship.GATE_CASES)
     assert [s.motion for s in scenes].count("grow") == ship.GATE_CASES // len(world.MOTIONS)
     assert {s.motion for s in scenes} == set(world.MOTIONS)
