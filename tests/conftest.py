@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGE = ROOT / "examples" / "start.png"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """No test sees the shell's FRAMEPACK_* variables (a test that needs one sets it)."""
+    for key in list(os.environ):
+        if key.upper().startswith("FRAMEPACK_"):
+            monkeypatch.delenv(key)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import torch
 
 from framepack_turbo.api import FramePack
 from framepack_turbo.hardware import Hardware
+from framepack_turbo.optim.base import PassContext
 from framepack_turbo.models.loading import load_bundle
 from framepack_turbo.optim.attention import AttentionConfig, AttentionPass, attention_backends, choose_backend
 from framepack_turbo.optim.encoder_attention import EncoderAttentionConfig, EncoderAttentionPass
@@ -21,11 +22,6 @@ def gpu(*modules):
     return Hardware("cuda", "GPU", 8, 80.0, 80.0, (9, 0), True, {m: True for m in modules}, ())
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("FRAMEPACK_"):
-            monkeypatch.delenv(key)
 
 
 @pytest.mark.parametrize(
@@ -48,16 +44,18 @@ def test_backend_choice(mode, hardware, backend):
 def test_math_attention_matches_sdpa():
     bundle = load_bundle("tiny-random", device="cpu")
     ref = _forward(bundle.transformer)
-    report = AttentionPass().apply(bundle, AttentionConfig("off"), CPU)
+    report = AttentionPass().apply(bundle, AttentionConfig("off"), PassContext(CPU))
     assert report.counters["backend"] == "_native_math"
     assert attention_backends(bundle.transformer) == {"AttentionBackendName._NATIVE_MATH"}
     torch.testing.assert_close(_forward(bundle.transformer), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_standard_mode_is_not_a_pass():
+    from framepack_turbo.optim import registry
     from framepack_turbo.settings import Settings
 
-    assert AttentionPass().config(Settings.load({})) is None
+    assert not registry.get("attention").wanted(Settings.load({}))
+    assert registry.get("attention").wanted(Settings.load({"xformers_mode": "off"}))
     assert AttentionPass().config(Settings.load({"xformers_mode": "off"})) == AttentionConfig("off")
 
 
@@ -67,21 +65,22 @@ def test_encoder_attention_switch_and_warning(caplog):
     with torch.no_grad():
         ref = bundle.text_encoder(input_ids=ids).last_hidden_state
     with caplog.at_level(logging.INFO):
-        report = EncoderAttentionPass().apply(bundle, EncoderAttentionConfig("eager", warn=False), CPU)
+        report = EncoderAttentionPass().apply(bundle, EncoderAttentionConfig("eager", warn=False), PassContext(CPU))
     assert "BETTERTRANSFORMER" not in caplog.text
     assert all(getattr(bundle, n).config._attn_implementation == "eager" for n in ("text_encoder", "text_encoder_2", "image_encoder"))
     assert "LLaMA sdpa -> eager" in report.detail
     with torch.no_grad():
         torch.testing.assert_close(bundle.text_encoder(input_ids=ids).last_hidden_state, ref, rtol=1e-4, atol=1e-5)
     with caplog.at_level(logging.INFO):
-        EncoderAttentionPass().apply(bundle, EncoderAttentionConfig("auto"), CPU)
+        EncoderAttentionPass().apply(bundle, EncoderAttentionConfig("auto"), PassContext(CPU))
     assert "BETTERTRANSFORMER" in caplog.text and bundle.text_encoder.config._attn_implementation == "sdpa"
 
 
 def test_bettertransformer_off_by_default_and_flag_turns_it_off():
+    from framepack_turbo.optim import registry
     from framepack_turbo.settings import Settings, parse_flags
 
-    assert EncoderAttentionPass().config(Settings.load({})) is None
+    assert not registry.get("encoder_attention").wanted(Settings.load({}))
     assert EncoderAttentionPass().config(Settings.load({"enable_bettertransformer": True})).implementation == "auto"
     s = Settings.load(parse_flags(["--enable-bettertransformer", "--disable-bettertransformer"]))
     assert s.enable_bettertransformer is False
@@ -93,7 +92,7 @@ def test_fast_start_skips_and_says_so(caplog):
     status = {p.name: p.status for p in fp.plan.passes}
     assert status["compile"] == "skipped" and status["encoder_attention"] == "skipped"
     assert "fast-start-skips" in caplog.text and "skips torch.compile" in caplog.text
-    assert not fp.bundle.compile_states  # nothing was compiled
+    assert fp.extension("compile") is None  # nothing was compiled
 
 
 @pytest.mark.slow
@@ -112,4 +111,4 @@ def test_regional_compile_compiles_each_block_kind_once_and_never_again_across_s
     assert len(after_section) == 3
     assert after_section[0] - start == 2  # one graph per block kind (dual, single), reused by every block
     assert after_section[-1] == after_section[0]  # no recompilation in the next sections
-    assert all(not s.failed and s.calls["compiled"] > 0 for s in fp.bundle.compile_states.values())
+    assert all(not s.failed and s.calls["compiled"] > 0 for s in fp.extension("compile").states.values())

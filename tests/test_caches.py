@@ -122,7 +122,7 @@ def test_state_never_leaks_between_jobs_or_resolutions(example_image, tmp_path):
         fresh = generate(load(**settings), example_image, tmp_path, "fresh")
         assert torch.equal(again.latents, fresh.latents), name
         assert again.sidecar["caches"] == fresh.sidecar["caches"], name
-        cache = used.bundle.step_caches[0]
+        (cache,) = [e for e in used.extensions if e.kind == "cache"]
         assert cache.counters.counts == {}  # reset after the job
 
 
@@ -163,7 +163,7 @@ def test_kv_reuse_at_the_same_inputs_matches_full_compute():
             full = transformer(**kwargs)[0]
         with transformer.cache_context("cond", step_index=1, num_inference_steps=4):
             reused = transformer(**kwargs)[0]
-    assert fp.bundle.step_caches[0].counters.counts == {"forced": 1, "hit": 1}
+    assert fp.extension("kvcache").counters.counts == {"forced": 1, "hit": 1}
     torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
 
 
@@ -266,7 +266,7 @@ def test_module_cache_hits_a_repeated_prompt_and_misses_a_changed_one(example_im
 def test_module_cache_key_holds_the_encoder_identity(tmp_path):
     fp = _module_cache(tmp_path)
     calls = []
-    cache = fp.bundle.encoder_cache
+    cache = fp.extension("modulecache")
     compute = lambda: calls.append(1) or _embeddings()  # noqa: E731
     cache.prompt("a cat", compute)
     other = modulecache.EncoderCache(cache.config, {**cache.text_identity, "llama": {"dtype": "torch.bfloat16"}}, {})
@@ -282,7 +282,7 @@ def _embeddings():
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign"])
 def test_corrupt_or_foreign_cache_files_are_ignored(tmp_path, caplog, damage):
-    cache = _module_cache(tmp_path).bundle.encoder_cache
+    cache = _module_cache(tmp_path).extension("modulecache")
     value = cache.prompt("a cat", _embeddings)
     (path,) = _entries(tmp_path)
     if damage == "garbage":
@@ -295,7 +295,7 @@ def test_corrupt_or_foreign_cache_files_are_ignored(tmp_path, caplog, damage):
     with caplog.at_level(logging.WARNING):
         again = cache.prompt("a cat", lambda: calls.append(1) or value)
     assert calls == [1] and "ignoring" in caplog.text
-    assert cache.take_stats()["ignored"] == 1
+    assert cache.stats()["ignored"] == 1
     fresh = modulecache.EncoderCache(cache.config, cache.text_identity, cache.image_identity)
     hit = fresh.prompt("a cat", lambda: pytest.fail("the rewritten entry must be used"))
     assert torch.equal(hit.llama, again.llama) and hit.truncations == ("cut",)
@@ -322,17 +322,17 @@ def test_module_cache_is_a_size_bounded_lru(tmp_path):
     cache.image(images[1], lambda: pytest.fail("must hit"))  # a hit makes it the most recent
     insert(images[2])
     assert not first.exists() and second.exists() and len(_entries(tmp_path)) == 2
-    assert cache.take_stats()["evicted"] == 1
+    assert cache.stats()["evicted"] == 1
 
 
 def test_loose_matching_is_opt_in_and_warns(tmp_path, caplog):
-    cache = _module_cache(tmp_path).bundle.encoder_cache
+    cache = _module_cache(tmp_path).extension("modulecache")
     cache.prompt("A cat, walking.", _embeddings)
     calls = []
     cache.prompt("a cat walking", lambda: calls.append(1) or _embeddings())
     assert calls == [1]  # exact by default
     with caplog.at_level(logging.WARNING):
-        loose = _module_cache(tmp_path / "loose", module_cache_loose_match=True).bundle.encoder_cache
+        loose = _module_cache(tmp_path / "loose", module_cache_loose_match=True).extension("modulecache")
         assert "loose matching is on" in caplog.text
         loose.prompt("A cat, walking.", _embeddings)
         loose.prompt("a cat walking", lambda: pytest.fail("loose match must hit"))
@@ -340,7 +340,7 @@ def test_loose_matching_is_opt_in_and_warns(tmp_path, caplog):
 
 
 def test_without_runtime_cache_the_module_cache_stays_in_memory(tmp_path):
-    cache = load(enable_module_cache=True, runtime_cache=False, runtime_cache_dir=str(tmp_path / "rc")).bundle.encoder_cache
+    cache = load(enable_module_cache=True, runtime_cache=False, runtime_cache_dir=str(tmp_path / "rc")).extension("modulecache")
     cache.prompt("a cat", _embeddings)
     cache.prompt("a cat", lambda: pytest.fail("must hit in memory"))
     assert not (tmp_path / "rc").exists()
@@ -354,5 +354,5 @@ def test_stacked_step_caches_run_the_first_only(caplog):
         fp = load(enable_fbcache=True, enable_sim_cache=True, enable_kv_cache=True)
     status = {p.name: p.status for p in fp.plan.passes}
     assert (status["fbcache"], status["simcache"], status["kvcache"]) == ("active", "skipped", "skipped")
-    assert [c.name for c in fp.bundle.step_caches] == ["fbcache"]
+    assert [e.name for e in fp.extensions if e.kind == "cache"] == ["fbcache"]
     assert "step-caches-exclusive" in caplog.text or "Only FRAMEPACK_ENABLE_FBCACHE runs" in caplog.text

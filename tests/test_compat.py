@@ -7,7 +7,8 @@ import pytest
 from framepack_turbo import compat
 from framepack_turbo.compat import RULES, Severity, check
 from framepack_turbo.hardware import Hardware
-from framepack_turbo.optim.plan import PASS_ORDER, make_plan
+from framepack_turbo.optim import registry
+from framepack_turbo.optim.plan import make_plan
 from framepack_turbo.settings import Settings
 
 CPU = Hardware()  # no CUDA, no optional backends
@@ -18,11 +19,6 @@ A100 = Hardware("cuda", "NVIDIA A100", 16, 80.0, 79.0, (8, 0), True, ALL_BACKEND
 BARE_GPU = Hardware("cuda", "NVIDIA RTX 4090", 16, 24.0, 23.0, (8, 9), True, {}, ())
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("FRAMEPACK_"):
-            monkeypatch.delenv(key)
 
 
 def s(**values) -> Settings:
@@ -69,6 +65,10 @@ CASES = [
     ("opt-cache-bitsandbytes", dict(enable_opt_cache=True, use_bnb=True), H100, dict(enable_opt_cache=True, enable_quant=True)),
     ("opt-cache-nothing-to-store", dict(enable_opt_cache=True), CPU, dict(enable_opt_cache=True, enable_fp8=True)),
     ("model-native-resolution", dict(model="tiny", resolution=640), CPU, dict(model="tiny", resolution=64)),
+    ("bnb-needs-weights", dict(use_bnb=True, model="tiny-random"), H100, dict(use_bnb=True)),
+    ("tensorrt-nothing-selected", dict(enable_tensorrt=True), H100, dict(enable_tensorrt=True, trt_transformer=True)),
+    ("onnx-components-taken-by-tensorrt", dict(use_onnx_engines=True, enable_tensorrt=True, trt_transformer=True), H100,
+     dict(use_onnx_engines=True, enable_tensorrt=True, trt_text_encoders=True)),
 ]
 # Where the quiet case needs other hardware than the firing case.
 QUIET_HARDWARE = {"fp8-without-fp8-hardware": H100, "tensorrt-needs-gpu": H100, "tensorrt-not-installed": H100,
@@ -139,8 +139,8 @@ def _status(plan, name):
 
 
 def test_plan_default_runs_no_optimization():
-    plan = make_plan(Settings.load({}), check(Settings.load({}), CPU))
-    assert [p.name for p in plan.passes] == [p.name for p in PASS_ORDER]
+    plan = make_plan(Settings.load({}), check(Settings.load({}), CPU), CPU)
+    assert [p.name for p in plan.passes] == list(registry.names())
     # only housekeeping runs by default: placement, and parallel weight reads
     assert {p.name for p in plan.passes if p.status != "off"} == {"placement", "loading.parallel"}
     assert plan.summary_lines() == ["Active optimizations: none (baseline)"]
@@ -148,44 +148,34 @@ def test_plan_default_runs_no_optimization():
 
 def test_plan_skips_what_a_rule_disables():
     settings = s(enable_compile=True, jit_mode="trace")
-    plan = make_plan(settings, check(settings, CPU))
+    plan = make_plan(settings, check(settings, CPU), CPU)
     compile_ = _status(plan, "compile")
     assert compile_.status == "skipped" and "compile-torchscript" in compile_.reason
     settings = s(fast_start=True, enable_compile=True)
-    assert _status(make_plan(settings, check(settings, CPU)), "compile").status == "skipped"
+    assert _status(make_plan(settings, check(settings, CPU), CPU), "compile").status == "skipped"
 
 
-def test_plan_says_not_built_instead_of_pretending(monkeypatch):
-    # Every pass of the spec is built now; the mechanism stays for the next flag that arrives before its pass.
-    import dataclasses
-
-    from framepack_turbo.optim import plan as plan_module
-
-    order = tuple(dataclasses.replace(p, implementation=None) if p.name == "onnx" else p for p in PASS_ORDER)
-    monkeypatch.setattr(plan_module, "PASS_ORDER", order)
-    settings = s(use_onnx_engines=True)
-    plan = make_plan(settings, check(settings, H100))
-    p = _status(plan, "onnx")
-    assert p.status == "not built" and "FRAMEPACK_USE_ONNX_ENGINES" in p.reason
-    assert any("ONNX engines (onnxruntime): not built" in line for line in plan.summary_lines())
-
-
-def test_every_spec_pass_is_built():
-    assert [p.name for p in PASS_ORDER if p.implementation is None] == []
+def test_every_pass_with_work_over_the_bundle_has_an_implementation():
+    # parallel loading and the optimized-model cache work while loading (load_bundle, FramePack.load)
+    assert [p.name for p in registry.passes() if p.impl is None] == ["loading.parallel", "opt_cache"]
 
 
 def test_onnx_and_tensorrt_skip_paths_on_cpu():
     settings = s(use_onnx_engines=True, enable_tensorrt=True, trt_transformer=True)
-    bare = make_plan(settings, check(settings, CPU))  # no onnxruntime, no CUDA
+    bare = make_plan(settings, check(settings, CPU), CPU)  # no onnxruntime, no CUDA
     assert _status(bare, "onnx").status == "skipped" and "onnx-needs-onnxruntime" in _status(bare, "onnx").reason
     assert _status(bare, "tensorrt").status == "skipped" and "tensorrt-needs-gpu" in _status(bare, "tensorrt").reason
-    no_trt = make_plan(settings, check(settings, BARE_GPU))  # CUDA without torch-tensorrt
+    no_trt = make_plan(settings, check(settings, BARE_GPU), BARE_GPU)  # CUDA without torch-tensorrt
     assert "tensorrt-not-installed" in _status(no_trt, "tensorrt").reason
-    full = make_plan(settings, check(settings, H100))
-    assert _status(full, "onnx").status == "active" and _status(full, "tensorrt").status == "active"
+    full = make_plan(settings, check(settings, H100), H100)  # TensorRT takes the transformer: no ONNX engine is left
+    assert _status(full, "tensorrt").status == "active" and _status(full, "onnx").status == "skipped"
+    assert "onnx-components-taken-by-tensorrt" in _status(full, "onnx").reason
+    settings = s(use_onnx_engines=True, onnx_components="transformer,vae-decoder", enable_tensorrt=True, trt_transformer=True)
+    both = make_plan(settings, check(settings, H100), H100)
+    assert _status(both, "onnx").status == "active" and _status(both, "tensorrt").status == "active"
 
 
 def test_plan_order_is_the_design_order():
-    names = [p.name for p in PASS_ORDER]
+    names = list(registry.names())
     order = ["loading.bnb", "precision", "prune", "quant", "attention", "fbcache", "placement", "compile", "tensorrt"]
     assert [n for n in names if n in order] == order

@@ -15,11 +15,6 @@ from .conftest import ROOT
 from .test_settings import SPEC_VARIABLES
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("FRAMEPACK_"):
-            monkeypatch.delenv(key)
 
 
 def doctor(*args, env=None):

@@ -9,6 +9,7 @@ import torch
 
 from framepack_turbo.api import FramePack
 from framepack_turbo.hardware import Hardware
+from framepack_turbo.optim.base import PassContext
 from framepack_turbo.models.loading import load_bundle
 from framepack_turbo.optim.jit import JitConfig, JitPass, JitShapeError, TracedTransformer
 
@@ -16,11 +17,6 @@ from .conftest import EXAMPLE_IMAGE
 from .test_optim import _inputs
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("FRAMEPACK_"):
-            monkeypatch.delenv(key)
 
 
 def _call(t, **shape):
@@ -33,7 +29,7 @@ def test_trace_equals_eager_and_retraces_new_shapes():
     bundle = load_bundle("tiny-random", device="cpu")
     eager = bundle.transformer
     ref, ref2 = _call(eager), _call(eager, h=8, w=10)
-    report = JitPass().apply(bundle, JitConfig(), Hardware())
+    report = JitPass().apply(bundle, JitConfig(), PassContext(Hardware()))
     traced = bundle.transformer
     assert isinstance(traced, TracedTransformer) and "re-traces" in report.detail
     assert traced.dtype == eager.dtype and traced.config is eager.config  # stands in for the model
@@ -46,7 +42,7 @@ def test_trace_equals_eager_and_retraces_new_shapes():
 
 def test_strict_refuses_other_shapes():
     bundle = load_bundle("tiny-random", device="cpu")
-    JitPass().apply(bundle, JitConfig(strict=True), Hardware())
+    JitPass().apply(bundle, JitConfig(strict=True), PassContext(Hardware()))
     _call(bundle.transformer)
     with pytest.raises(JitShapeError, match="JIT_STRICT.*traced for.*FRAMEPACK_JIT_STRICT=0"):
         _call(bundle.transformer, h=8, w=10)
@@ -56,18 +52,18 @@ def test_save_and_load_round_trip(tmp_path):
     path = tmp_path / "t.pt"
     bundle = load_bundle("tiny-random", device="cpu")
     ref = _call(bundle.transformer)
-    JitPass().apply(bundle, JitConfig(save=path), Hardware())
+    JitPass().apply(bundle, JitConfig(save=path), PassContext(Hardware()))
     _call(bundle.transformer)
     assert path.exists() and path.with_suffix(".signature.json").exists()
     fresh = load_bundle("tiny-random", device="cpu")
-    JitPass().apply(fresh, JitConfig(load=path, strict=True), Hardware())
+    JitPass().apply(fresh, JitConfig(load=path, strict=True), PassContext(Hardware()))
     assert fresh.transformer.traced_count == 0  # nothing traced: the loaded trace serves
     torch.testing.assert_close(_call(fresh.transformer), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_script_falls_back_to_trace():
     bundle = load_bundle("tiny-random", device="cpu")
-    report = JitPass().apply(bundle, JitConfig(mode="script"), Hardware())
+    report = JitPass().apply(bundle, JitConfig(mode="script"), PassContext(Hardware()))
     assert "tracing instead" in report.detail and isinstance(bundle.transformer, TracedTransformer)
 
 

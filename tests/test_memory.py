@@ -13,8 +13,10 @@ from framepack_turbo.doctor import diagnose
 from framepack_turbo.hardware import Hardware
 from framepack_turbo.models import loading
 from framepack_turbo.models.loading import ParallelLoading, load_bundle
-from framepack_turbo.optim import offload
-from framepack_turbo.optim.offload import Placement, PlacementConfig, Placer, choose
+from framepack_turbo import placement
+from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.offload import Placer
+from framepack_turbo.placement import Placement, PlacementConfig, choose
 from framepack_turbo.pipeline import generate as generate_module
 from framepack_turbo.pipeline import vae as vae_module
 from framepack_turbo.settings import Settings
@@ -46,12 +48,12 @@ def test_placement_choice(config, cuda, free, mode):
 
 
 def test_settings_flow_into_the_choice():
-    assert offload.decide(Settings.load({"use_memory_v2": True}), LAPTOP).mode == "v2"
-    assert offload.decide(Settings.load({}), LAPTOP).mode == "v1"
-    assert offload.decide(Settings.load({}), H100).mode == "high-vram"
-    assert offload.decide(Settings.load({"memory_mode": "v1"}), H100).mode == "v1"
-    assert offload.decide(Settings.load({"use_memory_v2": True}), Hardware()).mode == "cpu"
-    assert offload.decide(Settings.load({"device": "cpu"}), H100).mode == "cpu"
+    assert placement.decide(Settings.load({"use_memory_v2": True}), LAPTOP).mode == "v2"
+    assert placement.decide(Settings.load({}), LAPTOP).mode == "v1"
+    assert placement.decide(Settings.load({}), H100).mode == "high-vram"
+    assert placement.decide(Settings.load({"memory_mode": "v1"}), H100).mode == "v1"
+    assert placement.decide(Settings.load({"use_memory_v2": True}), Hardware()).mode == "cpu"
+    assert placement.decide(Settings.load({"device": "cpu"}), H100).mode == "cpu"
 
 
 def test_doctor_shows_the_placement_and_why():
@@ -81,9 +83,9 @@ class _FakeGpuPlacer(Placer):
         return f"applied {self.placement.mode}"
 
 
-def _with_placer(bundle, mode="high-vram") -> FramePack:
-    bundle.placer = _FakeGpuPlacer(bundle, PlacementConfig(), Placement(mode, "test"))
-    return FramePack(bundle)
+def _with_placer(bundle, mode="high-vram") -> tuple[FramePack, _FakeGpuPlacer]:
+    placer = _FakeGpuPlacer(bundle, PlacementConfig(), Placement(mode, "test"))
+    return FramePack(bundle, reports=[PassReport("placement", "applied", extension=placer)]), placer
 
 
 def _fail_calls(monkeypatch, transformer, fail_on: set[int]):
@@ -105,11 +107,11 @@ def _fail_calls(monkeypatch, transformer, fail_on: set[int]):
 def test_oom_steps_down_and_retries_the_section(monkeypatch, tiny, example_image, tmp_path):
     reference = tiny.generate(example_image, "a cat", out=tmp_path / "ref.mp4", **OPTS)
     bundle = load_bundle("tiny-random", device="cpu")
-    fp = _with_placer(bundle)
+    fp, placer = _with_placer(bundle)
     _fail_calls(monkeypatch, bundle.transformer, {3})  # second section, second step
     events = []
     result = fp.generate(example_image, "a cat", out=tmp_path / "o.mp4", on_event=events.append, **OPTS)
-    assert bundle.placer.applied == ["v1"]
+    assert placer.applied == ["v1"]
     assert [h["mode"] for h in result.sidecar["placement"]["history"]] == ["high-vram", "v1"]
     assert any("stepped down to placement v1" in getattr(e, "message", "") for e in events)
     assert torch.equal(result.latents, reference.latents)  # the retry redraws the same noise
@@ -118,13 +120,13 @@ def test_oom_steps_down_and_retries_the_section(monkeypatch, tiny, example_image
 
 def test_oom_after_the_last_step_down_is_a_clear_error_and_keeps_the_video(monkeypatch, example_image, tmp_path):
     bundle = load_bundle("tiny-random", device="cpu")
-    fp = _with_placer(bundle, mode="v1")
+    fp, placer = _with_placer(bundle, mode="v1")
     _fail_calls(monkeypatch, bundle.transformer, set(range(2, 100)))  # every call of the second section
     out = tmp_path / "o.mp4"
     with pytest.raises(generate_module.OutOfMemory, match="section 2.*MEMORY_PRESERVATION.*--use-memory-v2") as err:
         fp.generate(example_image, "a cat", out=out, **OPTS)
     assert "after one step-down" in str(err.value)
-    assert bundle.placer.applied == ["v2"]
+    assert placer.applied == ["v2"]
     from framepack_turbo.pipeline.video import probe
 
     assert probe(out).frames == 33  # the first section's video stays
@@ -134,11 +136,11 @@ def test_oom_after_the_last_step_down_is_a_clear_error_and_keeps_the_video(monke
 
 def test_other_errors_are_not_retried(monkeypatch, example_image, tmp_path):
     bundle = load_bundle("tiny-random", device="cpu")
-    fp = _with_placer(bundle)
+    fp, placer = _with_placer(bundle)
     monkeypatch.setattr(bundle.transformer, "forward", lambda *a, **k: (_ for _ in ()).throw(ValueError("bug")))
     with pytest.raises(ValueError, match="bug"):
         fp.generate(example_image, "a cat", out=tmp_path / "o.mp4", **OPTS)
-    assert getattr(bundle.placer, "applied", []) == []
+    assert getattr(placer, "applied", []) == []
 
 
 # ---- chunked VAE decode ---------------------------------------------------------------------------
@@ -182,10 +184,11 @@ def test_chunk_size_from_free_memory():
     assert vae_module.chunk_frames(80, 60, 80, 128, 2, 2.0, 1.2, 8) == 221
 
 
-def test_placer_chunk_setting_and_host_default(tiny_bundle):
+def test_chunk_setting_and_host_default(tiny_bundle):
     z = _smooth_latents()
-    assert Placer(tiny_bundle, PlacementConfig(), Placement("cpu", "")).vae_chunk(z) is None
-    assert Placer(tiny_bundle, PlacementConfig(vae_chunk=3), Placement("cpu", "")).vae_chunk(z) == 3
+    assert vae_module.ChunkedDecode().chunk_for(z, tiny_bundle.vae) is None
+    assert vae_module.ChunkedDecode(chunk=3).chunk_for(z, tiny_bundle.vae) == 3
+    assert vae_module.ChunkedDecode.from_settings(Settings.load({"vae_chunk_size": 5})).chunk == 5
 
 
 def test_decode_oom_halves_the_chunk(monkeypatch, tiny_bundle):
@@ -199,7 +202,7 @@ def test_decode_oom_halves_the_chunk(monkeypatch, tiny_bundle):
         return decode(latents, vae, chunk)
 
     monkeypatch.setattr(vae_module, "decode", flaky)
-    out = Placer(tiny_bundle, PlacementConfig(), Placement("cpu", "")).decode(_smooth_latents())
+    out = vae_module.decode_chunked(_smooth_latents(), tiny_bundle.vae)
     assert tried == [None, 9, 4] and out.shape[2] == 73
 
 

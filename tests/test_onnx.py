@@ -48,7 +48,7 @@ def engines(export_dir):
     config = oe.OnnxConfig(components=ox.COMPONENTS, export_dir=export_dir)
     providers = oe.provider_chain(config, ["CPUExecutionProvider"], cuda=False)
     for component in ox.COMPONENTS:
-        bundle.engines += oe.install(bundle, component, config, providers)
+        oe.install(bundle, component, config, providers)
     return bundle
 
 

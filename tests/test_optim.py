@@ -10,6 +10,7 @@ import torch
 
 from framepack_turbo.api import FramePack
 from framepack_turbo.hardware import Hardware
+from framepack_turbo.optim.base import PassContext
 from framepack_turbo.models.loading import load_bundle
 from framepack_turbo.optim import artifact, bnb
 from framepack_turbo.optim.compile import guarded_compile
@@ -22,11 +23,6 @@ from framepack_turbo.optim.select import LinearFilter, block_stacks, selected
 CPU = Hardware(bf16=True)
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith("FRAMEPACK_"):
-            monkeypatch.delenv(key)
 
 
 def _inputs(t, h=6, w=8):
@@ -85,7 +81,7 @@ def test_low_precision_changes_what_it_says(fresh):
     before = _weights(fresh.transformer)
     ref = _forward(fresh.transformer)
     vae_before = {n: p.dtype for n, p in fresh.vae.named_parameters()}
-    report = LowPrecisionPass().apply(fresh, LowPrecisionConfig(), CPU)
+    report = LowPrecisionPass().apply(fresh, LowPrecisionConfig(), PassContext(CPU))
     after = _weights(fresh.transformer)
     kept = {n for n in after if n.startswith(("norm_out.", "proj_out."))}
     assert all(after[n][1] == torch.float32 for n in kept)
@@ -108,7 +104,7 @@ def test_quant_touches_block_linears_only(fresh, config, tensor_type, tolerance)
     t = fresh.transformer
     expected = {f"{n}.weight" for n in selected(t, LinearFilter(block_stacks(t)))}
     before, ref = _weights(t), _forward(t)
-    report = QuantPass().apply(fresh, config, CPU)
+    report = QuantPass().apply(fresh, config, PassContext(CPU))
     after = _weights(t)
     assert _changed(before, after) == expected
     assert all(after[n][0] == tensor_type for n in expected)
@@ -117,7 +113,7 @@ def test_quant_touches_block_linears_only(fresh, config, tensor_type, tolerance)
 
 
 def test_int4_leaves_out_linears_the_group_does_not_divide(fresh):
-    report = QuantPass().apply(fresh, QuantConfig(4, group_size=128), CPU)  # tiny widths are 32, 64 and 128
+    report = QuantPass().apply(fresh, QuantConfig(4, group_size=128), PassContext(CPU))  # tiny widths are 32, 64 and 128
     assert report.counters["left_out"] > 0 and "left out" in report.detail
     for name, module in fresh.transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and type(module.weight.data).__name__ == "IntxUnpackedToInt8Tensor":
@@ -127,7 +123,7 @@ def test_int4_leaves_out_linears_the_group_does_not_divide(fresh):
 def test_fp8_storage_with_target_and_exclude_keys(fresh):
     t = fresh.transformer
     before, ref = _weights(t), _forward(t)
-    report = Fp8Pass().apply(fresh, Fp8Config(target_keys=("attn",), exclude_keys=("to_out",)), CPU)
+    report = Fp8Pass().apply(fresh, Fp8Config(target_keys=("attn",), exclude_keys=("to_out",)), PassContext(CPU))
     after = _weights(t)
     changed = _changed(before, after)
     assert changed and all(".attn." in n and "to_out" not in n for n in changed)
@@ -157,7 +153,7 @@ def test_prune_removes_blocks_and_updates_config():
     bundle = load_bundle("small", device="cpu")
     t = bundle.transformer
     ref = _forward(t)
-    report = PrunePass().apply(bundle, PruneConfig(0.4, 0.5), CPU)
+    report = PrunePass().apply(bundle, PruneConfig(0.4, 0.5), PassContext(CPU))
     assert len(t.transformer_blocks) == 3 and len(t.single_transformer_blocks) == 7  # from 5 and 14
     assert t.config.num_layers == 3 and t.config.num_single_layers == 7
     assert report.counters["removed"]["transformer_blocks"] == [1, 3]
@@ -204,22 +200,22 @@ def test_bnb_settings_map_to_library_configs(monkeypatch):
     monkeypatch.setattr(diffusers, "BitsAndBytesConfig", type("DiffusersBnb", (_Recorder,), {}))
     monkeypatch.setattr(transformers, "BitsAndBytesConfig", type("TransformersBnb", (_Recorder,), {}))
     cfg = bnb.BnbConfig(load_in_4bit=True, double_quant=True, device_map="balanced", cpu_offload=True)
-    tk = bnb.loading_kwargs(cfg, "transformer")
+    tk = bnb.component_kwargs(cfg, "transformer")
     q = tk["quantization_config"]
     assert type(q).__name__ == "DiffusersBnb" and q.load_in_4bit and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_quant_type == "nf4" and "proj_out" in q.llm_int8_skip_modules
-    ek = bnb.loading_kwargs(cfg, "text_encoder")
+    ek = bnb.component_kwargs(cfg, "text_encoder")
     assert type(ek["quantization_config"]).__name__ == "TransformersBnb" and ek["device_map"] == "balanced"
-    assert bnb.loading_kwargs(cfg, "vae") == {} and bnb.loading_kwargs(cfg, "image_encoder") == {}
-    eight = bnb.loading_kwargs(bnb.BnbConfig(cpu_offload=True), "text_encoder_2")
+    assert bnb.component_kwargs(cfg, "vae") == {} and bnb.component_kwargs(cfg, "image_encoder") == {}
+    eight = bnb.component_kwargs(bnb.BnbConfig(cpu_offload=True), "text_encoder_2")
     assert eight["quantization_config"].load_in_8bit and eight["quantization_config"].llm_int8_enable_fp32_cpu_offload
     assert eight["device_map"] == "auto"
-    assert "device_map" not in bnb.loading_kwargs(bnb.BnbConfig(), "text_encoder")
+    assert "device_map" not in bnb.component_kwargs(bnb.BnbConfig(), "text_encoder")
 
 
 def test_bnb_configs_build_with_the_real_libraries():
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed here (it needs CUDA to run anyway)")
-    q = bnb.loading_kwargs(bnb.BnbConfig(load_in_4bit=True), "transformer")["quantization_config"]
+    q = bnb.component_kwargs(bnb.BnbConfig(load_in_4bit=True), "transformer")["quantization_config"]
     assert type(q).__module__.startswith("diffusers") and q.load_in_4bit
 
 

@@ -28,9 +28,6 @@ VAE_CHUNK_RESERVE_GB VAE_CHUNK_SAFETY VAE_UPSCALE_FACTOR ENABLE_MODULE_CACHE ENA
 """.split()
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    import os
 
     for key in list(os.environ):
         if key.upper().startswith("FRAMEPACK_"):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from framepack_turbo import files
 from framepack_turbo.pipeline import vae, video
 
 
@@ -66,6 +67,6 @@ def test_to_uint8_frames_range():
 
 
 def test_json_is_atomic_and_readable(tmp_path):
-    p = video.write_json({"a": 1, "path": tmp_path}, tmp_path / "x.json")
+    p = files.write_json({"a": 1, "path": tmp_path}, tmp_path / "x.json")
     assert json.loads(p.read_text())["a"] == 1
     assert [f.name for f in tmp_path.iterdir()] == ["x.json"]

@@ -7,7 +7,9 @@
 
 `load` runs the whole front half of the data path: settings -> compatibility check -> plan ->
 models -> passes. Keyword arguments are Settings fields (source "api"); like the CLI, it also
-reads `FRAMEPACK_*` variables, below the arguments.
+reads `FRAMEPACK_*` variables, below the arguments. `reconfigure(settings)` switches a loaded
+instance to other settings without reloading when they differ only in runtime passes (the step
+caches, the encoder output cache, the attention backend) or per-job values.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from framepack_turbo.errors import FramePackError
 from framepack_turbo.hardware import Hardware
 from framepack_turbo.models import loading
 from framepack_turbo.models.loading import ModelBundle, default_device, load_bundle, transformer_identity
-from framepack_turbo.optim import artifact, offload
-from framepack_turbo.optim.plan import WEIGHT_PASSES, Plan, apply_plan, loading_kwargs, make_plan
+from framepack_turbo.optim import artifact, registry
+from framepack_turbo.optim.apply import apply_plan, extensions, implementation, loading_kwargs, remove_passes
+from framepack_turbo.optim.base import Extension, PassReport
+from framepack_turbo.optim.plan import Plan, make_plan
 from framepack_turbo.pipeline.events import CancelToken, EventSink
 from framepack_turbo.pipeline.generate import Generator, Result
 from framepack_turbo.pipeline.options import GenerateOptions
+from framepack_turbo.pipeline.vae import ChunkedDecode
 from framepack_turbo.settings import Settings
 
 __all__ = ["FramePack", "IncompatibleSettings", "Result", "default_output_path", "options_from_settings"]
@@ -57,6 +62,8 @@ def default_output_path(directory: str | Path = "outputs") -> Path:
 # Settings names of the per-job options, where they differ from GenerateOptions' field names.
 _OPTION_NAMES = {"gs": "distilled_guidance", "rs": "guidance_rescale"}
 _OPTION_SETTINGS = ("seconds", "variant", "seed", "steps", "window", "gs", "cfg", "rs", "resolution", "crf")
+# Read per job by the generator (how the VAE decodes), not by the loading or a pass.
+_JOB_SETTINGS = (*_OPTION_SETTINGS, "vae_chunk_size", "vae_chunk_reserve_gb", "vae_chunk_safety", "vae_upscale_factor")
 
 
 def options_from_settings(settings: Settings, prompt: str, negative_prompt: str = "", **overrides: Any) -> GenerateOptions:
@@ -70,16 +77,70 @@ def _cached_transformer(plan: Plan, settings: Settings, model_dir: str | None, d
 
     It is keyed by the compute `device` and loaded onto `load_device` (the host when placement offloads).
     """
-    if not any(p.name == "opt_cache" for p in plan.active()):
+    if not plan.is_active("opt_cache"):
         return None
     path = Path(settings.optimized_transformer)
     try:
         identity = transformer_identity(settings.model, model_dir)
-        manifest = artifact.check(path, identity, artifact.shaping_settings(settings, device))
+        manifest = artifact.check(path, identity, artifact.shaping_settings(settings, device.type))
         return artifact.load(path, manifest, torch.device(load_device))
     except artifact.ArtifactRefused as exc:
         log.info("Optimized transformer cache not used: %s; building it", exc)
         return None
+
+
+def _log_findings(report: compat.CompatReport, ignore_incompatible: bool) -> None:
+    for finding in report.findings:
+        level = logging.INFO if finding.severity is compat.Severity.INFO else logging.WARNING
+        log.log(level, finding.line())
+    if report.has_critical and ignore_incompatible:
+        log.warning("Ignoring incompatible settings as asked; going on in %.0f s", INCOMPATIBLE_PAUSE_S)
+        time.sleep(INCOMPATIBLE_PAUSE_S)
+
+
+def _check_and_plan(settings: Settings, hardware: Hardware, ignore_incompatible: bool) -> tuple[compat.CompatReport, Plan]:
+    """The compatibility report (raising on a critical finding unless ignored) and the plan, logged."""
+    report = compat.check(settings, hardware)
+    if report.has_critical and not ignore_incompatible:
+        raise IncompatibleSettings(report)  # its message carries the critical findings
+    _log_findings(report, ignore_incompatible)
+    plan = make_plan(settings, report, hardware)
+    for line in plan.summary_lines():
+        log.info(line)
+    return report, plan
+
+
+def _pass_config(name: str, settings: Settings) -> Any:
+    spec = registry.get(name)
+    if spec.impl is None:
+        return tuple(getattr(settings, k) for k in spec.reads())
+    return implementation(name).config(settings)
+
+
+def _changed_runtime_passes(old: Settings, old_plan: Plan, new: Settings, new_plan: Plan) -> list[str] | None:
+    """The removable passes whose status or config differ between two runs, when that is all that differs
+    (besides per-job values); None when the models must be loaded again."""
+    removable = {p.name for p in registry.passes() if p.removable}
+    compiled = [p.name for p in (*old_plan.active(), *new_plan.active()) if registry.get(p.name).phase == "compilation"]
+    if compiled:  # compiled or exported modules stand in for the ones the hooks would go on
+        return None
+    only_runtime = {s for p in registry.passes() if p.removable for s in p.reads()} - {
+        s for p in registry.passes() if not p.removable for s in p.reads()
+    }
+    ignore = only_runtime | set(_JOB_SETTINGS) | {"preset"}
+    if any(getattr(old, k) != getattr(new, k) for k in old.values() if k not in ignore):
+        return None
+    old_status = {p.name: p.status for p in old_plan.passes}
+    changed = []
+    for planned in new_plan.passes:
+        name = planned.name
+        was, now = old_status.get(name) == "active", planned.status == "active"
+        if was == now and (not now or _pass_config(name, old) == _pass_config(name, new)):
+            continue
+        if name not in removable:
+            return None
+        changed.append(name)
+    return changed
 
 
 class FramePack:
@@ -91,13 +152,22 @@ class FramePack:
         settings: Settings | None = None,
         plan: Plan | None = None,
         report: compat.CompatReport | None = None,
-        reports: list | None = None,
+        reports: list[PassReport] | None = None,
     ) -> None:
         self.bundle = bundle
-        self.reports: list = reports or []  # what each pass did at load
+        self.reports: list[PassReport] = reports or []  # what each pass did, with its runtime extension
         self.settings = settings or Settings.load({"model": bundle.preset.name}, source="api")
         self.report = report or compat.CompatReport(())
-        self.plan = plan or make_plan(self.settings, self.report)
+        self.plan = plan or make_plan(self.settings, self.report, Hardware.detect())
+
+    @property
+    def extensions(self) -> list[Extension]:
+        """The runtime state of the applied passes, in plan order (the generator loops over them)."""
+        return extensions(self.reports)
+
+    def extension(self, name: str) -> Extension | None:
+        """The extension of one pass, when it is applied and has one."""
+        return next((r.extension for r in self.reports if r.name == name), None)
 
     @classmethod
     def load(
@@ -118,24 +188,12 @@ class FramePack:
         elif model or overrides:
             raise TypeError("pass either settings= or model/overrides, not both")
         hardware = Hardware.detect()
-        report = compat.check(settings, hardware)
-        if report.has_critical and not ignore_incompatible:
-            raise IncompatibleSettings(report)  # its message carries the critical findings
-        for finding in report.findings:
-            level = logging.INFO if finding.severity is compat.Severity.INFO else logging.WARNING
-            log.log(level, finding.line())
-        if report.has_critical:
-            log.warning("Ignoring incompatible settings as asked; going on in %.0f s", INCOMPATIBLE_PAUSE_S)
-            time.sleep(INCOMPATIBLE_PAUSE_S)
-        plan = make_plan(settings, report)
-        for line in plan.summary_lines():
-            log.info(line)
+        report, plan = _check_and_plan(settings, hardware, ignore_incompatible)
         model_dir = str(settings.model_dir) if settings.model_dir else None
         device = torch.device(settings.device) if settings.device else default_device()
-        placement = offload.decide(settings, hardware, device)
         # Offloading modes load on the host and let the placement pass move what fits: loading a 13B model
         # straight to a 6 GB GPU would fail before any pass ran.
-        load_device = torch.device("cpu") if placement.mode in ("v1", "v2") else device
+        load_device = torch.device("cpu") if plan.placement.offloads else device
         cached = _cached_transformer(plan, settings, model_dir, device, load_device)
         bundle = load_bundle(
             settings.model,
@@ -149,8 +207,8 @@ class FramePack:
         bundle.device = device  # the compute device, wherever the weights rest
         if cached:
             bundle.transformer = cached.to(load_device)
-        reports = apply_plan(plan, bundle, settings, hardware, skip=WEIGHT_PASSES if cached else frozenset())
-        if any(p.name == "opt_cache" for p in plan.active()) and not cached:
+        reports = apply_plan(plan, bundle, settings, hardware, skip=artifact.stored_passes() if cached else frozenset())
+        if plan.is_active("opt_cache") and not cached:
             identity = transformer_identity(settings.model, model_dir)
             artifact.save(bundle, settings, settings.optimized_transformer, identity, reports)
         return cls(bundle, settings, plan, report, reports)
@@ -172,5 +230,29 @@ class FramePack:
         """
         opts = options_from_settings(self.settings, prompt, negative_prompt, **options)
         record = {"values": self.settings.to_json_dict(), "plan": self.plan.to_list(), "compat": self.report.to_list()}
-        generator = Generator(self.bundle, on_event=on_event, cancel=cancel, settings=record)
+        generator = Generator(
+            self.bundle, on_event=on_event, cancel=cancel, extensions=self.extensions, settings=record,
+            decode=ChunkedDecode.from_settings(self.settings),
+        )  # fmt: skip
         return generator.run(image, opts, out or default_output_path())
+
+    def reconfigure(self, settings: Settings, ignore_incompatible: bool = False) -> bool:
+        """Switch to `settings` on the loaded models when they differ from the current ones only in
+        removable runtime passes or per-job values: the passes that changed come off and go on again.
+        Returns False, changing nothing, when the models would have to be loaded again (another model,
+        another weight pass, a compiled or exported transformer)."""
+        hardware = Hardware.detect()
+        report = compat.check(settings, hardware)
+        if report.has_critical and not ignore_incompatible:
+            raise IncompatibleSettings(report)
+        plan = make_plan(settings, report, hardware)
+        changed = _changed_runtime_passes(self.settings, self.plan, settings, plan)
+        if changed is None:
+            return False
+        _log_findings(report, ignore_incompatible=False)
+        kept = remove_passes(self.reports, {n for n in changed if self.plan.is_active(n)})
+        added = apply_plan(plan, self.bundle, settings, hardware, only=frozenset(changed))
+        order = {name: i for i, name in enumerate(registry.names())}
+        self.reports = sorted(kept + added, key=lambda r: order[r.name])
+        self.settings, self.plan, self.report = settings, plan, report
+        return True

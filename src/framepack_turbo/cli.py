@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from framepack_turbo.constants import ENV_PREFIX, FPS
 from framepack_turbo.errors import FramePackError, InputError
 
 app = typer.Typer(
@@ -198,7 +199,7 @@ def generate(
             )  # fmt: skip
         timings = result.sidecar["timings"]
         typer.echo(
-            f"wrote {result.video_path} ({len(result.frames)} frames, {len(result.frames) / 30:.2f} s) "
+            f"wrote {result.video_path} ({len(result.frames)} frames, {len(result.frames) / FPS:.2f} s) "
             f"and {result.sidecar_path.name} in {timings['total']:.1f} s",
         )
         for name, record in result.sidecar.get("caches", {}).items():
@@ -273,14 +274,6 @@ def optimize(
 export_app = typer.Typer(help="Export components for other runtimes.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
-# What a graph must not record: hooks and compiled wrappers of passes that act at run time.
-_EXPORT_OFF = dict(
-    use_onnx_engines=False, onnx_trt_enable=False, enable_tensorrt=False, enable_compile=False, jit_mode="off",
-    enable_fbcache=False, enable_teacache=False, enable_sim_cache=False, enable_kv_cache=False,
-    enable_module_cache=False, enable_opt_cache=False,
-)  # fmt: skip
-
-
 @export_app.command("onnx", context_settings=SETTINGS_CONTEXT, epilog=_settings_epilog())
 def export_onnx(
     ctx: typer.Context,
@@ -310,7 +303,10 @@ def export_onnx(
         settings = _settings_from(ctx, preset)
         from framepack_turbo.api import FramePack
 
-        build = settings.model_copy(update=_EXPORT_OFF)
+        from framepack_turbo.optim.registry import switched_off_for_export
+
+        # a graph records the weights as they are: hooks and compiled wrappers of other passes must not be in it
+        build = settings.model_copy(update=switched_off_for_export(settings))
         build._sources = settings._sources
         fp = FramePack.load(settings=build)
         for name in names:
@@ -349,12 +345,8 @@ def bench(
     try:
         from framepack_turbo.bench import configs as bench_configs
         from framepack_turbo.bench import report, runner
-        from framepack_turbo.settings import ENV_PREFIX
-
         leaked = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX))
-        for key in leaked:  # configurations say everything; the shell's variables would skew the baseline
-            del os.environ[key]
-        if leaked:
+        if leaked:  # configurations say everything: each is read with an empty environment
             typer.echo(f"note: bench ignores {', '.join(leaked)}: put settings in configurations", err=True)
         if model not in BENCH_MODELS:
             raise InputError(f"--model {model}: choose {', '.join(BENCH_MODELS)}")
@@ -369,7 +361,7 @@ def bench(
         )  # fmt: skip
         from framepack_turbo.settings import Settings
 
-        Settings.load(spec.common_settings(), source="cli")  # bad --seconds etc. fail here, once
+        Settings.load(spec.common_settings(), source="cli", environ={})  # bad --seconds etc. fail here, once
         for path in (json_path, markdown_path, plot):
             if path is not None:
                 _check_writable_file(path)

@@ -4,7 +4,10 @@ A rule has an id, a severity, a condition on (settings, hardware), a message tha
 true, and the fix. `critical` stops `generate` before any model loads (`--ignore-incompatible`
 proceeds after a 5 s pause); `warning` runs, usually without the pass it names (`disables`);
 `info` is worth knowing. Every rule states a fact backed by a test in tests/test_compat.py; rules
-about hardware we cannot run in CI say why in a comment.
+about hardware we cannot run in CI say why in a comment. A rule that would make a pass skip itself
+while it applies is written here instead, so the plan that `framepack doctor` prints is the plan that
+runs. Which settings switch which pass comes from the pass registry (optim/registry.py); a rule that
+names a pass the registry does not have fails at import.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from framepack_turbo import placement
+from framepack_turbo.constants import FP8_COMPUTE_CAPABILITY
 from framepack_turbo.hardware import Hardware
+from framepack_turbo.optim import registry
 from framepack_turbo.settings import Settings, env_name
 
 
@@ -36,6 +42,12 @@ class Rule:
     fix: Text
     # plan passes that do not run when this rule fires (or a function of the settings naming them)
     disables: tuple[str, ...] | Callable[[Settings, Hardware], tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if not callable(self.disables):
+            unknown = [n for n in self.disables if n not in registry.names()]
+            if unknown:
+                raise ValueError(f"rule {self.id} disables {', '.join(unknown)}: no such pass in optim/registry.py")
 
 
 @dataclass(frozen=True)
@@ -84,7 +96,6 @@ class CompatReport:
 
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 ATTENTION_KERNELS = ("sageattention", "flash_attn_interface", "flash_attn", "xformers")
-FP8_COMPUTE_CAPABILITY = (8, 9)  # torch._scaled_mm with float8 needs Ada (8.9) or Hopper (9.0)
 
 
 def _compiling(s: Settings) -> bool:
@@ -104,9 +115,21 @@ def _onnx_transformer(s: Settings) -> bool:
 
 
 def _onnx_offloaded(s: Settings, h: Hardware) -> bool:
-    from framepack_turbo.optim import offload
+    return registry.get("onnx").wanted(s) and h.cuda and placement.decide(s, h).offloads
 
-    return (s.use_onnx_engines or s.onnx_trt_enable) and h.cuda and offload.decide(s, h).mode in ("v1", "v2")
+
+def _trt_runs(s: Settings, h: Hardware) -> bool:
+    return s.enable_tensorrt and h.cuda and h.has("torch_tensorrt")
+
+
+def _trt_modules(s: Settings) -> set[str]:
+    return ({"transformer"} if s.trt_transformer else set()) | ({"text-encoder"} if s.trt_text_encoders else set())
+
+
+def _onnx_left(s: Settings, h: Hardware) -> list[str]:
+    """The ONNX components TensorRT (which goes first) does not take."""
+    taken = _trt_modules(s) if _trt_runs(s, h) else set()
+    return [c for c in s.onnx_components if c not in taken]
 
 
 def _quant_methods(s: Settings) -> list[str]:
@@ -114,53 +137,23 @@ def _quant_methods(s: Settings) -> list[str]:
     return [env_name(n) for n, on in names.items() if on]
 
 
-STEP_CACHE_SWITCHES = {
-    "enable_fbcache": "FRAMEPACK_ENABLE_FBCACHE", "enable_teacache": "FRAMEPACK_ENABLE_TEACACHE",
-    "enable_sim_cache": "FRAMEPACK_ENABLE_SIM_CACHE", "enable_kv_cache": "FRAMEPACK_ENABLE_KV_CACHE",
-}  # fmt: skip
-STEP_CACHE_PASSES = dict(zip(STEP_CACHE_SWITCHES.values(), ("fbcache", "teacache", "simcache", "kvcache")))
+def _step_cache_passes(s: Settings) -> list[registry.PassSpec]:
+    """The step caches turned on, in the order of precedence (the first one runs)."""
+    return [p for p in registry.family(registry.STEP_CACHE) if p.wanted(s)]
 
 
 def _step_caches(s: Settings) -> list[str]:
-    """The step caches turned on, in the order of precedence (the first one runs)."""
-    return [env for name, env in STEP_CACHE_SWITCHES.items() if getattr(s, name)]
+    return [", ".join(env_name(k) for k in p.switch) for p in _step_cache_passes(s)]
 
 
-# Sub-settings that do nothing unless their switch is on. Flagged only when the user set them.
-SWITCHES: dict[str, Callable[[Settings], bool]] = {
-    **dict.fromkeys(("quant_bits", "quant_int8_mode", "quant_group_size"), lambda s: s.enable_quant),
-    **dict.fromkeys(("prune_dual_ratio", "prune_single_ratio"), lambda s: s.enable_prune),
-    **dict.fromkeys(("fp8_target_keys", "fp8_exclude_keys", "fp8_use_scaled_mm"), lambda s: s.enable_fp8),
-    **dict.fromkeys(
-        ("bnb_load_in_4bit", "bnb_cpu_offload", "bnb_device_map", "bnb_double_quant"), lambda s: s.use_bnb
-    ),
-    **dict.fromkeys(("compile_mode", "compile_scope"), lambda s: s.enable_compile),
-    **dict.fromkeys(("jit_artifact", "jit_save", "jit_load", "jit_strict"), lambda s: s.jit_mode != "off"),
-    **dict.fromkeys(("optimized_transformer",), lambda s: s.enable_opt_cache),
-    **dict.fromkeys(("runtime_cache_dir",), lambda s: s.runtime_cache),
-    **dict.fromkeys(("module_cache_max_mb", "module_cache_loose_match"), lambda s: s.enable_module_cache),
-    **dict.fromkeys(("fbcache_threshold", "fbcache_verbose", "fbcache_max_skip"), lambda s: s.enable_fbcache),
-    **dict.fromkeys(("teacache_threshold", "teacache_verbose"), lambda s: s.enable_teacache),
-    **dict.fromkeys(
-        (
-            "sim_cache_threshold", "sim_cache_max_skip", "sim_cache_max_entries", "sim_cache_use_faiss",
-            "sim_cache_verbose", "sim_cache_budget_mb",
-        ),
-        lambda s: s.enable_sim_cache,
-    ),  # fmt: skip
-    **dict.fromkeys(("kv_cache_len", "kv_cache_verbose", "kv_cache_refresh"), lambda s: s.enable_kv_cache),
-    **dict.fromkeys(
-        ("trt_transformer", "trt_text_encoders", "trt_workspace_mb", "trt_max_aux_streams", "tensorrt_cache_dir"),
-        lambda s: s.enable_tensorrt,
-    ),
-    **dict.fromkeys(("trt_max_cached_shapes",), _trt_any),
-    **dict.fromkeys(
-        ("onnx_trt_fp16", "onnx_trt_int8", "onnx_trt_device_id", "onnx_trt_workspace_mb", "onnx_trt_cache_dir"),
-        lambda s: s.onnx_trt_enable,
-    ),
-    **dict.fromkeys(("onnx_components", "onnx_dir"), lambda s: s.use_onnx_engines or s.onnx_trt_enable),
-    **dict.fromkeys(("force_parallel_loaders",), lambda s: s.parallel_loaders > 1),
-}
+def _all_step_caches(s: Settings, h: Hardware) -> tuple[str, ...]:
+    return tuple(p.name for p in registry.family(registry.STEP_CACHE))
+
+
+def _idle(s: Settings, name: str) -> bool:
+    """A setting that does nothing here: passes read it (besides as their switch) and all of them are off."""
+    readers = [p for p in registry.readers(name) if not p.switch or name not in p.switch]
+    return bool(readers) and not any(p.wanted(s) for p in readers)
 
 
 def _native_resolution(s: Settings) -> int | None:
@@ -169,8 +162,14 @@ def _native_resolution(s: Settings) -> int | None:
     return None if s.model_dir is not None else PRESETS[s.model].native_resolution
 
 
+def _random_preset(s: Settings) -> bool:
+    from framepack_turbo.models.presets import PRESETS
+
+    return PRESETS[s.model].is_random
+
+
 def _idle_settings(s: Settings) -> list[str]:
-    return [env_name(n) for n, on in SWITCHES.items() if s.explicitly_set(n) and not on(s)]
+    return [env_name(n) for n in type(s).model_fields if s.explicitly_set(n) and _idle(s, n)]
 
 
 RULES: tuple[Rule, ...] = (
@@ -254,6 +253,25 @@ RULES: tuple[Rule, ...] = (
         disables=("tensorrt",),
     ),
     Rule(
+        "tensorrt-nothing-selected",
+        Severity.WARNING,
+        lambda s, h: s.enable_tensorrt and not (s.trt_transformer or s.trt_text_encoders),
+        "ENABLE_TENSORRT is on for no module: TRT_TRANSFORMER and TRT_TEXT_ENCODERS are both off, so it is skipped.",
+        "FRAMEPACK_TRT_TRANSFORMER=1 and/or FRAMEPACK_TRT_TEXT_ENCODERS=1, or FRAMEPACK_ENABLE_TENSORRT=0.",
+        disables=("tensorrt",),
+    ),
+    Rule(
+        "onnx-components-taken-by-tensorrt",
+        Severity.INFO,
+        lambda s, h: registry.get("onnx").wanted(s) and _trt_runs(s, h) and bool(_trt_modules(s) & set(s.onnx_components)),
+        lambda s, h: (
+            f"TensorRT (torch-tensorrt) runs {', '.join(sorted(_trt_modules(s) & set(s.onnx_components)))}; "
+            + (f"ONNX engines run {', '.join(_onnx_left(s, h))}." if _onnx_left(s, h) else "no ONNX engine is left to run.")
+        ),
+        "Nothing to do; drop those components from FRAMEPACK_ONNX_COMPONENTS to silence this.",
+        disables=lambda s, h: () if _onnx_left(s, h) else ("onnx",),
+    ),
+    Rule(
         "onnx-needs-onnxruntime",
         Severity.WARNING,
         lambda s, h: (s.use_onnx_engines or s.onnx_trt_enable) and not h.has("onnxruntime"),
@@ -285,6 +303,18 @@ RULES: tuple[Rule, ...] = (
         lambda s, h: s.use_bnb and h.cuda and not h.has("bitsandbytes"),
         "USE_BNB needs the bitsandbytes package, which is not installed; skipped.",
         "pip install bitsandbytes, or FRAMEPACK_USE_BNB=0.",
+        disables=("loading.bnb",),
+    ),
+    Rule(
+        "bnb-needs-weights",
+        Severity.WARNING,
+        lambda s, h: s.use_bnb and s.model_dir is None and _random_preset(s),
+        lambda s, h: (
+            f"bitsandbytes quantizes while weights load from disk; --model {s.model} builds random weights in "
+            "memory, so USE_BNB is skipped."
+        ),
+        "Save the model (`FramePack.load(...).bundle.save_pretrained(DIR)`) and pass --model-dir DIR, or "
+        "FRAMEPACK_USE_BNB=0.",
         disables=("loading.bnb",),
     ),
     Rule(
@@ -339,7 +369,7 @@ RULES: tuple[Rule, ...] = (
             "skipped."
         ),
         "Keep one step cache; `framepack bench --configs fbcache,teacache,simcache,kvcache` compares them.",
-        disables=lambda s, h: tuple(STEP_CACHE_PASSES[env] for env in _step_caches(s)[1:]),
+        disables=lambda s, h: tuple(p.name for p in _step_cache_passes(s)[1:]),
     ),
     Rule(
         "step-caches-torchscript",
@@ -350,7 +380,7 @@ RULES: tuple[Rule, ...] = (
             "Python, so the trace would freeze the first step's decision: the cache is skipped."
         ),
         "Use torch.compile (FRAMEPACK_ENABLE_COMPILE=1) with a step cache, or --jit-mode off.",
-        disables=("fbcache", "teacache", "simcache", "kvcache"),
+        disables=_all_step_caches,
     ),
     Rule(
         "onnx-step-caches",
@@ -362,7 +392,7 @@ RULES: tuple[Rule, ...] = (
         ),
         "Keep the transformer in PyTorch for a step cache (FRAMEPACK_ONNX_COMPONENTS without transformer), or "
         "turn the cache off.",
-        disables=("fbcache", "teacache", "simcache", "kvcache"),
+        disables=_all_step_caches,
     ),
     Rule(
         "onnx-compiled-transformer",

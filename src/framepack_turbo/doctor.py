@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from framepack_turbo import compat
@@ -11,22 +12,23 @@ from framepack_turbo.optim.plan import make_plan
 from framepack_turbo.settings import Settings, known_env, unknown_env_warnings
 
 
-def diagnose(settings: Settings, hardware: Hardware | None = None) -> dict[str, Any]:
-    """The doctor report as data: keys settings, known_env, plan, placement, compat, hardware (+ versions, warnings)."""
-    from framepack_turbo.optim import offload
+def diagnose(settings: Settings, hardware: Hardware | None = None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The doctor report as data: keys settings, known_env, plan, placement, compat, hardware (+ versions, warnings).
 
+    The plan and placement are exactly what `FramePack.load` would apply with these settings on this machine
+    (the sidecar records the same plan)."""
     hardware = hardware or Hardware.detect(import_backends=True)
     report = compat.check(settings, hardware)
-    plan = make_plan(settings, report)
+    plan = make_plan(settings, report, hardware)
     return {
         "hardware": hardware.to_dict(),
         "versions": library_versions(),
         "settings": settings.to_json_dict(),
-        "known_env": known_env(),
+        "known_env": known_env(type(settings)),
         "plan": plan.to_list(),
-        "placement": offload.decide(settings, hardware).to_dict(),
+        "placement": plan.placement.to_dict(),
         "compat": report.to_list(),
-        "warnings": unknown_env_warnings(os.environ),
+        "warnings": unknown_env_warnings(os.environ if environ is None else environ, type(settings)),
     }
 
 
@@ -62,7 +64,8 @@ def render_text(data: dict[str, Any]) -> str:
     lines.append("Plan (in order)")
     for p in data["plan"]:
         detail = f": {p['reason']}" if p["reason"] else ""
-        lines.append(f"  {p['status']:>9}  {p['title']}{detail}")
+        lossy = " [lossy]" if p.get("lossy") and p["status"] == "active" else ""
+        lines.append(f"  {p['status']:>9}  {p['title']}{lossy}{detail}")
 
     lines.append("")
     lines.append(f"Memory placement: {data['placement']['mode']} ({data['placement']['reason']})")

@@ -5,7 +5,10 @@ knows where it came from (`Settings.sources`). Each field `name` is read from `F
 from the flag `--name-with-dashes`; booleans also take `--no-name`. Bad values raise
 `SettingsError` with one line per value naming the variable, the value and what is allowed.
 
-Settings are read here and only here: passes receive a `Settings` and never look at the environment.
+Settings are read here and only here: `Settings.load(overrides, environ=...)` is the one reader of the
+environment (`os.environ` unless given another mapping, e.g. `{}` for a run that must ignore the
+shell); passes receive a `Settings` and never look at the environment. Importing this module does not
+import torch.
 """
 
 from __future__ import annotations
@@ -21,13 +24,11 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from framepack_turbo.constants import ENV_PREFIX, MAX_RESOLUTION, MAX_SECONDS, MIN_RESOLUTION, ONNX_COMPONENTS, PRESET_ENV
 from framepack_turbo.errors import InputError
-from framepack_turbo.pipeline.options import MAX_RESOLUTION, MAX_SECONDS, MIN_RESOLUTION
 
 log = logging.getLogger(__name__)
 
-ENV_PREFIX = "FRAMEPACK_"
-PRESET_ENV = "FRAMEPACK_PRESET"
 Source = Literal["default", "preset", "env", "cli", "api"]
 
 
@@ -46,8 +47,6 @@ class Settings(BaseSettings):
     """Everything a run can be configured with. Field docs are the `meaning` column of docs/configuration.md."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_ignore_empty=True,  # `export FRAMEPACK_X=` means unset, not "invalid"
         extra="forbid",
         frozen=True,
         validate_default=True,
@@ -254,11 +253,9 @@ class Settings(BaseSettings):
     @field_validator("onnx_components")
     @classmethod
     def _onnx_components(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from framepack_turbo.optim.onnx_export import COMPONENTS
-
-        unknown = [c for c in value if c not in COMPONENTS]
+        unknown = [c for c in value if c not in ONNX_COMPONENTS]
         if unknown or not value:
-            raise ValueError(f"{', '.join(unknown) or 'empty'}: choose from {', '.join(COMPONENTS)}")
+            raise ValueError(f"{', '.join(unknown) or 'empty'}: choose from {', '.join(ONNX_COMPONENTS)}")
         return tuple(dict.fromkeys(value))
 
     @field_validator("quant_bits", "quant_group_size", mode="before")
@@ -313,37 +310,43 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Highest first: explicit arguments (CLI/API), FRAMEPACK_* variables, then the preset.
-        return init_settings, env_settings, _PresetSource(settings_cls, init_settings)
+        # `load` merges preset < environment < explicit values itself (from the mapping it is given), so
+        # pydantic-settings reads nothing on its own: not os.environ, not a dotenv file.
+        return (init_settings,)
 
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, overrides: Mapping[str, Any] | None = None, *, source: Source = "cli") -> Settings:
+    def load(
+        cls, overrides: Mapping[str, Any] | None = None, *, source: Source = "cli", environ: Mapping[str, str] | None = None
+    ) -> Settings:
         """Build from explicit values (CLI flags or API arguments), the environment and the preset.
 
-        Raises `SettingsError` with one line per bad value. Unknown `FRAMEPACK_*` variables are logged
-        as warnings with the nearest known name.
+        `environ`: where `FRAMEPACK_*` variables are read (default `os.environ`). Raises `SettingsError`
+        with one line per bad value. Unknown `FRAMEPACK_*` variables are logged as warnings with the
+        nearest known name.
         """
+        environ = os.environ if environ is None else environ
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-        unknown = set(overrides) - set(setting_names())
+        names = setting_names(cls)
+        unknown = set(overrides) - set(names)
         if unknown:
             raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        for line in unknown_env_warnings(os.environ):
+        for line in unknown_env_warnings(environ, cls):
             log.warning(line)
-        env_given = _env_fields(os.environ)
-        preset_name = overrides.get("preset") or os.environ.get(PRESET_ENV) or "default"
+        env_values = _env_values(environ, cls)
         from framepack_turbo.presets import PRESETS
 
+        preset_name = overrides.get("preset") or env_values.get("preset") or "default"
         preset_values = PRESETS.get(preset_name, {})
         try:
-            settings = cls(**overrides)
+            settings = cls(**{**preset_values, **env_values, **overrides})
         except ValidationError as exc:
-            raise SettingsError("\n".join(_error_lines(exc, overrides, env_given, source))) from None
-        for name in setting_names():
+            raise SettingsError("\n".join(_error_lines(exc, overrides, env_values, source, cls))) from None
+        for name in names:
             if name in overrides:
                 settings._sources[name] = source
-            elif name in env_given:
+            elif name in env_values:
                 settings._sources[name] = "env"
             elif name in preset_values:
                 settings._sources[name] = "preset"
@@ -373,31 +376,11 @@ class Settings(BaseSettings):
         }
 
 
-class _PresetSource(PydanticBaseSettingsSource):
-    """The preset layer: below the environment, above the defaults.
-
-    The preset's own name comes from the explicit arguments, else FRAMEPACK_PRESET, else `default`.
-    """
-
-    def __init__(self, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource) -> None:
-        super().__init__(settings_cls)
-        self.init_settings = init_settings
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # unused: __call__ returns the whole layer
-
-    def __call__(self) -> dict[str, Any]:
-        from framepack_turbo.presets import PRESETS
-
-        name = self.init_settings().get("preset") or os.environ.get(PRESET_ENV) or "default"
-        return dict(PRESETS.get(name, {}))
-
-
 # ---- names, flags and the environment --------------------------------------------------------------
 
 
-def setting_names() -> list[str]:
-    return list(Settings.model_fields)
+def setting_names(settings_cls: type[Settings] | None = None) -> list[str]:
+    return list((settings_cls or Settings).model_fields)
 
 
 def env_name(name: str) -> str:
@@ -408,14 +391,15 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def known_env() -> list[str]:
-    return [env_name(n) for n in setting_names()]
+def known_env(settings_cls: type[Settings] | None = None) -> list[str]:
+    return [env_name(n) for n in setting_names(settings_cls)]
 
 
-def _env_fields(environ: Mapping[str, str]) -> set[str]:
-    """Settings given a non-empty value in the environment."""
-    names = {env_name(n): n for n in setting_names()}
-    return {names[k.upper()] for k, v in environ.items() if k.upper() in names and v != ""}
+def _env_values(environ: Mapping[str, str], settings_cls: type[Settings] | None = None) -> dict[str, str]:
+    """Setting name -> raw text, for the `FRAMEPACK_*` variables given a value (names are case-insensitive;
+    `export FRAMEPACK_X=` means unset, not invalid)."""
+    names = {env_name(n): n for n in setting_names(settings_cls)}
+    return {names[k.upper()]: v for k, v in sorted(environ.items()) if k.upper() in names and v != ""}
 
 
 def _closest(word: str, candidates: list[str]) -> str | None:
@@ -425,9 +409,9 @@ def _closest(word: str, candidates: list[str]) -> str | None:
     return close[0] if close else None
 
 
-def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
+def unknown_env_warnings(environ: Mapping[str, str], settings_cls: type[Settings] | None = None) -> list[str]:
     """A line per FRAMEPACK_* variable we do not know, with the nearest known name."""
-    known = known_env()
+    known = known_env(settings_cls)
     lines = []
     for key in sorted(environ):
         upper = key.upper()
@@ -438,9 +422,9 @@ def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
     return lines
 
 
-def allowed(name: str) -> str:
+def allowed(name: str, settings_cls: type[Settings] | None = None) -> str:
     """What a setting accepts, in words: for error lines and the docs."""
-    field = Settings.model_fields[name]
+    field = (settings_cls or Settings).model_fields[name]
     annotation = field.annotation
     args = [a for a in get_args(annotation) if a is not type(None)]
     optional = type(None) in get_args(annotation)
@@ -482,22 +466,24 @@ def _range_text(field: FieldInfo) -> str:
     return text + (f", a multiple of {multiple}" if multiple else "")
 
 
-def _error_lines(exc: ValidationError, overrides: Mapping[str, Any], env_given: set[str], source: str) -> list[str]:
+def _error_lines(
+    exc: ValidationError, overrides: Mapping[str, Any], env_values: Mapping[str, str], source: str, settings_cls
+) -> list[str]:
     lines = []
     for err in exc.errors():
         name = str(err["loc"][0]) if err["loc"] else "?"
-        if name not in Settings.model_fields:
+        if name not in settings_cls.model_fields:
             lines.append(f"{name}: {err['msg']}")
             continue
         value = err.get("input")
         if name in overrides:
             label = f"{flag_name(name)} {value}" if source == "cli" else f"{name}={value!r}"
-        elif name in env_given:
-            label = f"{env_name(name)}={os.environ.get(env_name(name), value)}"
+        elif name in env_values:
+            label = f"{env_name(name)}={env_values[name]}"
         else:
             label = f"{name}={value!r} (from preset)"
         custom = err["msg"].removeprefix("Value error, ") if err["type"] == "value_error" else None
-        lines.append(f"{label}: {custom}" if custom else f"{label}: allowed {allowed(name)}")
+        lines.append(f"{label}: {custom}" if custom else f"{label}: allowed {allowed(name, settings_cls)}")
     return lines
 
 

@@ -180,36 +180,20 @@ class JobQueue:
             live.preview = event.preview()
         elif isinstance(event, SectionDone):
             self.store.progress(job.id, event.section, event.sections, event.frames)
-            live.cache_timeline.append(_section_cache_rates(Path(job.video)))
+            live.cache_timeline.append(event.cache_hit_rates())
         elif isinstance(event, Notice):
             live.notices.append(event.message)
 
 
-def _section_cache_rates(video: Path) -> dict[str, float]:
-    """The step caches' hit rate in the section just finished, from the sidecar the generator wrote."""
-    from framepack_turbo.pipeline.video import sidecar_path
-
-    try:
-        caches = json.loads(sidecar_path(video).read_text()).get("caches", {})
-    except (OSError, json.JSONDecodeError):
-        return {}
-    rates = {}
-    for name, record in caches.items():
-        sections = record.get("sections") or []
-        if sections:
-            s = sections[-1]
-            total = s.get("hit", 0) + s.get("miss", 0) + s.get("forced", 0)
-            rates[name] = s.get("hit", 0) / total if total else 0.0
-    return rates
-
-
 class GenerationRunner:
-    """Runs a job with FramePack; the models load on the first job (never at import) and are kept while
-    the next job's settings ask for the same ones."""
+    """Runs a job with FramePack; the models load on the first job (never at import) and are kept for the
+    next job when its settings differ only in runtime passes (a step cache on or off, another threshold,
+    the encoder cache) or per-job values: those passes come off and go on over the loaded models."""
 
     def __init__(self, base: dict[str, Any]) -> None:
         self.base = dict(base)  # the server's settings (flags it was started with)
-        self._loaded: tuple[str, Any] | None = None
+        self._loaded: Any = None
+        self.loads = 0  # how many times models were loaded (the page and the tests read it)
 
     def settings_for(self, job_settings: dict[str, Any]):
         from framepack_turbo.settings import Settings
@@ -219,11 +203,13 @@ class GenerationRunner:
     def _framepack(self, job_settings: dict[str, Any]):
         from framepack_turbo.api import FramePack
 
-        key = json.dumps({**self.base, **job_settings}, sort_keys=True, default=str)
-        if self._loaded is None or self._loaded[0] != key:
-            self._loaded = None  # drop the old models before loading new ones
-            self._loaded = (key, FramePack.load(settings=self.settings_for(job_settings)))
-        return self._loaded[1]
+        settings = self.settings_for(job_settings)
+        if self._loaded is not None and self._loaded.reconfigure(settings):
+            return self._loaded
+        self._loaded = None  # drop the old models before loading new ones
+        self._loaded = FramePack.load(settings=settings)
+        self.loads += 1
+        return self._loaded
 
     def __call__(self, job: Job, cancel: CancelToken, on_event: Callable[[Any], None]) -> None:
         # Called only from the queue's one worker: one job at a time needs no lock here.

@@ -65,11 +65,6 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "tensorrt": {"enable_tensorrt": True, "trt_transformer": True},
 }
 
-# Configurations that lose information by design; the report labels them.
-LOSSY_SETTINGS = ("enable_quant", "enable_fp8", "use_bnb", "enable_prune", "enable_fbcache", "enable_teacache",
-                  "enable_sim_cache", "enable_kv_cache", "enforce_low_precision")  # fmt: skip
-
-
 @dataclass(frozen=True)
 class BenchConfig:
     name: str
@@ -77,7 +72,13 @@ class BenchConfig:
 
     @property
     def lossy(self) -> bool:
-        return any(self.settings.get(k) for k in LOSSY_SETTINGS)
+        """Whether it turns on a pass that loses information by design (the registry says which); the
+        report labels it. A row that ran says so from its plan instead (a skipped lossy pass costs nothing)."""
+        from framepack_turbo.optim import registry
+        from framepack_turbo.settings import Settings
+
+        settings = Settings.load(self.settings, source="cli", environ={})
+        return any(p.lossy and p.wanted(settings) for p in registry.passes())
 
 
 def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -116,7 +117,7 @@ def resolve(names: list[str], presets: list[str] = (), extra: dict[str, dict[str
         if unknown:
             raise InputError(f"configuration {spec}: unknown setting(s) {', '.join(sorted(unknown))}")
         try:
-            Settings.load(merged, source="cli")
+            Settings.load(merged, source="cli", environ={})
         except SettingsError as exc:
             raise InputError(f"configuration {spec}: {exc}") from None
         if spec not in [c.name for c in configs]:

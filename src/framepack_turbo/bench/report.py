@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from framepack_turbo.pipeline.video import atomic_path
+from framepack_turbo.files import atomic_path
 
 
 def _fmt_range(r: dict[str, float] | None, digits: int = 4) -> str:

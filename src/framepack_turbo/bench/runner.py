@@ -64,6 +64,13 @@ class ConfigRun:
     plan: list[dict[str, str]] = field(default_factory=list)
 
 
+def _lossy(run: ConfigRun) -> bool:
+    """From the plan the row ran with (active lossy passes), else from its settings."""
+    if run.plan:
+        return any(p.get("lossy") and p["status"] == "active" for p in run.plan)
+    return run.config.lossy
+
+
 def make_test_image(path: Path, width: int = 768, height: int = 576) -> Path:
     """The bench's start image: smooth gradients, hard edges and fine texture, so every codec and
     metric has something to measure. Deterministic."""
@@ -262,7 +269,7 @@ def _summarise(spec: BenchSpec, runs: dict[str, ConfigRun]) -> dict[str, Any]:
     base_outputs = [_load(x["outputs"]) for x in baseline.runs if "outputs" in x]
     rows, kept = [], {}
     for name, r in runs.items():
-        row: dict[str, Any] = {"config": name, "settings": _plain(r.config.settings), "lossy": r.config.lossy,
+        row: dict[str, Any] = {"config": name, "settings": _plain(r.config.settings), "lossy": _lossy(r),
                                "status": r.status, "reason": r.reason, "load_s": r.load_s, "plan": r.plan}  # fmt: skip
         samples = timed[name]
         if samples:

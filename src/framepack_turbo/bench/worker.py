@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ENV_PREFIX = "FRAMEPACK_"
+from framepack_turbo.constants import FPS
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,13 @@ def prepare(job: WorkerJob) -> tuple[Any, dict[str, Any]]:
     from framepack_turbo.optim.plan import make_plan
     from framepack_turbo.settings import Settings
 
-    settings = Settings.load(job.settings, source="cli")
-    report = compat.check(settings, Hardware.detect())
+    settings = Settings.load(job.settings, source="cli", environ={})  # configurations say everything
+    hardware = Hardware.detect()
+    report = compat.check(settings, hardware)
     if report.has_critical:
         return None, {"status": "failed", "reason": "; ".join(f"{f.id}: {f.message}" for f in report.critical)}
-    plan = make_plan(settings, report)
-    missing = [p for p in plan.passes if p.status in ("skipped", "not built")]
+    plan = make_plan(settings, report, hardware)
+    missing = [p for p in plan.passes if p.status == "skipped"]
     if missing:
         # Running it would time the baseline under another name.
         reason = "; ".join(f"{p.title} {p.status}: {p.reason}" for p in missing)
@@ -64,7 +65,7 @@ def prepare(job: WorkerJob) -> tuple[Any, dict[str, Any]]:
 
 
 def _graph_count(fp) -> int:
-    if not fp.bundle.compile_states:
+    if fp.extension("compile") is None:
         return 0
     from framepack_turbo.optim.compile import compiled_graph_count
 
@@ -99,7 +100,7 @@ def run_once(fp, job: WorkerJob, index: int, keep: bool) -> dict[str, Any]:
         "index": index,
         "timings": result.sidecar["timings"],
         "frames": int(result.frames.shape[0]),
-        "video_seconds": result.frames.shape[0] / 30.0,
+        "video_seconds": result.frames.shape[0] / FPS,
         "peak_host_gb": _peak_host_gb(),
     }
     if job.track:
@@ -109,7 +110,7 @@ def run_once(fp, job: WorkerJob, index: int, keep: bool) -> dict[str, Any]:
     caches = result.sidecar.get("caches", {})
     if caches:
         record["caches"] = {name: {k: c[k] for k in ("hit", "miss", "forced", "hit_rate") if k in c} for name, c in caches.items()}
-    if fp.bundle.compile_states:
+    if fp.extension("compile") is not None:
         record["compiled_graphs"] = _graph_count(fp) - graphs_before  # 0 once warm: no recompilation
     if cuda:
         record["peak_gpu_alloc_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -130,9 +131,6 @@ def run_once(fp, job: WorkerJob, index: int, keep: bool) -> dict[str, Any]:
 
 def main(conn, job: WorkerJob) -> None:
     """Process entry point (spawned). Never raises: every failure becomes a message."""
-    # Configurations say everything: variables from the user's shell must not turn passes on here.
-    for key in [k for k in os.environ if k.upper().startswith(ENV_PREFIX)]:
-        del os.environ[key]
     os.chdir(job.out_dir)  # relative artifact paths (JIT_ARTIFACT, OPTIMIZED_TRANSFORMER) stay in the bench's folder
     from framepack_turbo.errors import FramePackError
     from framepack_turbo.logs import quiet_libraries

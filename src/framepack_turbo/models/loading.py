@@ -33,7 +33,8 @@ MODULES = ("transformer", "vae", "text_encoder", "text_encoder_2", "image_encode
 
 @dataclass
 class ModelBundle:
-    """Owns every model of one pipeline. Nothing else holds them; passes modify them in place."""
+    """Owns every model of one pipeline, and nothing else: passes modify the models in place, and what they
+    keep while jobs run is their extension (optim/base.py), which the API hands to the generator."""
 
     transformer: Any
     vae: Any
@@ -47,11 +48,6 @@ class ModelBundle:
     source: str  # human-readable origin, for the sidecar
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     load_seconds: float = 0.0
-    compile_states: dict[str, Any] = field(default_factory=dict)  # set by the compile pass
-    step_caches: list[Any] = field(default_factory=list)  # controllers of the step caches' hooks (optim/stepcache.py)
-    encoder_cache: Any = None  # the module cache (optim/modulecache.py), when on
-    engines: list[Any] = field(default_factory=list)  # ONNX / TensorRT runners standing in for modules (their stats)
-    placer: Any = None  # memory placement (optim/offload.py): moves models around their use, steps down on OOM
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {name: getattr(self, name) for name in MODULES if getattr(self, name) is not None}
@@ -191,7 +187,7 @@ READ_CHUNK = 16 << 20
 
 def parallel_plan(settings, plan) -> ParallelLoading:
     """The loading the plan allows: serial unless the `loading.parallel` pass is active."""
-    if not any(p.name == "loading.parallel" for p in plan.active()):
+    if not plan.is_active("loading.parallel"):
         return ParallelLoading()
     return ParallelLoading(settings.parallel_loaders, settings.preload_repos, settings.force_parallel_loaders)
 
@@ -369,6 +365,18 @@ def transformer_identity(preset: str, model_dir: str | None = None, local_files_
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
     config_sha = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
     return {"preset": spec.name, "source": source, "revision": revision, "config_sha256": config_sha}
+
+
+def weights_fingerprint(module: torch.nn.Module, sample: int = 4096) -> str:
+    """A short hash of sampled weights (the first, middle and last parameter): other weights, another
+    fingerprint, without reading gigabytes. Keys the encoder output cache and the ONNX exports."""
+    import hashlib
+
+    params = list(module.parameters())
+    digest = hashlib.sha256()
+    for p in (params[0], params[len(params) // 2], params[-1]) if params else ():
+        digest.update(p.detach().flatten()[:sample].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def realign_cpu_tensors(module: torch.nn.Module, alignment: int = 64) -> None:

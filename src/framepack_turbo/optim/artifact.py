@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from framepack_turbo.files import atomic_path
 from framepack_turbo.hardware import library_versions
+from framepack_turbo.optim import registry
 from framepack_turbo.optim.backends import torchao_quantization
 from framepack_turbo.optim.precision import FROM_ARTIFACT_ATTR
-from framepack_turbo.pipeline.video import atomic_path
 
 if TYPE_CHECKING:
     from framepack_turbo.models.loading import ModelBundle
@@ -39,11 +40,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "framepack-turbo-optimized-transformer"
 VERSION = 1
-# The settings that change the saved weights. Anything else (caches, compile, attention) does not.
-SHAPING_SETTINGS = (
-    "enforce_low_precision", "enable_prune", "prune_dual_ratio", "prune_single_ratio", "enable_quant", "quant_bits",
-    "quant_int8_mode", "quant_group_size", "enable_fp8", "fp8_target_keys", "fp8_exclude_keys", "fp8_use_scaled_mm",
-)  # fmt: skip
 VERSION_KEYS = ("torch", "diffusers", "torchao")
 
 
@@ -67,11 +63,19 @@ def _canonical_sha(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def shaping_settings(settings: Settings, device: torch.device) -> dict[str, Any]:
-    values = {k: getattr(settings, k) for k in SHAPING_SETTINGS}
+def shaping_settings(settings: Settings, device_kind: str) -> dict[str, Any]:
+    """The artifact's key: the settings of the passes whose effect it stores (registry: shapes_weights).
+    Anything else (caches, compile, attention) does not change the saved weights."""
+    values = {k: getattr(settings, k) for k in registry.shaping_settings()}
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-    values["device_kind"] = device.type  # kernels and packing differ between CPU and CUDA
+    values["device_kind"] = device_kind  # kernels and packing differ between CPU and CUDA
     return values
+
+
+def stored_passes() -> frozenset[str]:
+    """The passes a loaded artifact makes unnecessary: weight passes that change the transformer alone.
+    (Low precision also casts the encoders, so it still runs and leaves a cached transformer alone.)"""
+    return frozenset(p.name for p in registry.passes() if p.shapes_weights and p.components == ("transformer",))
 
 
 def _versions() -> dict[str, str]:
@@ -109,7 +113,7 @@ def save(bundle: ModelBundle, settings: Settings, path: Path, source_identity: d
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-    settings_values = shaping_settings(settings, bundle.device)
+    settings_values = shaping_settings(settings, bundle.device.type)
     manifest = {
         "format": FORMAT,
         "version": VERSION,

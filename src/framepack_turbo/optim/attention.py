@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import Extension, PassContext, PassReport
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -34,6 +34,16 @@ AGGRESSIVE_ORDER: tuple[tuple[str, str], ...] = (
     ("xformers", "xformers"),
 )
 STANDARD, MATH = "native", "_native_math"
+
+
+class AttentionBackend(Extension):
+    """Puts the default backend back when the pass comes off a loaded bundle."""
+
+    def __init__(self, transformer) -> None:
+        self.transformer = transformer
+
+    def remove(self) -> None:
+        self.transformer.reset_attention_backend()
 
 
 @dataclass(frozen=True)
@@ -63,14 +73,14 @@ def attention_backends(transformer) -> set[str]:
 class AttentionPass:
     name = "attention"
 
-    def config(self, settings: Settings) -> AttentionConfig | None:
-        return AttentionConfig(settings.xformers_mode) if settings.xformers_mode != "standard" else None
+    def config(self, settings: Settings) -> AttentionConfig:
+        return AttentionConfig(settings.xformers_mode)
 
-    def apply(self, bundle: ModelBundle, config: AttentionConfig, hardware: Hardware) -> PassReport:
-        backend, why = choose_backend(config.mode, hardware)
+    def apply(self, bundle: ModelBundle, config: AttentionConfig, context: PassContext) -> PassReport:
+        backend, why = choose_backend(config.mode, context.hardware)
         from framepack_turbo.logs import quiet_logger
 
         with quiet_logger("diffusers.models.modeling_utils"):  # "experimental feature" notice on every call
             bundle.transformer.set_attention_backend(backend)
         log.info("Transformer attention: %s (%s)", backend, why)
-        return PassReport(self.name, "applied", f"{backend}: {why}", {"backend": backend})
+        return PassReport(self.name, "applied", f"{backend}: {why}", {"backend": backend}, AttentionBackend(bundle.transformer))

@@ -5,8 +5,8 @@ arguments (`quantization_config`, `device_map`) to `from_pretrained` through the
 configs: diffusers' BitsAndBytesConfig for the transformer, transformers' for LLaMA and CLIP. After
 loading, `apply` checks that the modules really are quantized and reports it.
 
-Its kernels need CUDA (compat rule `bnb-needs-cuda` skips it elsewhere) and weights on disk: the
-random presets have none, so there it is skipped with that reason.
+Its kernels need CUDA (compat rule `bnb-needs-cuda` skips it elsewhere) and weights on disk (rule
+`bnb-needs-weights` skips it for the random presets, which have none).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassContext, PassReport
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -54,7 +53,7 @@ def quantization_config(config: BnbConfig, component: str, compute_dtype: torch.
     return BitsAndBytesConfig(**kwargs)
 
 
-def loading_kwargs(config: BnbConfig, component: str) -> dict[str, Any]:
+def component_kwargs(config: BnbConfig, component: str) -> dict[str, Any]:
     """Extra `from_pretrained` arguments for `component` (none for the components bnb leaves alone)."""
     if component not in BNB_COMPONENTS:
         return {}
@@ -73,15 +72,14 @@ def is_quantized(module: torch.nn.Module) -> bool:
 class BnbPass:
     name = "loading.bnb"
 
-    def config(self, settings: Settings) -> BnbConfig | None:
-        if not settings.use_bnb:
-            return None
+    def config(self, settings: Settings) -> BnbConfig:
         return BnbConfig(settings.bnb_load_in_4bit, settings.bnb_cpu_offload, settings.bnb_device_map, settings.bnb_double_quant)
 
-    def apply(self, bundle: ModelBundle, config: BnbConfig, hardware: Hardware) -> PassReport:
-        if bundle.preset.is_random:
-            return PassReport(self.name, "skipped", "bitsandbytes quantizes while loading weights from disk; "
-                                                    "random presets have none (save one and use --model-dir)")  # fmt: skip
+    def loading_kwargs(self, config: BnbConfig) -> dict[str, dict[str, Any]]:
+        """Extra `from_pretrained` arguments per component (load_bundle passes them on)."""
+        return {name: kwargs for name in BNB_COMPONENTS if (kwargs := component_kwargs(config, name))}
+
+    def apply(self, bundle: ModelBundle, config: BnbConfig, context: PassContext) -> PassReport:
         done = [name for name in BNB_COMPONENTS if is_quantized(getattr(bundle, name))]
         missing = [name for name in BNB_COMPONENTS if name not in done]
         bits = 4 if config.load_in_4bit else 8

@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import Extension, PassContext, PassReport
 from framepack_turbo.optim.select import block_stacks
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -43,6 +42,18 @@ def _is_compiler_failure(exc: BaseException) -> bool:
     if base is not None and isinstance(exc, base):
         return True
     return any(text in str(exc) for text in KNOWN_COMPILER_FAILURE_TEXT)
+
+
+class CompiledModules(Extension):
+    """Which modules were compiled and which fell back to eager (read by the bench and its report)."""
+
+    name = "compile"
+
+    def __init__(self, states: dict[str, _Fallback]) -> None:
+        self.states = states
+
+    def record(self) -> dict[str, Any]:
+        return {name: {"failed": s.failed, "reason": s.reason, **s.calls} for name, s in self.states.items()}
 
 
 @dataclass
@@ -91,12 +102,10 @@ def compiled_graph_count() -> int:
 class CompilePass:
     name = "compile"
 
-    def config(self, settings: Settings) -> CompileConfig | None:
-        if not settings.enable_compile:
-            return None
+    def config(self, settings: Settings) -> CompileConfig:
         return CompileConfig(settings.compile_mode, settings.compile_scope)
 
-    def apply(self, bundle: ModelBundle, config: CompileConfig, hardware: Hardware) -> PassReport:
+    def apply(self, bundle: ModelBundle, config: CompileConfig, context: PassContext) -> PassReport:
         transformer = bundle.transformer
         states: dict[str, _Fallback] = {}
         if config.scope == "model":
@@ -105,7 +114,6 @@ class CompilePass:
             for stack in block_stacks(transformer):
                 for i, block in enumerate(getattr(transformer, stack)):
                     states[f"{stack}.{i}"] = guarded_compile(block, config.mode, f"{stack}.{i}")
-        bundle.compile_states = states  # read by bench/doctor: which modules fell back
         log.info("torch.compile enabled for transformer")
         detail = f"{config.scope} ({len(states)} modules), mode {config.mode}"
-        return PassReport(self.name, "applied", detail, {"modules": len(states)})
+        return PassReport(self.name, "applied", detail, {"modules": len(states)}, CompiledModules(states))

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassContext, PassReport
 
 if TYPE_CHECKING:
     from framepack_turbo.hardware import Hardware
@@ -45,17 +45,15 @@ def resolve(implementation: str, hardware: Hardware) -> str:
 class EncoderAttentionPass:
     name = "encoder_attention"
 
-    def config(self, settings: Settings) -> EncoderAttentionConfig | None:
+    def config(self, settings: Settings) -> EncoderAttentionConfig:
         if settings.encoder_attn_implementation != "default":
             return EncoderAttentionConfig(settings.encoder_attn_implementation, warn=settings.enable_bettertransformer)
-        if settings.enable_bettertransformer:
-            return EncoderAttentionConfig("auto")
-        return None
+        return EncoderAttentionConfig("auto")
 
-    def apply(self, bundle: ModelBundle, config: EncoderAttentionConfig, hardware: Hardware) -> PassReport:
+    def apply(self, bundle: ModelBundle, config: EncoderAttentionConfig, context: PassContext) -> PassReport:
         if config.warn:
             log.warning(SPEC_WARNING)
-        implementation = resolve(config.implementation, hardware)
+        implementation = resolve(config.implementation, context.hardware)
         changes = []
         for name, label in ENCODERS.items():
             model = getattr(bundle, name)

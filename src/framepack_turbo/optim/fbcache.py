@@ -21,11 +21,10 @@ import torch
 from diffusers.hooks.first_block_cache import FBCHeadBlockHook, FBCSharedBlockState
 from diffusers.hooks.hooks import StateManager
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassContext, PassReport
 from framepack_turbo.optim.stepcache import HookedCache, blocks, hook_whole_stack, is_boundary_step, relative_l1
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -88,6 +87,7 @@ class StepAwareHeadHook(FBCHeadBlockHook):
 
 class FirstBlockCache(HookedCache):
     name = "fbcache"
+    hooks = (HEAD_HOOK, BLOCK_HOOK)
 
 
 def apply_first_block_cache(transformer: torch.nn.Module, config: FirstBlockCacheConfig) -> FirstBlockCache:
@@ -101,15 +101,13 @@ def apply_first_block_cache(transformer: torch.nn.Module, config: FirstBlockCach
 class FirstBlockCachePass:
     name = "fbcache"
 
-    def config(self, settings: Settings) -> FirstBlockCacheConfig | None:
-        if not settings.enable_fbcache:
-            return None
+    def config(self, settings: Settings) -> FirstBlockCacheConfig:
         return FirstBlockCacheConfig(settings.fbcache_threshold, settings.fbcache_max_skip, settings.fbcache_verbose)
 
-    def apply(self, bundle: ModelBundle, config: FirstBlockCacheConfig, hardware: Hardware) -> PassReport:
-        bundle.step_caches.append(apply_first_block_cache(bundle.transformer, config))
-        return PassReport(
-            self.name, "applied",
+    def apply(self, bundle: ModelBundle, config: FirstBlockCacheConfig, context: PassContext) -> PassReport:
+        cache = apply_first_block_cache(bundle.transformer, config)
+        detail = (
             f"threshold {config.threshold}, at most {config.max_consecutive_skips} reuses in a row, "
-            f"{len(blocks(bundle.transformer))} blocks hooked",
-        )  # fmt: skip
+            f"{len(blocks(bundle.transformer))} blocks hooked"
+        )
+        return PassReport(self.name, "applied", detail, extension=cache)

@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from framepack_turbo.compat import FP8_COMPUTE_CAPABILITY
+from framepack_turbo.constants import FP8_COMPUTE_CAPABILITY
 from framepack_turbo.optim.backends import torchao_quantization
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassContext, PassReport
 from framepack_turbo.optim.select import DEFAULT_EXCLUDE, LinearFilter, block_stacks, selected, weight_bytes
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -54,12 +53,10 @@ def fp8_filter(transformer: torch.nn.Module, config: Fp8Config) -> LinearFilter:
 class Fp8Pass:
     name = "fp8"
 
-    def config(self, settings: Settings) -> Fp8Config | None:
-        if not settings.enable_fp8:
-            return None
+    def config(self, settings: Settings) -> Fp8Config:
         return Fp8Config(settings.fp8_target_keys, settings.fp8_exclude_keys, settings.fp8_use_scaled_mm)
 
-    def apply(self, bundle: ModelBundle, config: Fp8Config, hardware: Hardware) -> PassReport:
+    def apply(self, bundle: ModelBundle, config: Fp8Config, context: PassContext) -> PassReport:
         transformer = bundle.transformer
         keep = fp8_filter(transformer, config)
         names = selected(transformer, keep)
@@ -68,7 +65,7 @@ class Fp8Pass:
         compute = (
             config.scaled_mm
             and bundle.device.type == "cuda"
-            and hardware.capability_at_least(*FP8_COMPUTE_CAPABILITY)
+            and context.hardware.capability_at_least(*FP8_COMPUTE_CAPABILITY)
         )
         if compute:
             from torchao.quantization.granularity import PerRow

@@ -26,10 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from framepack_turbo.errors import FramePackError
-from framepack_turbo.optim.base import PassReport, StandIn
+from framepack_turbo.optim.base import PassContext, PassReport, StandIn
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -122,7 +121,7 @@ class TracedTransformer(StandIn):
 
 
 def save_trace(traced: torch.jit.ScriptModule, sig: Signature, path: Path) -> None:
-    from framepack_turbo.pipeline.video import atomic_path
+    from framepack_turbo.files import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -139,13 +138,11 @@ def _describe(sig: Signature) -> str:
 class JitPass:
     name = "jit"
 
-    def config(self, settings: Settings) -> JitConfig | None:
-        if settings.jit_mode == "off":
-            return None
+    def config(self, settings: Settings) -> JitConfig:
         save = settings.jit_save or (settings.jit_artifact if settings.jit_load is None else None)
         return JitConfig(settings.jit_mode, save, settings.jit_load, settings.jit_strict)
 
-    def apply(self, bundle: ModelBundle, config: JitConfig, hardware: Hardware) -> PassReport:
+    def apply(self, bundle: ModelBundle, config: JitConfig, context: PassContext) -> PassReport:
         note = ""
         if config.mode == "script":
             try:

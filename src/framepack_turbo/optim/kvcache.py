@@ -31,11 +31,10 @@ from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassContext, PassReport
 from framepack_turbo.optim.stepcache import HookedCache, blocks, is_boundary_step, register_hook, step_position
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -88,6 +87,7 @@ class ContextKVAttnProcessor:
         self.layer = layer
         self.state_manager = state_manager
         self.controller = controller
+        self.previous = previous  # put back when the cache comes off
         # keep the backend the attention pass chose
         self._attention_backend = getattr(previous, "_attention_backend", None)
         self._parallel_config = getattr(previous, "_parallel_config", None)
@@ -268,10 +268,18 @@ def _set_rope(args: list, kwargs: dict, rope) -> None:
 
 class ContextKVCache(HookedCache):
     name = "kvcache"
+    hooks = (TRANSFORMER_HOOK, BLOCK_HOOK)
 
     def __init__(self, transformer: torch.nn.Module, config: ContextKVCacheConfig) -> None:
         super().__init__(transformer, config.verbose)
         self.config = config
+
+    def remove(self) -> None:
+        super().remove()
+        for _, block in blocks(self.transformer):  # the attention processors it wrapped go back
+            processor = block.attn.processor
+            if isinstance(processor, ContextKVAttnProcessor):
+                block.attn.set_processor(processor.previous)
 
     def too_long(self, tokens: int) -> None:
         self.counters.add("over_len")
@@ -298,15 +306,13 @@ def apply_context_kv_cache(transformer: torch.nn.Module, config: ContextKVCacheC
 class ContextKVCachePass:
     name = "kvcache"
 
-    def config(self, settings: Settings) -> ContextKVCacheConfig | None:
-        if not settings.enable_kv_cache:
-            return None
+    def config(self, settings: Settings) -> ContextKVCacheConfig:
         return ContextKVCacheConfig(settings.kv_cache_refresh, settings.kv_cache_len, settings.kv_cache_verbose)
 
-    def apply(self, bundle: ModelBundle, config: ContextKVCacheConfig, hardware: Hardware) -> PassReport:
-        bundle.step_caches.append(apply_context_kv_cache(bundle.transformer, config))
-        return PassReport(
-            self.name, "applied",
+    def apply(self, bundle: ModelBundle, config: ContextKVCacheConfig, context: PassContext) -> PassReport:
+        cache = apply_context_kv_cache(bundle.transformer, config)
+        detail = (
             f"context K/V recomputed every {config.refresh} steps (and on each section's first and last), "
-            f"up to {config.max_tokens} context tokens",
-        )  # fmt: skip
+            f"up to {config.max_tokens} context tokens"
+        )
+        return PassReport(self.name, "applied", detail, extension=cache)

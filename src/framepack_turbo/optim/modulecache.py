@@ -34,11 +34,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import Extension, PassContext, PassReport, Scope
 from framepack_turbo.pipeline.encode import PromptEmbeddings
+from framepack_turbo.pipeline.record import hit_rate
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 FORMAT = "framepack-turbo-module-cache"
 VERSION = "1"
 SUBDIR = f"module_cache_v{VERSION}"
-FINGERPRINT_BYTES = 1 << 16  # of the first and last parameter: different weights, different identity
 
 
 @dataclass(frozen=True)
@@ -62,12 +61,10 @@ class ModuleCacheConfig:
 
 def module_identity(module: torch.nn.Module) -> dict[str, str]:
     """What makes two encoders give the same outputs for the same input."""
+    from framepack_turbo.models.loading import weights_fingerprint
+
     config = getattr(module, "config", None)
     params = list(module.parameters())
-    digest = hashlib.sha256()
-    for p in (params[0], params[-1]) if params else ():
-        raw = p.detach().flatten()[: FINGERPRINT_BYTES // max(p.element_size(), 1)]
-        digest.update(raw.float().cpu().numpy().tobytes())
     return {
         "class": type(module).__name__,
         "source": str(getattr(config, "_name_or_path", "")),
@@ -76,7 +73,7 @@ def module_identity(module: torch.nn.Module) -> dict[str, str]:
         "device": params[0].device.type if params else "",
         "attention": str(getattr(config, "_attn_implementation", "")),
         "quantization": str(getattr(config, "quantization_config", "") or ""),
-        "weights": digest.hexdigest()[:16],
+        "weights": weights_fingerprint(module),
     }
 
 
@@ -92,16 +89,40 @@ def _key(kind: str, identity: dict[str, Any], payload: bytes) -> str:
     return hashlib.sha256(head.encode() + b"\0" + payload).hexdigest()
 
 
-class EncoderCache:
+class EncoderCache(Extension):
+    """The pass's extension: answers the generator's "prompt" and "image" lookups; counts per job."""
+
+    name = "modulecache"
+    kind = "job_cache"
+
     def __init__(self, config: ModuleCacheConfig, text_identity: dict[str, Any], image_identity: dict[str, Any]):
         self.config = config
         self.text_identity = text_identity
         self.image_identity = image_identity
         self.memory: OrderedDict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = OrderedDict()
         self.memory_bytes = 0
-        self.stats: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
 
-    # ---- the two entry points the generator calls ----------------------------------------------
+    # ---- the extension ------------------------------------------------------------------------
+
+    def lookup(self, kind: str, key: Any, compute: Callable[[], Any]) -> Any:
+        if kind == "prompt":
+            return self.prompt(key, compute)
+        if kind == "image":
+            return self.image(key, compute)
+        return compute()
+
+    def reset(self, scope: Scope) -> None:
+        if scope == "job":
+            self.counts = {}
+
+    def stats(self) -> dict[str, Any]:
+        """Hits and misses since the job started, by kind."""
+        hits = sum(v for k, v in self.counts.items() if k.endswith("_hit"))
+        misses = sum(v for k, v in self.counts.items() if k.endswith("_miss"))
+        return {**self.counts, "hit": hits, "miss": misses, "hit_rate": hit_rate({"hit": hits, "miss": misses})}
+
+    # ---- the two lookups ----------------------------------------------------------------------
 
     def prompt(self, prompt: str, compute: Callable[[], PromptEmbeddings]) -> PromptEmbeddings:
         text = loose_text(prompt) if self.config.loose_match else prompt
@@ -128,17 +149,10 @@ class EncoderCache:
         self._put(key, "image", {"image_embeds": value}, {})
         return value
 
-    def take_stats(self) -> dict[str, Any]:
-        """Hits and misses since the last call (one job), by kind."""
-        stats, self.stats = self.stats, {}
-        hits = sum(v for k, v in stats.items() if k.endswith("_hit"))
-        misses = sum(v for k, v in stats.items() if k.endswith("_miss"))
-        return {**stats, "hit": hits, "miss": misses, "hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0}
-
     # ---- storage ------------------------------------------------------------------------------
 
     def _count(self, name: str) -> None:
-        self.stats[name] = self.stats.get(name, 0) + 1
+        self.counts[name] = self.counts.get(name, 0) + 1
 
     def _path(self, key: str) -> Path:
         return self.config.directory / SUBDIR / key[:2] / f"{key}.safetensors"
@@ -183,7 +197,7 @@ class EncoderCache:
                 _, (old, _) = self.memory.popitem(last=False)
                 self.memory_bytes -= _nbytes(old)
             return
-        from framepack_turbo.pipeline.video import atomic_path
+        from framepack_turbo.files import atomic_path
 
         path = self._path(key)
         try:
@@ -213,16 +227,14 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 class ModuleCachePass:
     name = "modulecache"
 
-    def config(self, settings: Settings) -> ModuleCacheConfig | None:
-        if not settings.enable_module_cache:
-            return None
+    def config(self, settings: Settings) -> ModuleCacheConfig:
         directory = Path(settings.runtime_cache_dir) if settings.runtime_cache else None
         return ModuleCacheConfig(directory, settings.module_cache_max_mb << 20, settings.module_cache_loose_match)
 
-    def apply(self, bundle: ModelBundle, config: ModuleCacheConfig, hardware: Hardware) -> PassReport:
+    def apply(self, bundle: ModelBundle, config: ModuleCacheConfig, context: PassContext) -> PassReport:
         text = {"llama": module_identity(bundle.text_encoder), "clip": module_identity(bundle.text_encoder_2)}
         image = {"siglip": module_identity(bundle.image_encoder), "size": str(getattr(bundle.feature_extractor, "size", ""))}
-        bundle.encoder_cache = EncoderCache(config, text, image)
+        cache = EncoderCache(config, text, image)
         if config.loose_match:
             log.warning(
                 "Module cache loose matching is on: a prompt that differs only in case, spacing or punctuation "
@@ -230,4 +242,4 @@ class ModuleCachePass:
             )
         where = f"{config.directory / SUBDIR}" if config.directory is not None else "memory (RUNTIME_CACHE=0)"
         match = "loose" if config.loose_match else "exact"
-        return PassReport(self.name, "applied", f"{match} match, up to {config.max_bytes >> 20} MB in {where}")
+        return PassReport(self.name, "applied", f"{match} match, up to {config.max_bytes >> 20} MB in {where}", extension=cache)

@@ -1,22 +1,11 @@
-"""Memory placement: where the models live while a job runs (MEMORY_MODE, --use-memory-v2,
-GPU_MEMORY_PRESERVATION, HIGH_VRAM_THRESHOLD_GB).
+"""Memory placement: applying the decision placement.py made for this run, and changing it on out-of-memory.
 
-Modes, from most to least GPU memory:
-
-- `high-vram`: everything resident on the GPU (FramePack's choice above 60 GB free).
-- `v1`, FramePack's behaviour: models live on the host; the text encoders, the image encoder and
-  the VAE are moved to the GPU only while they run; as many transformer blocks as fit while
-  keeping `gpu_memory_preservation` GB free stay resident, the others are moved in on demand, one
-  block at a time (diffusers group offloading, no stream).
-- `v2`: every transformer block is streamed from pinned host memory with the next block prefetched
-  on a side CUDA stream (diffusers group offloading with `use_stream`, `record_stream`); encoders
-  and VAE as in v1. The least GPU memory; the copies overlap compute.
-- `cpu`: no CUDA device; everything stays where it is and placement is a no-op (logged).
-
-`auto` picks high-vram when free VRAM is above HIGH_VRAM_THRESHOLD_GB, else v1 (v2 with
---use-memory-v2). On an out-of-memory error the generator steps down one mode (high-vram -> v1 ->
-v2) and retries the section once. Free-memory readings are cached for `stats_ttl_s` so the
-per-component decisions of one stage do not each pay a device sync.
+The decision (mode and why) is made once, before loading, and carried by the plan; this pass applies
+exactly that one. Its extension moves the encoders and the VAE onto the GPU around their use in the
+offloading modes, and after an out-of-memory error steps the placement down one mode (high-vram ->
+v1 -> v2) and re-applies it, so the generator can retry the section; every change is in the
+extension's record (the sidecar's `placement`). Free-memory readings are cached for `STATS_TTL_S` seconds so
+the per-component decisions of one stage do not each pay a device sync.
 """
 
 from __future__ import annotations
@@ -24,65 +13,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
-from framepack_turbo.optim.base import PassReport
-from framepack_turbo.pipeline import vae as vae_module
+from framepack_turbo.optim.base import Extension, PassContext, PassReport
 from framepack_turbo.optim.select import block_stacks
+from framepack_turbo.pipeline.vae import is_out_of_memory
+from framepack_turbo.placement import STEP_DOWN, Placement, PlacementConfig, config_from
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["cpu", "high-vram", "v1", "v2"]
-STEP_DOWN: dict[str, str] = {"high-vram": "v1", "v1": "v2"}
 ON_DEMAND = ("text_encoder", "text_encoder_2", "image_encoder", "vae")  # moved in only while they run
 GROUP_OFFLOAD_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
-
-
-@dataclass(frozen=True)
-class PlacementConfig:
-    """`mode`: auto, high-vram, v1 or v2. `preserve_gb`: GB v1 keeps free on the GPU.
-    `high_vram_gb`: free VRAM above which auto keeps everything resident."""
-
-    mode: Literal["auto", "high-vram", "v1", "v2"] = "auto"
-    preserve_gb: float = 6.0
-    high_vram_gb: float = 60.0
-    stats_ttl_s: float = 0.5
-    vae_chunk: int | None = None  # latent frames per decode chunk; None: from free memory on CUDA
-    vae_reserve_gb: float = 2.0
-    vae_safety: float = 1.2
-    vae_upscale: int = 8
-
-
-@dataclass(frozen=True)
-class Placement:
-    mode: Mode
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"mode": self.mode, "reason": self.reason}
-
-
-def choose(config: PlacementConfig, cuda: bool, free_gb: float | None) -> Placement:
-    """The mode for this run, and why (shown by `framepack doctor` and recorded in the sidecar)."""
-    if not cuda:
-        return Placement("cpu", "no CUDA device: every model stays on the CPU, nothing is offloaded")
-    if config.mode != "auto":
-        return Placement(config.mode, f"set by the settings (MEMORY_MODE / --use-memory-v2): {config.mode}")
-    free = free_gb or 0.0
-    if free > config.high_vram_gb:
-        return Placement("high-vram", f"{free:.1f} GB free > HIGH_VRAM_THRESHOLD_GB {config.high_vram_gb:g}: all resident")
-    return Placement(
-        "v1", f"{free:.1f} GB free <= HIGH_VRAM_THRESHOLD_GB {config.high_vram_gb:g}: on-demand moves, "
-        f"{config.preserve_gb:g} GB kept free (FramePack's mode; --use-memory-v2 streams blocks instead)",
-    )  # fmt: skip
+STATS_TTL_S = 0.5
 
 
 class FreeMemory:
@@ -110,15 +58,18 @@ def module_gb(module: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
 
 
-class Placer:
+class Placer(Extension):
     """Applies a placement to a bundle, moves on-demand components around their use, steps down on OOM."""
+
+    name = "placement"
+    kind = "placement"
 
     def __init__(self, bundle: ModelBundle, config: PlacementConfig, placement: Placement) -> None:
         self.bundle = bundle
         self.config = config
         self.placement = placement
         self.gpu = bundle.device
-        self.free = FreeMemory(self.gpu, config.stats_ttl_s)
+        self.free = FreeMemory(self.gpu, STATS_TTL_S)
         self.history: list[dict[str, str]] = [placement.to_dict()]
 
     # ---- applying a mode ------------------------------------------------------------------------
@@ -194,10 +145,10 @@ class Placer:
     # ---- during a job ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def use(self, name: str):
+    def around(self, component: str, **where):
         """Around a component's work: in v1/v2 an encoder or the VAE is on the GPU only inside."""
-        module = getattr(self.bundle, name, None)
-        on_demand = self.placement.mode in ("v1", "v2") and name in ON_DEMAND and module is not None
+        module = getattr(self.bundle, component, None)
+        on_demand = self.placement.offloads and component in ON_DEMAND and module is not None
         if on_demand:
             module.to(self.gpu)
         try:
@@ -208,42 +159,11 @@ class Placer:
                 torch.cuda.empty_cache()
                 self.free.invalidate()
 
-    def vae_chunk(self, latents: torch.Tensor) -> int | None:
-        """Latent frames per decode chunk: the setting, else sized from free GPU memory; on the host
-        None (the VAE's own temporal tiles, what FramePack decodes with)."""
-        if self.config.vae_chunk is not None:
-            return self.config.vae_chunk
-        if self.gpu.type != "cuda":
+    def recover(self, error: BaseException) -> str | None:
+        """After an out-of-memory error: the next lower mode, applied (what changed, in words); None when
+        there is no lower mode, or the error is not out-of-memory."""
+        if not is_out_of_memory(error):
             return None
-        vae = self.bundle.vae
-        _, _, frames, height, width = latents.shape
-        chunk = vae_module.chunk_frames(
-            self.free.gb(), height, width, vae.config.block_out_channels[0], vae.dtype.itemsize,
-            self.config.vae_reserve_gb, self.config.vae_safety, self.config.vae_upscale,
-            vae.config.temporal_compression_ratio,
-        )  # fmt: skip
-        return min(chunk, frames)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode in temporal chunks; out of memory halves the chunk and retries, down to the minimum."""
-        with self.use("vae"):
-            chunk = self.vae_chunk(latents)
-            while True:
-                try:
-                    return vae_module.decode(latents, self.bundle.vae, chunk)
-                except Exception as exc:
-                    frames = latents.shape[2]
-                    current = chunk or frames
-                    if not is_out_of_memory(exc) or current <= vae_module.MIN_CHUNK:
-                        raise
-                    chunk = max(vae_module.MIN_CHUNK, current // 2)
-                    if self.gpu.type == "cuda":
-                        torch.cuda.empty_cache()
-                    self.free.invalidate()
-                    log.warning("Out of memory in VAE decode with %d-frame chunks: retrying with %d", current, chunk)
-
-    def step_down(self, error: BaseException) -> str | None:
-        """After an out-of-memory error: the next lower mode, applied; None when there is none."""
         lower = STEP_DOWN.get(self.placement.mode)
         if lower is None:
             return None
@@ -254,32 +174,14 @@ class Placer:
         detail = self.apply()
         self.history.append(self.placement.to_dict())
         log.warning("Out of memory in %s mode: stepped down to %s (%s); retrying the section", previous, lower, detail)
-        return lower
+        return f"stepped down to placement {lower}"
+
+    def record(self) -> dict:
+        return {"mode": self.placement.mode, "reason": self.placement.reason, "history": list(self.history)}
 
 
 def _short(error: BaseException) -> str:
     return str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def config_from(settings: Settings) -> PlacementConfig:
-    mode = "v2" if settings.use_memory_v2 and settings.memory_mode == "auto" else settings.memory_mode
-    return PlacementConfig(
-        mode, settings.gpu_memory_preservation, settings.high_vram_threshold_gb,
-        vae_chunk=settings.vae_chunk_size, vae_reserve_gb=settings.vae_chunk_reserve_gb,
-        vae_safety=settings.vae_chunk_safety, vae_upscale=settings.vae_upscale_factor,
-    )  # fmt: skip
-
-
-def decide(settings: Settings, hardware: Hardware, device: torch.device | None = None) -> Placement:
-    """The placement this run gets on this machine (no model needed: doctor calls it)."""
-    if device is None and settings.device:
-        device = torch.device(settings.device)
-    cuda = hardware.cuda and (device is None or device.type == "cuda")
-    return choose(config_from(settings), cuda, hardware.free_vram_gb)
 
 
 class PlacementPass:
@@ -288,10 +190,8 @@ class PlacementPass:
     def config(self, settings: Settings) -> PlacementConfig:
         return config_from(settings)
 
-    def apply(self, bundle: ModelBundle, config: PlacementConfig, hardware: Hardware) -> PassReport:
-        free = FreeMemory(bundle.device).gb(fresh=True) if bundle.device.type == "cuda" else None
-        placement = choose(config, bundle.device.type == "cuda", free)
+    def apply(self, bundle: ModelBundle, config: PlacementConfig, context: PassContext) -> PassReport:
+        placement = context.plan.placement  # decided once, before loading; applied as decided
         placer = Placer(bundle, config, placement)
         detail = placer.apply()
-        bundle.placer = placer
-        return PassReport(self.name, "applied", f"{placement.mode}: {placement.reason}; {detail}")
+        return PassReport(self.name, "applied", f"{placement.mode}: {placement.reason}; {detail}", extension=placer)

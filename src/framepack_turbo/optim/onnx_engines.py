@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from framepack_turbo.constants import LLAMA_HIDDEN_LAYER
 from framepack_turbo.errors import FramePackError
 from framepack_turbo.optim import onnx_export as ox
-from framepack_turbo.optim.base import PassReport, StandIn
+from framepack_turbo.optim.base import Extension, PassContext, PassReport, Scope, StandIn
 from framepack_turbo.optim.torch_trt import TensorRTModule
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -278,7 +278,7 @@ class OnnxLlama(OnnxStandIn):
         out = self._run(input_ids=input_ids, attention_mask=attention_mask)
         # Only the layer the pipeline reads was exported; the others are None so any other use fails loudly.
         layers = self.original.config.num_hidden_layers + 1
-        hidden = tuple(out if i == layers + ox.LLAMA_HIDDEN_LAYER else None for i in range(layers))
+        hidden = tuple(out if i == layers + LLAMA_HIDDEN_LAYER else None for i in range(layers))
         return BaseModelOutputWithPast(hidden_states=hidden)
 
 
@@ -337,12 +337,28 @@ def install(bundle: Any, component: str, config: OnnxConfig, providers: list[tup
     return runners
 
 
+class OnnxEngines(Extension):
+    """The runners standing in for the exported modules: which provider ran them and how often, per job."""
+
+    name = "onnx"
+    kind = "engine"
+
+    def __init__(self, runners: list[GraphRunner]) -> None:
+        self.runners = runners
+
+    def reset(self, scope: Scope) -> None:
+        if scope == "job":  # counts are per job, not per section
+            for runner in self.runners:
+                runner.reset()
+
+    def stats(self) -> dict[str, Any]:
+        return {r.module_name: r.stats() for r in self.runners}
+
+
 class OnnxPass:
     name = "onnx"
 
-    def config(self, settings: Settings) -> OnnxConfig | None:
-        if not (settings.use_onnx_engines or settings.onnx_trt_enable):
-            return None
+    def config(self, settings: Settings) -> OnnxConfig:
         return OnnxConfig(
             components=tuple(settings.onnx_components),
             export_dir=settings.onnx_dir,
@@ -356,7 +372,7 @@ class OnnxPass:
             max_cached_shapes=settings.trt_max_cached_shapes,
         )
 
-    def apply(self, bundle: ModelBundle, config: OnnxConfig, hardware: Hardware) -> PassReport:
+    def apply(self, bundle: ModelBundle, config: OnnxConfig, context: PassContext) -> PassReport:
         import onnxruntime
 
         cuda = bundle.device.type == "cuda"
@@ -364,6 +380,6 @@ class OnnxPass:
         runners = []
         for component in config.components:
             runners += install(bundle, component, config, providers)
-        bundle.engines.extend(runners)
         chain = " -> ".join(name.removesuffix("ExecutionProvider") for name, _ in providers)
-        return PassReport(self.name, "applied", f"{', '.join(config.components)} through onnxruntime ({chain})")
+        detail = f"{', '.join(config.components)} through onnxruntime ({chain})"
+        return PassReport(self.name, "applied", detail, extension=OnnxEngines(runners))

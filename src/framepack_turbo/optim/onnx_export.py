@@ -38,12 +38,13 @@ from typing import Any
 
 import torch
 
+from framepack_turbo.constants import LLAMA_HIDDEN_LAYER, ONNX_COMPONENTS
 from framepack_turbo.errors import FramePackError, InputError
 
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "framepack-turbo-onnx", 1
-COMPONENTS = ("transformer", "text-encoder", "image-encoder", "vae-decoder")
+COMPONENTS = ONNX_COMPONENTS
 # The bundle modules each component exports; "vae.decoder" is the VAE's decoder network, so diffusers'
 # own tiling (temporal and spatial) keeps running around it.
 COMPONENT_MODULES = {
@@ -54,7 +55,6 @@ COMPONENT_MODULES = {
 }
 # Largest relative error (max |onnx - eager| / max |eager|) accepted by the export check.
 CHECK_TOLERANCE = {"float32": 1e-3, "float16": 2e-2}
-LLAMA_HIDDEN_LAYER = -3  # the same layer pipeline/encode.py reads
 
 Shape = tuple[int | str, ...]  # an int, a dim name ("text") or a multiple of one ("2*h")
 
@@ -264,15 +264,13 @@ def module_fingerprint(module: torch.nn.Module) -> dict[str, Any]:
     # unsaved self (the weights' real dtype shows in the sampled weights below).
     values = {k: v for k, v in values.items() if not k.startswith("_") and k not in _CONFIG_METADATA}
     config_text = json.dumps(values, sort_keys=True, default=str)
-    params = list(module.parameters())
-    digest = hashlib.sha256()
-    for p in (params[0], params[len(params) // 2], params[-1]) if params else ():
-        digest.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    from framepack_turbo.models.loading import weights_fingerprint
+
     return {
         "class": type(module).__name__,
         "config": hashlib.sha256(config_text.encode()).hexdigest()[:16],
-        "parameters": sum(p.numel() for p in params),
-        "weights": digest.hexdigest()[:16],
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "weights": weights_fingerprint(module),
     }
 
 
@@ -303,7 +301,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from framepack_turbo.pipeline.video import atomic_path
+    from framepack_turbo.files import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2)

@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassContext, PassReport
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -33,7 +32,8 @@ FROM_ARTIFACT_ATTR = "_framepack_from_artifact"
 
 @dataclass(frozen=True)
 class LowPrecisionConfig:
-    dtype: str = "auto"  # "auto": bf16, fp16 where the device has no bf16
+    """`components`: what is cast (bf16, fp16 where the device has no bf16)."""
+
     components: tuple[str, ...] = LOW_PRECISION_COMPONENTS
 
 
@@ -62,11 +62,11 @@ def cast_keeping_fp32(module: torch.nn.Module, dtype: torch.dtype) -> list[str]:
 class LowPrecisionPass:
     name = "precision"
 
-    def config(self, settings: Settings) -> LowPrecisionConfig | None:
-        return LowPrecisionConfig() if settings.enforce_low_precision else None
+    def config(self, settings: Settings) -> LowPrecisionConfig:
+        return LowPrecisionConfig()
 
-    def apply(self, bundle: ModelBundle, config: LowPrecisionConfig, hardware: Hardware) -> PassReport:
-        dtype = torch.bfloat16 if (hardware.bf16 or bundle.device.type == "cpu") else torch.float16
+    def apply(self, bundle: ModelBundle, config: LowPrecisionConfig, context: PassContext) -> PassReport:
+        dtype = torch.bfloat16 if (context.hardware.bf16 or bundle.device.type == "cpu") else torch.float16
         kept: list[str] = []
         # a transformer from the optimized-model cache already has its precision (and quantized weights)
         from_cache = getattr(bundle.transformer, FROM_ARTIFACT_ATTR, False)

@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassContext, PassReport
 from framepack_turbo.optim.select import block_stacks
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -49,12 +48,10 @@ def prune_stack(model: torch.nn.Module, stack: str, ratio: float) -> list[int]:
 class PrunePass:
     name = "prune"
 
-    def config(self, settings: Settings) -> PruneConfig | None:
-        if not settings.enable_prune:
-            return None
+    def config(self, settings: Settings) -> PruneConfig:
         return PruneConfig(settings.prune_dual_ratio, settings.prune_single_ratio)
 
-    def apply(self, bundle: ModelBundle, config: PruneConfig, hardware: Hardware) -> PassReport:
+    def apply(self, bundle: ModelBundle, config: PruneConfig, context: PassContext) -> PassReport:
         transformer = bundle.transformer
         dual, single = block_stacks(transformer)
         removed = {dual: prune_stack(transformer, dual, config.dual_ratio),

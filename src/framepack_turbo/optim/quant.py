@@ -25,11 +25,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from framepack_turbo.optim.backends import torchao_quantization
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassContext, PassReport
 from framepack_turbo.optim.select import LinearFilter, block_stacks, selected, weight_bytes
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -41,11 +40,6 @@ class QuantConfig:
     bits: Literal[4, 8] = 8
     int8_mode: Literal["dynamic", "weight-only"] = "dynamic"
     group_size: int = 128
-
-    def tag(self) -> str:
-        return f"int{self.bits}" + ("-wo" if self.bits == 8 and self.int8_mode == "weight-only" else "") + (
-            f"-g{self.group_size}" if self.bits == 4 else ""
-        )
 
 
 def torchao_config(config: QuantConfig, device: torch.device):
@@ -85,12 +79,10 @@ def quantize_transformer(transformer: torch.nn.Module, config: QuantConfig) -> d
 class QuantPass:
     name = "quant"
 
-    def config(self, settings: Settings) -> QuantConfig | None:
-        if not settings.enable_quant:
-            return None
+    def config(self, settings: Settings) -> QuantConfig:
         return QuantConfig(settings.quant_bits, settings.quant_int8_mode, settings.quant_group_size)
 
-    def apply(self, bundle: ModelBundle, config: QuantConfig, hardware: Hardware) -> PassReport:
+    def apply(self, bundle: ModelBundle, config: QuantConfig, context: PassContext) -> PassReport:
         log.info("Applying INT-%d quantization to transformer...", config.bits)
         counters = quantize_transformer(bundle.transformer, config)
         ratio = counters["weight_bytes_before"] / max(counters["weight_bytes_after"], 1)

@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassContext, PassReport, Scope
 from framepack_turbo.optim.stepcache import BlockArgsHook, HookedCache, blocks, is_boundary_step, register_hook
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -219,21 +218,20 @@ class SimilarityBlockHook(BlockArgsHook):
 
 class SimilarityCache(HookedCache):
     name = "simcache"
+    hooks = (HOOK,)
 
     def __init__(self, transformer: torch.nn.Module, config: SimilarityCacheConfig, storage: torch.device) -> None:
         super().__init__(transformer, config.verbose)
         self.budget = EntryBudget(config.budget_bytes)
         self.storage = storage
 
-    def reset(self) -> None:
-        super().reset()
+    def reset(self, scope: Scope = "section") -> None:
+        super().reset(scope)
         self.budget = EntryBudget(self.budget.budget)
 
-    def section_stats(self):
-        self.counters.extra.update(
-            peak_mb=round(self.budget.peak / 2**20, 3), evicted=self.budget.evicted,
-        )  # fmt: skip
-        return super().section_stats()
+    def stats(self):
+        self.counters.extra.update(peak_mb=round(self.budget.peak / 2**20, 3), evicted=self.budget.evicted)
+        return super().stats()
 
 
 def apply_similarity_cache(transformer: torch.nn.Module, config: SimilarityCacheConfig) -> SimilarityCache:
@@ -258,28 +256,28 @@ def storage_for(budget_bytes: int, device: torch.device, preserve_gb: float) -> 
 class SimilarityCachePass:
     name = "simcache"
 
-    def config(self, settings: Settings) -> SimilarityCacheConfig | None:
-        if not settings.enable_sim_cache:
-            return None
+    def config(self, settings: Settings) -> SimilarityCacheConfig:
         return SimilarityCacheConfig(
             threshold=settings.sim_cache_threshold,
             max_skip=settings.sim_cache_max_skip,
             max_entries=settings.sim_cache_max_entries,
             budget_bytes=settings.sim_cache_budget_mb << 20,
-            use_faiss=settings.sim_cache_use_faiss and faiss_module() is not None,
+            use_faiss=settings.sim_cache_use_faiss,
             preserve_gb=settings.gpu_memory_preservation,
             verbose=settings.sim_cache_verbose,
         )
 
-    def apply(self, bundle: ModelBundle, config: SimilarityCacheConfig, hardware: Hardware) -> PassReport:
+    def apply(self, bundle: ModelBundle, config: SimilarityCacheConfig, context: PassContext) -> PassReport:
+        # without faiss the exact search gives the same entries (compat rule faiss-missing says so)
+        config = replace(config, use_faiss=config.use_faiss and context.hardware.has("faiss"))
         where = f"entries on {config.storage}"
         if config.storage == "auto":
             storage, where = storage_for(config.budget_bytes, bundle.device, config.preserve_gb)
             config = replace(config, storage=storage)
-        bundle.step_caches.append(apply_similarity_cache(bundle.transformer, config))
+        cache = apply_similarity_cache(bundle.transformer, config)
         search = "FAISS IndexFlatIP + exact ranking" if config.use_faiss else "exact"
-        return PassReport(
-            self.name, "applied",
+        detail = (
             f"threshold {config.threshold}, {config.max_entries} entries/block, budget "
-            f"{config.budget_bytes >> 20} MB, {search} search, {where}",
-        )  # fmt: skip
+            f"{config.budget_bytes >> 20} MB, {search} search, {where}"
+        )
+        return PassReport(self.name, "applied", detail, extension=cache)

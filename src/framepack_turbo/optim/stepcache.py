@@ -1,40 +1,35 @@
 """What the step caches (first-block, TeaCache, similarity, context KV) share.
 
-Each cache is diffusers hooks on the transformer's blocks plus one `StepCache` controller that the
-generator holds. The generator runs every transformer call inside
-`transformer.cache_context(name, step_index=i, num_inference_steps=n)` (diffusers' `CacheContext`):
+Each cache is diffusers hooks on the transformer's blocks plus one controller, the pass's extension,
+which the generator holds. Its `around("transformer", label=..., step=..., steps=...)` runs every
+transformer call inside `transformer.cache_context(label, step_index=i, num_inference_steps=n)`
+(diffusers' `CacheContext`):
 `name` ("cond"/"uncond") keeps the positive and the negative prediction's state apart, and the step
 tells a hook where it is in the section (first and last steps are always computed).
 
-State never outlives a section: the generator calls `reset()` before every section, after the
-last and at job start; `reset()` drops every cached tensor and the counters (and so, a new
-resolution starts from nothing). Counters are per section: `section_stats()` returns them for the
-sidecar before the reset.
+State never outlives a section: the generator calls `reset(scope)` at job start and before every
+section; it drops every cached tensor and the counters (and so, a new resolution starts from
+nothing). Counters are per section: `stats()` returns them for `SectionDone` before the reset.
+`remove()` takes the hooks off by name, so the cache comes off a loaded bundle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import ModelHook
 
+from framepack_turbo.optim.base import Extension, Scope
 from framepack_turbo.optim.select import block_stacks
 
 log = logging.getLogger(__name__)
-
-
-class StepCache(Protocol):
-    name: str  # the plan's pass name: "fbcache", "teacache", ...
-    verbose: bool
-
-    def reset(self) -> None: ...
-
-    def section_stats(self) -> dict[str, Any]: ...
 
 
 def blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -52,6 +47,19 @@ def register_hook(transformer: torch.nn.Module, module: torch.nn.Module, hook, n
     invalidated so a hook added after a first call still gets the context.
     """
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+
+
+def remove_hooks(transformer: torch.nn.Module, names: Iterable[str]) -> None:
+    """Take the named hooks off the transformer and every module in it (diffusers restores each forward)."""
+    names = tuple(names)
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        for name in names:
+            if registry.get_hook(name) is not None:
+                registry.remove_hook(name, recurse=False)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
 
@@ -89,12 +97,12 @@ class CacheCounters:
         self.counts[kind] += n
 
     def stats(self) -> dict[str, Any]:
-        hits = self.counts["hit"]
-        decisions = hits + self.counts["miss"] + self.counts["forced"]
+        from framepack_turbo.pipeline.record import hit_rate
+
         return {
             **{kind: self.counts[kind] for kind in ("hit", "miss", "forced")},
             **dict(sorted(self.counts.items())),
-            "hit_rate": round(hits / decisions, 4) if decisions else 0.0,
+            "hit_rate": hit_rate(self.counts),
             **self.extra,
         }
 
@@ -103,10 +111,13 @@ class CacheCounters:
         self.extra.clear()
 
 
-class HookedCache:
-    """Base controller: counters, verbose decision logging, and a reset that clears every hook's state."""
+class HookedCache(Extension):
+    """Base controller: counters, verbose decision logging, the cache context around each transformer
+    call, a reset that clears every hook's state, and removal of its hooks (`hooks`: their names)."""
 
     name = "cache"
+    kind = "cache"
+    hooks: tuple[str, ...] = ()
 
     def __init__(self, transformer: torch.nn.Module, verbose: bool = False) -> None:
         self.transformer = transformer
@@ -120,12 +131,20 @@ class HookedCache:
             log.info("%s %s step %s/%s: %s%s", self.name, context.name, None if step is None else step + 1, steps,
                      kind, f" ({detail})" if detail else "")  # fmt: skip
 
-    def reset(self) -> None:
+    def reset(self, scope: Scope = "section") -> None:
         HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
         self.counters.clear()
 
-    def section_stats(self) -> dict[str, Any]:
+    def around(self, component: str, label: str | None = None, step: int | None = None, steps: int | None = None, **_):
+        if component != "transformer":
+            return contextlib.nullcontext()
+        return self.transformer.cache_context(label, step_index=step, num_inference_steps=steps)
+
+    def stats(self) -> dict[str, Any]:
         return self.counters.stats()
+
+    def remove(self) -> None:
+        remove_hooks(self.transformer, self.hooks)
 
 
 class BlockArgsHook(ModelHook):

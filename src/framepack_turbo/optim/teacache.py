@@ -24,11 +24,10 @@ import torch
 from diffusers.hooks.first_block_cache import FBCSharedBlockState
 from diffusers.hooks.hooks import StateManager
 
-from framepack_turbo.optim.base import PassReport
+from framepack_turbo.optim.base import PassContext, PassReport
 from framepack_turbo.optim.stepcache import BlockArgsHook, HookedCache, hook_whole_stack, is_boundary_step, relative_l1
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -108,6 +107,7 @@ class TeaCacheHeadHook(BlockArgsHook):
 
 class TeaCache(HookedCache):
     name = "teacache"
+    hooks = (HEAD_HOOK, BLOCK_HOOK)
 
 
 def apply_teacache(transformer: torch.nn.Module, config: TeaCacheConfig) -> TeaCache:
@@ -120,11 +120,9 @@ def apply_teacache(transformer: torch.nn.Module, config: TeaCacheConfig) -> TeaC
 class TeaCachePass:
     name = "teacache"
 
-    def config(self, settings: Settings) -> TeaCacheConfig | None:
-        if not settings.enable_teacache:
-            return None
+    def config(self, settings: Settings) -> TeaCacheConfig:
         return TeaCacheConfig(settings.teacache_threshold, settings.teacache_verbose)
 
-    def apply(self, bundle: ModelBundle, config: TeaCacheConfig, hardware: Hardware) -> PassReport:
-        bundle.step_caches.append(apply_teacache(bundle.transformer, config))
-        return PassReport(self.name, "applied", f"threshold {config.threshold} (FramePack's rule and polynomial)")
+    def apply(self, bundle: ModelBundle, config: TeaCacheConfig, context: PassContext) -> PassReport:
+        cache = apply_teacache(bundle.transformer, config)
+        return PassReport(self.name, "applied", f"threshold {config.threshold} (FramePack's rule and polynomial)", extension=cache)

@@ -9,7 +9,8 @@ process is loaded instead of rebuilt. Workspace and auxiliary streams come from 
 TRT_MAX_AUX_STREAMS.
 
 Needs CUDA and the torch-tensorrt package; compat skips the pass with the reason when either is
-missing (`tensorrt-needs-gpu`, `tensorrt-not-installed`). Not run on this project's CPU machines.
+missing (`tensorrt-needs-gpu`, `tensorrt-not-installed`) or when it is on for no module
+(`tensorrt-nothing-selected`). Not run on this project's CPU machines.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from framepack_turbo.optim.base import PassReport, StandIn
+from framepack_turbo.optim.base import PassContext, PassReport, StandIn
 from framepack_turbo.optim.jit import Signature, signature
 
 if TYPE_CHECKING:
-    from framepack_turbo.hardware import Hardware
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
@@ -96,9 +96,7 @@ class TensorRTModule(StandIn):
 class TensorRTPass:
     name = "tensorrt"
 
-    def config(self, settings: Settings) -> TensorRTConfig | None:
-        if not settings.enable_tensorrt:
-            return None
+    def config(self, settings: Settings) -> TensorRTConfig:
         modules = (("transformer",) if settings.trt_transformer else ()) + (
             ("text_encoder", "text_encoder_2") if settings.trt_text_encoders else ()
         )
@@ -107,9 +105,7 @@ class TensorRTPass:
             settings.trt_max_cached_shapes,
         )  # fmt: skip
 
-    def apply(self, bundle: ModelBundle, config: TensorRTConfig, hardware: Hardware) -> PassReport:
-        if not config.modules:
-            return PassReport(self.name, "skipped", "ENABLE_TENSORRT is on but neither TRT_TRANSFORMER nor TRT_TEXT_ENCODERS")
+    def apply(self, bundle: ModelBundle, config: TensorRTConfig, context: PassContext) -> PassReport:
         for name in config.modules:
             setattr(bundle, name, TensorRTModule(getattr(bundle, name), config))
         # Before the ONNX pass in the plan: with both on (the `tensorrt` preset) these modules are TensorRT's.

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from framepack_turbo.constants import LLAMA_HIDDEN_LAYER
+
 log = logging.getLogger(__name__)
 
 # FramePack's 640 buckets as (height, width); every other base resolution scales these.
@@ -30,7 +32,6 @@ PROMPT_TEMPLATE = (
 )
 MAX_PROMPT_TOKENS = 256
 CLIP_MAX_TOKENS = 77
-LLAMA_HIDDEN_LAYER = -3  # HunyuanVideo conditions on the third-from-last LLaMA layer
 
 
 def buckets(resolution: int) -> list[tuple[int, int]]:

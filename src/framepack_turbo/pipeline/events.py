@@ -47,6 +47,14 @@ class SectionDone:
     sections: int
     frames: int  # pixel frames in the video so far
     video_path: Path
+    caches: dict[str, dict[str, Any]] = field(default_factory=dict)  # step cache -> this section's decisions
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # engine -> provider and calls so far
+
+    def cache_hit_rates(self) -> dict[str, float]:
+        """Each step cache's share of reused steps in this section."""
+        from framepack_turbo.pipeline.record import hit_rate
+
+        return {name: hit_rate(stats) for name, stats in self.caches.items()}
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ One `Generator` runs one job over a `ModelBundle`. It encodes the prompt and the
 then samples the clip section by section (inverted: last-to-first; F1: first-to-last), decodes each
 new section, joins it to the pixels so far with a soft append, and rewrites the mp4 and its sidecar
 after every section. Events go to `on_event`; a `CancelToken` stops it after the current step.
+
+The optimization passes' runtime state arrives as `extensions` (optim/base.py): the generator resets
+them per job and per section, runs each component call inside their contexts, lets them answer the
+encoders from a cache, asks them to recover from out-of-memory, and records their numbers. It names no
+pass.
 """
 
 from __future__ import annotations
@@ -12,16 +17,17 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
+from framepack_turbo.constants import FPS, LATENT_CHANNELS, TIME_SCALE, VAE_SPATIAL_SCALE
 from framepack_turbo.errors import Cancelled, FramePackError
+from framepack_turbo.files import write_json
 from framepack_turbo.hardware import Hardware, library_versions
 from framepack_turbo.models.loading import ModelBundle
 from framepack_turbo.pipeline import encode, vae, video
@@ -35,6 +41,7 @@ from framepack_turbo.pipeline.events import (
     StepProgress,
 )
 from framepack_turbo.pipeline.options import GenerateOptions, load_image
+from framepack_turbo.pipeline.record import RunRecord
 from framepack_turbo.pipeline.sampler import StepState, flow_sigmas, sample_unipc
 from framepack_turbo.pipeline.sections import (
     CONTEXT_1X,
@@ -45,22 +52,17 @@ from framepack_turbo.pipeline.sections import (
     plan_sections,
 )
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from framepack_turbo.optim.base import Extension
 
-LATENT_CHANNELS = 16
-TIME_SCALE = 1000.0  # the transformer takes timestep and guidance scaled by 1000
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class OutOfMemory(FramePackError):
     """Out of GPU memory even after stepping the placement down; the finished sections are kept."""
 
     exit_code = 1
-
-
-class Stateful(Protocol):
-    """Anything holding per-section state (step caches): reset before every section and every job."""
-
-    def reset(self) -> None: ...
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Result:
     sidecar_path: Path
     sidecar: dict[str, Any]
     latents: torch.Tensor | None = None  # (1, 16, T, h, w) float32: the clip's latents, in time order
+    record: RunRecord | None = None  # the sidecar, typed
 
     @property
     def status(self) -> str:
@@ -111,15 +114,16 @@ class Generator:
         bundle: ModelBundle,
         on_event: EventSink | None = None,
         cancel: CancelToken | None = None,
-        stateful: Iterable[Stateful] = (),
+        extensions: Iterable[Extension] = (),
         settings: dict[str, Any] | None = None,
+        decode: vae.ChunkedDecode = vae.ChunkedDecode(),
     ) -> None:
         self.bundle = bundle
         self.on_event = on_event or (lambda event: None)
         self.cancel = cancel or CancelToken()
-        self.stateful = list(stateful) + list(bundle.step_caches)
-        self.caches = list(bundle.step_caches)  # step caches: their calls get a cache context, their counts a record
+        self.extensions = list(extensions)
         self.settings = settings or {}  # recorded in the sidecar as given
+        self.decode_config = decode
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -131,15 +135,13 @@ class Generator:
         variant = options.variant or self.bundle.preset.default_variant
         sections = plan_sections(variant, options.seconds, options.window)
         timings = _Timings()
-        sidecar = self._sidecar(options, variant, image, len(sections))
-        self._reset_state()
-        for runner in self.bundle.engines:  # counts are per job, not per section
-            runner.reset()
+        record = self._record(options, variant, image, len(sections))
+        sidecar = video.sidecar_path(out_path)
+        self._reset("job")
 
         cond = self._condition(picture, options, timings)
-        if self.bundle.encoder_cache is not None:
-            sidecar.setdefault("caches", {})["modulecache"] = self.bundle.encoder_cache.take_stats()
-        sidecar["image"]["bucket"] = [cond.height, cond.width]
+        record.job_caches = {e.name: e.stats() for e in self.extensions if e.kind == "job_cache"}
+        record.image["bucket"] = [cond.height, cond.width]
 
         rng = torch.Generator("cpu").manual_seed(options.seed)
         history = self._initial_history(variant, cond)
@@ -150,10 +152,11 @@ class Generator:
         self.on_event(StageStarted("sampling"))
         try:
             for section in sections:
-                latents = self._sample_with_step_down(section, variant, history, cond, options, rng, timings, job_started, len(sections), sidecar)
-                self._record_cache_stats(sidecar, section)
-                if self.bundle.engines:  # ONNX / TensorRT stand-ins: which provider ran, how often
-                    sidecar["engines"] = {r.module_name: r.stats() for r in self.bundle.engines}
+                latents = self._sample_with_step_down(
+                    section, variant, history, cond, options, rng, timings, job_started, len(sections), record
+                )
+                caches, engines = self._section_stats(section)
+                record.add_section(caches, engines)
                 if variant == "inverted":
                     if section.is_last:
                         latents = torch.cat([cond.start_latent, latents], dim=2)
@@ -166,31 +169,31 @@ class Generator:
                 t0 = time.perf_counter()
                 video.write_mp4(frames, out_path, crf=options.crf)
                 timings.add("write", time.perf_counter() - t0)
-                sidecar.update(sections_done=section.number + 1, frames=len(frames), timings=timings.to_dict())
-                video.write_json(sidecar, video.sidecar_path(out_path))
-                self.on_event(SectionDone(section.number + 1, len(sections), len(frames), out_path))
+                record.sections_done, record.frames, record.timings = section.number + 1, len(frames), timings.to_dict()
+                write_json(record.to_dict(), sidecar)
+                self.on_event(SectionDone(section.number + 1, len(sections), len(frames), out_path, caches, engines))
         except Cancelled:
             status = "cancelled"
         except Exception as exc:
             # Keep the record of what finished; the mp4 of finished sections is already on disk.
-            sidecar.update(status="failed", error=f"{type(exc).__name__}: {exc}", timings=timings.to_dict())
-            video.write_json(sidecar, video.sidecar_path(out_path))
+            record.status, record.error, record.timings = "failed", f"{type(exc).__name__}: {exc}", timings.to_dict()
+            write_json(record.to_dict(), sidecar)
             raise
         finally:
-            self._reset_state()
+            self._reset("section")
 
         timings.add("total", time.perf_counter() - job_started)
-        video_path = out_path if sidecar["sections_done"] else None
-        sidecar.update(status=status, frames=len(frames), timings=timings.to_dict())
-        sidecar["video"]["path"] = str(video_path) if video_path else None
-        video.write_json(sidecar, video.sidecar_path(out_path))
+        video_path = out_path if record.sections_done else None
+        record.status, record.frames, record.timings = status, len(frames), timings.to_dict()
+        record.video["path"] = str(video_path) if video_path else None
+        write_json(record.to_dict(), sidecar)
         self.on_event(JobDone(status, video_path, len(frames)))
         clip = history[:, :, :generated] if variant == "inverted" else history[:, :, -generated:]
-        result = Result(frames, out_path, video.sidecar_path(out_path), sidecar, clip)
+        result = Result(frames, out_path, sidecar, record.to_dict(), clip, record)
         if status == "cancelled":
             stopped = Cancelled(
-                f"stopped by the user after {sidecar['sections_done']} of {len(sections)} sections"
-                + (f"; {len(frames)} frames kept in {out_path}" if sidecar["sections_done"] else "; nothing written")
+                f"stopped by the user after {record.sections_done} of {len(sections)} sections"
+                + (f"; {len(frames)} frames kept in {out_path}" if record.sections_done else "; nothing written")
             )
             stopped.result = result  # what finished, for callers that want to show it
             raise stopped
@@ -204,7 +207,7 @@ class Generator:
 
         self.on_event(StageStarted("text_encode"))
         t0 = time.perf_counter()
-        with self._on_gpu("text_encoder"), self._on_gpu("text_encoder_2"):
+        with self._around("text_encoder"), self._around("text_encoder_2"):
             positive = self._encode_prompt(options.prompt)
         for line in positive.truncations:
             log.warning("Prompt truncated: %s", line)
@@ -212,7 +215,7 @@ class Generator:
         if options.cfg == 1:
             negative = encode.PromptEmbeddings.zeros_like(positive)
         else:
-            with self._on_gpu("text_encoder"), self._on_gpu("text_encoder_2"):
+            with self._around("text_encoder"), self._around("text_encoder_2"):
                 negative = self._encode_prompt(options.negative_prompt)
         timings.add("text_encode", self._clock() - t0)
 
@@ -220,10 +223,10 @@ class Generator:
         t0 = time.perf_counter()
         height, width = encode.nearest_bucket(*picture.shape[:2], resolution=options.resolution)
         picture = encode.resize_and_center_crop(picture, height, width)
-        with self._on_gpu("vae"):
+        with self._around("vae"):
             posterior_rng = torch.Generator(b.vae.device).manual_seed(options.seed)
             start_latent = vae.encode(encode.image_to_tensor(picture), b.vae, posterior_rng).cpu()
-        with self._on_gpu("image_encoder"):
+        with self._around("image_encoder"):
             image_embeds = self._encode_image(picture)
         timings.add("image_encode", self._clock() - t0)
 
@@ -235,7 +238,8 @@ class Generator:
     @staticmethod
     def _initial_history(variant: str, cond: _Conditioning) -> torch.Tensor:
         """Zeros for the 1+2+16 context frames (float32, as FramePack); F1 appends the start latent."""
-        shape = (1, LATENT_CHANNELS, CONTEXT_1X + CONTEXT_2X + CONTEXT_4X, cond.height // 8, cond.width // 8)
+        h, w = cond.height // VAE_SPATIAL_SCALE, cond.width // VAE_SPATIAL_SCALE
+        shape = (1, LATENT_CHANNELS, CONTEXT_1X + CONTEXT_2X + CONTEXT_4X, h, w)
         history = torch.zeros(shape, dtype=torch.float32)
         if variant == "f1":
             history = torch.cat([history, cond.start_latent.cpu()], dim=2)
@@ -265,7 +269,7 @@ class Generator:
     ) -> torch.Tensor:
         b = self.bundle
         device, dtype = b.device, b.transformer.dtype
-        h, w = cond.height // 8, cond.width // 8
+        h, w = cond.height // VAE_SPATIAL_SCALE, cond.width // VAE_SPATIAL_SCALE
         noise = torch.randn((1, LATENT_CHANNELS, options.window, h, w), generator=rng).to(device)
         sigmas = flow_sigmas(options.steps, options.window * h * w // 4).to(device)
         clean, clean_2x, clean_4x = (t.to(device=device, dtype=dtype) for t in self._context(variant, history, cond))
@@ -287,7 +291,7 @@ class Generator:
         step_index = iter(range(options.steps))  # the sampler evaluates the model once per step
 
         def predict(hidden: torch.Tensor, timestep: torch.Tensor, p: encode.PromptEmbeddings, label: str, step: int):
-            with self._cache_context(label, step, options.steps):
+            with self._around("transformer", label=label, step=step, steps=options.steps):
                 return b.transformer(
                     hidden_states=hidden,
                     timestep=timestep,
@@ -337,28 +341,26 @@ class Generator:
 
         log.info(
             "Section %d/%d (padding %d, last=%s): %d steps at %dx%d",
-            section.number + 1, n_sections, section.padding, section.is_last, options.steps, cond.width, cond.height,
-        )  # fmt: skip
+            *(section.number + 1, n_sections, section.padding, section.is_last, options.steps, cond.width, cond.height),
+        )
         with torch.no_grad():
             latents = sample_unipc(denoise, noise, sigmas, callback=on_step)
         return latents.float().cpu()
 
-    def _sample_with_step_down(self, section, variant, history, cond, options, rng, timings, job_started, n_sections, sidecar):
-        """Sample a section; on out-of-memory, step the placement down one mode and retry it once."""
-        from framepack_turbo.optim import offload
-
+    def _sample_with_step_down(self, section, variant, history, cond, options, rng, timings, job_started, n_sections, record):
+        """Sample a section; on out-of-memory, let an extension step down (the placement) and retry it once."""
         rng_state = rng.get_state()  # a retry draws the same noise
         for attempt in (1, 2):
-            self._reset_state()
+            self._reset("section")
             try:
                 return self._sample_section(section, variant, history, cond, options, rng, timings, job_started, n_sections)
             except Exception as exc:
-                placer = self.bundle.placer
-                if not offload.is_out_of_memory(exc):
+                if not vae.is_out_of_memory(exc):
                     raise
-                lower = placer.step_down(exc) if placer is not None and attempt == 1 else None
-                if lower is None:
-                    mode = placer.placement.mode if placer is not None else "none"
+                change = self._recover(exc) if attempt == 1 else None
+                self._record_placement(record)
+                if change is None:
+                    mode = (record.placement or {}).get("mode", "none")
                     raise OutOfMemory(
                         f"out of GPU memory in section {section.number + 1} (placement {mode}"
                         f"{', after one step-down and retry' if attempt == 2 else ''}); the finished sections are "
@@ -366,8 +368,7 @@ class Generator:
                         "--use-memory-v2 (FRAMEPACK_MEMORY_MODE=v2), or shrink the weights (FRAMEPACK_ENABLE_QUANT=1, "
                         "FRAMEPACK_ENABLE_FP8=1)"
                     ) from exc
-                sidecar["placement"] = {"mode": placer.placement.mode, "history": placer.history}
-                self.on_event(Notice(f"out of GPU memory: stepped down to placement {lower}, retrying the section"))
+                self.on_event(Notice(f"out of GPU memory: {change}, retrying the section"))
                 rng.set_state(rng_state)
         raise AssertionError("unreachable")
 
@@ -386,13 +387,14 @@ class Generator:
         t0 = time.perf_counter()
         real = history[:, :, :generated] if variant == "inverted" else history[:, :, -generated:]
         overlap = pixel_frames_per_window(window)
-        if pixels is None:
-            out = self._decode(real)
-        elif variant == "inverted":
-            span = window * 2 + 1 if section.is_last else window * 2
-            out = vae.soft_append(self._decode(real[:, :, :span]), pixels, overlap)
-        else:
-            out = vae.soft_append(pixels, self._decode(real[:, :, -window * 2 :]), overlap)
+        with self._around("vae"):
+            if pixels is None:
+                out = self._decode(real)
+            elif variant == "inverted":
+                span = window * 2 + 1 if section.is_last else window * 2
+                out = vae.soft_append(self._decode(real[:, :, :span]), pixels, overlap)
+            else:
+                out = vae.soft_append(pixels, self._decode(real[:, :, -window * 2 :]), overlap)
         timings.add("vae_decode", self._clock() - t0)
         return out
 
@@ -405,13 +407,53 @@ class Generator:
         return time.perf_counter()
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        placer = self.bundle.placer
-        return placer.decode(latents) if placer is not None else vae.decode(latents, self.bundle.vae)
+        return vae.decode_chunked(latents, self.bundle.vae, self.decode_config)
 
-    def _on_gpu(self, name: str):
-        """The memory placement's context for a component's work (encoders and VAE move in only then)."""
-        placer = self.bundle.placer
-        return placer.use(name) if placer is not None else contextlib.nullcontext()
+    # ---- the extensions ---------------------------------------------------------------------------
+
+    def _around(self, component: str, **where: Any):
+        """Every extension's context around a component's call (placement moves, cache contexts)."""
+        stack = contextlib.ExitStack()
+        for extension in self.extensions:
+            stack.enter_context(extension.around(component, **where))
+        return stack
+
+    def _lookup(self, kind: str, key: Any, compute: Callable[[], T]) -> T:
+        """`compute()`, unless an extension answers it (the encoder output cache); chained in order."""
+        for extension in reversed(self.extensions):
+            compute = (lambda e, c: lambda: e.lookup(kind, key, c))(extension, compute)
+        return compute()
+
+    def _recover(self, error: BaseException) -> str | None:
+        for extension in self.extensions:
+            change = extension.recover(error)
+            if change is not None:
+                return change
+        return None
+
+    def _reset(self, scope: str) -> None:
+        for extension in self.extensions:
+            extension.reset(scope)
+
+    def _section_stats(self, section: Section) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """(step cache -> this section's decisions, engine -> its calls so far), logged."""
+        caches, engines = {}, {}
+        for extension in self.extensions:
+            if extension.kind == "cache":
+                caches[extension.name] = stats = extension.stats()
+                log.log(
+                    logging.INFO if extension.verbose else logging.DEBUG,
+                    "%s, section %d: %s",
+                    *(extension.name, section.number + 1, ", ".join(f"{k} {v}" for k, v in stats.items())),
+                )
+            elif extension.kind == "engine":
+                engines.update(extension.stats())
+        return caches, engines
+
+    def _record_placement(self, record: RunRecord) -> None:
+        for extension in self.extensions:
+            if extension.kind == "placement":
+                record.placement = extension.record()
 
     def _encode_prompt(self, prompt: str) -> encode.PromptEmbeddings:
         b = self.bundle
@@ -419,7 +461,7 @@ class Generator:
         def compute() -> encode.PromptEmbeddings:
             return encode.encode_prompt(prompt, b.tokenizer, b.text_encoder, b.tokenizer_2, b.text_encoder_2)
 
-        return b.encoder_cache.prompt(prompt, compute) if b.encoder_cache else compute()
+        return self._lookup("prompt", prompt, compute)
 
     def _encode_image(self, picture: np.ndarray) -> torch.Tensor:
         b = self.bundle
@@ -427,62 +469,32 @@ class Generator:
         def compute() -> torch.Tensor:
             return encode.encode_image(picture, b.feature_extractor, b.image_encoder)
 
-        return b.encoder_cache.image(picture, compute) if b.encoder_cache else compute()
+        return self._lookup("image", picture, compute)
 
-    def _cache_context(self, label: str, step: int, steps: int):
-        """diffusers' cache context for the step caches' hooks: which prediction, which step."""
-        if not self.caches:
-            return contextlib.nullcontext()
-        return self.bundle.transformer.cache_context(label, step_index=step, num_inference_steps=steps)
-
-    def _record_cache_stats(self, sidecar: dict[str, Any], section: Section) -> None:
-        """Each step cache's counts for the section just sampled: logged, and kept in the sidecar."""
-        for cache in self.caches:
-            stats = cache.section_stats()
-            record = sidecar.setdefault("caches", {}).setdefault(cache.name, {"sections": []})
-            record["sections"].append(stats)
-            totals = {k: sum(s.get(k, 0) for s in record["sections"]) for k in ("hit", "miss", "forced")}
-            decisions = sum(totals.values())
-            record.update(totals, hit_rate=round(totals["hit"] / decisions, 4) if decisions else 0.0)
-            log.log(
-                logging.INFO if cache.verbose else logging.DEBUG,
-                "%s, section %d: %s", cache.name, section.number + 1, ", ".join(f"{k} {v}" for k, v in stats.items()),
-            )  # fmt: skip
-
-    def _reset_state(self) -> None:
-        for item in self.stateful:
-            item.reset()
-
-    def _sidecar(self, options: GenerateOptions, variant: str, image, n_sections: int) -> dict[str, Any]:
+    def _record(self, options: GenerateOptions, variant: str, image, n_sections: int) -> RunRecord:
         b = self.bundle
-        return {
-            "status": "running",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "prompt": options.prompt,
-            "negative_prompt": options.negative_prompt,
-            "seed": options.seed,
-            "variant": variant,
-            "options": options.to_dict(),
-            "settings": self.settings,
-            "image": {"source": str(image) if isinstance(image, (str, Path)) else type(image).__name__},
-            "model": {
+        record = RunRecord(
+            prompt=options.prompt,
+            negative_prompt=options.negative_prompt,
+            seed=options.seed,
+            variant=variant,
+            options=options.to_dict(),
+            settings=self.settings,
+            image={"source": str(image) if isinstance(image, (str, Path)) else type(image).__name__},
+            model={
                 "preset": b.preset.name,
                 "source": b.source,
                 "device": str(b.device),
                 "dtypes": {name: str(m.dtype).removeprefix("torch.") for name, m in b.modules().items()},
                 "load_seconds": round(b.load_seconds, 3),
             },
-            "video": {"fps": video.FPS, "codec": "h264", "pix_fmt": video.PIX_FMT, "crf": options.crf},
-            "sections_total": n_sections,
-            "sections_done": 0,
-            "frames": 0,
-            "placement": (
-                {"mode": b.placer.placement.mode, "reason": b.placer.placement.reason, "history": b.placer.history}
-                if b.placer is not None else None
-            ),
-            "hardware": Hardware.detect().to_dict(),
-            "versions": library_versions(),
-        }
+            video={"fps": FPS, "codec": "h264", "pix_fmt": video.PIX_FMT, "crf": options.crf},
+            sections_total=n_sections,
+            hardware=Hardware.detect().to_dict(),
+            versions=library_versions(),
+        )
+        self._record_placement(record)
+        return record
 
 
 def _rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, rescale: float) -> torch.Tensor:

@@ -13,12 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from framepack_turbo.constants import MAX_IMAGE_SIDE, MAX_RESOLUTION, MAX_SECONDS, MIN_IMAGE_SIDE, MIN_RESOLUTION
 from framepack_turbo.errors import InputError
 from framepack_turbo.pipeline.sections import VARIANTS
-
-MAX_SECONDS = 120.0
-MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 64, 4096
-MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from typing import Literal
 
 import torch
 
+from framepack_turbo.constants import FPS, LATENT_FRAMES_TO_PIXELS
+
 Variant = Literal["inverted", "f1"]
 VARIANTS: tuple[str, ...] = ("inverted", "f1")
 
-FPS = 30
-LATENT_FRAMES_TO_PIXELS = 4  # HunyuanVideo VAE temporal compression
 CONTEXT_1X, CONTEXT_2X, CONTEXT_4X = 1, 2, 16  # clean history frames at full, 2x and 4x compression
 
 

@@ -1,10 +1,19 @@
-"""VAE encode/decode, the cheap latent preview, and the soft append that joins sections."""
+"""VAE encode/decode (in temporal chunks sized to free memory), the cheap latent preview, and the soft
+append that joins sections."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from framepack_turbo.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Linear map from the 16 latent channels to RGB (the ComfyUI factors FramePack uses for previews).
 _PREVIEW_RGB = (
@@ -69,8 +78,17 @@ def temporal_chunks(vae, chunk: int | None):
         vae.use_framewise_decoding, vae.tile_sample_min_num_frames, vae.tile_sample_stride_num_frames = saved
 
 
-def chunk_frames(free_gb: float, height: int, width: int, channels: int, dtype_bytes: int, reserve_gb: float,
-                 safety: float, upscale: int, temporal: int = 4) -> int:  # fmt: skip
+def chunk_frames(
+    free_gb: float,
+    height: int,
+    width: int,
+    channels: int,
+    dtype_bytes: int,
+    reserve_gb: float,
+    safety: float,
+    upscale: int,
+    temporal: int = 4,
+) -> int:
     """Latent frames per decode chunk that fit in `free_gb` minus `reserve_gb`.
 
     The estimate: one latent frame decodes into `temporal` pixel frames at `upscale` x the latent
@@ -80,6 +98,58 @@ def chunk_frames(free_gb: float, height: int, width: int, channels: int, dtype_b
     per_frame = temporal * (height * upscale) * (width * upscale) * channels * dtype_bytes * safety
     usable = max(free_gb - reserve_gb, 0.0) * 2**30
     return max(MIN_CHUNK, int(usable // per_frame))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+@dataclass(frozen=True)
+class ChunkedDecode:
+    """How the VAE decodes (VAE_CHUNK_SIZE, VAE_CHUNK_RESERVE_GB, VAE_CHUNK_SAFETY, VAE_UPSCALE_FACTOR).
+
+    `chunk`: latent frames per temporal chunk; None: sized from free GPU memory on CUDA, the VAE's own
+    temporal tiles elsewhere (what FramePack decodes with); 0: one pass.
+    """
+
+    chunk: int | None = None
+    reserve_gb: float = 2.0
+    safety: float = 1.2
+    upscale: int = 8
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ChunkedDecode:
+        return cls(settings.vae_chunk_size, settings.vae_chunk_reserve_gb, settings.vae_chunk_safety,
+                   settings.vae_upscale_factor)  # fmt: skip
+
+    def chunk_for(self, latents: torch.Tensor, vae) -> int | None:
+        if self.chunk is not None:
+            return self.chunk
+        if vae.device.type != "cuda":
+            return None
+        free_gb = torch.cuda.mem_get_info(vae.device)[0] / 2**30
+        _, _, frames, height, width = latents.shape
+        chunk = chunk_frames(
+            free_gb, height, width, vae.config.block_out_channels[0], vae.dtype.itemsize, self.reserve_gb,
+            self.safety, self.upscale, vae.config.temporal_compression_ratio,
+        )  # fmt: skip
+        return min(chunk, frames)
+
+
+def decode_chunked(latents: torch.Tensor, vae, config: ChunkedDecode = ChunkedDecode()) -> torch.Tensor:
+    """`decode` in the chunks `config` says; out of memory halves the chunk and retries, down to the minimum."""
+    chunk = config.chunk_for(latents, vae)
+    while True:
+        try:
+            return decode(latents, vae, chunk)
+        except Exception as exc:
+            current = chunk or latents.shape[2]
+            if not is_out_of_memory(exc) or current <= MIN_CHUNK:
+                raise
+            chunk = max(MIN_CHUNK, current // 2)
+            if vae.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("Out of memory in VAE decode with %d-frame chunks: retrying with %d", current, chunk)
 
 
 @torch.no_grad()

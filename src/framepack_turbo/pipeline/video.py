@@ -6,44 +6,19 @@ that finished. PyAV (FFmpeg with libx264 in its wheels) does the encoding: no sy
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-FPS = 30
+from framepack_turbo.constants import FPS
+from framepack_turbo.files import atomic_path
+
 CODEC = "libx264"
 PIX_FMT = "yuv420p"
 _CONVERT_CHUNK = 64  # frames
-
-
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
-
-    Readers (a player, the UI) never see a half-written file, and a crash leaves the last good one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual permissions
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
@@ -104,14 +79,6 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
 
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-
-
-def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    return path
 
 
 def sidecar_path(video_path: str | os.PathLike) -> Path:

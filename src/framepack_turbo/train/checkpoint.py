@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 
 def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
-    from framepack_turbo.pipeline.video import atomic_path
+    from framepack_turbo.files import atomic_path
 
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state = optimizer.state_dict()

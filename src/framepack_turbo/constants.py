@@ -1,0 +1,32 @@
+"""Facts with one owner each: the video format, the latent space, the limits a user can hit, names.
+
+Torch-free, imported from every layer. A fact used in two places is defined here once.
+"""
+
+from __future__ import annotations
+
+# ---- the clip ---------------------------------------------------------------------------------------
+FPS = 30  # FramePack writes 30 fps; the section count is defined in frames at this rate
+LATENT_FRAMES_TO_PIXELS = 4  # HunyuanVideo VAE temporal compression
+VAE_SPATIAL_SCALE = 8  # pixels per latent along each side
+LATENT_CHANNELS = 16
+TIME_SCALE = 1000.0  # the transformer takes timestep and distilled guidance multiplied by this
+
+# ---- the text encoder -------------------------------------------------------------------------------
+LLAMA_HIDDEN_LAYER = -3  # HunyuanVideo conditions on the third-from-last LLaMA hidden state
+
+# ---- limits a user can hit --------------------------------------------------------------------------
+MAX_SECONDS = 120.0
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 64, 4096
+MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
+
+# ---- settings -----------------------------------------------------------------------------------------
+ENV_PREFIX = "FRAMEPACK_"
+PRESET_ENV = ENV_PREFIX + "PRESET"
+
+# ---- hardware -----------------------------------------------------------------------------------------
+FP8_COMPUTE_CAPABILITY = (8, 9)  # torch._scaled_mm with float8 needs Ada (8.9) or Hopper (9.0)
+
+# ---- ONNX -------------------------------------------------------------------------------------------
+# `framepack export onnx --component` / ONNX_COMPONENTS names, in export order
+ONNX_COMPONENTS = ("transformer", "text-encoder", "image-encoder", "vae-decoder")

@@ -1,0 +1,100 @@
+"""The run record: what a job did, typed, serialised once as the JSON sidecar beside the video.
+
+The generator fills one `RunRecord` as the job goes (settings, model, sections done, each section's
+cache decisions, engine calls, placement changes, timings, status) and writes `to_dict()` after every
+section, so a stopped job leaves a record of what finished. `hit_rate` is the one definition of a
+cache's hit rate: reuses over decisions (hits, misses and forced computations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+DECISIONS = ("hit", "miss", "forced")
+
+
+def hit_rate(counts: Mapping[str, Any]) -> float:
+    decisions = sum(int(counts.get(k, 0) or 0) for k in DECISIONS)
+    return round(int(counts.get("hit", 0) or 0) / decisions, 4) if decisions else 0.0
+
+
+@dataclass
+class CacheRecord:
+    """One step cache over a job: its numbers per section, and the totals."""
+
+    sections: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, section_stats: Mapping[str, Any]) -> None:
+        self.sections.append(dict(section_stats))
+
+    def totals(self) -> dict[str, int]:
+        return {k: sum(int(s.get(k, 0)) for s in self.sections) for k in DECISIONS}
+
+    def to_dict(self) -> dict[str, Any]:
+        totals = self.totals()
+        return {"sections": self.sections, **totals, "hit_rate": hit_rate(totals)}
+
+
+@dataclass
+class RunRecord:
+    prompt: str
+    negative_prompt: str
+    seed: int
+    variant: str
+    options: dict[str, Any]
+    settings: dict[str, Any]
+    image: dict[str, Any]
+    model: dict[str, Any]
+    video: dict[str, Any]
+    sections_total: int
+    hardware: dict[str, Any]
+    versions: dict[str, str]
+    status: str = "running"
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    sections_done: int = 0
+    frames: int = 0
+    placement: dict[str, Any] | None = None
+    step_caches: dict[str, CacheRecord] = field(default_factory=dict)
+    job_caches: dict[str, dict[str, Any]] = field(default_factory=dict)  # per job (the encoder output cache)
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, Any] | None = None
+    error: str | None = None
+
+    def add_section(self, caches: Mapping[str, Mapping[str, Any]], engines: Mapping[str, Mapping[str, Any]]) -> None:
+        for name, stats in caches.items():
+            self.step_caches.setdefault(name, CacheRecord()).add(stats)
+        self.engines.update({k: dict(v) for k, v in engines.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": self.status,
+            "created": self.created,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "variant": self.variant,
+            "options": self.options,
+            "settings": self.settings,
+            "image": self.image,
+            "model": self.model,
+            "video": self.video,
+            "sections_total": self.sections_total,
+            "sections_done": self.sections_done,
+            "frames": self.frames,
+            "placement": self.placement,
+            "hardware": self.hardware,
+            "versions": self.versions,
+        }
+        caches = {**self.job_caches, **{name: c.to_dict() for name, c in self.step_caches.items()}}
+        if caches:
+            out["caches"] = caches
+        if self.engines:
+            out["engines"] = self.engines
+        if self.timings is not None:
+            out["timings"] = self.timings
+        if self.error is not None:
+            out["error"] = self.error
+        return out
