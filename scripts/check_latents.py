@@ -42,7 +42,9 @@ def run_one(name: str, out: Path) -> None:
         fp = FramePack.load("tiny-random", device="cpu", runtime_cache_dir=Path(tmp) / "runtime", **CONFIGS[name])
         result = fp.generate(IMAGE, "a cat walks on the grass", out=Path(tmp) / "clip.mp4", **JOB)
     caches = {k: {s: v.get(s) for s in ("hit", "miss", "forced")} for k, v in result.sidecar.get("caches", {}).items()}
-    save_file({"latents": result.latents.contiguous()}, str(out), metadata={"caches": json.dumps(caches, sort_keys=True)})
+    save_file(
+        {"latents": result.latents.contiguous()}, str(out), metadata={"caches": json.dumps(caches, sort_keys=True)}
+    )
 
 
 def _collect(workdir: Path) -> dict[str, Path]:
@@ -83,8 +85,10 @@ def main(argv: list[str]) -> int:
         same = ref is not None and ref.shape == latents.shape and bool((ref == latents).all())
         same_caches = reference_caches.get(name) == caches[name]
         diff = "" if ref is None or ref.shape != latents.shape else f", max |diff| {(ref - latents).abs().max():.3g}"
-        print(f"{name:14} {'bit-identical' if same else 'DIFFERENT' + diff}; caches {caches[name]}"
-              f"{'' if same_caches else ' (recorded: ' + str(reference_caches.get(name)) + ')'}")  # fmt: skip
+        print(
+            f"{name:14} {'bit-identical' if same else 'DIFFERENT' + diff}; caches {caches[name]}"
+            f"{'' if same_caches else ' (recorded: ' + str(reference_caches.get(name)) + ')'}"
+        )
         failed |= not (same and same_caches)
     return 1 if failed else 0
 

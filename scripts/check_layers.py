@@ -80,7 +80,9 @@ def imports(tree: ast.AST, package_of: str) -> list[tuple[int, str, bool]]:
                 if child.level:  # relative import: resolve against the importing package
                     anchor = package_of.split(".")[: len(package_of.split(".")) - child.level + 1]
                     base = ".".join([*anchor, base] if base else anchor)
-                found.extend((child.lineno, f"{base}.{alias.name}" if base else alias.name, top) for alias in child.names)
+                found.extend(
+                    (child.lineno, f"{base}.{alias.name}" if base else alias.name, top) for alias in child.names
+                )
             inner_top = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             visit(child, inner_top)
 
@@ -104,11 +106,15 @@ def violations() -> list[str]:
                 # `from framepack_turbo.optim import offload` names a module; `from x import Name` a symbol
                 other = layer_of(inner) if _resolves(inner) else layer_of(inner.rpartition(".")[0])
                 if other > own:
-                    out.append(f"{path.relative_to(ROOT.parent)}:{line}: {name} ({LAYERS[own][0]}) imports "
-                               f"{inner} ({LAYERS[other][0]}), a layer above it")
+                    out.append(
+                        f"{path.relative_to(ROOT.parent)}:{line}: {name} ({LAYERS[own][0]}) imports "
+                        f"{inner} ({LAYERS[other][0]}), a layer above it"
+                    )
             elif top and root in HEAVY and LAYERS[own][0] in TORCH_FREE:
-                out.append(f"{path.relative_to(ROOT.parent)}:{line}: {name} ({LAYERS[own][0]}) imports {root} at "
-                           "module level; this layer stays torch-free")
+                out.append(
+                    f"{path.relative_to(ROOT.parent)}:{line}: {name} ({LAYERS[own][0]}) imports {root} at "
+                    "module level; this layer stays torch-free"
+                )
     return out
 
 

@@ -64,8 +64,11 @@ def main() -> None:
         from framepack_turbo.api import FramePack
         from framepack_turbo.train import ship
 
-        records = {name: json.loads((args.out / f"{name}_record.json").read_text())
-                   for name in ("vae", "decoder", "transformer") if (args.out / f"{name}_record.json").is_file()}
+        records = {
+            name: json.loads((args.out / f"{name}_record.json").read_text())
+            for name in ("vae", "decoder", "transformer")
+            if (args.out / f"{name}_record.json").is_file()
+        }
         manifest = ship.ship(args.out, records)
         from framepack_turbo.train.vae import VaeTraining, evaluate
 

@@ -1,16 +1,15 @@
 """Attention backends (transformer) and encoder attention: selection, fallback, the switch, fast start."""
 
 import logging
-import os
 
 import pytest
 import torch
 
 from framepack_turbo.api import FramePack
 from framepack_turbo.hardware import Hardware
-from framepack_turbo.optim.base import PassContext
 from framepack_turbo.models.loading import load_bundle
 from framepack_turbo.optim.attention import AttentionConfig, AttentionPass, attention_backends, choose_backend
+from framepack_turbo.optim.base import PassContext
 from framepack_turbo.optim.encoder_attention import EncoderAttentionConfig, EncoderAttentionPass
 
 from .test_optim import _forward
@@ -20,8 +19,6 @@ CPU = Hardware()
 
 def gpu(*modules):
     return Hardware("cuda", "GPU", 8, 80.0, 80.0, (9, 0), True, {m: True for m in modules}, ())
-
-
 
 
 @pytest.mark.parametrize(
@@ -67,7 +64,10 @@ def test_encoder_attention_switch_and_warning(caplog):
     with caplog.at_level(logging.INFO):
         report = EncoderAttentionPass().apply(bundle, EncoderAttentionConfig("eager", warn=False), PassContext(CPU))
     assert "BETTERTRANSFORMER" not in caplog.text
-    assert all(getattr(bundle, n).config._attn_implementation == "eager" for n in ("text_encoder", "text_encoder_2", "image_encoder"))
+    assert all(
+        getattr(bundle, n).config._attn_implementation == "eager"
+        for n in ("text_encoder", "text_encoder_2", "image_encoder")
+    )
     assert "LLaMA sdpa -> eager" in report.detail
     with torch.no_grad():
         torch.testing.assert_close(bundle.text_encoder(input_ids=ids).last_hidden_state, ref, rtol=1e-4, atol=1e-5)
@@ -106,8 +106,15 @@ def test_regional_compile_compiles_each_block_kind_once_and_never_again_across_s
     fp = FramePack.load("tiny-random", enable_compile=True)
     start = compiled_graph_count()
     after_section = []
-    fp.generate(EXAMPLE_IMAGE, "a cat", out=tmp_path / "c.mp4", seconds=4, steps=2, resolution=64,
-                on_event=lambda e: after_section.append(compiled_graph_count()) if isinstance(e, SectionDone) else None)  # fmt: skip
+    fp.generate(
+        EXAMPLE_IMAGE,
+        "a cat",
+        out=tmp_path / "c.mp4",
+        seconds=4,
+        steps=2,
+        resolution=64,
+        on_event=lambda e: after_section.append(compiled_graph_count()) if isinstance(e, SectionDone) else None,
+    )
     assert len(after_section) == 3
     assert after_section[0] - start == 2  # one graph per block kind (dual, single), reused by every block
     assert after_section[-1] == after_section[0]  # no recompilation in the next sections

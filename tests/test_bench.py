@@ -85,7 +85,7 @@ def test_resolve_errors(names, message):
 
 def test_config_file(tmp_path):
     f = tmp_path / "mine.toml"
-    f.write_text('[configs.tight]\nenable_quant = true\nquant_bits = 4\n[configs.bad]\nquant_bits = 3\n')
+    f.write_text("[configs.tight]\nenable_quant = true\nquant_bits = 4\n[configs.bad]\nquant_bits = 3\n")
     extra = configs.load_config_file(f)
     assert resolve(["tight"], extra=extra)[1].settings == {"enable_quant": True, "quant_bits": 4}
     with pytest.raises(InputError, match="configuration bad: --quant-bits 3: allowed 4 or 8"):
@@ -108,14 +108,38 @@ def test_every_builtin_configuration_is_valid_settings():
 
 
 def _results():
-    fid = {"first_step_rel_l2": 0.01, "first_step_cosine": 0.999, "latents_rel_l2": 0.02, "psnr_db": 40.0,
-           "ssim": 0.98, "psnr_per_frame": [42.0, 38.0], "ssim_per_frame": [0.99, 0.97]}  # fmt: skip
-    same = {**fid, "first_step_rel_l2": 0.0, "latents_rel_l2": 0.0, "psnr_db": math.inf, "ssim": 1.0,
-            "psnr_per_frame": [math.inf, math.inf]}  # fmt: skip
+    fid = {
+        "first_step_rel_l2": 0.01,
+        "first_step_cosine": 0.999,
+        "latents_rel_l2": 0.02,
+        "psnr_db": 40.0,
+        "ssim": 0.98,
+        "psnr_per_frame": [42.0, 38.0],
+        "ssim_per_frame": [0.99, 0.97],
+    }
+    same = {
+        **fid,
+        "first_step_rel_l2": 0.0,
+        "latents_rel_l2": 0.0,
+        "psnr_db": math.inf,
+        "ssim": 1.0,
+        "psnr_per_frame": [math.inf, math.inf],
+    }
     timing = {"median": 0.5, "min": 0.4, "max": 0.6}
-    base = {"config": "baseline", "status": "ok", "reason": "", "lossy": False, "s_per_step": timing, "speedup": 1.0,
-            "s_per_video_second": timing, "first_run_s": 3.0, "load_s": 1.0, "peak_host_gb": 1.0, "fidelity": same,
-            "stages_s": {s: timing for s in ("text_encode", "image_encode", "transformer", "vae_decode", "write", "total")}}  # fmt: skip
+    base = {
+        "config": "baseline",
+        "status": "ok",
+        "reason": "",
+        "lossy": False,
+        "s_per_step": timing,
+        "speedup": 1.0,
+        "s_per_video_second": timing,
+        "first_run_s": 3.0,
+        "load_s": 1.0,
+        "peak_host_gb": 1.0,
+        "fidelity": same,
+        "stages_s": {s: timing for s in ("text_encode", "image_encode", "transformer", "vae_decode", "write", "total")},
+    }
     fast = {**base, "config": "bf16", "lossy": True, "speedup": 2.0, "fidelity": fid}
     skipped = {"config": "int8", "status": "skipped", "reason": "INT-N quantization not built", "lossy": True}
     failed = {"config": "gpu", "status": "failed", "reason": "RuntimeError: no CUDA", "lossy": False}
@@ -151,7 +175,6 @@ def test_tiny_bench_input_is_a_world_scene_that_moves_as_its_prompt_says(tmp_pat
     from PIL import Image
 
     from framepack_turbo.bench.runner import BenchSpec, bench_input
-    from framepack_turbo.train import world
 
     spec = BenchSpec(resolve(["baseline"]), model="tiny", resolution=64)
     image, prompt, (color, motion) = bench_input(spec, tmp_path)
@@ -181,9 +204,29 @@ def test_plot_is_a_png(tmp_path):
 def test_bench_bar_with_failure_rows(tmp_path):
     extra = tmp_path / "c.toml"
     extra.write_text('[configs.broken]\nenable_quant = true\nenable_fp8 = true\n[configs.gpu]\ndevice = "cuda"\n')
-    args = ["bench", "--model", "tiny-random", "--configs", "baseline,bf16,tensorrt,broken,gpu", "--config-file", str(extra),
-            "--steps", "2", "--seconds", "1", "--resolution", "64", "--repeats", "1",
-            "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")]  # fmt: skip
+    args = [
+        "bench",
+        "--model",
+        "tiny-random",
+        "--configs",
+        "baseline,bf16,tensorrt,broken,gpu",
+        "--config-file",
+        str(extra),
+        "--steps",
+        "2",
+        "--seconds",
+        "1",
+        "--resolution",
+        "64",
+        "--repeats",
+        "1",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--markdown",
+        str(tmp_path / "r.md"),
+        "--plot",
+        str(tmp_path / "r.png"),
+    ]
     result = CliRunner().invoke(app, args, env={"FRAMEPACK_ENABLE_COMPILE": "1"})
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "r.json").read_text())
@@ -198,7 +241,9 @@ def test_bench_bar_with_failure_rows(tmp_path):
         assert len(row["fidelity"]["psnr_per_frame"]) == 37
     # the baseline is identical to itself; the env variable did not turn compile on for it
     assert rows["baseline"]["fidelity"]["psnr_db_identical"] is True
-    assert rows["baseline"]["plan"] and all(p["status"] == "off" for p in rows["baseline"]["plan"] if p["name"] not in ("placement", "loading.parallel"))
+    assert rows["baseline"]["plan"] and all(
+        p["status"] == "off" for p in rows["baseline"]["plan"] if p["name"] not in ("placement", "loading.parallel")
+    )
     assert 20 < rows["bf16"]["fidelity"]["psnr_db"] < 90 and rows["bf16"]["fidelity"]["ssim"] < 1
     assert rows["tensorrt"]["status"] == "skipped" and "tensorrt-needs-gpu" in rows["tensorrt"]["reason"]
     assert rows["broken"]["status"] == "failed" and "multiple-quantization" in rows["broken"]["reason"]

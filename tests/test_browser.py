@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -42,8 +41,24 @@ def server(tmp_path):
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     env = {k: v for k, v in env.items() if not k.startswith("FRAMEPACK_")}
-    cmd = [sys.executable, "-m", "framepack_turbo.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path / "app"),
-           "--model", "tiny-random", "--resolution", "128", "--steps", "2", "--seconds", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "framepack_turbo.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp_path / "app"),
+        "--model",
+        "tiny-random",
+        "--resolution",
+        "128",
+        "--steps",
+        "2",
+        "--seconds",
+        "1",
+    ]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/"
@@ -98,7 +113,9 @@ def test_queue_two_jobs_and_cancel_a_third_in_the_browser(server, example_image)
         for n, prompt in enumerate(("a cat walks", "a dog runs"), start=1):
             page.locator("#prompt textarea").fill(prompt)
             page.locator("#queue-btn").click()
-            _wait_for(lambda n=n: f"Queued job {n}" in page.locator("#status").inner_text(), 30, f"job {n} queued", page)
+            _wait_for(
+                lambda n=n: f"Queued job {n}" in page.locator("#status").inner_text(), 30, f"job {n} queued", page
+            )
 
         _wait_for(lambda: _job_states(page).count("done") == 2, 300, "two finished jobs", page)
         page.locator("#video video").wait_for(timeout=30_000)  # the newest finished video is on the page

@@ -202,7 +202,10 @@ def test_faiss_and_exact_give_identical_videos(example_image, tmp_path):
     assert "FAISS" in next(r for r in faiss.reports if r.name == "simcache").detail
     fast = generate(faiss, example_image, tmp_path, "faiss")
     assert torch.equal(exact.latents, fast.latents)
-    counts = lambda r: [{k: s[k] for k in ("hit", "miss", "forced")} for s in r.sidecar["caches"]["simcache"]["sections"]]  # noqa: E731
+
+    def counts(r):
+        return [{k: s[k] for k in ("hit", "miss", "forced")} for s in r.sidecar["caches"]["simcache"]["sections"]]
+
     assert counts(exact) == counts(fast)  # (peak memory differs: FAISS keeps a host copy of the keys)
 
 
@@ -250,13 +253,25 @@ def _entries(tmp_path):
 def test_module_cache_hits_a_repeated_prompt_and_misses_a_changed_one(example_image, tmp_path, tiny):
     fp = _module_cache(tmp_path)
     first = generate(fp, example_image, tmp_path, "a", seconds=1)
-    assert first.sidecar["caches"]["modulecache"] == {"prompt_miss": 1, "image_miss": 1, "hit": 0, "miss": 2, "hit_rate": 0.0}
+    assert first.sidecar["caches"]["modulecache"] == {
+        "prompt_miss": 1,
+        "image_miss": 1,
+        "hit": 0,
+        "miss": 2,
+        "hit_rate": 0.0,
+    }
     again = generate(fp, example_image, tmp_path, "b", seconds=1)
     assert again.sidecar["caches"]["modulecache"]["hit"] == 2
     assert torch.equal(again.latents, first.latents)
     assert torch.equal(first.latents, generate(tiny, example_image, tmp_path, "ref", seconds=1).latents)
     other = generate(fp, example_image, tmp_path, "c", prompt="a dog", seconds=1)
-    assert other.sidecar["caches"]["modulecache"] == {"image_hit": 1, "prompt_miss": 1, "hit": 1, "miss": 1, "hit_rate": 0.5}
+    assert other.sidecar["caches"]["modulecache"] == {
+        "image_hit": 1,
+        "prompt_miss": 1,
+        "hit": 1,
+        "miss": 1,
+        "hit_rate": 0.5,
+    }
     # persisted: a new process (a new cache object) hits too
     later = generate(_module_cache(tmp_path), example_image, tmp_path, "d", seconds=1)
     assert later.sidecar["caches"]["modulecache"]["hit"] == 2 and torch.equal(later.latents, first.latents)
@@ -340,7 +355,9 @@ def test_loose_matching_is_opt_in_and_warns(tmp_path, caplog):
 
 
 def test_without_runtime_cache_the_module_cache_stays_in_memory(tmp_path):
-    cache = load(enable_module_cache=True, runtime_cache=False, runtime_cache_dir=str(tmp_path / "rc")).extension("modulecache")
+    cache = load(enable_module_cache=True, runtime_cache=False, runtime_cache_dir=str(tmp_path / "rc")).extension(
+        "modulecache"
+    )
     cache.prompt("a cat", _embeddings)
     cache.prompt("a cat", lambda: pytest.fail("must hit in memory"))
     assert not (tmp_path / "rc").exists()

@@ -22,7 +22,12 @@ def _framepack(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """The installed entry point, as a user runs it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "framepack_turbo.cli", *args], capture_output=True, text=True, env=env, timeout=600, **kwargs
+        [sys.executable, "-m", "framepack_turbo.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        **kwargs,
     )
 
 
@@ -71,13 +76,19 @@ def _small_image(tmp_path: Path) -> Path:
         (lambda t, img: ["--image", str(img), "--seconds", "-3"], "--seconds -3: allowed"),
         (lambda t, img: ["--image", str(img), "--steps", "0"], "--steps 0: allowed an integer >= 1"),
         (lambda t, img: ["--image", str(img), "--window", "0"], "--window 0: allowed an integer >= 1"),
-        (lambda t, img: ["--image", str(img), "--model", "gigantic"], "--model gigantic: allowed framepack or framepack-f1 or tiny or tiny-random or small"),
+        (
+            lambda t, img: ["--image", str(img), "--model", "gigantic"],
+            "--model gigantic: allowed framepack or framepack-f1 or tiny or tiny-random or small",
+        ),
         (lambda t, img: ["--image", str(img), "--variant", "sideways"], "--variant sideways: allowed inverted or f1"),
         (lambda t, img: ["--image", str(img), "--out", str(t)], "must be an .mp4 file"),
         (lambda t, img: ["--image", str(img), "--out", "/proc/no/such/out.mp4"], "cannot write there"),
         (lambda t, img: ["--image", str(img), "--model-dir", str(t / "nope")], "must be an existing folder"),
         (lambda t, img: ["--image", str(img), "--steps", "many"], "--steps many: allowed an integer"),
-        (lambda t, img: ["--image", str(img), "--qant-bits", "4"], "unknown option --qant-bits; did you mean --quant-bits?"),
+        (
+            lambda t, img: ["--image", str(img), "--qant-bits", "4"],
+            "unknown option --qant-bits; did you mean --quant-bits?",
+        ),
         (lambda t, img: ["--image", str(img), "--quant-bits", "3"], "--quant-bits 3: allowed 4 or 8"),
     ],
 )
@@ -119,13 +130,31 @@ def test_interrupt_handler_cancels_then_aborts():
 @pytest.mark.slow
 def test_ctrl_c_keeps_the_finished_sections(example_image, tmp_path):
     out = tmp_path / "out.mp4"
-    args = ["generate", "--image", str(example_image), "--model", "tiny-random", "--prompt", "a cat", "--seconds", "4",
-            "--steps", "8", "--resolution", "128", "--out", str(out)]  # fmt: skip
+    args = [
+        "generate",
+        "--image",
+        str(example_image),
+        "--model",
+        "tiny-random",
+        "--prompt",
+        "a cat",
+        "--seconds",
+        "4",
+        "--steps",
+        "8",
+        "--resolution",
+        "128",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "framepack_turbo.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env,
-    )  # fmt: skip
+        [sys.executable, "-m", "framepack_turbo.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.monotonic() + 300
     stderr_lines = []
     try:

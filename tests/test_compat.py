@@ -1,7 +1,5 @@
 """Every compatibility rule: it fires on the case it describes and stays quiet on the baseline; the plan obeys."""
 
-import os
-
 import pytest
 
 from framepack_turbo import compat
@@ -12,13 +10,36 @@ from framepack_turbo.optim.plan import make_plan
 from framepack_turbo.settings import Settings
 
 CPU = Hardware()  # no CUDA, no optional backends
-ALL_BACKENDS = {name: True for name in ("torchao", "bitsandbytes", "xformers", "sageattention", "flash_attn",
-                                         "flash_attn_interface", "faiss", "onnxruntime", "tensorrt", "torch_tensorrt")}  # fmt: skip
-H100 = Hardware("cuda", "NVIDIA H100", 16, 80.0, 79.0, (9, 0), True, ALL_BACKENDS, ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"))
-A100 = Hardware("cuda", "NVIDIA A100", 16, 80.0, 79.0, (8, 0), True, ALL_BACKENDS, ("CUDAExecutionProvider", "CPUExecutionProvider"))
+ALL_BACKENDS = {
+    name: True
+    for name in (
+        "torchao",
+        "bitsandbytes",
+        "xformers",
+        "sageattention",
+        "flash_attn",
+        "flash_attn_interface",
+        "faiss",
+        "onnxruntime",
+        "tensorrt",
+        "torch_tensorrt",
+    )
+}
+H100 = Hardware(
+    "cuda",
+    "NVIDIA H100",
+    16,
+    80.0,
+    79.0,
+    (9, 0),
+    True,
+    ALL_BACKENDS,
+    ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+)
+A100 = Hardware(
+    "cuda", "NVIDIA A100", 16, 80.0, 79.0, (8, 0), True, ALL_BACKENDS, ("CUDAExecutionProvider", "CPUExecutionProvider")
+)
 BARE_GPU = Hardware("cuda", "NVIDIA RTX 4090", 16, 24.0, 23.0, (8, 9), True, {}, ())
-
-
 
 
 def s(**values) -> Settings:
@@ -27,23 +48,43 @@ def s(**values) -> Settings:
 
 # (rule id, settings that show it, hardware it needs, settings+hardware where it must NOT fire)
 CASES = [
-    ("compile-cudagraphs-offload", dict(enable_compile=True, compile_mode="reduce-overhead", use_memory_v2=True), H100,
-     dict(enable_compile=True, compile_mode="max-autotune-no-cudagraphs", use_memory_v2=True)),
-    ("compile-offload-without-cudagraphs", dict(enable_compile=True, use_memory_v2=True), H100,
-     dict(enable_compile=True, use_memory_v2=False)),
+    (
+        "compile-cudagraphs-offload",
+        dict(enable_compile=True, compile_mode="reduce-overhead", use_memory_v2=True),
+        H100,
+        dict(enable_compile=True, compile_mode="max-autotune-no-cudagraphs", use_memory_v2=True),
+    ),
+    (
+        "compile-offload-without-cudagraphs",
+        dict(enable_compile=True, use_memory_v2=True),
+        H100,
+        dict(enable_compile=True, use_memory_v2=False),
+    ),
     ("tensorrt-bitsandbytes", dict(enable_tensorrt=True, use_bnb=True), H100, dict(enable_tensorrt=True)),
     ("compile-torchscript", dict(enable_compile=True, jit_mode="trace"), CPU, dict(jit_mode="trace")),
     ("multiple-quantization", dict(enable_quant=True, enable_fp8=True), H100, dict(enable_fp8=True)),
-    ("fp8-without-fp8-hardware", dict(enable_fp8=True, fp8_use_scaled_mm=True), A100,
-     dict(enable_fp8=True, fp8_use_scaled_mm=True)),  # quiet case runs on H100 below
+    (
+        "fp8-without-fp8-hardware",
+        dict(enable_fp8=True, fp8_use_scaled_mm=True),
+        A100,
+        dict(enable_fp8=True, fp8_use_scaled_mm=True),
+    ),  # quiet case runs on H100 below
     ("tensorrt-needs-gpu", dict(enable_tensorrt=True), CPU, dict(enable_tensorrt=True)),
     ("tensorrt-not-installed", dict(enable_tensorrt=True), BARE_GPU, dict(enable_tensorrt=True)),
     ("onnx-needs-onnxruntime", dict(use_onnx_engines=True), CPU, dict(use_onnx_engines=True)),
     ("onnx-trt-provider-missing", dict(onnx_trt_enable=True), A100, dict(onnx_trt_enable=True)),
-    ("onnx-step-caches", dict(use_onnx_engines=True, enable_teacache=True), CPU,
-     dict(use_onnx_engines=True, onnx_components="vae-decoder", enable_teacache=True)),
-    ("onnx-compiled-transformer", dict(use_onnx_engines=True, enable_compile=True), CPU,
-     dict(use_onnx_engines=True, onnx_components="text-encoder", enable_compile=True)),
+    (
+        "onnx-step-caches",
+        dict(use_onnx_engines=True, enable_teacache=True),
+        CPU,
+        dict(use_onnx_engines=True, onnx_components="vae-decoder", enable_teacache=True),
+    ),
+    (
+        "onnx-compiled-transformer",
+        dict(use_onnx_engines=True, enable_compile=True),
+        CPU,
+        dict(use_onnx_engines=True, onnx_components="text-encoder", enable_compile=True),
+    ),
     ("onnx-quantized-transformer", dict(use_onnx_engines=True, enable_quant=True), CPU, dict(enable_quant=True)),
     ("onnx-trt-int8-uncalibrated", dict(onnx_trt_enable=True, onnx_trt_int8=True), H100, dict(onnx_trt_enable=True)),
     ("onnx-with-offload", dict(use_onnx_engines=True), BARE_GPU, dict(use_onnx_engines=True, memory_mode="high-vram")),
@@ -53,28 +94,54 @@ CASES = [
     ("quant-needs-torchao", dict(enable_quant=True), CPU, dict(enable_quant=True)),
     ("int4-on-cpu", dict(enable_quant=True, quant_bits=4), CPU, dict(enable_quant=True, quant_bits=8)),
     ("aggressive-attention-missing", dict(xformers_mode="aggressive"), CPU, dict(xformers_mode="aggressive")),
-    ("faiss-missing", dict(enable_sim_cache=True, sim_cache_use_faiss=True), CPU,
-     dict(enable_sim_cache=True, sim_cache_use_faiss=True)),
+    (
+        "faiss-missing",
+        dict(enable_sim_cache=True, sim_cache_use_faiss=True),
+        CPU,
+        dict(enable_sim_cache=True, sim_cache_use_faiss=True),
+    ),
     ("step-caches-exclusive", dict(enable_fbcache=True, enable_teacache=True), CPU, dict(enable_fbcache=True)),
     ("step-caches-torchscript", dict(enable_kv_cache=True, jit_mode="trace"), CPU, dict(enable_kv_cache=True)),
-    ("bettertransformer-with-offload", dict(enable_bettertransformer=True, use_memory_v2=True), H100,
-     dict(enable_bettertransformer=True)),
+    (
+        "bettertransformer-with-offload",
+        dict(enable_bettertransformer=True, use_memory_v2=True),
+        H100,
+        dict(enable_bettertransformer=True),
+    ),
     ("fast-start-skips", dict(fast_start=True, enable_compile=True), CPU, dict(fast_start=True)),
     ("prune-is-lossy", dict(enable_prune=True), CPU, dict(enable_prune=False)),
     ("setting-without-switch", dict(quant_bits=4), CPU, dict(quant_bits=4, enable_quant=True)),
-    ("opt-cache-bitsandbytes", dict(enable_opt_cache=True, use_bnb=True), H100, dict(enable_opt_cache=True, enable_quant=True)),
+    (
+        "opt-cache-bitsandbytes",
+        dict(enable_opt_cache=True, use_bnb=True),
+        H100,
+        dict(enable_opt_cache=True, enable_quant=True),
+    ),
     ("opt-cache-nothing-to-store", dict(enable_opt_cache=True), CPU, dict(enable_opt_cache=True, enable_fp8=True)),
     ("model-native-resolution", dict(model="tiny", resolution=640), CPU, dict(model="tiny", resolution=64)),
     ("bnb-needs-weights", dict(use_bnb=True, model="tiny-random"), H100, dict(use_bnb=True)),
     ("tensorrt-nothing-selected", dict(enable_tensorrt=True), H100, dict(enable_tensorrt=True, trt_transformer=True)),
-    ("onnx-components-taken-by-tensorrt", dict(use_onnx_engines=True, enable_tensorrt=True, trt_transformer=True), H100,
-     dict(use_onnx_engines=True, enable_tensorrt=True, trt_text_encoders=True)),
+    (
+        "onnx-components-taken-by-tensorrt",
+        dict(use_onnx_engines=True, enable_tensorrt=True, trt_transformer=True),
+        H100,
+        dict(use_onnx_engines=True, enable_tensorrt=True, trt_text_encoders=True),
+    ),
 ]
 # Where the quiet case needs other hardware than the firing case.
-QUIET_HARDWARE = {"fp8-without-fp8-hardware": H100, "tensorrt-needs-gpu": H100, "tensorrt-not-installed": H100,
-                  "onnx-needs-onnxruntime": H100, "onnx-trt-provider-missing": H100, "bnb-needs-cuda": H100,
-                  "bnb-not-installed": H100, "memory-v2-needs-cuda": H100, "quant-needs-torchao": H100,
-                  "aggressive-attention-missing": H100, "faiss-missing": H100}  # fmt: skip
+QUIET_HARDWARE = {
+    "fp8-without-fp8-hardware": H100,
+    "tensorrt-needs-gpu": H100,
+    "tensorrt-not-installed": H100,
+    "onnx-needs-onnxruntime": H100,
+    "onnx-trt-provider-missing": H100,
+    "bnb-needs-cuda": H100,
+    "bnb-not-installed": H100,
+    "memory-v2-needs-cuda": H100,
+    "quant-needs-torchao": H100,
+    "aggressive-attention-missing": H100,
+    "faiss-missing": H100,
+}
 
 
 def test_every_rule_has_a_case():
@@ -170,7 +237,9 @@ def test_onnx_and_tensorrt_skip_paths_on_cpu():
     full = make_plan(settings, check(settings, H100), H100)  # TensorRT takes the transformer: no ONNX engine is left
     assert _status(full, "tensorrt").status == "active" and _status(full, "onnx").status == "skipped"
     assert "onnx-components-taken-by-tensorrt" in _status(full, "onnx").reason
-    settings = s(use_onnx_engines=True, onnx_components="transformer,vae-decoder", enable_tensorrt=True, trt_transformer=True)
+    settings = s(
+        use_onnx_engines=True, onnx_components="transformer,vae-decoder", enable_tensorrt=True, trt_transformer=True
+    )
     both = make_plan(settings, check(settings, H100), H100)
     assert _status(both, "onnx").status == "active" and _status(both, "tensorrt").status == "active"
 

@@ -1,7 +1,6 @@
 """`framepack doctor`, the generate gate, the API gate and the generated configuration docs."""
 
 import json
-import os
 import re
 
 import pytest
@@ -13,8 +12,6 @@ from framepack_turbo.settings import Settings, known_env, markdown_table
 
 from .conftest import ROOT
 from .test_settings import SPEC_VARIABLES
-
-
 
 
 def doctor(*args, env=None):
@@ -57,8 +54,10 @@ def test_doctor_bad_value_exits_2_naming_the_variable():
 def test_doctor_warns_about_a_misspelt_variable():
     result = CliRunner().invoke(app, ["doctor", "--json"], env={"FRAMEPACK_ENABLE_COMPLIE": "1"})
     assert result.exit_code == 0
-    data = json.loads(result.output[result.output.index("{"):])
-    assert data["warnings"] == ["unknown variable FRAMEPACK_ENABLE_COMPLIE is ignored; did you mean FRAMEPACK_ENABLE_COMPILE?"]
+    data = json.loads(result.output[result.output.index("{") :])
+    assert data["warnings"] == [
+        "unknown variable FRAMEPACK_ENABLE_COMPLIE is ignored; did you mean FRAMEPACK_ENABLE_COMPILE?"
+    ]
     text = doctor(env={"FRAMEPACK_ENABLE_COMPLIE": "1"}).output
     assert "did you mean FRAMEPACK_ENABLE_COMPILE?" in text
 
@@ -85,7 +84,17 @@ def test_generate_stops_before_loading_on_critical(monkeypatch, example_image, t
         raise AssertionError("models must not load when a critical rule fires")
 
     monkeypatch.setattr(api, "load_bundle", no_loading)
-    args = ["generate", "--image", str(example_image), "--prompt", "x", "--model", "tiny-random", "--out", str(tmp_path / "o.mp4")]
+    args = [
+        "generate",
+        "--image",
+        str(example_image),
+        "--prompt",
+        "x",
+        "--model",
+        "tiny-random",
+        "--out",
+        str(tmp_path / "o.mp4"),
+    ]
     result = CliRunner().invoke(app, args, env={"FRAMEPACK_ENABLE_TENSORRT": "1", "FRAMEPACK_USE_BNB": "1"})
     assert result.exit_code == 1
     assert "tensorrt-bitsandbytes" in result.output and "FRAMEPACK_USE_BNB=0" in result.output

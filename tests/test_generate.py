@@ -40,7 +40,9 @@ def test_two_seconds_is_73_frames_on_disk(runs, variant):
 
 @pytest.mark.parametrize("variant, seconds, frames", [("inverted", 1, 37), ("f1", 1, 37), ("inverted", 5, 145)])
 def test_frame_counts(tiny, example_image, tmp_path, variant, seconds, frames):
-    r = tiny.generate(example_image, "x", out=tmp_path / "c.mp4", variant=variant, seconds=seconds, steps=1, resolution=64)
+    r = tiny.generate(
+        example_image, "x", out=tmp_path / "c.mp4", variant=variant, seconds=seconds, steps=1, resolution=64
+    )
     assert r.frames.shape[0] == frames == video.probe(r.video_path).frames
 
 
@@ -126,7 +128,9 @@ def test_f1_context_comes_from_the_end_of_history(tiny, example_image, tmp_path)
     spy = _Spy(tiny.bundle.transformer)
     try:
         Generator(tiny.bundle).run(
-            example_image, GenerateOptions(prompt="x", seconds=2, steps=1, resolution=128, variant="f1"), tmp_path / "x.mp4"
+            example_image,
+            GenerateOptions(prompt="x", seconds=2, steps=1, resolution=128, variant="f1"),
+            tmp_path / "x.mp4",
         )
     finally:
         spy.close()
@@ -189,26 +193,34 @@ def test_cancel_mid_step_stops_after_that_step(tiny, example_image, tmp_path):
 
 
 def test_state_reset_per_section_and_job(tiny_bundle, example_image, tmp_path):
-    class Counter:
-        resets = 0
+    from framepack_turbo.optim.base import Extension
 
-        def reset(self):
-            self.resets += 1
+    class Counter(Extension):
+        def __init__(self):
+            self.resets = []
+
+        def reset(self, scope):
+            self.resets.append(scope)
 
     c = Counter()
-    gen = Generator(tiny_bundle, stateful=[c])
+    gen = Generator(tiny_bundle, extensions=[c])
     gen.run(example_image, GenerateOptions(prompt="a", seconds=2, steps=1, resolution=64), tmp_path / "a.mp4")
-    assert c.resets == 2 + 2  # job start, each of 2 sections, job end
+    assert c.resets == ["job", "section", "section", "section"]  # job start, each of 2 sections, job end
     gen.run(example_image, GenerateOptions(prompt="a", seconds=1, steps=1, resolution=64), tmp_path / "b.mp4")
-    assert c.resets == 4 + 3
+    assert c.resets[4:] == ["job", "section", "section"]
 
 
 def test_long_prompt_notice(tiny, example_image, tmp_path):
     notes = []
     tiny.generate(
-        example_image, "a cat " * 100, out=tmp_path / "x.mp4", seconds=1, steps=1, resolution=64,
+        example_image,
+        "a cat " * 100,
+        out=tmp_path / "x.mp4",
+        seconds=1,
+        steps=1,
+        resolution=64,
         on_event=lambda e: notes.append(e.message) if isinstance(e, Notice) else None,
-    )  # fmt: skip
+    )
     assert any("truncated" in n and "256" in n for n in notes)
 
 

@@ -1,22 +1,18 @@
 """TorchScript: trace equals eager on the tiny preset, strict refuses new shapes, non-strict re-traces,
 save/load round trip, script falls back to trace."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 from framepack_turbo.api import FramePack
 from framepack_turbo.hardware import Hardware
-from framepack_turbo.optim.base import PassContext
 from framepack_turbo.models.loading import load_bundle
+from framepack_turbo.optim.base import PassContext
 from framepack_turbo.optim.jit import JitConfig, JitPass, JitShapeError, TracedTransformer
 
 from .conftest import EXAMPLE_IMAGE
 from .test_optim import _inputs
-
-
 
 
 def _call(t, **shape):

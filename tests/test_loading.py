@@ -78,7 +78,9 @@ def test_model_dir_must_exist(tmp_path):
 
 
 def test_unknown_preset():
-    with pytest.raises(InputError, match="unknown model preset 'huge'.*framepack, framepack-f1, tiny, tiny-random, small"):
+    with pytest.raises(
+        InputError, match="unknown model preset 'huge'.*framepack, framepack-f1, tiny, tiny-random, small"
+    ):
         load_bundle("huge")
 
 
@@ -109,7 +111,12 @@ def test_full_preset_is_the_real_size():
 
     assert 12.5e9 < parameter_count("full") < 13.5e9  # FramePack's ~13B transformer, counted on meta
     cfg = transformer_config(SIZES["full"])
-    assert (cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["num_layers"], cfg["num_single_layers"]) == (24, 128, 20, 40)
+    assert (cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["num_layers"], cfg["num_single_layers"]) == (
+        24,
+        128,
+        20,
+        40,
+    )
     assert (cfg["text_embed_dim"], cfg["pooled_projection_dim"], cfg["image_proj_dim"]) == (4096, 768, 1152)
 
 

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from framepack_turbo import placement
 from framepack_turbo.api import FramePack
 from framepack_turbo.doctor import diagnose
 from framepack_turbo.hardware import Hardware
 from framepack_turbo.models import loading
 from framepack_turbo.models.loading import ParallelLoading, load_bundle
-from framepack_turbo import placement
 from framepack_turbo.optim.base import PassReport
 from framepack_turbo.optim.offload import Placer
-from framepack_turbo.placement import Placement, PlacementConfig, choose
 from framepack_turbo.pipeline import generate as generate_module
 from framepack_turbo.pipeline import vae as vae_module
+from framepack_turbo.placement import Placement, PlacementConfig, choose
 from framepack_turbo.settings import Settings
 
 OPTS = dict(seconds=2, steps=2, resolution=64, seed=5)
@@ -242,8 +242,9 @@ def test_parallel_loading_equals_serial(tiny_dir, parallel, caplog, monkeypatch)
 
 def test_parallel_generation_is_identical(tiny_dir, example_image, tmp_path):
     runs = [
-        FramePack.load("tiny-random", model_dir=str(tiny_dir), device="cpu", parallel_loaders=n)
-        .generate(example_image, "a cat", out=tmp_path / f"{n}.mp4", **OPTS)
+        FramePack.load("tiny-random", model_dir=str(tiny_dir), device="cpu", parallel_loaders=n).generate(
+            example_image, "a cat", out=tmp_path / f"{n}.mp4", **OPTS
+        )
         for n in (1, 4)
     ]
     assert np.array_equal(runs[0].frames, runs[1].frames)

@@ -36,7 +36,9 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def export_dir(tmp_path_factory):
     """Every component of tiny exported by the command users run (the issue's bar, with all components)."""
     out = tmp_path_factory.mktemp("onnx")
-    result = CliRunner().invoke(app, ["export", "onnx", "--model", "tiny-random", "--component", "all", "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["export", "onnx", "--model", "tiny-random", "--component", "all", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -122,7 +124,12 @@ def test_generation_with_onnx_engines_end_to_end(tmp_path, example_image, export
     from framepack_turbo.settings import Settings
 
     settings = Settings.load(
-        {"model": "tiny-random", "use_onnx_engines": True, "onnx_dir": str(export_dir), "onnx_components": ",".join(ox.COMPONENTS)},
+        {
+            "model": "tiny-random",
+            "use_onnx_engines": True,
+            "onnx_dir": str(export_dir),
+            "onnx_components": ",".join(ox.COMPONENTS),
+        },
         source="api",
     )
     fp = FramePack.load(settings=settings)
@@ -169,7 +176,9 @@ def test_fixed_shape_files_extend_on_demand_in_the_runtime_cache_only(tmp_path):
     # A user's export folder is not ours to extend: a shape it lacks is an error that says what to do.
     pinned = oe.OnnxConfig(components=("text-encoder",), export_dir=tmp_path / "user")
     shutil.copytree(folder, tmp_path / "user" / "text-encoder")
-    user_runner = oe.GraphRunner("text_encoder_2", "text-encoder", tmp_path / "user" / "text-encoder", eager_clip, bundle, pinned, [(oe.CPU, {})])
+    user_runner = oe.GraphRunner(
+        "text_encoder_2", "text-encoder", tmp_path / "user" / "text-encoder", eager_clip, bundle, pinned, [(oe.CPU, {})]
+    )
     with pytest.raises(oe.OnnxShapeError, match="framepack export onnx"):
         user_runner.run({"input_ids": ids(15)})
 
@@ -201,8 +210,17 @@ def test_engine_cache_keys_and_bound(tmp_path):
     key = oe.EngineCache.key
     base = key("g", {"x": (1, 2)}, {"fp16": True})
     assert base == key("g", {"x": (1, 2)}, {"fp16": True})
-    assert len({base, key("g", {"x": (1, 3)}, {"fp16": True}), key("g", {"x": (1, 2)}, {"fp16": False}),
-                key("h", {"x": (1, 2)}, {"fp16": True})}) == 4  # fmt: skip
+    assert (
+        len(
+            {
+                base,
+                key("g", {"x": (1, 3)}, {"fp16": True}),
+                key("g", {"x": (1, 2)}, {"fp16": False}),
+                key("h", {"x": (1, 2)}, {"fp16": True}),
+            }
+        )
+        == 4
+    )
     cache = oe.EngineCache(tmp_path, max_entries=2)
     a, b = cache.folder("a", {}), cache.folder("b", {})
     cache.folder("a", {})  # used again: now the most recent
@@ -232,10 +250,17 @@ def test_tensorrt_provider_gets_one_engine_folder_per_shape_within_the_bound(tmp
     folder = tmp_path / "export" / "vae-decoder"
     folder.mkdir(parents=True)
     (folder / "g.onnx").write_bytes(b"graph")
-    graph = {"module": "vae.decoder", "file": "g.onnx", "dtype": "float32",
-             "inputs": [{"name": "hidden_states", "kind": "float", "shape": [1, "c"]}], "dims": {"c": [1, 64]}}  # fmt: skip
+    graph = {
+        "module": "vae.decoder",
+        "file": "g.onnx",
+        "dtype": "float32",
+        "inputs": [{"name": "hidden_states", "kind": "float", "shape": [1, "c"]}],
+        "dims": {"c": [1, 64]},
+    }
     (folder / "manifest.json").write_text(json.dumps({"format": ox.FORMAT, "version": ox.VERSION, "graphs": [graph]}))
-    config = oe.OnnxConfig(trt=True, trt_cache_dir=tmp_path / "engines", max_cached_shapes=2, export_dir=tmp_path / "export")
+    config = oe.OnnxConfig(
+        trt=True, trt_cache_dir=tmp_path / "engines", max_cached_shapes=2, export_dir=tmp_path / "export"
+    )
     chain = oe.provider_chain(config, [oe.TRT, oe.CUDA, oe.CPU], cuda=True)
     runner = oe.GraphRunner("vae.decoder", "vae-decoder", folder, torch.nn.Identity(), None, config, chain)
     for c in (3, 5, 3, 7):
@@ -243,10 +268,15 @@ def test_tensorrt_provider_gets_one_engine_folder_per_shape_within_the_bound(tmp
         assert torch.equal(out, torch.full((1, c), 2.0))
     profiles = [s.providers[0][1]["trt_profile_min_shapes"] for s in _FakeSession.made]
     assert profiles == ["hidden_states:1x3", "hidden_states:1x5", "hidden_states:1x3", "hidden_states:1x7"]
-    assert all(s.providers[0][1]["trt_profile_max_shapes"] == s.providers[0][1]["trt_profile_min_shapes"] for s in _FakeSession.made)
+    assert all(
+        s.providers[0][1]["trt_profile_max_shapes"] == s.providers[0][1]["trt_profile_min_shapes"]
+        for s in _FakeSession.made
+    )
     assert len(runner.sessions) == 1  # one TensorRT session in memory
     assert len(runner.engine_cache.entries()) == 2  # shapes 3 and 7 kept on disk; 5 evicted
-    kept = {json.loads((p / "key.json").read_text())["shapes"]["hidden_states"][1] for p in runner.engine_cache.entries()}
+    kept = {
+        json.loads((p / "key.json").read_text())["shapes"]["hidden_states"][1] for p in runner.engine_cache.entries()
+    }
     assert kept == {3, 7}
 
 
@@ -259,7 +289,9 @@ def test_torch_tensorrt_wrapper_compiles_once_per_shape_within_the_bound(tmp_pat
         calls.append((tuple(arg_inputs[0].shape), options))
         return module
 
-    config = TensorRTConfig(("transformer",), workspace_mb=512, max_aux_streams=3, cache_dir=tmp_path, max_cached_shapes=2)
+    config = TensorRTConfig(
+        ("transformer",), workspace_mb=512, max_aux_streams=3, cache_dir=tmp_path, max_cached_shapes=2
+    )
     wrapped = TensorRTModule(torch.nn.Linear(4, 4), config, compile_fn=fake_compile)
     for n in (1, 2, 1, 3, 1):
         assert wrapped(torch.ones(n, 4)).shape == (n, 4)
@@ -273,7 +305,9 @@ def test_torch_tensorrt_wrapper_compiles_once_per_shape_within_the_bound(tmp_pat
 
 def test_export_cli_refuses_bad_input(tmp_path):
     runner = CliRunner()
-    bad = runner.invoke(app, ["export", "onnx", "--model", "tiny-random", "--component", "unet", "--out", str(tmp_path)])
+    bad = runner.invoke(
+        app, ["export", "onnx", "--model", "tiny-random", "--component", "unet", "--out", str(tmp_path)]
+    )
     assert bad.exit_code == 2 and "--component unet" in bad.output
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "notes.txt").write_text("mine")
@@ -286,7 +320,9 @@ def test_modules_tensorrt_took_get_no_onnx_engine(tmp_path):
     from framepack_turbo.optim.torch_trt import TensorRTConfig, TensorRTModule
 
     bundle = load_bundle("tiny-random", device="cpu")
-    bundle.transformer = TensorRTModule(bundle.transformer, TensorRTConfig(("transformer",)), compile_fn=lambda m, **k: m)
+    bundle.transformer = TensorRTModule(
+        bundle.transformer, TensorRTConfig(("transformer",)), compile_fn=lambda m, **k: m
+    )
     config = oe.OnnxConfig(cache_root=tmp_path)
     assert oe.install(bundle, "transformer", config, [(oe.CPU, {})]) == []
     assert isinstance(bundle.transformer, TensorRTModule) and not any(tmp_path.iterdir())  # nothing exported
@@ -298,13 +334,22 @@ def test_identity_is_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = ("from framepack_turbo.models.loading import load_bundle; from framepack_turbo.optim import onnx_export as ox; "
-            "b = load_bundle('tiny-random', device='cpu'); print([ox.identity_key(ox.component_identity(b, c)) for c in ox.COMPONENTS])")  # fmt: skip
+    code = (
+        "from framepack_turbo.models.loading import load_bundle; from framepack_turbo.optim import onnx_export as ox; "
+        "b = load_bundle('tiny-random', device='cpu'); print([ox.identity_key(ox.component_identity(b, c)) for c in ox.COMPONENTS])"
+    )
     keys = [
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip().splitlines()[-1]
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        .stdout.strip()
+        .splitlines()[-1]
         for seed in ("1", "2")
-    ]  # fmt: skip
+    ]
     assert keys[0] == keys[1]
 
 

@@ -2,7 +2,6 @@
 baseline on the tiny preset, and the optimized-model cache round-trips exactly and refuses what does not fit."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -10,9 +9,9 @@ import torch
 
 from framepack_turbo.api import FramePack
 from framepack_turbo.hardware import Hardware
-from framepack_turbo.optim.base import PassContext
 from framepack_turbo.models.loading import load_bundle
 from framepack_turbo.optim import artifact, bnb
+from framepack_turbo.optim.base import PassContext
 from framepack_turbo.optim.compile import guarded_compile
 from framepack_turbo.optim.fp8 import Fp8Config, Fp8Pass
 from framepack_turbo.optim.precision import LowPrecisionConfig, LowPrecisionPass
@@ -23,8 +22,6 @@ from framepack_turbo.optim.select import LinearFilter, block_stacks, selected
 CPU = Hardware(bf16=True)
 
 
-
-
 def _inputs(t, h=6, w=8):
     g = torch.Generator().manual_seed(1)
     cfg = t.config
@@ -33,20 +30,32 @@ def _inputs(t, h=6, w=8):
         return torch.randn(*shape, generator=g)
 
     return dict(
-        hidden_states=r(1, 16, 9, h, w), timestep=torch.tensor([900.0]), encoder_hidden_states=r(1, 7, cfg.text_embed_dim),
-        encoder_attention_mask=torch.ones(1, 7), pooled_projections=r(1, cfg.pooled_projection_dim),
-        image_embeds=r(1, 16, cfg.image_proj_dim), indices_latents=torch.arange(1, 10), guidance=torch.tensor([10000.0]),
-        latents_clean=r(1, 16, 2, h, w), indices_latents_clean=torch.tensor([0, 10]), latents_history_2x=r(1, 16, 2, h, w),
-        indices_latents_history_2x=torch.tensor([11, 12]), latents_history_4x=r(1, 16, 16, h, w),
-        indices_latents_history_4x=torch.arange(13, 29), return_dict=False,
-    )  # fmt: skip
+        hidden_states=r(1, 16, 9, h, w),
+        timestep=torch.tensor([900.0]),
+        encoder_hidden_states=r(1, 7, cfg.text_embed_dim),
+        encoder_attention_mask=torch.ones(1, 7),
+        pooled_projections=r(1, cfg.pooled_projection_dim),
+        image_embeds=r(1, 16, cfg.image_proj_dim),
+        indices_latents=torch.arange(1, 10),
+        guidance=torch.tensor([10000.0]),
+        latents_clean=r(1, 16, 2, h, w),
+        indices_latents_clean=torch.tensor([0, 10]),
+        latents_history_2x=r(1, 16, 2, h, w),
+        indices_latents_history_2x=torch.tensor([11, 12]),
+        latents_history_4x=r(1, 16, 16, h, w),
+        indices_latents_history_4x=torch.arange(13, 29),
+        return_dict=False,
+    )
 
 
 def _forward(t):
     with torch.no_grad():
         inputs = _inputs(t)
         dtype = t.dtype
-        inputs = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v) for k, v in inputs.items()}
+        inputs = {
+            k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v)
+            for k, v in inputs.items()
+        }
         return t(**inputs)[0].float()
 
 
@@ -95,11 +104,14 @@ def test_low_precision_changes_what_it_says(fresh):
     assert _rel(out, ref) < 0.05  # bf16: measured ~0.01 on tiny
 
 
-@pytest.mark.parametrize("config, tensor_type, tolerance", [
-    (QuantConfig(8, "dynamic"), "Int8Tensor", 0.05),  # measured ~0.005
-    (QuantConfig(8, "weight-only"), "Int8Tensor", 0.05),
-    (QuantConfig(4, group_size=32), "IntxUnpackedToInt8Tensor", 0.3),  # measured ~0.08
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "config, tensor_type, tolerance",
+    [
+        (QuantConfig(8, "dynamic"), "Int8Tensor", 0.05),  # measured ~0.005
+        (QuantConfig(8, "weight-only"), "Int8Tensor", 0.05),
+        (QuantConfig(4, group_size=32), "IntxUnpackedToInt8Tensor", 0.3),  # measured ~0.08
+    ],
+)
 def test_quant_touches_block_linears_only(fresh, config, tensor_type, tolerance):
     t = fresh.transformer
     expected = {f"{n}.weight" for n in selected(t, LinearFilter(block_stacks(t)))}
@@ -113,7 +125,9 @@ def test_quant_touches_block_linears_only(fresh, config, tensor_type, tolerance)
 
 
 def test_int4_leaves_out_linears_the_group_does_not_divide(fresh):
-    report = QuantPass().apply(fresh, QuantConfig(4, group_size=128), PassContext(CPU))  # tiny widths are 32, 64 and 128
+    report = QuantPass().apply(
+        fresh, QuantConfig(4, group_size=128), PassContext(CPU)
+    )  # tiny widths are 32, 64 and 128
     assert report.counters["left_out"] > 0 and "left out" in report.detail
     for name, module in fresh.transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and type(module.weight.data).__name__ == "IntxUnpackedToInt8Tensor":
@@ -135,7 +149,9 @@ def test_fp8_storage_with_target_and_exclude_keys(fresh):
 def test_fp8_target_can_reach_norms_when_asked(fresh):
     t = fresh.transformer
     default = set(selected(t, LinearFilter(block_stacks(t), exclude=Fp8Config().exclusions())))
-    with_norms = set(selected(t, LinearFilter(block_stacks(t), include=("norm",), exclude=Fp8Config(("norm",)).exclusions())))
+    with_norms = set(
+        selected(t, LinearFilter(block_stacks(t), include=("norm",), exclude=Fp8Config(("norm",)).exclusions()))
+    )
     assert not any("norm" in n for n in default)
     assert with_norms and all("norm" in n for n in with_norms)
 
@@ -181,7 +197,9 @@ def test_compile_falls_back_to_eager_on_a_compiler_failure(monkeypatch):
 
 
 def test_compile_does_not_hide_real_errors(monkeypatch):
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda *a, **k: (_ for _ in ()).throw(ValueError("bad input"))))
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **kw: lambda *a, **k: (_ for _ in ()).throw(ValueError("bad input"))
+    )
     block = torch.nn.Linear(4, 4)
     guarded_compile(block, "default", "block")
     with pytest.raises(ValueError, match="bad input"):
@@ -223,8 +241,13 @@ def test_bnb_configs_build_with_the_real_libraries():
 
 
 def _load(tmp_path, **extra):
-    settings = dict(model="tiny-random", enable_quant=True, enforce_low_precision=True, enable_opt_cache=True,
-                    optimized_transformer=str(tmp_path / "art" / "t.safetensors"))  # fmt: skip
+    settings = dict(
+        model="tiny-random",
+        enable_quant=True,
+        enforce_low_precision=True,
+        enable_opt_cache=True,
+        optimized_transformer=str(tmp_path / "art" / "t.safetensors"),
+    )
     return FramePack.load(**{**settings, **extra})
 
 
@@ -305,5 +328,10 @@ def test_optimize_command(tmp_path):
     manifest = json.loads((out / "transformer.json").read_text())
     assert manifest["settings"]["enable_quant"] is True
     assert any(p["name"] == "quant" and p["outcome"] == "applied" for p in manifest["passes"])
-    fp = FramePack.load("tiny-random", enable_quant=True, enable_opt_cache=True, optimized_transformer=str(out / "transformer.safetensors"))
+    fp = FramePack.load(
+        "tiny-random",
+        enable_quant=True,
+        enable_opt_cache=True,
+        optimized_transformer=str(out / "transformer.safetensors"),
+    )
     assert getattr(fp.bundle.transformer, artifact.FROM_ARTIFACT_ATTR, False)

@@ -32,10 +32,27 @@ JOB = dict(seconds=2, steps=4, resolution=64, seed=3)
 # Settings no pass reads: what a job is (the generation group), fast start (a compat rule turns passes off
 # with it), how the VAE decodes (the generator, per job) and the preset (its values are the settings).
 GENERAL = {
-    "model", "model_dir", "variant", "seconds", "steps", "window", "seed", "gs", "cfg", "rs", "resolution", "crf",
-    "device", "offline", "fast_start", "vae_chunk_size", "vae_chunk_reserve_gb", "vae_chunk_safety",
-    "vae_upscale_factor", "preset",
-}  # fmt: skip
+    "model",
+    "model_dir",
+    "variant",
+    "seconds",
+    "steps",
+    "window",
+    "seed",
+    "gs",
+    "cfg",
+    "rs",
+    "resolution",
+    "crf",
+    "device",
+    "offline",
+    "fast_start",
+    "vae_chunk_size",
+    "vae_chunk_reserve_gb",
+    "vae_chunk_safety",
+    "vae_upscale_factor",
+    "preset",
+}
 
 
 # ---- one declaration, everything derived ------------------------------------------------------------
@@ -94,9 +111,19 @@ def test_each_pass_reads_only_what_it_declares(name):
 
 def test_artifact_key_export_list_and_lossy_labels_come_from_the_registry():
     assert set(registry.shaping_settings()) == {
-        "enforce_low_precision", "enable_prune", "prune_dual_ratio", "prune_single_ratio", "enable_quant", "quant_bits",
-        "quant_int8_mode", "quant_group_size", "enable_fp8", "fp8_target_keys", "fp8_exclude_keys", "fp8_use_scaled_mm",
-    }  # fmt: skip
+        "enforce_low_precision",
+        "enable_prune",
+        "prune_dual_ratio",
+        "prune_single_ratio",
+        "enable_quant",
+        "quant_bits",
+        "quant_int8_mode",
+        "quant_group_size",
+        "enable_fp8",
+        "fp8_target_keys",
+        "fp8_exclude_keys",
+        "fp8_use_scaled_mm",
+    }
     assert artifact.stored_passes() == {"prune", "quant", "fp8"}  # low precision also casts the encoders
     everything = Settings.load({"preset": "max-performance", "jit_mode": "trace", "enable_tensorrt": True}, environ={})
     off = registry.switched_off_for_export(everything)
@@ -156,7 +183,9 @@ def test_a_toy_pass_runs_through_the_generator(toy, example_image, tmp_path):
 # ---- the plan doctor prints is the plan that runs ---------------------------------------------------
 
 
-PLANNED = dict(enable_teacache=True, enable_sim_cache=True, use_bnb=True, enable_tensorrt=True, enable_module_cache=True)
+PLANNED = dict(
+    enable_teacache=True, enable_sim_cache=True, enable_tensorrt=True, enable_module_cache=True, xformers_mode="off"
+)
 
 
 @pytest.mark.parametrize("hardware", [None, H100], ids=["this-cpu", "simulated-h100"])
@@ -170,7 +199,9 @@ def test_doctor_plan_is_the_plan_the_run_records(hardware, monkeypatch, example_
     assert result.sidecar["settings"]["plan"] == doctor["plan"]
     assert result.sidecar["placement"]["mode"] == doctor["placement"]["mode"] == "cpu"
     status = {p["name"]: p["status"] for p in doctor["plan"]}
-    assert status["teacache"] == "active" and status["simcache"] == status["loading.bnb"] == "skipped"
+    assert (
+        status["teacache"] == status["attention"] == "active" and status["simcache"] == status["tensorrt"] == "skipped"
+    )
 
 
 # ---- runtime passes come off a loaded bundle ---------------------------------------------------------
@@ -188,8 +219,12 @@ def _settings(values):
 
 
 def test_jobs_that_differ_in_runtime_passes_reuse_the_loaded_models(monkeypatch, example_image, tmp_path):
-    fresh = {name: FramePack.load(settings=_settings(v)).generate(example_image, "a cat", out=tmp_path / f"f{name}.mp4", **JOB)
-             for name, v in RUNS.items()}  # fmt: skip
+    fresh = {
+        name: FramePack.load(settings=_settings(v)).generate(
+            example_image, "a cat", out=tmp_path / f"f{name}.mp4", **JOB
+        )
+        for name, v in RUNS.items()
+    }
     import framepack_turbo.api as api
 
     loads = []
@@ -232,3 +267,13 @@ def test_the_web_queue_reuses_the_models_across_runtime_changes(tmp_path):
     assert queue.run_pending() == 3
     assert all(job.state == "done" for job in queue.store.list()) and runner.loads == 1
     assert set(queue.live.cache_timeline[0]) == {"fbcache"}  # from the events: the last job's cache per section
+
+
+def test_the_attention_backend_comes_off_too():
+    from framepack_turbo.optim.attention import attention_backends
+
+    fp = FramePack.load(settings=_settings({"xformers_mode": "off"}))
+    default = attention_backends(FramePack.load(settings=_settings({})).bundle.transformer)
+    assert attention_backends(fp.bundle.transformer) != default
+    assert fp.reconfigure(_settings({}))
+    assert attention_backends(fp.bundle.transformer) == default

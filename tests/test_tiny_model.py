@@ -29,8 +29,11 @@ def trained():
 
 def test_shipped_files_match_their_manifest_and_budget():
     manifest = json.loads((TINY_WEIGHTS / "manifest.json").read_text())
-    on_disk = {str(p.relative_to(TINY_WEIGHTS)): p.stat().st_size for p in TINY_WEIGHTS.rglob("*")
-               if p.is_file() and p.name != "manifest.json"}  # fmt: skip
+    on_disk = {
+        str(p.relative_to(TINY_WEIGHTS)): p.stat().st_size
+        for p in TINY_WEIGHTS.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    }
     assert on_disk == manifest["files"]
     assert sum(on_disk.values()) == manifest["bytes"] <= ship.MAX_SHIPPED_BYTES
     assert all(name.endswith((".json", ".safetensors", ".txt", ".model")) for name in on_disk)  # no pickles

@@ -131,5 +131,6 @@ def test_decoder_finetune_keeps_the_encoder_and_its_latent_scale(tmp_path):
     assert changed == {"decoder"} or changed == {"decoder", "post_quant_conv"}
     again = finetune_decoder(tmp_path, cfg, progress=False)  # resumes at step 2: nothing left to do
     assert again["steps"] == 2 and torch.equal(
-        AutoencoderKLHunyuanVideo.from_pretrained(tmp_path / "vae").decoder.conv_out.conv.weight, after.decoder.conv_out.conv.weight
+        AutoencoderKLHunyuanVideo.from_pretrained(tmp_path / "vae").decoder.conv_out.conv.weight,
+        after.decoder.conv_out.conv.weight,
     )

@@ -24,9 +24,15 @@ class ToySettings(Settings):
 
 
 SPEC = PassSpec(
-    "toy", "toy pass", "runtime", on("enable_toy"), ("toy_strength",), lossy=True, removable=True,
+    "toy",
+    "toy pass",
+    "runtime",
+    on("enable_toy"),
+    ("toy_strength",),
+    lossy=True,
+    removable=True,
     impl="tests.toy_pass:ToyPass",
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)

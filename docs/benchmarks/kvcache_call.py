@@ -42,16 +42,22 @@ def main() -> None:
         return torch.randn(*shape, generator=g).to(device, dtype)
 
     inputs = dict(
-        hidden_states=rand(1, 16, 9, h, w), timestep=torch.tensor([500.0], device=device, dtype=dtype),
+        hidden_states=rand(1, 16, 9, h, w),
+        timestep=torch.tensor([500.0], device=device, dtype=dtype),
         encoder_hidden_states=rand(1, args.text_tokens, c.text_embed_dim),
         encoder_attention_mask=torch.ones(1, args.text_tokens, dtype=torch.long, device=device),
-        pooled_projections=rand(1, c.pooled_projection_dim), image_embeds=rand(1, SIGLIP_TOKENS, c.image_proj_dim),
-        indices_latents=torch.arange(1, 10, device=device), guidance=torch.tensor([10000.0], device=device, dtype=dtype),
-        latents_clean=rand(1, 16, 2, h, w), indices_latents_clean=torch.tensor([0, 10], device=device),
-        latents_history_2x=rand(1, 16, 2, h, w), indices_latents_history_2x=torch.tensor([11, 12], device=device),
-        latents_history_4x=rand(1, 16, 16, h, w), indices_latents_history_4x=torch.arange(13, 29, device=device),
+        pooled_projections=rand(1, c.pooled_projection_dim),
+        image_embeds=rand(1, SIGLIP_TOKENS, c.image_proj_dim),
+        indices_latents=torch.arange(1, 10, device=device),
+        guidance=torch.tensor([10000.0], device=device, dtype=dtype),
+        latents_clean=rand(1, 16, 2, h, w),
+        indices_latents_clean=torch.tensor([0, 10], device=device),
+        latents_history_2x=rand(1, 16, 2, h, w),
+        indices_latents_history_2x=torch.tensor([11, 12], device=device),
+        latents_history_4x=rand(1, 16, 16, h, w),
+        indices_latents_history_4x=torch.arange(13, 29, device=device),
         return_dict=False,
-    )  # fmt: skip
+    )
 
     def call(step: int) -> float:
         if device.type == "cuda":
@@ -70,8 +76,10 @@ def main() -> None:
         reuse.append(call(1))
     stats = fp.bundle.step_caches[0].section_stats()
     noisy = 9 * (h // 2) * (w // 2)
-    print(f"model {args.model}, latent {h}x{w}: {noisy} noisy tokens, {stats['context_tokens']} context tokens, "
-          f"{stats['cached_mb']} MB of cached K/V")  # fmt: skip
+    print(
+        f"model {args.model}, latent {h}x{w}: {noisy} noisy tokens, {stats['context_tokens']} context tokens, "
+        f"{stats['cached_mb']} MB of cached K/V"
+    )
     print(f"full call  median {statistics.median(full):.4f} s (min {min(full):.4f}, max {max(full):.4f})")
     print(f"reuse call median {statistics.median(reuse):.4f} s (min {min(reuse):.4f}, max {max(reuse):.4f})")
     print(f"ratio {statistics.median(full) / statistics.median(reuse):.2f}x")

@@ -66,7 +66,9 @@ _OPTION_SETTINGS = ("seconds", "variant", "seed", "steps", "window", "gs", "cfg"
 _JOB_SETTINGS = (*_OPTION_SETTINGS, "vae_chunk_size", "vae_chunk_reserve_gb", "vae_chunk_safety", "vae_upscale_factor")
 
 
-def options_from_settings(settings: Settings, prompt: str, negative_prompt: str = "", **overrides: Any) -> GenerateOptions:
+def options_from_settings(
+    settings: Settings, prompt: str, negative_prompt: str = "", **overrides: Any
+) -> GenerateOptions:
     """The per-job options: the settings' values, then `overrides` (GenerateOptions field names)."""
     values = {_OPTION_NAMES.get(n, n): getattr(settings, n) for n in _OPTION_SETTINGS}
     return GenerateOptions(prompt=prompt, negative_prompt=negative_prompt, **{**values, **overrides})
@@ -98,7 +100,9 @@ def _log_findings(report: compat.CompatReport, ignore_incompatible: bool) -> Non
         time.sleep(INCOMPATIBLE_PAUSE_S)
 
 
-def _check_and_plan(settings: Settings, hardware: Hardware, ignore_incompatible: bool) -> tuple[compat.CompatReport, Plan]:
+def _check_and_plan(
+    settings: Settings, hardware: Hardware, ignore_incompatible: bool
+) -> tuple[compat.CompatReport, Plan]:
     """The compatibility report (raising on a critical finding unless ignored) and the plan, logged."""
     report = compat.check(settings, hardware)
     if report.has_critical and not ignore_incompatible:
@@ -231,9 +235,13 @@ class FramePack:
         opts = options_from_settings(self.settings, prompt, negative_prompt, **options)
         record = {"values": self.settings.to_json_dict(), "plan": self.plan.to_list(), "compat": self.report.to_list()}
         generator = Generator(
-            self.bundle, on_event=on_event, cancel=cancel, extensions=self.extensions, settings=record,
+            self.bundle,
+            on_event=on_event,
+            cancel=cancel,
+            extensions=self.extensions,
+            settings=record,
             decode=ChunkedDecode.from_settings(self.settings),
-        )  # fmt: skip
+        )
         return generator.run(image, opts, out or default_output_path())
 
     def reconfigure(self, settings: Settings, ignore_incompatible: bool = False) -> bool:

@@ -194,17 +194,24 @@ def generate(
         token = CancelToken()
         with _InterruptToCancel(token), _ProgressView(console) as view:
             result = fp.generate(
-                picture, prompt, out=out_path, on_event=view, cancel=token, negative_prompt=negative,
+                picture,
+                prompt,
+                out=out_path,
+                on_event=view,
+                cancel=token,
+                negative_prompt=negative,
                 **{k: v for k, v in options.to_dict().items() if k not in ("prompt", "negative_prompt")},
-            )  # fmt: skip
+            )
         timings = result.sidecar["timings"]
         typer.echo(
             f"wrote {result.video_path} ({len(result.frames)} frames, {len(result.frames) / FPS:.2f} s) "
             f"and {result.sidecar_path.name} in {timings['total']:.1f} s",
         )
         for name, record in result.sidecar.get("caches", {}).items():
-            typer.echo(f"{name}: {record['hit']} reused of {record['hit'] + record['miss'] + record.get('forced', 0)} "
-                       f"({record['hit_rate'] * 100:.0f}%)")  # fmt: skip
+            typer.echo(
+                f"{name}: {record['hit']} reused of {record['hit'] + record['miss'] + record.get('forced', 0)} "
+                f"({record['hit_rate'] * 100:.0f}%)"
+            )
     except FramePackError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     except KeyboardInterrupt:
@@ -274,6 +281,7 @@ def optimize(
 export_app = typer.Typer(help="Export components for other runtimes.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
+
 @export_app.command("onnx", context_settings=SETTINGS_CONTEXT, epilog=_settings_epilog())
 def export_onnx(
     ctx: typer.Context,
@@ -281,7 +289,9 @@ def export_onnx(
     component: Annotated[
         list[str], typer.Option(help="transformer, text-encoder, image-encoder, vae-decoder or all (repeatable).")
     ] = ["transformer"],  # noqa: B006 - typer reads the default, never mutates it
-    check: Annotated[bool, typer.Option(help="Run each graph in onnxruntime against PyTorch before keeping it.")] = True,
+    check: Annotated[
+        bool, typer.Option(help="Run each graph in onnxruntime against PyTorch before keeping it.")
+    ] = True,
     preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
 ) -> None:
     """Export components to ONNX (dynamo exporter, weights as external data, dynamic text length, frames
@@ -302,7 +312,6 @@ def export_onnx(
         _check_writable_file(out / ".probe")
         settings = _settings_from(ctx, preset)
         from framepack_turbo.api import FramePack
-
         from framepack_turbo.optim.registry import switched_off_for_export
 
         # a graph records the weights as they are: hooks and compiled wrappers of other passes must not be in it
@@ -321,19 +330,35 @@ def export_onnx(
 
 @app.command()
 def bench(
-    model: Annotated[str, typer.Option(help="tiny (trained, 64 px), tiny-random or small (CPU), full (real size, random weights, CUDA).")] = "tiny",
-    configs: Annotated[str, typer.Option(help="Comma list of configurations; combine with + (int8+compile).")] = "baseline",
-    preset: Annotated[Optional[list[str]], typer.Option(help="Add an optimization preset as a configuration (repeatable).")] = None,
+    model: Annotated[
+        str,
+        typer.Option(help="tiny (trained, 64 px), tiny-random or small (CPU), full (real size, random weights, CUDA)."),
+    ] = "tiny",
+    configs: Annotated[
+        str, typer.Option(help="Comma list of configurations; combine with + (int8+compile).")
+    ] = "baseline",
+    preset: Annotated[
+        Optional[list[str]], typer.Option(help="Add an optimization preset as a configuration (repeatable).")
+    ] = None,
     config_file: Annotated[Optional[Path], typer.Option(help="TOML with [configs.NAME] tables of settings.")] = None,
     variant: Annotated[Optional[str], typer.Option(help="inverted or f1.")] = None,
     seconds: Annotated[float, typer.Option(help="Clip length per generation.")] = 2.0,
     steps: Annotated[int, typer.Option(help="Sampling steps per section.")] = 4,
-    resolution: Annotated[Optional[int], typer.Option(help="Bucket base; default 128 (64 for tiny, 640 for full).")] = None,
+    resolution: Annotated[
+        Optional[int], typer.Option(help="Bucket base; default 128 (64 for tiny, 640 for full).")
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per configuration after the warm-up.")] = 2,
     seed: Annotated[int, typer.Option()] = 31337,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: CUDA if present.")] = None,
-    sequential: Annotated[bool, typer.Option("--sequential", help="One configuration process at a time (no interleaving).")] = False,
-    model_dir: Annotated[Optional[Path], typer.Option(help="Load every configuration's weights from this folder (the --model-dir layout; --model names the preset).")] = None,
+    sequential: Annotated[
+        bool, typer.Option("--sequential", help="One configuration process at a time (no interleaving).")
+    ] = False,
+    model_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Load every configuration's weights from this folder (the --model-dir layout; --model names the preset)."
+        ),
+    ] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every raw number here.")] = None,
     markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Write the tables here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot here.")] = None,
@@ -345,6 +370,7 @@ def bench(
     try:
         from framepack_turbo.bench import configs as bench_configs
         from framepack_turbo.bench import report, runner
+
         leaked = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX))
         if leaked:  # configurations say everything: each is read with an empty environment
             typer.echo(f"note: bench ignores {', '.join(leaked)}: put settings in configurations", err=True)
@@ -355,10 +381,18 @@ def bench(
         extra = bench_configs.load_config_file(config_file) if config_file else None
         resolved = bench_configs.resolve(configs.split(","), preset or [], extra)
         spec = runner.BenchSpec(
-            resolved, model=model, variant=variant, seconds=seconds, steps=steps,
-            resolution=resolution or BENCH_MODELS[model], repeats=repeats, seed=seed, device=device,
-            sequential=sequential, model_dir=str(model_dir.resolve()) if model_dir else None,
-        )  # fmt: skip
+            resolved,
+            model=model,
+            variant=variant,
+            seconds=seconds,
+            steps=steps,
+            resolution=resolution or BENCH_MODELS[model],
+            repeats=repeats,
+            seed=seed,
+            device=device,
+            sequential=sequential,
+            model_dir=str(model_dir.resolve()) if model_dir else None,
+        )
         from framepack_turbo.settings import Settings
 
         Settings.load(spec.common_settings(), source="cli", environ={})  # bad --seconds etc. fail here, once
@@ -435,8 +469,14 @@ def serve(
     queue = JobQueue(JobStore(data_dir / "jobs.sqlite"), GenerationRunner(base), data_dir).start()
     page = build(queue, base, Hardware.detect())
     try:
-        page.launch(server_name=host, server_port=port, auth=credentials, share=share == "yes",
-                    allowed_paths=[str(data_dir.resolve())], quiet=False)  # fmt: skip
+        page.launch(
+            server_name=host,
+            server_port=port,
+            auth=credentials,
+            share=share == "yes",
+            allowed_paths=[str(data_dir.resolve())],
+            quiet=False,
+        )
     finally:
         queue.stop()
 

@@ -226,7 +226,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "fp8-without-fp8-hardware",
         Severity.WARNING,
-        lambda s, h: s.enable_fp8 and s.fp8_use_scaled_mm and not (h.cuda and h.capability_at_least(*FP8_COMPUTE_CAPABILITY)),
+        lambda s, h: (
+            s.enable_fp8 and s.fp8_use_scaled_mm and not (h.cuda and h.capability_at_least(*FP8_COMPUTE_CAPABILITY))
+        ),
         lambda s, h: (
             "FP8 matmuls (FP8_USE_SCALED_MM=1) need a GPU of compute capability 8.9 or newer (Ada, Hopper); "
             f"this machine has {h.device_name}"
@@ -263,10 +265,16 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "onnx-components-taken-by-tensorrt",
         Severity.INFO,
-        lambda s, h: registry.get("onnx").wanted(s) and _trt_runs(s, h) and bool(_trt_modules(s) & set(s.onnx_components)),
+        lambda s, h: (
+            registry.get("onnx").wanted(s) and _trt_runs(s, h) and bool(_trt_modules(s) & set(s.onnx_components))
+        ),
         lambda s, h: (
             f"TensorRT (torch-tensorrt) runs {', '.join(sorted(_trt_modules(s) & set(s.onnx_components)))}; "
-            + (f"ONNX engines run {', '.join(_onnx_left(s, h))}." if _onnx_left(s, h) else "no ONNX engine is left to run.")
+            + (
+                f"ONNX engines run {', '.join(_onnx_left(s, h))}."
+                if _onnx_left(s, h)
+                else "no ONNX engine is left to run."
+            )
         ),
         "Nothing to do; drop those components from FRAMEPACK_ONNX_COMPONENTS to silence this.",
         disables=lambda s, h: () if _onnx_left(s, h) else ("onnx",),
@@ -466,7 +474,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "opt-cache-nothing-to-store",
         Severity.INFO,
-        lambda s, h: s.enable_opt_cache and not (s.enforce_low_precision or s.enable_prune or s.enable_quant or s.enable_fp8),
+        lambda s, h: (
+            s.enable_opt_cache and not (s.enforce_low_precision or s.enable_prune or s.enable_quant or s.enable_fp8)
+        ),
         "ENABLE_OPT_CACHE stores the transformer after low precision, pruning, INT-N or FP8; none is on, so there "
         "is nothing to cache (compiled code is not stored).",
         "Turn on a weight pass, or FRAMEPACK_ENABLE_OPT_CACHE=0.",
@@ -503,9 +513,12 @@ def check(settings: Settings, hardware: Hardware) -> CompatReport:
     order = {Severity.CRITICAL: 0, Severity.WARNING: 1, Severity.INFO: 2}
     findings = [
         Finding(
-            r.id, r.severity, _text(r.message, settings, hardware), _text(r.fix, settings, hardware),
+            r.id,
+            r.severity,
+            _text(r.message, settings, hardware),
+            _text(r.fix, settings, hardware),
             r.disables(settings, hardware) if callable(r.disables) else r.disables,
-        )  # fmt: skip
+        )
         for r in RULES
         if r.when(settings, hardware)
     ]

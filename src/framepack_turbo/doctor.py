@@ -12,7 +12,9 @@ from framepack_turbo.optim.plan import make_plan
 from framepack_turbo.settings import Settings, known_env, unknown_env_warnings
 
 
-def diagnose(settings: Settings, hardware: Hardware | None = None, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def diagnose(
+    settings: Settings, hardware: Hardware | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The doctor report as data: keys settings, known_env, plan, placement, compat, hardware (+ versions, warnings).
 
     The plan and placement are exactly what `FramePack.load` would apply with these settings on this machine
@@ -54,7 +56,7 @@ def render_text(data: dict[str, Any]) -> str:
 
     lines.append("")
     lines.append("Settings (value, source); * = not the default")
-    for name, entry in data["settings"].items():
+    for entry in data["settings"].values():
         mark = "*" if entry["source"] != "default" else " "
         value = entry["value"]
         value = ",".join(value) if isinstance(value, list) else value

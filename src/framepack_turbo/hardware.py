@@ -43,7 +43,11 @@ def _imports(module: str) -> bool:
     import io
     import warnings
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         try:
             importlib.import_module(module)
@@ -96,9 +100,16 @@ class Hardware:
             props = torch.cuda.get_device_properties(0)
             free, total = torch.cuda.mem_get_info(0)
             return Hardware(
-                "cuda", props.name, cpus, round(total / 2**30, 2), round(free / 2**30, 2),
-                (props.major, props.minor), torch.cuda.is_bf16_supported(), backends, providers,
-            )  # fmt: skip
+                "cuda",
+                props.name,
+                cpus,
+                round(total / 2**30, 2),
+                round(free / 2**30, 2),
+                (props.major, props.minor),
+                torch.cuda.is_bf16_supported(),
+                backends,
+                providers,
+            )
         name = platform.processor() or platform.machine()
         return Hardware("cpu", name, cpus, None, None, None, True, backends, providers)
 

@@ -10,9 +10,16 @@ import warnings
 # Loggers that report harmless import-time noise (torchao's optional CUDA extensions on a CPU
 # machine, torch's pytree deprecation notes, diffusers' torchao probe) and library chatter.
 NOISY_LOGGERS = (
-    "diffusers", "transformers", "huggingface_hub", "httpx", "torchao", "torch.utils._pytree", "torch.onnx", "onnx_ir",
+    "diffusers",
+    "transformers",
+    "huggingface_hub",
+    "httpx",
+    "torchao",
+    "torch.utils._pytree",
+    "torch.onnx",
+    "onnx_ir",
     "onnxscript",
-)  # fmt: skip
+)
 
 
 def quiet_libraries() -> None:

@@ -63,7 +63,9 @@ def choose(config: PlacementConfig, cuda: bool, free_gb: float | None) -> Placem
         return Placement(config.mode, f"set by the settings (MEMORY_MODE / --use-memory-v2): {config.mode}")
     free = free_gb or 0.0
     if free > config.high_vram_gb:
-        return Placement("high-vram", f"{free:.1f} GB free > HIGH_VRAM_THRESHOLD_GB {config.high_vram_gb:g}: all resident")
+        return Placement(
+            "high-vram", f"{free:.1f} GB free > HIGH_VRAM_THRESHOLD_GB {config.high_vram_gb:g}: all resident"
+        )
     return Placement(
         "v1",
         f"{free:.1f} GB free <= HIGH_VRAM_THRESHOLD_GB {config.high_vram_gb:g}: on-demand moves, "

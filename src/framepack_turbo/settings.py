@@ -24,7 +24,14 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from framepack_turbo.constants import ENV_PREFIX, MAX_RESOLUTION, MAX_SECONDS, MIN_RESOLUTION, ONNX_COMPONENTS, PRESET_ENV
+from framepack_turbo.constants import (
+    ENV_PREFIX,
+    MAX_RESOLUTION,
+    MAX_SECONDS,
+    MIN_RESOLUTION,
+    ONNX_COMPONENTS,
+    PRESET_ENV,
+)
 from framepack_turbo.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -54,192 +61,441 @@ class Settings(BaseSettings):
 
     # ---- generation -------------------------------------------------------------------------
     model: Literal["framepack", "framepack-f1", "tiny", "tiny-random", "small", "full"] = Field(
-        "framepack", description="Model preset: the real weights (framepack, framepack-f1); tiny, trained on a "
+        "framepack",
+        description="Model preset: the real weights (framepack, framepack-f1); tiny, trained on a "
         "procedural world and shipped in the package (64 px, CPU); or random weights: tiny-random, small (CPU), "
         "full (real size, CUDA).",
-        json_schema_extra=_group("generation"))  # fmt: skip
+        json_schema_extra=_group("generation"),
+    )
     model_dir: Path | None = Field(
-        None, description="Local folder with one sub-folder per component, laid out like the repos; must exist.",
-        json_schema_extra=_group("generation"))  # fmt: skip
+        None,
+        description="Local folder with one sub-folder per component, laid out like the repos; must exist.",
+        json_schema_extra=_group("generation"),
+    )
     variant: Literal["inverted", "f1"] | None = Field(
-        None, description="inverted (anti-drifting) or f1; unset: the variant the model was trained for.",
-        json_schema_extra=_group("generation"))  # fmt: skip
+        None,
+        description="inverted (anti-drifting) or f1; unset: the variant the model was trained for.",
+        json_schema_extra=_group("generation"),
+    )
     seconds: float = Field(
-        5.0, gt=0, le=MAX_SECONDS, description="Clip length in seconds.", json_schema_extra=_group("generation"))
-    steps: int = Field(25, ge=1, le=1000, description="Sampling steps per section.", json_schema_extra=_group("generation"))
+        5.0, gt=0, le=MAX_SECONDS, description="Clip length in seconds.", json_schema_extra=_group("generation")
+    )
+    steps: int = Field(
+        25, ge=1, le=1000, description="Sampling steps per section.", json_schema_extra=_group("generation")
+    )
     window: int = Field(
-        9, ge=1, le=64, description="Latent frames per section (latent_window_size).", json_schema_extra=_group("generation"))
+        9,
+        ge=1,
+        le=64,
+        description="Latent frames per section (latent_window_size).",
+        json_schema_extra=_group("generation"),
+    )
     seed: int = Field(31337, ge=0, lt=2**63, description="Random seed.", json_schema_extra=_group("generation"))
-    gs: float = Field(10.0, ge=0, le=100, description="Distilled guidance scale.", json_schema_extra=_group("generation"))
+    gs: float = Field(
+        10.0, ge=0, le=100, description="Distilled guidance scale.", json_schema_extra=_group("generation")
+    )
     cfg: float = Field(
-        1.0, ge=1, le=100, description="Real CFG scale; 1 = off (one model call per step).",
-        json_schema_extra=_group("generation"))  # fmt: skip
+        1.0,
+        ge=1,
+        le=100,
+        description="Real CFG scale; 1 = off (one model call per step).",
+        json_schema_extra=_group("generation"),
+    )
     rs: float = Field(0.0, ge=0, le=1, description="CFG rescale.", json_schema_extra=_group("generation"))
     resolution: int = Field(
-        640, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, multiple_of=16, description="Bucket base resolution.",
-        json_schema_extra=_group("generation"))  # fmt: skip
-    crf: int = Field(16, ge=0, le=51, description="h264 quality (lower is better).", json_schema_extra=_group("generation"))
+        640,
+        ge=MIN_RESOLUTION,
+        le=MAX_RESOLUTION,
+        multiple_of=16,
+        description="Bucket base resolution.",
+        json_schema_extra=_group("generation"),
+    )
+    crf: int = Field(
+        16, ge=0, le=51, description="h264 quality (lower is better).", json_schema_extra=_group("generation")
+    )
     device: str | None = Field(
-        None, description="cuda, cuda:N or cpu; unset: CUDA when present.", json_schema_extra=_group("generation"))
-    offline: bool = Field(False, description="Never contact the Hugging Face hub.", json_schema_extra=_group("generation"))
+        None, description="cuda, cuda:N or cpu; unset: CUDA when present.", json_schema_extra=_group("generation")
+    )
+    offline: bool = Field(
+        False, description="Never contact the Hugging Face hub.", json_schema_extra=_group("generation")
+    )
 
     # ---- quantization and precision ----------------------------------------------------------
-    enable_quant: bool = Field(False, description="INT-N weight quantization of the transformer.", json_schema_extra=_group("quantization"))
+    enable_quant: bool = Field(
+        False, description="INT-N weight quantization of the transformer.", json_schema_extra=_group("quantization")
+    )
     quant_bits: Literal[4, 8] = Field(8, description="Bits for ENABLE_QUANT.", json_schema_extra=_group("quantization"))
     quant_int8_mode: Literal["dynamic", "weight-only"] = Field(
-        "dynamic", description="INT8 kernel: dynamic int8 activations (compute-bound, CPU) or weight-only (memory-bound).",
-        json_schema_extra=_group("quantization"))  # fmt: skip
+        "dynamic",
+        description="INT8 kernel: dynamic int8 activations (compute-bound, CPU) or weight-only (memory-bound).",
+        json_schema_extra=_group("quantization"),
+    )
     quant_group_size: Literal[32, 64, 128, 256] = Field(
-        128, description="Group size of INT4 weight quantization (smaller: more accurate, more scales).",
-        json_schema_extra=_group("quantization"))  # fmt: skip
-    enable_fp8: bool = Field(False, description="FP8 weights for the transformer.", json_schema_extra=_group("quantization"))
+        128,
+        description="Group size of INT4 weight quantization (smaller: more accurate, more scales).",
+        json_schema_extra=_group("quantization"),
+    )
+    enable_fp8: bool = Field(
+        False, description="FP8 weights for the transformer.", json_schema_extra=_group("quantization")
+    )
     fp8_target_keys: CsvList = Field(
-        (), description="Comma list: only modules whose name contains one of these get FP8 (empty: all eligible).",
-        json_schema_extra=_group("quantization"))  # fmt: skip
+        (),
+        description="Comma list: only modules whose name contains one of these get FP8 (empty: all eligible).",
+        json_schema_extra=_group("quantization"),
+    )
     fp8_exclude_keys: CsvList = Field(
-        (), description="Comma list: modules whose name contains one of these stay in high precision.",
-        json_schema_extra=_group("quantization"))  # fmt: skip
+        (),
+        description="Comma list: modules whose name contains one of these stay in high precision.",
+        json_schema_extra=_group("quantization"),
+    )
     fp8_use_scaled_mm: bool = Field(
-        False, description="FP8 matmuls (dynamic per-row activations), compute capability >= 8.9; else FP8 storage only.",
-        json_schema_extra=_group("quantization"))  # fmt: skip
-    use_bnb: bool = Field(False, description="bitsandbytes quantization of the transformer and text encoders.", json_schema_extra=_group("quantization"))
-    bnb_load_in_4bit: bool = Field(False, description="bitsandbytes 4-bit (NF4) instead of 8-bit.", json_schema_extra=_group("quantization"))
-    bnb_cpu_offload: bool = Field(False, description="Let bitsandbytes keep some modules on the CPU.", json_schema_extra=_group("quantization"))
+        False,
+        description="FP8 matmuls (dynamic per-row activations), compute capability >= 8.9; else FP8 storage only.",
+        json_schema_extra=_group("quantization"),
+    )
+    use_bnb: bool = Field(
+        False,
+        description="bitsandbytes quantization of the transformer and text encoders.",
+        json_schema_extra=_group("quantization"),
+    )
+    bnb_load_in_4bit: bool = Field(
+        False, description="bitsandbytes 4-bit (NF4) instead of 8-bit.", json_schema_extra=_group("quantization")
+    )
+    bnb_cpu_offload: bool = Field(
+        False, description="Let bitsandbytes keep some modules on the CPU.", json_schema_extra=_group("quantization")
+    )
     bnb_device_map: Literal["auto", "cpu", "balanced"] = Field(
-        "auto", description="Device placement for bitsandbytes loading.", json_schema_extra=_group("quantization"))
-    bnb_double_quant: bool = Field(False, description="Quantize the 4-bit quantization constants too.", json_schema_extra=_group("quantization"))
+        "auto", description="Device placement for bitsandbytes loading.", json_schema_extra=_group("quantization")
+    )
+    bnb_double_quant: bool = Field(
+        False, description="Quantize the 4-bit quantization constants too.", json_schema_extra=_group("quantization")
+    )
     enforce_low_precision: bool = Field(
-        False, description="Cast to bf16 (fp16 without bf16), keeping the layers that must stay fp32.",
-        json_schema_extra=_group("quantization"))  # fmt: skip
-    enable_prune: bool = Field(False, description="Drop an evenly spaced subset of transformer blocks (lossy; never default).", json_schema_extra=_group("quantization"))
+        False,
+        description="Cast to bf16 (fp16 without bf16), keeping the layers that must stay fp32.",
+        json_schema_extra=_group("quantization"),
+    )
+    enable_prune: bool = Field(
+        False,
+        description="Drop an evenly spaced subset of transformer blocks (lossy; never default).",
+        json_schema_extra=_group("quantization"),
+    )
     prune_dual_ratio: float = Field(
-        0.25, ge=0, le=0.9, description="Share of dual-stream blocks ENABLE_PRUNE removes.", json_schema_extra=_group("quantization"))
+        0.25,
+        ge=0,
+        le=0.9,
+        description="Share of dual-stream blocks ENABLE_PRUNE removes.",
+        json_schema_extra=_group("quantization"),
+    )
     prune_single_ratio: float = Field(
-        0.25, ge=0, le=0.9, description="Share of single-stream blocks ENABLE_PRUNE removes.", json_schema_extra=_group("quantization"))
+        0.25,
+        ge=0,
+        le=0.9,
+        description="Share of single-stream blocks ENABLE_PRUNE removes.",
+        json_schema_extra=_group("quantization"),
+    )
 
     # ---- compilation -------------------------------------------------------------------------
-    enable_compile: bool = Field(False, description="torch.compile the transformer.", json_schema_extra=_group("compilation"))
+    enable_compile: bool = Field(
+        False, description="torch.compile the transformer.", json_schema_extra=_group("compilation")
+    )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode; reduce-overhead and max-autotune use CUDA graphs.",
-        json_schema_extra=_group("compilation"))  # fmt: skip
+        "default",
+        description="torch.compile mode; reduce-overhead and max-autotune use CUDA graphs.",
+        json_schema_extra=_group("compilation"),
+    )
     compile_scope: Literal["blocks", "model"] = Field(
-        "blocks", description="Compile each repeated block (fast to compile, reused) or the whole transformer.",
-        json_schema_extra=_group("compilation"))  # fmt: skip
-    jit_mode: Literal["off", "trace", "script"] = Field("off", description="TorchScript the transformer.", json_schema_extra=_group("compilation"))
+        "blocks",
+        description="Compile each repeated block (fast to compile, reused) or the whole transformer.",
+        json_schema_extra=_group("compilation"),
+    )
+    jit_mode: Literal["off", "trace", "script"] = Field(
+        "off", description="TorchScript the transformer.", json_schema_extra=_group("compilation")
+    )
     jit_artifact: Path = Field(
-        Path("optimized_models/transformer_torchscript.pt"), description="Where the TorchScript artifact lives.",
-        json_schema_extra=_group("compilation"))  # fmt: skip
-    jit_save: Path | None = Field(None, description="Save the traced/scripted transformer here.", json_schema_extra=_group("compilation"))
-    jit_load: Path | None = Field(None, description="Load a traced/scripted transformer from here; must exist.", json_schema_extra=_group("compilation"))
-    jit_strict: bool = Field(False, description="Refuse inputs whose shapes differ from the traced ones.", json_schema_extra=_group("compilation"))
+        Path("optimized_models/transformer_torchscript.pt"),
+        description="Where the TorchScript artifact lives.",
+        json_schema_extra=_group("compilation"),
+    )
+    jit_save: Path | None = Field(
+        None, description="Save the traced/scripted transformer here.", json_schema_extra=_group("compilation")
+    )
+    jit_load: Path | None = Field(
+        None,
+        description="Load a traced/scripted transformer from here; must exist.",
+        json_schema_extra=_group("compilation"),
+    )
+    jit_strict: bool = Field(
+        False,
+        description="Refuse inputs whose shapes differ from the traced ones.",
+        json_schema_extra=_group("compilation"),
+    )
     fast_start: bool = Field(
-        False, description="Skip compile, optimized-model caching and optional encoder changes.",
-        json_schema_extra=_group("compilation"))  # fmt: skip
+        False,
+        description="Skip compile, optimized-model caching and optional encoder changes.",
+        json_schema_extra=_group("compilation"),
+    )
 
     # ---- attention ---------------------------------------------------------------------------
     xformers_mode: Literal["standard", "aggressive", "off"] = Field(
-        "standard", description="Transformer attention: standard = PyTorch SDPA, aggressive = fastest installed kernel, off = math.",
-        json_schema_extra=_group("attention"))  # fmt: skip
+        "standard",
+        description="Transformer attention: standard = PyTorch SDPA, aggressive = fastest installed kernel, off = math.",
+        json_schema_extra=_group("attention"),
+    )
     encoder_attn_implementation: Literal["default", "eager", "sdpa", "flash_attention_2"] = Field(
-        "default", description="Encoders' attention implementation; default: as loaded (ENABLE_BETTERTRANSFORMER=1 picks the fastest).",
-        json_schema_extra=_group("attention"))  # fmt: skip
+        "default",
+        description="Encoders' attention implementation; default: as loaded (ENABLE_BETTERTRANSFORMER=1 picks the fastest).",
+        json_schema_extra=_group("attention"),
+    )
     enable_bettertransformer: bool = Field(
-        False, description="SDPA attention in the text and image encoders (off by default, as the spec says).",
-        json_schema_extra=_group("attention"))  # fmt: skip
+        False,
+        description="SDPA attention in the text and image encoders (off by default, as the spec says).",
+        json_schema_extra=_group("attention"),
+    )
 
     # ---- caches ------------------------------------------------------------------------------
-    enable_opt_cache: bool = Field(False, description="Save the optimized transformer and load it on later runs.", json_schema_extra=_group("caches"))
+    enable_opt_cache: bool = Field(
+        False,
+        description="Save the optimized transformer and load it on later runs.",
+        json_schema_extra=_group("caches"),
+    )
     optimized_transformer: Path = Field(
-        Path("optimized_models/transformer_quantized.safetensors"), description="Where the optimized transformer is saved.",
-        json_schema_extra=_group("caches"))  # fmt: skip
-    runtime_cache: bool = Field(True, description="Persist what is safe to reuse across runs.", json_schema_extra=_group("caches"))
-    runtime_cache_dir: Path = Field(Path("Cache/runtime_caches"), description="Runtime cache folder.", json_schema_extra=_group("caches"))
-    enable_module_cache: bool = Field(False, description="Cache text/image encoder outputs on disk by content hash.", json_schema_extra=_group("caches"))
+        Path("optimized_models/transformer_quantized.safetensors"),
+        description="Where the optimized transformer is saved.",
+        json_schema_extra=_group("caches"),
+    )
+    runtime_cache: bool = Field(
+        True, description="Persist what is safe to reuse across runs.", json_schema_extra=_group("caches")
+    )
+    runtime_cache_dir: Path = Field(
+        Path("Cache/runtime_caches"), description="Runtime cache folder.", json_schema_extra=_group("caches")
+    )
+    enable_module_cache: bool = Field(
+        False,
+        description="Cache text/image encoder outputs on disk by content hash.",
+        json_schema_extra=_group("caches"),
+    )
     module_cache_max_mb: int = Field(
-        2048, ge=1, le=1 << 20, description="Disk budget of the encoder output cache; least recently used entries go first.",
-        json_schema_extra=_group("caches"))  # fmt: skip
+        2048,
+        ge=1,
+        le=1 << 20,
+        description="Disk budget of the encoder output cache; least recently used entries go first.",
+        json_schema_extra=_group("caches"),
+    )
     module_cache_loose_match: bool = Field(
-        False, description="Also reuse a cached prompt that differs only in case, spacing or punctuation (approximate: warns).",
-        json_schema_extra=_group("caches"))  # fmt: skip
-    enable_fbcache: bool = Field(False, description="First-block cache (reuse the other blocks' residual when the first changes little).", json_schema_extra=_group("caches"))
+        False,
+        description="Also reuse a cached prompt that differs only in case, spacing or punctuation (approximate: warns).",
+        json_schema_extra=_group("caches"),
+    )
+    enable_fbcache: bool = Field(
+        False,
+        description="First-block cache (reuse the other blocks' residual when the first changes little).",
+        json_schema_extra=_group("caches"),
+    )
     fbcache_threshold: float = Field(
-        0.035, gt=0, le=1, description="Relative L1 change under which the first-block cache reuses.",
-        json_schema_extra=_group("caches"))  # fmt: skip
-    fbcache_verbose: bool = Field(False, description="Log every first-block cache decision.", json_schema_extra=_group("caches"))
-    fbcache_max_skip: int = Field(3, ge=1, le=100, description="Steps in a row the first-block cache may reuse.", json_schema_extra=_group("caches"))
-    enable_teacache: bool = Field(False, description="TeaCache as FramePack has it (FramePack's UI turns it on; here lossy passes are opt-in).", json_schema_extra=_group("caches"))
-    teacache_threshold: float = Field(0.15, gt=0, le=1, description="TeaCache relative L1 threshold.", json_schema_extra=_group("caches"))
-    teacache_verbose: bool = Field(False, description="Log every TeaCache decision.", json_schema_extra=_group("caches"))
+        0.035,
+        gt=0,
+        le=1,
+        description="Relative L1 change under which the first-block cache reuses.",
+        json_schema_extra=_group("caches"),
+    )
+    fbcache_verbose: bool = Field(
+        False, description="Log every first-block cache decision.", json_schema_extra=_group("caches")
+    )
+    fbcache_max_skip: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Steps in a row the first-block cache may reuse.",
+        json_schema_extra=_group("caches"),
+    )
+    enable_teacache: bool = Field(
+        False,
+        description="TeaCache as FramePack has it (FramePack's UI turns it on; here lossy passes are opt-in).",
+        json_schema_extra=_group("caches"),
+    )
+    teacache_threshold: float = Field(
+        0.15, gt=0, le=1, description="TeaCache relative L1 threshold.", json_schema_extra=_group("caches")
+    )
+    teacache_verbose: bool = Field(
+        False, description="Log every TeaCache decision.", json_schema_extra=_group("caches")
+    )
     enable_sim_cache: bool = Field(False, description="Per-block similarity cache.", json_schema_extra=_group("caches"))
     sim_cache_threshold: float = Field(
-        0.9, ge=0, le=1, description="Cosine similarity above which a block reuses its cached residual.",
-        json_schema_extra=_group("caches"))  # fmt: skip
-    sim_cache_max_skip: int = Field(1, ge=1, le=100, description="Consecutive reuses per block.", json_schema_extra=_group("caches"))
-    sim_cache_max_entries: int = Field(12, ge=1, le=4096, description="Cached entries per block.", json_schema_extra=_group("caches"))
+        0.9,
+        ge=0,
+        le=1,
+        description="Cosine similarity above which a block reuses its cached residual.",
+        json_schema_extra=_group("caches"),
+    )
+    sim_cache_max_skip: int = Field(
+        1, ge=1, le=100, description="Consecutive reuses per block.", json_schema_extra=_group("caches")
+    )
+    sim_cache_max_entries: int = Field(
+        12, ge=1, le=4096, description="Cached entries per block.", json_schema_extra=_group("caches")
+    )
     sim_cache_budget_mb: int = Field(
-        1024, ge=1, le=1 << 20, description="Memory for all similarity cache entries; least recently used entries go first.",
-        json_schema_extra=_group("caches"))  # fmt: skip
-    sim_cache_use_faiss: bool = Field(False, description="FAISS inner-product search (exact search otherwise; same results).", json_schema_extra=_group("caches"))
-    sim_cache_verbose: bool = Field(False, description="Log similarity cache decisions.", json_schema_extra=_group("caches"))
-    enable_kv_cache: bool = Field(False, description="Reuse K/V of the context tokens across steps of a section.", json_schema_extra=_group("caches"))
-    kv_cache_len: int = Field(4096, ge=1, le=1 << 20, description="Maximum cached sequence length.", json_schema_extra=_group("caches"))
+        1024,
+        ge=1,
+        le=1 << 20,
+        description="Memory for all similarity cache entries; least recently used entries go first.",
+        json_schema_extra=_group("caches"),
+    )
+    sim_cache_use_faiss: bool = Field(
+        False,
+        description="FAISS inner-product search (exact search otherwise; same results).",
+        json_schema_extra=_group("caches"),
+    )
+    sim_cache_verbose: bool = Field(
+        False, description="Log similarity cache decisions.", json_schema_extra=_group("caches")
+    )
+    enable_kv_cache: bool = Field(
+        False,
+        description="Reuse K/V of the context tokens across steps of a section.",
+        json_schema_extra=_group("caches"),
+    )
+    kv_cache_len: int = Field(
+        4096, ge=1, le=1 << 20, description="Maximum cached sequence length.", json_schema_extra=_group("caches")
+    )
     kv_cache_refresh: int = Field(
-        4, ge=1, le=1000, description="Steps between recomputations of the context tokens' K/V (1: every step, no reuse).",
-        json_schema_extra=_group("caches"))  # fmt: skip
+        4,
+        ge=1,
+        le=1000,
+        description="Steps between recomputations of the context tokens' K/V (1: every step, no reuse).",
+        json_schema_extra=_group("caches"),
+    )
     kv_cache_verbose: bool = Field(False, description="Log KV cache use.", json_schema_extra=_group("caches"))
 
     # ---- memory and loading ------------------------------------------------------------------
     use_memory_v2: bool = Field(
-        False, description="Block offload from pinned memory with prefetch on a side CUDA stream.",
-        json_schema_extra=_group("memory"))  # fmt: skip
+        False,
+        description="Block offload from pinned memory with prefetch on a side CUDA stream.",
+        json_schema_extra=_group("memory"),
+    )
     memory_mode: Literal["auto", "high-vram", "v1", "v2"] = Field(
-        "auto", description="Model placement: auto (from free VRAM), high-vram (all resident), v1 (on-demand moves), v2 (streamed blocks).",
-        json_schema_extra=_group("memory"))  # fmt: skip
+        "auto",
+        description="Model placement: auto (from free VRAM), high-vram (all resident), v1 (on-demand moves), v2 (streamed blocks).",
+        json_schema_extra=_group("memory"),
+    )
     high_vram_threshold_gb: float = Field(
-        60.0, ge=0, le=4096, description="Free VRAM (GB) above which auto keeps every model resident (FramePack's 60).",
-        json_schema_extra=_group("memory"))  # fmt: skip
+        60.0,
+        ge=0,
+        le=4096,
+        description="Free VRAM (GB) above which auto keeps every model resident (FramePack's 60).",
+        json_schema_extra=_group("memory"),
+    )
     gpu_memory_preservation: float = Field(
-        6.0, ge=0, le=128, description="GB of GPU memory kept free when models are moved on demand (FramePack's).",
-        json_schema_extra=_group("memory"))  # fmt: skip
+        6.0,
+        ge=0,
+        le=128,
+        description="GB of GPU memory kept free when models are moved on demand (FramePack's).",
+        json_schema_extra=_group("memory"),
+    )
     parallel_loaders: int = Field(
-        4, ge=1, le=32, description="Threads reading component weights from disk (1: serial); on when the host has room.",
-        json_schema_extra=_group("memory"))  # fmt: skip
-    preload_repos: bool = Field(False, description="Fetch every component's repo snapshot (in parallel) before loading.", json_schema_extra=_group("memory"))
+        4,
+        ge=1,
+        le=32,
+        description="Threads reading component weights from disk (1: serial); on when the host has room.",
+        json_schema_extra=_group("memory"),
+    )
+    preload_repos: bool = Field(
+        False,
+        description="Fetch every component's repo snapshot (in parallel) before loading.",
+        json_schema_extra=_group("memory"),
+    )
     force_parallel_loaders: bool = Field(
-        False, description="Read weights in parallel even when the host-memory check says there is no room (builds stay serial).",
-        json_schema_extra=_group("memory"))  # fmt: skip
+        False,
+        description="Read weights in parallel even when the host-memory check says there is no room (builds stay serial).",
+        json_schema_extra=_group("memory"),
+    )
     vae_chunk_size: int | None = Field(
-        None, ge=0, le=1024, description="Latent frames per VAE decode chunk (0: one pass; at least 2 otherwise); unset: from free GPU memory.",
-        json_schema_extra=_group("memory"))  # fmt: skip
-    vae_chunk_reserve_gb: float = Field(2.0, ge=0, le=1024, description="GB kept free when sizing VAE chunks.", json_schema_extra=_group("memory"))
-    vae_chunk_safety: float = Field(1.2, ge=1, le=10, description="Safety factor on the VAE chunk memory estimate.", json_schema_extra=_group("memory"))
-    vae_upscale_factor: int = Field(8, ge=1, le=64, description="Spatial upscale of the VAE (for the estimate).", json_schema_extra=_group("memory"))
+        None,
+        ge=0,
+        le=1024,
+        description="Latent frames per VAE decode chunk (0: one pass; at least 2 otherwise); unset: from free GPU memory.",
+        json_schema_extra=_group("memory"),
+    )
+    vae_chunk_reserve_gb: float = Field(
+        2.0, ge=0, le=1024, description="GB kept free when sizing VAE chunks.", json_schema_extra=_group("memory")
+    )
+    vae_chunk_safety: float = Field(
+        1.2,
+        ge=1,
+        le=10,
+        description="Safety factor on the VAE chunk memory estimate.",
+        json_schema_extra=_group("memory"),
+    )
+    vae_upscale_factor: int = Field(
+        8, ge=1, le=64, description="Spatial upscale of the VAE (for the estimate).", json_schema_extra=_group("memory")
+    )
 
     # ---- TensorRT / ONNX ---------------------------------------------------------------------
-    enable_tensorrt: bool = Field(False, description="TensorRT runtime (torch-tensorrt).", json_schema_extra=_group("tensorrt"))
-    trt_transformer: bool = Field(False, description="TensorRT for the transformer.", json_schema_extra=_group("tensorrt"))
-    trt_text_encoders: bool = Field(False, description="TensorRT for the text encoders.", json_schema_extra=_group("tensorrt"))
-    use_onnx_engines: bool = Field(False, description="Run exported ONNX components through onnxruntime.", json_schema_extra=_group("tensorrt"))
+    enable_tensorrt: bool = Field(
+        False, description="TensorRT runtime (torch-tensorrt).", json_schema_extra=_group("tensorrt")
+    )
+    trt_transformer: bool = Field(
+        False, description="TensorRT for the transformer.", json_schema_extra=_group("tensorrt")
+    )
+    trt_text_encoders: bool = Field(
+        False, description="TensorRT for the text encoders.", json_schema_extra=_group("tensorrt")
+    )
+    use_onnx_engines: bool = Field(
+        False, description="Run exported ONNX components through onnxruntime.", json_schema_extra=_group("tensorrt")
+    )
     onnx_components: CsvList = Field(
-        ("transformer",), description="Comma list of components USE_ONNX_ENGINES runs through onnxruntime: "
-        "transformer, text-encoder, image-encoder, vae-decoder.", json_schema_extra=_group("tensorrt"))  # fmt: skip
+        ("transformer",),
+        description="Comma list of components USE_ONNX_ENGINES runs through onnxruntime: "
+        "transformer, text-encoder, image-encoder, vae-decoder.",
+        json_schema_extra=_group("tensorrt"),
+    )
     onnx_dir: Path | None = Field(
-        None, description="Exports from `framepack export onnx --out DIR` (unset: exported on first use into "
-        "RUNTIME_CACHE_DIR/onnx).", json_schema_extra=_group("tensorrt"))  # fmt: skip
-    tensorrt_cache_dir: Path = Field(Path("Cache/trt_cache"), description="TensorRT engine cache.", json_schema_extra=_group("tensorrt"))
-    trt_workspace_mb: int = Field(4096, ge=16, le=1 << 20, description="TensorRT workspace (MB).", json_schema_extra=_group("tensorrt"))
-    trt_max_aux_streams: int = Field(2, ge=0, le=64, description="TensorRT auxiliary streams.", json_schema_extra=_group("tensorrt"))
-    trt_max_cached_shapes: int = Field(8, ge=1, le=1024, description="Engines kept per component (one per shape).", json_schema_extra=_group("tensorrt"))
-    onnx_trt_enable: bool = Field(False, description="onnxruntime TensorRT execution provider.", json_schema_extra=_group("tensorrt"))
-    onnx_trt_fp16: bool = Field(True, description="FP16 in the TensorRT provider.", json_schema_extra=_group("tensorrt"))
-    onnx_trt_int8: bool = Field(False, description="INT8 in the TensorRT provider (needs calibration).", json_schema_extra=_group("tensorrt"))
-    onnx_trt_device_id: int = Field(0, ge=0, le=64, description="GPU for the TensorRT provider.", json_schema_extra=_group("tensorrt"))
-    onnx_trt_workspace_mb: int = Field(4096, ge=16, le=1 << 20, description="TensorRT provider workspace (MB).", json_schema_extra=_group("tensorrt"))
-    onnx_trt_cache_dir: Path = Field(Path("Cache/onnx_trt_cache"), description="TensorRT provider engine cache.", json_schema_extra=_group("tensorrt"))
+        None,
+        description="Exports from `framepack export onnx --out DIR` (unset: exported on first use into "
+        "RUNTIME_CACHE_DIR/onnx).",
+        json_schema_extra=_group("tensorrt"),
+    )
+    tensorrt_cache_dir: Path = Field(
+        Path("Cache/trt_cache"), description="TensorRT engine cache.", json_schema_extra=_group("tensorrt")
+    )
+    trt_workspace_mb: int = Field(
+        4096, ge=16, le=1 << 20, description="TensorRT workspace (MB).", json_schema_extra=_group("tensorrt")
+    )
+    trt_max_aux_streams: int = Field(
+        2, ge=0, le=64, description="TensorRT auxiliary streams.", json_schema_extra=_group("tensorrt")
+    )
+    trt_max_cached_shapes: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Engines kept per component (one per shape).",
+        json_schema_extra=_group("tensorrt"),
+    )
+    onnx_trt_enable: bool = Field(
+        False, description="onnxruntime TensorRT execution provider.", json_schema_extra=_group("tensorrt")
+    )
+    onnx_trt_fp16: bool = Field(
+        True, description="FP16 in the TensorRT provider.", json_schema_extra=_group("tensorrt")
+    )
+    onnx_trt_int8: bool = Field(
+        False, description="INT8 in the TensorRT provider (needs calibration).", json_schema_extra=_group("tensorrt")
+    )
+    onnx_trt_device_id: int = Field(
+        0, ge=0, le=64, description="GPU for the TensorRT provider.", json_schema_extra=_group("tensorrt")
+    )
+    onnx_trt_workspace_mb: int = Field(
+        4096, ge=16, le=1 << 20, description="TensorRT provider workspace (MB).", json_schema_extra=_group("tensorrt")
+    )
+    onnx_trt_cache_dir: Path = Field(
+        Path("Cache/onnx_trt_cache"),
+        description="TensorRT provider engine cache.",
+        json_schema_extra=_group("tensorrt"),
+    )
 
     preset: str = Field(
-        "default", description="Optimization preset: values between the defaults and the environment.",
-        json_schema_extra=_group("presets"))  # fmt: skip
+        "default",
+        description="Optimization preset: values between the defaults and the environment.",
+        json_schema_extra=_group("presets"),
+    )
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)  # name -> default/preset/env/cli/api
 
@@ -318,7 +574,11 @@ class Settings(BaseSettings):
 
     @classmethod
     def load(
-        cls, overrides: Mapping[str, Any] | None = None, *, source: Source = "cli", environ: Mapping[str, str] | None = None
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        source: Source = "cli",
+        environ: Mapping[str, str] | None = None,
     ) -> Settings:
         """Build from explicit values (CLI flags or API arguments), the environment and the preset.
 
@@ -417,7 +677,9 @@ def unknown_env_warnings(environ: Mapping[str, str], settings_cls: type[Settings
         upper = key.upper()
         if upper.startswith(ENV_PREFIX) and upper not in known:
             close = _closest(upper.removeprefix(ENV_PREFIX), [k.removeprefix(ENV_PREFIX) for k in known])
-            hint = f"; did you mean {ENV_PREFIX}{close}?" if close else "; see docs/configuration.md for the known names"
+            hint = (
+                f"; did you mean {ENV_PREFIX}{close}?" if close else "; see docs/configuration.md for the known names"
+            )
             lines.append(f"unknown variable {key} is ignored{hint}")
     return lines
 
@@ -595,19 +857,53 @@ def markdown_table() -> str:
         g = (field.json_schema_extra or {}).get("group", "other")
         if g != group:
             group = g
-            out += ["", f"## {GROUP_TITLES.get(g, g)}", "", "| variable | flag | default | allowed | meaning |", "|---|---|---|---|---|"]
+            out += [
+                "",
+                f"## {GROUP_TITLES.get(g, g)}",
+                "",
+                "| variable | flag | default | allowed | meaning |",
+                "|---|---|---|---|---|",
+            ]
         default = _jsonable(field.get_default(call_default_factory=True))
         default_text = "unset" if default is None else ("" if default == [] else str(default))
         flag = flag_name(name) + (" / --disable-bettertransformer" if name == "enable_bettertransformer" else "")
-        out.append(
-            f"| `{env_name(name)}` | `{flag}` | `{default_text}` | {allowed(name)} | {field.description} |"
-        )
-    out += ["", "## What each preset sets", "", "Named after the spec's example configurations. A preset sets the values below; the"]
-    out += ["environment and flags still override each.", ""]
+        out.append(f"| `{env_name(name)}` | `{flag}` | `{default_text}` | {allowed(name)} | {field.description} |")
+    out += _passes_table()
+    out += [
+        "",
+        "## What each preset sets",
+        "",
+        "Named after the spec's example configurations. A preset sets the values below; the",
+        "environment and flags still override each.",
+        "",
+    ]
     for pname, values in PRESETS.items():
         body = ", ".join(f"`{env_name(k)}={_env_text(v)}`" for k, v in values.items()) or "nothing: every default"
         out.append(f"- `{pname}`: {body}")
     return "\n".join(out) + "\n"
+
+
+def _passes_table() -> list[str]:
+    """Which settings switch which pass, from the pass registry (optim/registry.py)."""
+    from framepack_turbo.optim import registry
+
+    out = [
+        "",
+        "## Passes",
+        "",
+        "Each optimization pass, in the order the plan applies them, with the settings that turn it on",
+        "(any of them away from its off value) and the others it reads. Lossy passes change what the video",
+        "shows by design; removable ones can be switched between jobs without loading the models again.",
+        "",
+        "| pass | phase | switched on by | also reads | lossy | removable |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in registry.passes():
+        switch = ", ".join(f"`{env_name(k)}`" for k in p.switch) or "always on"
+        reads = ", ".join(f"`{env_name(k)}`" for k in p.settings) or "-"
+        lossy, removable = ("yes" if p.lossy else "no"), ("yes" if p.removable else "no")
+        out.append(f"| {p.title} (`{p.name}`) | {p.phase} | {switch} | {reads} | {lossy} | {removable} |")
+    return out
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ class JobStore:
             if row is None:
                 return None
             cur = db.execute(
-                "UPDATE jobs SET state = 'running', started = ? WHERE id = ? AND state = 'queued'", (time.time(), row["id"])
+                "UPDATE jobs SET state = 'running', started = ? WHERE id = ? AND state = 'queued'",
+                (time.time(), row["id"]),
             )
             if cur.rowcount == 0:
                 return None
@@ -133,7 +134,8 @@ class JobStore:
     def cancel_queued(self, job_id: int) -> bool:
         with self._db() as db:
             cur = db.execute(
-                "UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ? AND state = 'queued'", (time.time(), job_id)
+                "UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ? AND state = 'queued'",
+                (time.time(), job_id),
             )
         return cur.rowcount == 1
 
@@ -142,7 +144,9 @@ class JobStore:
         with self._db() as db:
             rows = db.execute("SELECT id, sections_done FROM jobs WHERE state = 'running'").fetchall()
             for row in rows:
-                kept = (f"; the {row['sections_done']} finished section(s) are in its video" if row["sections_done"] else "")
+                kept = (
+                    f"; the {row['sections_done']} finished section(s) are in its video" if row["sections_done"] else ""
+                )
                 db.execute(
                     "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ?",
                     (time.time(), "the server stopped while this job ran" + kept, row["id"]),
@@ -152,7 +156,16 @@ class JobStore:
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(
-        id=row["id"], state=row["state"], created=row["created"], request=json.loads(row["request"]),
-        image=row["image"], video=row["video"], started=row["started"], finished=row["finished"],
-        error=row["error"], sections_done=row["sections_done"], sections=row["sections"], frames=row["frames"],
-    )  # fmt: skip
+        id=row["id"],
+        state=row["state"],
+        created=row["created"],
+        request=json.loads(row["request"]),
+        image=row["image"],
+        video=row["video"],
+        started=row["started"],
+        finished=row["finished"],
+        error=row["error"],
+        sections_done=row["sections_done"],
+        sections=row["sections"],
+        frames=row["frames"],
+    )

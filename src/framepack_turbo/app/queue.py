@@ -215,6 +215,11 @@ class GenerationRunner:
         # Called only from the queue's one worker: one job at a time needs no lock here.
         fp = self._framepack(job.request.get("settings", {}))
         fp.generate(
-            job.image, job.prompt, out=job.video, on_event=on_event, cancel=cancel,
-            negative_prompt=job.request.get("negative_prompt", ""), **job.request.get("options", {}),
-        )  # fmt: skip
+            job.image,
+            job.prompt,
+            out=job.video,
+            on_event=on_event,
+            cancel=cancel,
+            negative_prompt=job.request.get("negative_prompt", ""),
+            **job.request.get("options", {}),
+        )

@@ -18,8 +18,17 @@ log = logging.getLogger(__name__)
 VARIANT_CHOICES = ["model default", "inverted", "f1"]
 ATTENTION_CHOICES = ["standard", "aggressive", "off"]
 # The settings the optimization panel changes, in the order of its controls.
-PANEL_SETTINGS = ("preset", "enable_teacache", "enable_fbcache", "enable_quant", "enable_compile", "enable_module_cache",
-                  "use_onnx_engines", "xformers_mode", "gpu_memory_preservation")  # fmt: skip
+PANEL_SETTINGS = (
+    "preset",
+    "enable_teacache",
+    "enable_fbcache",
+    "enable_quant",
+    "enable_compile",
+    "enable_module_cache",
+    "use_onnx_engines",
+    "xformers_mode",
+    "gpu_memory_preservation",
+)
 JOB_COLUMNS = ["id", "state", "prompt", "sections", "frames", "error"]
 
 
@@ -38,7 +47,7 @@ def compat_markdown(base: dict[str, Any], panel: dict[str, Any], hardware) -> st
     except FramePackError as exc:
         return f"**Settings error:** {exc}"
     report = compat.check(settings, hardware)
-    plan = make_plan(settings, report)
+    plan = make_plan(settings, report, hardware)
     lines = ["**Plan:** " + plan.summary_lines()[0].removeprefix("Active optimizations: ")]
     for p in plan.passes:
         if p.status == "skipped":
@@ -80,8 +89,15 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
     def queue_job(image_path, prompt, negative, seconds, seed, steps, gs, window, crf, variant, *panel):
         if not image_path:
             return "**Upload a start image first.**"
-        options = dict(seconds=float(seconds), seed=int(seed), steps=int(steps), distilled_guidance=float(gs),
-                       window=int(window), crf=int(crf), resolution=defaults.resolution)  # fmt: skip
+        options = dict(
+            seconds=float(seconds),
+            seed=int(seed),
+            steps=int(steps),
+            distilled_guidance=float(gs),
+            window=int(window),
+            crf=int(crf),
+            resolution=defaults.resolution,
+        )
         if variant != VARIANT_CHOICES[0]:
             options["variant"] = variant
         request = {"prompt": prompt, "negative_prompt": negative, "options": options, "settings": panel_settings(panel)}
@@ -108,23 +124,40 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
 
     def refresh(shown):
         jobs = queue.store.list()
-        table = [[j.id, j.state, j.prompt[:60], f"{j.sections_done}/{j.sections or '?'}", j.frames, j.error[:80]] for j in jobs]
+        table = [
+            [j.id, j.state, j.prompt[:60], f"{j.sections_done}/{j.sections or '?'}", j.frames, j.error[:80]]
+            for j in jobs
+        ]
         live = queue.live
         running = next((j for j in jobs if j.state == "running"), None)
         if running is not None and live is not None and live.job_id == running.id:
-            progress = (f"<progress value='{live.fraction:.3f}' max='1' style='width:100%'></progress><br>"
-                        f"Job {running.id}: section {live.section}/{live.sections}, step {live.step}/{live.steps}, "
-                        f"{live.fraction * 100:.0f}%, ETA {_eta(live.eta_s)}")  # fmt: skip
+            progress = (
+                f"<progress value='{live.fraction:.3f}' max='1' style='width:100%'></progress><br>"
+                f"Job {running.id}: section {live.section}/{live.sections}, step {live.step}/{live.steps}, "
+                f"{live.fraction * 100:.0f}%, ETA {_eta(live.eta_s)}"
+            )
             preview = live.preview
             timeline = live.cache_timeline
         else:
-            progress, preview, timeline = ("Idle." if running is None else f"Job {running.id}: loading models..."), None, []
-        caches = "\n".join(
-            f"- section {i + 1}: " + (", ".join(f"{k} {v * 100:.0f}% reused" for k, v in rates.items()) or "no step cache")
-            for i, rates in enumerate(timeline)
-        ) or "No cache data yet."
+            progress, preview, timeline = (
+                ("Idle." if running is None else f"Job {running.id}: loading models..."),
+                None,
+                [],
+            )
+        caches = (
+            "\n".join(
+                f"- section {i + 1}: "
+                + (", ".join(f"{k} {v * 100:.0f}% reused" for k, v in rates.items()) or "no step cache")
+                for i, rates in enumerate(timeline)
+            )
+            or "No cache data yet."
+        )
         # The video of the running job once a section is written, else the newest finished one.
-        current = running if running is not None and running.sections_done else next((j for j in jobs if j.state == "done"), None)
+        current = (
+            running
+            if running is not None and running.sections_done
+            else next((j for j in jobs if j.state == "done"), None)
+        )
         key = (current.id, current.sections_done) if current is not None else None
         video = gr.skip() if key == shown or current is None else current.video
         summary = " · ".join(f"job {j.id}: {j.state}" for j in reversed(jobs[:12])) or "No jobs yet."
@@ -144,9 +177,13 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                     steps = gr.Slider(1, 100, value=start.steps, step=1, label="Steps", elem_id="steps")
                     gs = gr.Slider(0, 32, value=start.gs, step=0.1, label="Distilled guidance", elem_id="gs")
                 with gr.Row():
-                    window = gr.Slider(1, 33, value=start.window, step=1, label="Window (latent frames)", elem_id="window")
+                    window = gr.Slider(
+                        1, 33, value=start.window, step=1, label="Window (latent frames)", elem_id="window"
+                    )
                     crf = gr.Slider(0, 51, value=start.crf, step=1, label="MP4 CRF (lower: better)", elem_id="crf")
-                variant = gr.Radio(VARIANT_CHOICES, value=start.variant or VARIANT_CHOICES[0], label="Variant", elem_id="variant")
+                variant = gr.Radio(
+                    VARIANT_CHOICES, value=start.variant or VARIANT_CHOICES[0], label="Variant", elem_id="variant"
+                )
                 with gr.Accordion("Optimizations", open=True):
                     with gr.Row():
                         preset = gr.Dropdown(list(PRESETS), value=start.preset, label="Preset", elem_id="preset")
@@ -158,11 +195,18 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                         compile_ = gr.Checkbox(start.enable_compile, label="torch.compile")
                         module_cache = gr.Checkbox(start.enable_module_cache, label="Encoder cache")
                         onnx = gr.Checkbox(start.use_onnx_engines, label="ONNX engines")
-                    preservation = gr.Slider(0, 128, value=start.gpu_memory_preservation, step=0.5,
-                                             label="GPU memory preservation (GB)", elem_id="preservation")  # fmt: skip
+                    preservation = gr.Slider(
+                        0,
+                        128,
+                        value=start.gpu_memory_preservation,
+                        step=0.5,
+                        label="GPU memory preservation (GB)",
+                        elem_id="preservation",
+                    )
                     panel = [preset, teacache, fbcache, quant, compile_, module_cache, onnx, attention, preservation]
-                    report = gr.Markdown(compat_markdown(base, panel_settings(tuple(c.value for c in panel)), hardware),
-                                         elem_id="compat")  # fmt: skip
+                    report = gr.Markdown(
+                        compat_markdown(base, panel_settings(tuple(c.value for c in panel)), hardware), elem_id="compat"
+                    )
                 queue_btn = gr.Button("Queue job", variant="primary", elem_id="queue-btn")
                 status = gr.Markdown(elem_id="status")
             with gr.Column():
@@ -180,8 +224,12 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         preset.change(on_preset, preset, panel[1:])
         for control in panel:
             control.change(lambda *v: compat_markdown(base, panel_settings(v), hardware), panel, report)
-        queue_btn.click(queue_job, [image, prompt, negative, seconds, seed, steps, gs, window, crf, variant, *panel],
-                        status, api_name="queue_job")  # fmt: skip
+        queue_btn.click(
+            queue_job,
+            [image, prompt, negative, seconds, seed, steps, gs, window, crf, variant, *panel],
+            status,
+            api_name="queue_job",
+        )
         cancel_btn.click(cancel_job, cancel_id, status, api_name="cancel_job")
         outputs = [jobs, summary, progress, preview, caches, video, shown]
         gr.Timer(1.0).tick(refresh, shown, outputs)

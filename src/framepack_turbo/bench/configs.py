@@ -65,6 +65,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "tensorrt": {"enable_tensorrt": True, "trt_transformer": True},
 }
 
+
 @dataclass(frozen=True)
 class BenchConfig:
     name: str
@@ -96,7 +97,9 @@ def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def resolve(names: list[str], presets: list[str] = (), extra: dict[str, dict[str, Any]] | None = None) -> list[BenchConfig]:
+def resolve(
+    names: list[str], presets: list[str] = (), extra: dict[str, dict[str, Any]] | None = None
+) -> list[BenchConfig]:
     """Names (with `+`) and presets -> configurations, baseline first, each validated as Settings."""
     from framepack_turbo.settings import Settings, SettingsError, setting_names
 
@@ -111,7 +114,9 @@ def resolve(names: list[str], presets: list[str] = (), extra: dict[str, dict[str
             values = _lookup(part.strip(), known)
             for key, value in values.items():
                 if key in merged and merged[key] != value:
-                    raise InputError(f"configuration {spec}: {part} sets {key}={value}, another part sets {merged[key]}")
+                    raise InputError(
+                        f"configuration {spec}: {part} sets {key}={value}, another part sets {merged[key]}"
+                    )
                 merged[key] = value
         unknown = set(merged) - set(setting_names())
         if unknown:

@@ -30,8 +30,13 @@ def _fmt_gb(row: dict[str, Any]) -> str:
 
 def _fmt_caches(row: dict[str, Any]) -> str:
     caches = row.get("caches") or {}
-    return ", ".join(f"{name} {c['hit_rate'] * 100:.0f}% ({c['hit']}/{c['hit'] + c['miss'] + c.get('forced', 0)})"
-                     for name, c in caches.items()) or "-"  # fmt: skip
+    return (
+        ", ".join(
+            f"{name} {c['hit_rate'] * 100:.0f}% ({c['hit']}/{c['hit'] + c['miss'] + c.get('forced', 0)})"
+            for name, c in caches.items()
+        )
+        or "-"
+    )
 
 
 def markdown(results: dict[str, Any], command: str = "") -> str:
@@ -45,8 +50,10 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
     if command:
         lines.append(f"Command: `{command}`")
     if results.get("random_weights"):
-        lines.append("Random weights: speed and memory are real; fidelity numbers say how far a configuration moves "
-                     "the output, not how good the video looks.")  # fmt: skip
+        lines.append(
+            "Random weights: speed and memory are real; fidelity numbers say how far a configuration moves "
+            "the output, not how good the video looks."
+        )
     lines += [
         "",
         "| config | s/step median (min-max) | speed-up | cache hit rate | s per video s | load s / first run s | peak memory GB | PSNR dB | SSIM | status |",
@@ -71,32 +78,51 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
             f"| noise floor (baseline vs baseline) | - | - | - | - | - | - | {_fmt_db(noise['psnr_db'])} | "
             f"{noise['ssim']:.4f} | first-step rel. L2 {noise['first_step_rel_l2']:.2e} |"
         )
-    lines += ["", "s/step: transformer seconds / steps of each generation (a step a cache skipped counts at its "
-              "cost), median and range over the timed runs. Cache hit rate: reused / all decisions (hits, misses, "
-              "forced first/last steps); the module cache counts encoder calls."]  # fmt: skip
+    lines += [
+        "",
+        "s/step: transformer seconds / steps of each generation (a step a cache skipped counts at its "
+        "cost), median and range over the timed runs. Cache hit rate: reused / all decisions (hits, misses, "
+        "forced first/last steps); the module cache counts encoder calls.",
+    ]
     for group in results.get("identical_outputs") or []:
         lines.append(f"Bit-identical outputs (latents and video): {' = '.join(group)}.")
     expected = (results.get("input") or {}).get("expected_motion")
     if expected:
-        lines += ["", f"Motion (trained weights; the prompt \"{results['input']['prompt']}\" asks `{expected}`): what "
-                  "the colour tracker sees the object do in each timed run.", "",
-                  "| config | observed motion per run | as prompted |", "|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f'Motion (trained weights; the prompt "{results["input"]["prompt"]}" asks `{expected}`): what '
+            "the colour tracker sees the object do in each timed run.",
+            "",
+            "| config | observed motion per run | as prompted |",
+            "|---|---|---|",
+        ]
         for row in results["rows"]:
             if row.get("motion"):
                 ok = sum(m == expected for m in row["motion"])
                 lines.append(f"| {row['config']} | {', '.join(row['motion'])} | {ok}/{len(row['motion'])} |")
-    lines += ["", "Stages (median seconds per generation):", "",
-              "| config | text encode | image encode | transformer | VAE decode | write | total |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Stages (median seconds per generation):",
+        "",
+        "| config | text encode | image encode | transformer | VAE decode | write | total |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in results["rows"]:
         stages = row.get("stages_s")
         if not stages:
             continue
-        cells = [f"{stages[s]['median']:.3f}" if stages.get(s) else "-" for s in ("text_encode", "image_encode", "transformer", "vae_decode", "write", "total")]
+        cells = [
+            f"{stages[s]['median']:.3f}" if stages.get(s) else "-"
+            for s in ("text_encode", "image_encode", "transformer", "vae_decode", "write", "total")
+        ]
         lines.append(f"| {row['config']} | " + " | ".join(cells) + " |")
-    lines += ["", "Fidelity against the baseline's output of this run:", "",
-              "| config | first-step rel. L2 | first-step cosine | final latents rel. L2 | worst-frame PSNR dB |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Fidelity against the baseline's output of this run:",
+        "",
+        "| config | first-step rel. L2 | first-step cosine | final latents rel. L2 | worst-frame PSNR dB |",
+        "|---|---|---|---|---|",
+    ]
     for row in results["rows"]:
         fid = row.get("fidelity")
         if fid:

@@ -14,9 +14,10 @@ import multiprocessing as mp
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +48,16 @@ class BenchSpec:
     model_dir: str | None = None  # every configuration loads these weights (the layout of --model-dir)
 
     def common_settings(self) -> dict[str, Any]:
-        values = dict(model=self.model, variant=self.variant, seconds=self.seconds, steps=self.steps,
-                      resolution=self.resolution, seed=self.seed, device=self.device, model_dir=self.model_dir)  # fmt: skip
+        values = dict(
+            model=self.model,
+            variant=self.variant,
+            seconds=self.seconds,
+            steps=self.steps,
+            resolution=self.resolution,
+            seed=self.seed,
+            device=self.device,
+            model_dir=self.model_dir,
+        )
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -269,8 +278,15 @@ def _summarise(spec: BenchSpec, runs: dict[str, ConfigRun]) -> dict[str, Any]:
     base_outputs = [_load(x["outputs"]) for x in baseline.runs if "outputs" in x]
     rows, kept = [], {}
     for name, r in runs.items():
-        row: dict[str, Any] = {"config": name, "settings": _plain(r.config.settings), "lossy": _lossy(r),
-                               "status": r.status, "reason": r.reason, "load_s": r.load_s, "plan": r.plan}  # fmt: skip
+        row: dict[str, Any] = {
+            "config": name,
+            "settings": _plain(r.config.settings),
+            "lossy": _lossy(r),
+            "status": r.status,
+            "reason": r.reason,
+            "load_s": r.load_s,
+            "plan": r.plan,
+        }
         samples = timed[name]
         if samples:
             row["s_per_step"] = _median_range([_step_seconds(x) for x in samples])
@@ -284,8 +300,10 @@ def _summarise(spec: BenchSpec, runs: dict[str, ConfigRun]) -> dict[str, Any]:
             if r.warmup and r.warmup.get("status") == "ok":
                 row["first_run_s"] = r.warmup["timings"]["total"]
                 if "compiled_graphs" in r.warmup:
-                    row["compiled_graphs"] = {"warmup": r.warmup["compiled_graphs"],
-                                              "timed_runs": sum(x.get("compiled_graphs", 0) for x in samples)}  # fmt: skip
+                    row["compiled_graphs"] = {
+                        "warmup": r.warmup["compiled_graphs"],
+                        "timed_runs": sum(x.get("compiled_graphs", 0) for x in samples),
+                    }
             if base_step and row["s_per_step"]:
                 row["speedup"] = base_step["median"] / row["s_per_step"]["median"]
             if "motion" in samples[0]:

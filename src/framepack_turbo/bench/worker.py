@@ -109,7 +109,9 @@ def run_once(fp, job: WorkerJob, index: int, keep: bool) -> dict[str, Any]:
         record["motion"] = observed_motion(result.frames, job.track[0])
     caches = result.sidecar.get("caches", {})
     if caches:
-        record["caches"] = {name: {k: c[k] for k in ("hit", "miss", "forced", "hit_rate") if k in c} for name, c in caches.items()}
+        record["caches"] = {
+            name: {k: c[k] for k in ("hit", "miss", "forced", "hit_rate") if k in c} for name, c in caches.items()
+        }
     if fp.extension("compile") is not None:
         record["compiled_graphs"] = _graph_count(fp) - graphs_before  # 0 once warm: no recompilation
     if cuda:
@@ -142,7 +144,10 @@ def main(conn, job: WorkerJob) -> None:
     except FramePackError as exc:  # cannot run here (no GPU for it, weights missing): a skipped row
         status, fp = {"status": "skipped", "reason": str(exc)}, None
     except Exception as exc:  # a broken configuration is a failed row, not a crashed bench
-        status, fp = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}, None
+        status, fp = (
+            {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()},
+            None,
+        )
     conn.send(status)
     if fp is None:
         return

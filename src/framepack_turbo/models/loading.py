@@ -253,12 +253,21 @@ def _load_components(sources, dtypes, local_files_only, extra, skip, parallel: P
             started = time.perf_counter()
             with ThreadPoolExecutor(parallel.threads) as pool:
                 read = sum(pool.map(_read_through, files))
-            log.info("Read %d weight files (%.2f GB) in %d threads in %.1f s", len(files), read / 2**30,
-                     parallel.threads, time.perf_counter() - started)  # fmt: skip
+            log.info(
+                "Read %d weight files (%.2f GB) in %d threads in %.1f s",
+                len(files),
+                read / 2**30,
+                parallel.threads,
+                time.perf_counter() - started,
+            )
         elif files:
-            log.info("Serial loading: %.1f GB of weights, %.1f GB of host memory available (needs %.1fx; "
-                     "FORCE_PARALLEL_LOADERS=1 reads in parallel anyway)", size / 2**30, (available or 0) / 2**30,
-                     ROOM_FACTOR)  # fmt: skip
+            log.info(
+                "Serial loading: %.1f GB of weights, %.1f GB of host memory available (needs %.1fx; "
+                "FORCE_PARALLEL_LOADERS=1 reads in parallel anyway)",
+                size / 2**30,
+                (available or 0) / 2**30,
+                ROOM_FACTOR,
+            )
     parts.update(map(build, wanted.items()))
     return parts
 
@@ -349,14 +358,20 @@ def transformer_identity(preset: str, model_dir: str | None = None, local_files_
     elif spec.is_random:
         from framepack_turbo.models.random import SEED, SIZES, transformer_config
 
-        config, revision, source = transformer_config(SIZES[spec.random_size]), f"seed:{SEED}", f"random:{spec.random_size}"
+        config, revision, source = (
+            transformer_config(SIZES[spec.random_size]),
+            f"seed:{SEED}",
+            f"random:{spec.random_size}",
+        )
     else:
         src = spec.sources["transformer"]
         revision, config = None, {}
         try:
             import huggingface_hub
 
-            snapshot = Path(huggingface_hub.snapshot_download(src.repo, local_files_only=True, allow_patterns=["config.json"]))
+            snapshot = Path(
+                huggingface_hub.snapshot_download(src.repo, local_files_only=True, allow_patterns=["config.json"])
+            )
             revision = snapshot.name
             config = json.loads((snapshot / "config.json").read_text())
         except Exception:  # not in the cache: identity without a revision never matches a saved one

@@ -70,12 +70,8 @@ def _encoder_sources() -> dict[str, Source]:
 
 
 PRESETS: dict[str, ModelPreset] = {
-    "framepack": ModelPreset(
-        "framepack", "inverted", {"transformer": Source(INVERTED_REPO), **_encoder_sources()}
-    ),
-    "framepack-f1": ModelPreset(
-        "framepack-f1", "f1", {"transformer": Source(F1_REPO), **_encoder_sources()}
-    ),
+    "framepack": ModelPreset("framepack", "inverted", {"transformer": Source(INVERTED_REPO), **_encoder_sources()}),
+    "framepack-f1": ModelPreset("framepack-f1", "f1", {"transformer": Source(F1_REPO), **_encoder_sources()}),
     "tiny": ModelPreset("tiny", "inverted", bundled_dir=TINY_WEIGHTS, native_resolution=64),  # both variants trained
     "tiny-random": ModelPreset("tiny-random", "inverted", random_size="tiny"),
     "small": ModelPreset("small", "inverted", random_size="small"),

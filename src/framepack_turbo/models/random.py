@@ -45,7 +45,9 @@ class RandomSize:
 
 
 # 16 channels per VAE block is the fastest conv3d width on CPU; one layer per block keeps decode short.
-_SMALL_VAE = dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False)
+_SMALL_VAE = dict(
+    block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False
+)
 
 SIZES: dict[str, RandomSize] = {
     "tiny": RandomSize(2, 16, (4, 6, 6), 1, 1, 1, 32, 3, 32, 32, 32, _SMALL_VAE),
@@ -53,9 +55,23 @@ SIZES: dict[str, RandomSize] = {
     "small": RandomSize(4, 64, (16, 24, 24), 5, 14, 1, 128, 3, 64, 64, 32, _SMALL_VAE),
     # FramePackI2V_HY's transformer config and HunyuanVideo's VAE; encoders at real width, 2 layers deep
     "full": RandomSize(
-        24, 128, (16, 56, 56), 20, 40, 2, 4096, 3, 768, 1152, 384, {}, text_ffn=14336, image_ffn=4304,
-        image_heads=16, needs_cuda=True,
-    ),  # fmt: skip
+        24,
+        128,
+        (16, 56, 56),
+        20,
+        40,
+        2,
+        4096,
+        3,
+        768,
+        1152,
+        384,
+        {},
+        text_ffn=14336,
+        image_ffn=4304,
+        image_heads=16,
+        needs_cuda=True,
+    ),
 }
 
 

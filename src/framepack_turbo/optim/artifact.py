@@ -99,7 +99,9 @@ def _hooks(transformer: torch.nn.Module) -> list[dict[str, Any]]:
     return hooks
 
 
-def save(bundle: ModelBundle, settings: Settings, path: Path, source_identity: dict[str, Any], reports: list[Any] = ()) -> Path:
+def save(
+    bundle: ModelBundle, settings: Settings, path: Path, source_identity: dict[str, Any], reports: list[Any] = ()
+) -> Path:
     """Write the transformer's weights and the manifest, each atomically (manifest last)."""
     from safetensors.torch import save_file
 
@@ -206,5 +208,3 @@ def _reinstall_hooks(model: torch.nn.Module, hooks: list[dict[str, Any]]) -> Non
                 apply_layerwise_casting(modules[name], modules[name].weight.dtype, compute, skip_modules_pattern=None)
         elif hook["kind"] not in ("fp32_output", "layerwise_casting"):
             raise ArtifactRefused(f"unknown hook kind {hook['kind']!r}")
-
-

@@ -66,8 +66,11 @@ def choose_backend(mode: str, hardware: Hardware) -> tuple[str, str]:
 
 def attention_backends(transformer) -> set[str]:
     """The dispatch backend each attention processor of the transformer uses (None: the default)."""
-    return {str(getattr(m.processor, "_attention_backend", None)) for m in transformer.modules()
-            if hasattr(m, "processor") and hasattr(m.processor, "_attention_backend")}  # fmt: skip
+    return {
+        str(getattr(m.processor, "_attention_backend", None))
+        for m in transformer.modules()
+        if hasattr(m, "processor") and hasattr(m.processor, "_attention_backend")
+    }
 
 
 class AttentionPass:
@@ -83,4 +86,6 @@ class AttentionPass:
         with quiet_logger("diffusers.models.modeling_utils"):  # "experimental feature" notice on every call
             bundle.transformer.set_attention_backend(backend)
         log.info("Transformer attention: %s (%s)", backend, why)
-        return PassReport(self.name, "applied", f"{backend}: {why}", {"backend": backend}, AttentionBackend(bundle.transformer))
+        return PassReport(
+            self.name, "applied", f"{backend}: {why}", {"backend": backend}, AttentionBackend(bundle.transformer)
+        )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from framepack_turbo.optim.base import PassContext, PassReport
+from framepack_turbo.optim.select import EMBEDDERS, OUTPUT_LAYERS
 
 if TYPE_CHECKING:
     from framepack_turbo.models.loading import ModelBundle
@@ -24,8 +25,7 @@ if TYPE_CHECKING:
 
 BNB_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
 # Kept unquantized: the FramePack transformer's embedders and final projection (as the other passes).
-TRANSFORMER_SKIP = ["x_embedder", "clean_x_embedder", "context_embedder", "time_text_embed", "image_projection",
-                    "norm_out", "proj_out"]  # fmt: skip
+TRANSFORMER_SKIP = [*EMBEDDERS, *OUTPUT_LAYERS]
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,12 @@ def quantization_config(config: BnbConfig, component: str, compute_dtype: torch.
         from transformers import BitsAndBytesConfig
     kwargs: dict[str, Any] = {}
     if config.load_in_4bit:
-        kwargs.update(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                      bnb_4bit_use_double_quant=config.double_quant)  # fmt: skip
+        kwargs.update(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=config.double_quant,
+        )
     else:
         kwargs.update(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=config.cpu_offload)
     if component == "transformer":
@@ -65,15 +69,20 @@ def component_kwargs(config: BnbConfig, component: str) -> dict[str, Any]:
 
 
 def is_quantized(module: torch.nn.Module) -> bool:
-    return bool(getattr(module, "is_loaded_in_4bit", False) or getattr(module, "is_loaded_in_8bit", False)
-                or getattr(module, "is_quantized", False))  # fmt: skip
+    return bool(
+        getattr(module, "is_loaded_in_4bit", False)
+        or getattr(module, "is_loaded_in_8bit", False)
+        or getattr(module, "is_quantized", False)
+    )
 
 
 class BnbPass:
     name = "loading.bnb"
 
     def config(self, settings: Settings) -> BnbConfig:
-        return BnbConfig(settings.bnb_load_in_4bit, settings.bnb_cpu_offload, settings.bnb_device_map, settings.bnb_double_quant)
+        return BnbConfig(
+            settings.bnb_load_in_4bit, settings.bnb_cpu_offload, settings.bnb_device_map, settings.bnb_double_quant
+        )
 
     def loading_kwargs(self, config: BnbConfig) -> dict[str, dict[str, Any]]:
         """Extra `from_pretrained` arguments per component (load_bundle passes them on)."""

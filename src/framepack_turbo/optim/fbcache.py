@@ -94,7 +94,9 @@ def apply_first_block_cache(transformer: torch.nn.Module, config: FirstBlockCach
     """Hook the transformer's blocks; returns the controller the generator resets and reads."""
     controller = FirstBlockCache(transformer, config.verbose)
     state_manager = StateManager(_State)
-    hook_whole_stack(transformer, StepAwareHeadHook(state_manager, config, controller), state_manager, HEAD_HOOK, BLOCK_HOOK)
+    hook_whole_stack(
+        transformer, StepAwareHeadHook(state_manager, config, controller), state_manager, HEAD_HOOK, BLOCK_HOOK
+    )
     return controller
 
 

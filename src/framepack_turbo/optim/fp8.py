@@ -83,5 +83,9 @@ class Fp8Pass:
         after = weight_bytes(transformer, names)
         log.info("FP8 optimization active")
         detail = f"{mode}; {len(names)} linears, weights {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
-        return PassReport(self.name, "applied", detail, {"modules": len(names), "compute": compute,
-                                                         "weight_bytes_before": before, "weight_bytes_after": after})  # fmt: skip
+        return PassReport(
+            self.name,
+            "applied",
+            detail,
+            {"modules": len(names), "compute": compute, "weight_bytes_before": before, "weight_bytes_after": after},
+        )

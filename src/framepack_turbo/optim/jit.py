@@ -154,8 +154,15 @@ class JitPass:
                 bundle.transformer = scripted
                 return PassReport(self.name, "applied", "scripted")
         bundle.transformer = TracedTransformer(bundle.transformer, config)
-        detail = ", ".join(x for x in (note, "traced on first call per input shape",
-                                       "strict shapes" if config.strict else "re-traces new shapes",
-                                       f"saves to {config.save}" if config.save else "",
-                                       f"loaded {config.load}" if config.load else "") if x)  # fmt: skip
+        detail = ", ".join(
+            x
+            for x in (
+                note,
+                "traced on first call per input shape",
+                "strict shapes" if config.strict else "re-traces new shapes",
+                f"saves to {config.save}" if config.save else "",
+                f"loaded {config.load}" if config.load else "",
+            )
+            if x
+        )
         return PassReport(self.name, "applied", detail)

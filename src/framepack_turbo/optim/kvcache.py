@@ -126,7 +126,9 @@ class ContextKVAttnProcessor:
 
     @staticmethod
     def _qkv(attn, x, added: bool = False):
-        to_q, to_k, to_v = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if added else (attn.to_q, attn.to_k, attn.to_v)
+        to_q, to_k, to_v = (
+            (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if added else (attn.to_q, attn.to_k, attn.to_v)
+        )
         norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if added else (attn.norm_q, attn.norm_k)
         q, k, v = (f(x).unflatten(2, (attn.heads, -1)) for f in (to_q, to_k, to_v))
         if norm_q is not None:
@@ -137,9 +139,15 @@ class ContextKVAttnProcessor:
 
     def _attend(self, query, key, value, attention_mask):
         out = dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
-        )  # fmt: skip
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
         return out.flatten(2, 3).to(query.dtype)
 
     @staticmethod

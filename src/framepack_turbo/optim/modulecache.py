@@ -140,7 +140,9 @@ class EncoderCache(Extension):
         return value
 
     def image(self, picture: np.ndarray, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        payload = json.dumps([list(picture.shape), str(picture.dtype)]).encode() + np.ascontiguousarray(picture).tobytes()
+        payload = (
+            json.dumps([list(picture.shape), str(picture.dtype)]).encode() + np.ascontiguousarray(picture).tobytes()
+        )
         key = _key("image", self.image_identity, payload)
         found = self._get(key, "image")
         if found is not None:
@@ -233,7 +235,10 @@ class ModuleCachePass:
 
     def apply(self, bundle: ModelBundle, config: ModuleCacheConfig, context: PassContext) -> PassReport:
         text = {"llama": module_identity(bundle.text_encoder), "clip": module_identity(bundle.text_encoder_2)}
-        image = {"siglip": module_identity(bundle.image_encoder), "size": str(getattr(bundle.feature_extractor, "size", ""))}
+        image = {
+            "siglip": module_identity(bundle.image_encoder),
+            "size": str(getattr(bundle.feature_extractor, "size", "")),
+        }
         cache = EncoderCache(config, text, image)
         if config.loose_match:
             log.warning(
@@ -242,4 +247,6 @@ class ModuleCachePass:
             )
         where = f"{config.directory / SUBDIR}" if config.directory is not None else "memory (RUNTIME_CACHE=0)"
         match = "loose" if config.loose_match else "exact"
-        return PassReport(self.name, "applied", f"{match} match, up to {config.max_bytes >> 20} MB in {where}", extension=cache)
+        return PassReport(
+            self.name, "applied", f"{match} match, up to {config.max_bytes >> 20} MB in {where}", extension=cache
+        )

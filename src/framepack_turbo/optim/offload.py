@@ -116,10 +116,13 @@ class Placer(Extension):
             budget -= size
             resident += 1
         for block in blocks[resident:]:
-            apply_group_offloading(block, onload_device=self.gpu, offload_device=host, offload_type="block_level",
-                                   num_blocks_per_group=1)  # fmt: skip
-        return (f"{resident} of {len(blocks)} transformer blocks resident, the rest moved in on demand; "
-                f"{self.config.preserve_gb:g} GB kept free; encoders and VAE moved in while they run")  # fmt: skip
+            apply_group_offloading(
+                block, onload_device=self.gpu, offload_device=host, offload_type="block_level", num_blocks_per_group=1
+            )
+        return (
+            f"{resident} of {len(blocks)} transformer blocks resident, the rest moved in on demand; "
+            f"{self.config.preserve_gb:g} GB kept free; encoders and VAE moved in while they run"
+        )
 
     def _apply_v2(self, host: torch.device) -> str:
         from diffusers.hooks import apply_group_offloading
@@ -127,9 +130,15 @@ class Placer(Extension):
         self._remove_offloading()
         transformer = self.bundle.transformer.to(host)
         apply_group_offloading(
-            transformer, onload_device=self.gpu, offload_device=host, offload_type="block_level",
-            num_blocks_per_group=1, use_stream=True, record_stream=True, non_blocking=True,
-        )  # fmt: skip
+            transformer,
+            onload_device=self.gpu,
+            offload_device=host,
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+            record_stream=True,
+            non_blocking=True,
+        )
         return "transformer blocks streamed from pinned host memory, next block prefetched on a side stream"
 
     def _remove_offloading(self) -> None:

@@ -79,14 +79,19 @@ def provider_chain(config: OnnxConfig, available: Sequence[str], cuda: bool) -> 
     """TensorRT -> CUDA -> CPU, keeping those installed (and wanted); each with its options."""
     chain: list[tuple[str, dict[str, Any]]] = []
     if config.trt and cuda and TRT in available:
-        chain.append((TRT, {
-            "device_id": config.device_id,
-            "trt_fp16_enable": config.trt_fp16,
-            "trt_int8_enable": config.trt_int8,
-            "trt_max_workspace_size": config.trt_workspace_mb << 20,
-            "trt_engine_cache_enable": True,
-            "trt_timing_cache_enable": True,
-        }))  # fmt: skip
+        chain.append(
+            (
+                TRT,
+                {
+                    "device_id": config.device_id,
+                    "trt_fp16_enable": config.trt_fp16,
+                    "trt_int8_enable": config.trt_int8,
+                    "trt_max_workspace_size": config.trt_workspace_mb << 20,
+                    "trt_engine_cache_enable": True,
+                    "trt_timing_cache_enable": True,
+                },
+            )
+        )
     if cuda and CUDA in available:
         chain.append((CUDA, {"device_id": config.device_id}))
     chain.append((CPU, {}))
@@ -101,8 +106,13 @@ class EngineCache:
 
     @staticmethod
     def key(graph_id: str, shapes: dict[str, tuple[int, ...]], options: dict[str, Any]) -> str:
-        text = json.dumps({"graph": graph_id, "shapes": sorted((k, list(v)) for k, v in shapes.items()),
-                           "options": sorted((k, str(v)) for k, v in options.items())})  # fmt: skip
+        text = json.dumps(
+            {
+                "graph": graph_id,
+                "shapes": sorted((k, list(v)) for k, v in shapes.items()),
+                "options": sorted((k, str(v)) for k, v in options.items()),
+            }
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def folder(self, key: str, about: dict[str, Any]) -> Path:
@@ -141,15 +151,25 @@ def _trt_profile(shapes: dict[str, tuple[int, ...]]) -> str:
 class GraphRunner:
     """Runs one module's exported graphs: picks the file covering each call, holds its sessions."""
 
-    def __init__(self, module_name: str, component: str, directory: Path, original: torch.nn.Module,
-                 bundle: Any, config: OnnxConfig, providers: list[tuple[str, dict[str, Any]]]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        module_name: str,
+        component: str,
+        directory: Path,
+        original: torch.nn.Module,
+        bundle: Any,
+        config: OnnxConfig,
+        providers: list[tuple[str, dict[str, Any]]],
+    ) -> None:
         self.module_name, self.component, self.directory = module_name, component, directory
         self.original, self.bundle, self.config, self.providers = original, bundle, config, providers
         self.sessions: dict[str, Any] = {}  # graph file (or TensorRT engine key) -> session
         self.calls, self.exports = 0, 0
         self.provider = ""
         self.manifest: dict[str, Any] | None = None
-        self.engine_cache = EngineCache(config.trt_cache_dir / f"{directory.parent.name}-{module_name}", config.max_cached_shapes)
+        self.engine_cache = EngineCache(
+            config.trt_cache_dir / f"{directory.parent.name}-{module_name}", config.max_cached_shapes
+        )
 
     def run(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -175,8 +195,10 @@ class GraphRunner:
             if entry["module"] == self.module_name and ox.bind_dims(entry["inputs"], entry["dims"], shapes) is not None:
                 return entry
         covered = "; ".join(
-            ", ".join(f"{i['name']} {i['shape']}" for i in g["inputs"][:3]) for g in manifest["graphs"] if g["module"] == self.module_name
-        )  # fmt: skip
+            ", ".join(f"{i['name']} {i['shape']}" for i in g["inputs"][:3])
+            for g in manifest["graphs"]
+            if g["module"] == self.module_name
+        )
         asked = ", ".join(f"{k} {list(v)}" for k, v in list(shapes.items())[:3])
         if not self.config.extendable:
             raise OnnxShapeError(
@@ -203,11 +225,18 @@ class GraphRunner:
             graph_id = f"{self.directory}/{entry['file']}:{(self.directory / entry['file']).stat().st_mtime_ns}"
             key = EngineCache.key(graph_id, shapes, options)
             if key not in self.sessions:
-                folder = self.engine_cache.folder(key, {"graph": graph_id, "shapes": {k: list(v) for k, v in shapes.items()}})
+                folder = self.engine_cache.folder(
+                    key, {"graph": graph_id, "shapes": {k: list(v) for k, v in shapes.items()}}
+                )
                 profile = _trt_profile({i["name"]: shapes[i["name"]] for i in entry["inputs"]})
-                options = {**options, "trt_engine_cache_path": str(folder), "trt_timing_cache_path": str(folder),
-                           "trt_profile_min_shapes": profile, "trt_profile_opt_shapes": profile,
-                           "trt_profile_max_shapes": profile}  # fmt: skip
+                options = {
+                    **options,
+                    "trt_engine_cache_path": str(folder),
+                    "trt_timing_cache_path": str(folder),
+                    "trt_profile_min_shapes": profile,
+                    "trt_profile_opt_shapes": profile,
+                    "trt_profile_max_shapes": profile,
+                }
                 providers = [(name, options), *providers[1:]]
                 self.sessions.clear()  # one TensorRT session in memory: each holds the weights
         session = self.sessions.get(key)
@@ -218,14 +247,24 @@ class GraphRunner:
             session = onnxruntime.InferenceSession(str(self.directory / entry["file"]), opts, providers=providers)
             self.sessions[key] = session
             self.provider = session.get_providers()[0]
-            log.info("onnxruntime session for %s on %s in %.1f s", entry["file"], self.provider, time.perf_counter() - started)
+            log.info(
+                "onnxruntime session for %s on %s in %.1f s",
+                entry["file"],
+                self.provider,
+                time.perf_counter() - started,
+            )
         return session
 
     def reset(self) -> None:  # per job: the sidecar counts this job's calls
         self.calls = self.exports = 0
 
     def stats(self) -> dict[str, Any]:
-        return {"provider": self.provider, "calls": self.calls, "exported_shapes": self.exports, "folder": str(self.directory)}
+        return {
+            "provider": self.provider,
+            "calls": self.calls,
+            "exported_shapes": self.exports,
+            "folder": str(self.directory),
+        }
 
 
 @contextlib.contextmanager
@@ -302,12 +341,17 @@ class OnnxVaeDecoder(OnnxStandIn):
 
 
 STAND_INS = {
-    "transformer": OnnxTransformer, "text_encoder": OnnxLlama, "text_encoder_2": OnnxClip,
-    "image_encoder": OnnxSiglip, "vae.decoder": OnnxVaeDecoder,
-}  # fmt: skip
+    "transformer": OnnxTransformer,
+    "text_encoder": OnnxLlama,
+    "text_encoder_2": OnnxClip,
+    "image_encoder": OnnxSiglip,
+    "vae.decoder": OnnxVaeDecoder,
+}
 
 
-def install(bundle: Any, component: str, config: OnnxConfig, providers: list[tuple[str, dict[str, Any]]]) -> list[GraphRunner]:
+def install(
+    bundle: Any, component: str, config: OnnxConfig, providers: list[tuple[str, dict[str, Any]]]
+) -> list[GraphRunner]:
     """Make sure the component is exported (first use) and put its stand-ins in the bundle."""
     taken = [n for n in ox.COMPONENT_MODULES[component] if isinstance(ox.resolve_module(bundle, n), TensorRTModule)]
     if taken:  # ENABLE_TENSORRT took them (the plan runs TensorRT first); TRT_TEXT_ENCODERS takes both encoders

@@ -2,7 +2,7 @@
 
 torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`) with the weights as external data, so
 a graph past protobuf's 2 GB limit (the 13B transformer) still saves. The legacy TorchScript exporter
-is not used: its graph of this transformer does not load in onnxruntime (DESIGN, measured facts).
+is not used: its graph of this transformer does not load in onnxruntime (measured here: a Slice index type clash).
 
 What changes between calls is a dynamic axis: the text length, the number of latent frames (window)
 and the latent height/width (every bucket of every base resolution; even sides, the transformer's
@@ -172,14 +172,16 @@ def graph_specs(bundle: Any, component: str) -> list[GraphSpec]:
 
 
 def _axis(entry: int | str) -> tuple[int, str | None]:
-    """"2*h" -> (2, "h"); "h" -> (1, "h"); 7 -> (7, None)."""
+    """ "2*h" -> (2, "h"); "h" -> (1, "h"); 7 -> (7, None)."""
     if isinstance(entry, int):
         return entry, None
     factor, _, name = entry.rpartition("*")
     return (int(factor) if factor else 1), name
 
 
-def bind_dims(inputs: list[dict[str, Any]], dims: dict[str, list[int]], shapes: dict[str, tuple[int, ...]]) -> dict[str, int] | None:
+def bind_dims(
+    inputs: list[dict[str, Any]], dims: dict[str, list[int]], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, int] | None:
     """The dim values that make `shapes` fit a graph's inputs, or None when they do not fit."""
     bound: dict[str, int] = {}
     for spec in inputs:
@@ -214,8 +216,13 @@ def shape_key(shapes: dict[str, tuple[int, ...]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def example_inputs(spec: GraphSpec, dtype: torch.dtype, device: torch.device,
-                   shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+def example_inputs(
+    spec: GraphSpec,
+    dtype: torch.dtype,
+    device: torch.device,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Inputs of the spec's example shapes (or the given concrete `shapes`), random but valid."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -315,8 +322,15 @@ def export_dtype(device: torch.device) -> torch.dtype:
 # ---- export ---------------------------------------------------------------------------------------
 
 
-def export_graph(bundle: Any, component: str, spec: GraphSpec, directory: Path, identity: dict[str, Any],
-                 shapes: dict[str, tuple[int, ...]] | None = None, check: bool = True) -> dict[str, Any]:  # fmt: skip
+def export_graph(
+    bundle: Any,
+    component: str,
+    spec: GraphSpec,
+    directory: Path,
+    identity: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    check: bool = True,
+) -> dict[str, Any]:
     """Export one graph into `directory` and add it to the manifest; returns its manifest entry.
 
     `shapes`: export these concrete input shapes (one fixed-shape file) instead of the dynamic axes.
@@ -334,14 +348,23 @@ def export_graph(bundle: Any, component: str, spec: GraphSpec, directory: Path, 
     stem = spec.module.replace(".", "_") + (f"-{shape_key(shapes)}" if shapes else "")
     started = time.perf_counter()
     log.info("Exporting %s to ONNX (%s)...", spec.module, "fixed shape" if shapes else "dynamic axes")
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as tmp, torch.no_grad(), warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as tmp,
+        torch.no_grad(),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter, per op
         try:
             program = torch.onnx.export(
-                graph, tuple(inputs[n] for n in names), input_names=names, output_names=["output"],
-                dynamo=True, external_data=True, verbose=False,
+                graph,
+                tuple(inputs[n] for n in names),
+                input_names=names,
+                output_names=["output"],
+                dynamo=True,
+                external_data=True,
+                verbose=False,
                 dynamic_shapes=None if shapes else {"tensors": tuple(_dynamic_shapes(spec)[n] for n in names)},
-            )  # fmt: skip
+            )
             program.save(str(Path(tmp) / f"{stem}.onnx"), external_data=True)
         except Exception as exc:
             raise OnnxExportError(
@@ -369,10 +392,18 @@ def export_graph(bundle: Any, component: str, spec: GraphSpec, directory: Path, 
     if manifest and manifest.get("identity") != identity:
         raise OnnxExportError(f"{directory}: holds an export of other weights; use an empty folder")
     graphs = [g for g in manifest.get("graphs", []) if g["file"] != entry["file"]] + [entry]
-    _write_json(manifest_path(directory), {
-        "format": FORMAT, "version": VERSION, "component": component, "identity": identity, "graphs": graphs,
-        "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    })  # fmt: skip
+    _write_json(
+        manifest_path(directory),
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "component": component,
+            "identity": identity,
+            "graphs": graphs,
+            "torch": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
     log.info("Exported %s to %s in %.1f s", spec.module, directory / entry["file"], seconds)
     return entry
 

@@ -32,7 +32,13 @@ class PlannedPass:
     lossy: bool = False
 
     def to_dict(self) -> dict[str, str | bool]:
-        return {"name": self.name, "title": self.title, "status": self.status, "reason": self.reason, "lossy": self.lossy}
+        return {
+            "name": self.name,
+            "title": self.title,
+            "status": self.status,
+            "reason": self.reason,
+            "lossy": self.lossy,
+        }
 
 
 @dataclass(frozen=True)

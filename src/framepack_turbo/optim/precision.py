@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from framepack_turbo.optim.base import PassContext, PassReport
+from framepack_turbo.optim.select import OUTPUT_LAYERS
 
 if TYPE_CHECKING:
     from framepack_turbo.models.loading import ModelBundle
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 # Registry of model facts: which sub-modules of each class stay in float32.
 KEEP_FP32: dict[str, tuple[str, ...]] = {
-    "HunyuanVideoFramepackTransformer3DModel": ("norm_out", "proj_out"),
+    "HunyuanVideoFramepackTransformer3DModel": OUTPUT_LAYERS,
 }
 LOW_PRECISION_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "image_encoder")
 _HOOK_ATTR = "_framepack_fp32_output_hook"

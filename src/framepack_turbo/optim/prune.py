@@ -54,8 +54,10 @@ class PrunePass:
     def apply(self, bundle: ModelBundle, config: PruneConfig, context: PassContext) -> PassReport:
         transformer = bundle.transformer
         dual, single = block_stacks(transformer)
-        removed = {dual: prune_stack(transformer, dual, config.dual_ratio),
-                   single: prune_stack(transformer, single, config.single_ratio)}  # fmt: skip
+        removed = {
+            dual: prune_stack(transformer, dual, config.dual_ratio),
+            single: prune_stack(transformer, single, config.single_ratio),
+        }
         # the config must describe the model as it now is, for saving and for anyone reading it
         transformer.register_to_config(
             num_layers=len(getattr(transformer, dual)), num_single_layers=len(getattr(transformer, single))

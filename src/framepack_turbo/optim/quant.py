@@ -72,8 +72,13 @@ def quantize_transformer(transformer: torch.nn.Module, config: QuantConfig) -> d
     ao_config, kernel = torchao_config(config, next(transformer.parameters()).device)
     torchao_quantization().quantize_(transformer, ao_config, filter_fn=keep)
     after = weight_bytes(transformer, names)
-    return {"modules": len(names), "left_out": left_out, "weight_bytes_before": before, "weight_bytes_after": after,
-            "kernel": kernel}  # fmt: skip
+    return {
+        "modules": len(names),
+        "left_out": left_out,
+        "weight_bytes_before": before,
+        "weight_bytes_after": after,
+        "kernel": kernel,
+    }
 
 
 class QuantPass:
@@ -86,7 +91,9 @@ class QuantPass:
         log.info("Applying INT-%d quantization to transformer...", config.bits)
         counters = quantize_transformer(bundle.transformer, config)
         ratio = counters["weight_bytes_before"] / max(counters["weight_bytes_after"], 1)
-        left_out = f" ({counters['left_out']} left out: width not a multiple of the group)" if counters["left_out"] else ""
+        left_out = (
+            f" ({counters['left_out']} left out: width not a multiple of the group)" if counters["left_out"] else ""
+        )
         detail = (
             f"{counters['kernel']}; {counters['modules']} linears{left_out}, weights "
             f"{counters['weight_bytes_before'] / 2**20:.1f} -> {counters['weight_bytes_after'] / 2**20:.1f} MiB ({ratio:.1f}x smaller)"

@@ -17,8 +17,17 @@ BLOCK_STACKS: dict[str, tuple[str, ...]] = {
     "HunyuanVideoFramepackTransformer3DModel": ("transformer_blocks", "single_transformer_blocks"),
 }
 # name parts that stay in high precision unless the user includes them explicitly
-DEFAULT_EXCLUDE: tuple[str, ...] = ("norm", "x_embedder", "context_embedder", "time_text_embed", "image_projection")
+# The FramePack transformer's parts that map into and out of the block stacks: no weight pass changes them.
+EMBEDDERS: tuple[str, ...] = (
+    "x_embedder",
+    "clean_x_embedder",
+    "context_embedder",
+    "time_text_embed",
+    "image_projection",
+)
 FINAL_PROJECTION = "proj_out"  # the top-level one; blocks have their own proj_out, which is quantized
+OUTPUT_LAYERS: tuple[str, ...] = ("norm_out", FINAL_PROJECTION)  # kept in float32 under low precision, as FramePack
+DEFAULT_EXCLUDE: tuple[str, ...] = ("norm", *EMBEDDERS)
 
 
 def block_stacks(model: torch.nn.Module) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from diffusers.hooks.hooks import ModelHook
 
 from framepack_turbo.optim.base import Extension, Scope
 from framepack_turbo.optim.select import block_stacks
+from framepack_turbo.pipeline.record import hit_rate
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,6 @@ class CacheCounters:
         self.counts[kind] += n
 
     def stats(self) -> dict[str, Any]:
-        from framepack_turbo.pipeline.record import hit_rate
-
         return {
             **{kind: self.counts[kind] for kind in ("hit", "miss", "forced")},
             **dict(sorted(self.counts.items())),
@@ -128,8 +127,15 @@ class HookedCache(Extension):
         self.counters.add(kind)
         if self.verbose:
             step, steps = step_position(context)
-            log.info("%s %s step %s/%s: %s%s", self.name, context.name, None if step is None else step + 1, steps,
-                     kind, f" ({detail})" if detail else "")  # fmt: skip
+            log.info(
+                "%s %s step %s/%s: %s%s",
+                self.name,
+                context.name,
+                None if step is None else step + 1,
+                steps,
+                kind,
+                f" ({detail})" if detail else "",
+            )
 
     def reset(self, scope: Scope = "section") -> None:
         HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)

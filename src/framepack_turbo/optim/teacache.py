@@ -113,7 +113,9 @@ class TeaCache(HookedCache):
 def apply_teacache(transformer: torch.nn.Module, config: TeaCacheConfig) -> TeaCache:
     controller = TeaCache(transformer, config.verbose)
     state_manager = StateManager(_State)
-    hook_whole_stack(transformer, TeaCacheHeadHook(state_manager, config, controller), state_manager, HEAD_HOOK, BLOCK_HOOK)
+    hook_whole_stack(
+        transformer, TeaCacheHeadHook(state_manager, config, controller), state_manager, HEAD_HOOK, BLOCK_HOOK
+    )
     return controller
 
 
@@ -125,4 +127,6 @@ class TeaCachePass:
 
     def apply(self, bundle: ModelBundle, config: TeaCacheConfig, context: PassContext) -> PassReport:
         cache = apply_teacache(bundle.transformer, config)
-        return PassReport(self.name, "applied", f"threshold {config.threshold} (FramePack's rule and polynomial)", extension=cache)
+        return PassReport(
+            self.name, "applied", f"threshold {config.threshold} (FramePack's rule and polynomial)", extension=cache
+        )

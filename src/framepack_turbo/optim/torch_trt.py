@@ -87,10 +87,15 @@ class TensorRTModule(StandIn):
 
             compile_fn = torch_tensorrt.compile
         dtype = next(self.original.parameters()).dtype
-        log.info("Compiling %s with TensorRT for new input shapes (engines cached in %s)",
-                 type(self.original).__name__, self.trt_config.cache_dir)  # fmt: skip
+        log.info(
+            "Compiling %s with TensorRT for new input shapes (engines cached in %s)",
+            type(self.original).__name__,
+            self.trt_config.cache_dir,
+        )
         self.compilations += 1
-        return compile_fn(self.original, arg_inputs=list(args), kwarg_inputs=kwargs, **compile_options(self.trt_config, dtype))
+        return compile_fn(
+            self.original, arg_inputs=list(args), kwarg_inputs=kwargs, **compile_options(self.trt_config, dtype)
+        )
 
 
 class TensorRTPass:
@@ -101,9 +106,12 @@ class TensorRTPass:
             ("text_encoder", "text_encoder_2") if settings.trt_text_encoders else ()
         )
         return TensorRTConfig(
-            modules, settings.trt_workspace_mb, settings.trt_max_aux_streams, settings.tensorrt_cache_dir,
+            modules,
+            settings.trt_workspace_mb,
+            settings.trt_max_aux_streams,
+            settings.tensorrt_cache_dir,
             settings.trt_max_cached_shapes,
-        )  # fmt: skip
+        )
 
     def apply(self, bundle: ModelBundle, config: TensorRTConfig, context: PassContext) -> PassReport:
         for name in config.modules:

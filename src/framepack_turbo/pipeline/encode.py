@@ -15,9 +15,21 @@ log = logging.getLogger(__name__)
 
 # FramePack's 640 buckets as (height, width); every other base resolution scales these.
 BUCKETS_640: tuple[tuple[int, int], ...] = (
-    (416, 960), (448, 864), (480, 832), (512, 768), (544, 704), (576, 672), (608, 640),
-    (640, 608), (672, 576), (704, 544), (768, 512), (832, 480), (864, 448), (960, 416),
-)  # fmt: skip
+    (416, 960),
+    (448, 864),
+    (480, 832),
+    (512, 768),
+    (544, 704),
+    (576, 672),
+    (608, 640),
+    (640, 608),
+    (672, 576),
+    (704, 544),
+    (768, 512),
+    (832, 480),
+    (864, 448),
+    (960, 416),
+)
 SIZE_MULTIPLE = 16  # VAE 8x times transformer patch 2: a side must divide by 16
 
 # HunyuanVideo's LLaMA prompt template (the one diffusers and FramePack use).
@@ -81,7 +93,6 @@ def image_processor_class():
     for our torch); transformers would fall back to the same class with a warning."""
     try:
         import torchvision  # noqa: F401
-
         from transformers import SiglipImageProcessor as Processor
     except ImportError:
         from transformers import SiglipImageProcessorPil as Processor
@@ -103,9 +114,7 @@ class PromptEmbeddings:
     @staticmethod
     def zeros_like(other: PromptEmbeddings) -> PromptEmbeddings:
         """FramePack's negative conditioning when real CFG is off: zeros, never encoded."""
-        return PromptEmbeddings(
-            torch.zeros_like(other.llama), other.mask.clone(), torch.zeros_like(other.clip_pooled)
-        )
+        return PromptEmbeddings(torch.zeros_like(other.llama), other.mask.clone(), torch.zeros_like(other.clip_pooled))
 
 
 def template_crop_start(tokenizer) -> int:
@@ -126,9 +135,7 @@ def encode_prompt(prompt: str, tokenizer, text_encoder, tokenizer_2, text_encode
     truncations = []
     llama_tokens = len(tokenizer(templated).input_ids) - crop_start
     if llama_tokens > MAX_PROMPT_TOKENS:
-        truncations.append(
-            f"prompt is {llama_tokens} LLaMA tokens; only the first {MAX_PROMPT_TOKENS} are used"
-        )
+        truncations.append(f"prompt is {llama_tokens} LLaMA tokens; only the first {MAX_PROMPT_TOKENS} are used")
     inputs = tokenizer(
         [templated],
         padding="max_length",

@@ -116,14 +116,14 @@ class Generator:
         cancel: CancelToken | None = None,
         extensions: Iterable[Extension] = (),
         settings: dict[str, Any] | None = None,
-        decode: vae.ChunkedDecode = vae.ChunkedDecode(),
+        decode: vae.ChunkedDecode | None = None,
     ) -> None:
         self.bundle = bundle
         self.on_event = on_event or (lambda event: None)
         self.cancel = cancel or CancelToken()
         self.extensions = list(extensions)
         self.settings = settings or {}  # recorded in the sidecar as given
-        self.decode_config = decode
+        self.decode_config = decode or vae.ChunkedDecode()
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -347,13 +347,17 @@ class Generator:
             latents = sample_unipc(denoise, noise, sigmas, callback=on_step)
         return latents.float().cpu()
 
-    def _sample_with_step_down(self, section, variant, history, cond, options, rng, timings, job_started, n_sections, record):
+    def _sample_with_step_down(
+        self, section, variant, history, cond, options, rng, timings, job_started, n_sections, record
+    ):
         """Sample a section; on out-of-memory, let an extension step down (the placement) and retry it once."""
         rng_state = rng.get_state()  # a retry draws the same noise
         for attempt in (1, 2):
             self._reset("section")
             try:
-                return self._sample_section(section, variant, history, cond, options, rng, timings, job_started, n_sections)
+                return self._sample_section(
+                    section, variant, history, cond, options, rng, timings, job_started, n_sections
+                )
             except Exception as exc:
                 if not vae.is_out_of_memory(exc):
                     raise

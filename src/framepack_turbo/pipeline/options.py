@@ -39,11 +39,17 @@ class GenerateOptions:
             math.isfinite(self.seconds) and 0 < self.seconds <= MAX_SECONDS,
             f"seconds={self.seconds}: must be > 0 and <= {MAX_SECONDS:g}",
         )
-        _check(self.variant is None or self.variant in VARIANTS, f"variant={self.variant!r}: choose {' or '.join(VARIANTS)}")
+        _check(
+            self.variant is None or self.variant in VARIANTS,
+            f"variant={self.variant!r}: choose {' or '.join(VARIANTS)}",
+        )
         _check(self.steps >= 1, f"steps={self.steps}: must be >= 1")
         _check(self.window >= 1, f"window={self.window}: must be >= 1")
         _check(0 <= self.seed < 2**63, f"seed={self.seed}: must be between 0 and 2^63-1")
-        _check(math.isfinite(self.distilled_guidance) and self.distilled_guidance >= 0, f"gs={self.distilled_guidance}: must be >= 0")
+        _check(
+            math.isfinite(self.distilled_guidance) and self.distilled_guidance >= 0,
+            f"gs={self.distilled_guidance}: must be >= 0",
+        )
         _check(math.isfinite(self.cfg) and self.cfg >= 1, f"cfg={self.cfg}: must be >= 1 (1 turns real CFG off)")
         _check(0 <= self.guidance_rescale <= 1, f"guidance rescale={self.guidance_rescale}: must be in [0, 1]")
         _check(
@@ -92,7 +98,5 @@ def load_image(source) -> np.ndarray:
         raise InputError(f"image must be a path, a PIL image or a uint8 array, got {type(source).__name__}")
     h, w = array.shape[:2]
     if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > MAX_IMAGE_SIDE:
-        raise InputError(
-            f"image is {w}x{h}: each side must be between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels"
-        )
+        raise InputError(f"image is {w}x{h}: each side must be between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels")
     return np.ascontiguousarray(array)

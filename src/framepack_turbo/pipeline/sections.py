@@ -98,9 +98,7 @@ def plan_sections(variant: Variant, seconds: float, window: int) -> list[Section
     n = section_count(seconds, window)
     if variant == "inverted":
         paddings = inverted_paddings(n)
-        return [
-            Section(i, n, p, p == 0, inverted_indices(p, window)) for i, p in enumerate(paddings)
-        ]
+        return [Section(i, n, p, p == 0, inverted_indices(p, window)) for i, p in enumerate(paddings)]
     if variant == "f1":
         return [Section(i, n, 0, i == n - 1, f1_indices(window)) for i in range(n)]
     raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Linear map from the 16 latent channels to RGB (the ComfyUI factors FramePack uses for previews).
+# Kept as a 16 x 3 table, three rows a line, for reading against the source (hence fmt: skip).
 _PREVIEW_RGB = (
     (-0.0395, -0.0331, 0.0445), (0.0696, 0.0795, 0.0518), (0.0135, -0.0945, -0.0282),
     (0.0108, -0.0250, -0.0765), (-0.0209, 0.0032, 0.0224), (-0.0804, -0.0254, -0.0639),
@@ -119,8 +120,12 @@ class ChunkedDecode:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ChunkedDecode:
-        return cls(settings.vae_chunk_size, settings.vae_chunk_reserve_gb, settings.vae_chunk_safety,
-                   settings.vae_upscale_factor)  # fmt: skip
+        return cls(
+            settings.vae_chunk_size,
+            settings.vae_chunk_reserve_gb,
+            settings.vae_chunk_safety,
+            settings.vae_upscale_factor,
+        )
 
     def chunk_for(self, latents: torch.Tensor, vae) -> int | None:
         if self.chunk is not None:
@@ -130,15 +135,22 @@ class ChunkedDecode:
         free_gb = torch.cuda.mem_get_info(vae.device)[0] / 2**30
         _, _, frames, height, width = latents.shape
         chunk = chunk_frames(
-            free_gb, height, width, vae.config.block_out_channels[0], vae.dtype.itemsize, self.reserve_gb,
-            self.safety, self.upscale, vae.config.temporal_compression_ratio,
-        )  # fmt: skip
+            free_gb,
+            height,
+            width,
+            vae.config.block_out_channels[0],
+            vae.dtype.itemsize,
+            self.reserve_gb,
+            self.safety,
+            self.upscale,
+            vae.config.temporal_compression_ratio,
+        )
         return min(chunk, frames)
 
 
-def decode_chunked(latents: torch.Tensor, vae, config: ChunkedDecode = ChunkedDecode()) -> torch.Tensor:
+def decode_chunked(latents: torch.Tensor, vae, config: ChunkedDecode | None = None) -> torch.Tensor:
     """`decode` in the chunks `config` says; out of memory halves the chunk and retries, down to the minimum."""
-    chunk = config.chunk_for(latents, vae)
+    chunk = (config or ChunkedDecode()).chunk_for(latents, vae)
     while True:
         try:
             return decode(latents, vae, chunk)
@@ -169,9 +181,7 @@ def soft_append(earlier: torch.Tensor, later: torch.Tensor, overlap: int) -> tor
     if overlap <= 0:
         return torch.cat([earlier, later], dim=2)
     if earlier.shape[2] < overlap or later.shape[2] < overlap:
-        raise ValueError(
-            f"overlap {overlap} is longer than a clip ({earlier.shape[2]} and {later.shape[2]} frames)"
-        )
+        raise ValueError(f"overlap {overlap} is longer than a clip ({earlier.shape[2]} and {later.shape[2]} frames)")
     w = torch.linspace(1, 0, overlap, dtype=earlier.dtype, device=earlier.device).view(1, 1, -1, 1, 1)
     blended = w * earlier[:, :, -overlap:] + (1 - w) * later[:, :, :overlap]
     return torch.cat([earlier[:, :, :-overlap], blended, later[:, :, overlap:]], dim=2)

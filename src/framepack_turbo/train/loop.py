@@ -16,9 +16,17 @@ from framepack_turbo.train import checkpoint
 log = logging.getLogger(__name__)
 
 
-def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, ckpt: Path, steps: int, save_every: int,
-        lr_at: Callable[[int], float], loss_at: Callable[[int], torch.Tensor], desc: str,
-        progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def fit(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    ckpt: Path,
+    steps: int,
+    save_every: int,
+    lr_at: Callable[[int], float],
+    loss_at: Callable[[int], torch.Tensor],
+    desc: str,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train `model` to `steps`; `loss_at(step)` draws its own data from the step number, so a resumed run
     sees the same stream. Returns the checkpoint info (step, losses, seconds)."""
     from tqdm import tqdm

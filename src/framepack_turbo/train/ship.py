@@ -38,8 +38,9 @@ def held_out_scenes(count: int, seed: int = HELD_OUT_SEED, motions=world.MOTIONS
     return [world.random_scene(rng, frames, motions[i % len(motions)]) for i in range(count)]
 
 
-def direction_accuracy(fp, variant: str, count: int = GATE_CASES, seconds: float = 3.6, steps: int = 25,
-                       out_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+def direction_accuracy(
+    fp, variant: str, count: int = GATE_CASES, seconds: float = 3.6, steps: int = 25, out_dir: Path | None = None
+) -> dict[str, Any]:
     """Generate from held-out scenes' first frames with their prompts and check, by the object's colour,
     that it did what the prompt says. Returns the accuracy, the settings and every case; the clips are
     kept in `out_dir` when given."""
@@ -52,14 +53,22 @@ def direction_accuracy(fp, variant: str, count: int = GATE_CASES, seconds: float
         for i, scene in enumerate(held_out_scenes(count)):
             start = world.render(scene, 1, 64)[0]
             out = Path(out_dir or tmp) / f"gate-{variant}-{i:02d}.mp4"
-            result = fp.generate(start, scene.prompt, out=out, seconds=seconds, steps=steps, variant=variant,
-                                 resolution=64, seed=i)  # fmt: skip
+            result = fp.generate(
+                start, scene.prompt, out=out, seconds=seconds, steps=steps, variant=variant, resolution=64, seed=i
+            )
             seen = world.observed_motion(result.frames, scene.color)
             ok = seen == scene.motion
             cases.append({"prompt": scene.prompt, "motion": scene.motion, "observed": seen, "ok": ok})
     by_motion = {m: float(np.mean([c["ok"] for c in cases if c["motion"] == m])) for m in world.MOTIONS}
-    return {"variant": variant, "sections": section_count(seconds, 9), "seconds": seconds, "steps": steps,
-            "accuracy": float(np.mean([c["ok"] for c in cases])), "by_motion": by_motion, "cases": cases}  # fmt: skip
+    return {
+        "variant": variant,
+        "sections": section_count(seconds, 9),
+        "seconds": seconds,
+        "steps": steps,
+        "accuracy": float(np.mean([c["ok"] for c in cases])),
+        "by_motion": by_motion,
+        "cases": cases,
+    }
 
 
 def _machine() -> str:
@@ -83,13 +92,19 @@ def ship(training_dir: Path, records: dict[str, Any], target: Path = SHIPPED) ->
 
     training_dir, target = Path(training_dir), Path(target)
     encoders = build_models("tiny", skip=frozenset({"transformer", "vae"}))
-    HunyuanVideoFramepackTransformer3DModel.from_pretrained(training_dir / "transformer").to(torch.float16).save_pretrained(
-        target / "transformer", safe_serialization=True
+    HunyuanVideoFramepackTransformer3DModel.from_pretrained(training_dir / "transformer").to(
+        torch.float16
+    ).save_pretrained(target / "transformer", safe_serialization=True)
+    AutoencoderKLHunyuanVideo.from_pretrained(training_dir / "vae").save_pretrained(
+        target / "vae", safe_serialization=True
     )
-    AutoencoderKLHunyuanVideo.from_pretrained(training_dir / "vae").save_pretrained(target / "vae", safe_serialization=True)
     for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor"):
         encoders[name].save_pretrained(target / name)
-    files = {str(p.relative_to(target)): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    files = {
+        str(p.relative_to(target)): p.stat().st_size
+        for p in sorted(target.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
     total = sum(files.values())
     if total > MAX_SHIPPED_BYTES:
         raise RuntimeError(f"shipped weights are {total / 2**20:.1f} MB, over the {MAX_SHIPPED_BYTES >> 20} MB budget")
@@ -108,7 +123,7 @@ def ship(training_dir: Path, records: dict[str, Any], target: Path = SHIPPED) ->
             "world": "framepack_turbo.train.world (procedural; nothing downloaded)",
             "training_seeds": "seed 0; numpy default_rng([seed, step]) for the VAE, [seed, 1, chunk] latent dataset, [seed, 2, step] transformer, [seed, 3, step] decoder",
             "held_out": f"direction gate: default_rng([{HELD_OUT_SEED}, 7]) (development sets, which chose the recipe: "
-                        f"seeds {', '.join(map(str, DEVELOPMENT_SEEDS))}); VAE evaluation: default_rng(10000)",
+            f"seeds {', '.join(map(str, DEVELOPMENT_SEEDS))}); VAE evaluation: default_rng(10000)",
         },
         "bytes": total,
         "files": files,

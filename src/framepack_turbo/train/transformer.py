@@ -25,17 +25,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from framepack_turbo.pipeline.sections import CONTEXT_1X, CONTEXT_2X, CONTEXT_4X, f1_indices, inverted_indices, inverted_paddings
+from framepack_turbo.pipeline.sections import (
+    CONTEXT_1X,
+    CONTEXT_2X,
+    CONTEXT_4X,
+    f1_indices,
+    inverted_indices,
+    inverted_paddings,
+)
 from framepack_turbo.train import loop, world
 
 log = logging.getLogger(__name__)
 
 GUIDANCE = 10.0  # the distilled guidance the page and CLI default to; the model is trained at this value
 TRANSFORMER_CONFIG = dict(
-    in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32, num_layers=2,
-    num_single_layers=4, num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=32,
-    rope_axes_dim=(8, 12, 12), has_image_proj=True, image_proj_dim=32, has_clean_x_embedder=True,
-)  # fmt: skip
+    in_channels=16,
+    out_channels=16,
+    num_attention_heads=4,
+    attention_head_dim=32,
+    num_layers=2,
+    num_single_layers=4,
+    num_refiner_layers=1,
+    text_embed_dim=32,
+    pooled_projection_dim=32,
+    rope_axes_dim=(8, 12, 12),
+    has_image_proj=True,
+    image_proj_dim=32,
+    has_clean_x_embedder=True,
+)
 
 
 @dataclass(frozen=True)
@@ -60,9 +77,14 @@ class TransformerTraining:
     # restarting the curve. Each entry is (until step, origin, length): lr = lr0 * (1 + cos(pi * (step -
     # origin) / length)) / 2. Kept as it ran, so that training from nothing follows the shipped recipe.
     schedule: tuple[tuple[int, int, int], ...] = (
-        (1500, 0, 7000), (11000, 0, 11000), (16000, 0, 16000), (30000, 0, 30000), (42000, 0, 42000),
-        (46000, 34000, 12000), (52000, 34000, 18000),  # each from a quarter of lr0 down to 0
-    )  # fmt: skip
+        (1500, 0, 7000),
+        (11000, 0, 11000),
+        (16000, 0, 16000),
+        (30000, 0, 30000),
+        (42000, 0, 42000),
+        (46000, 34000, 12000),
+        (52000, 34000, 18000),  # each from a quarter of lr0 down to 0
+    )
 
     def lr_at(self, step: int) -> float:
         origin, length = next(((o, n) for until, o, n in self.schedule if step < until), (0, self.steps))
@@ -80,12 +102,16 @@ def prompts() -> list[str]:
     """Every prompt of the world, in a fixed order."""
     return [
         world.Scene(color, shape, motion, 0.3, 0.5, 0.5, 0.1, 0).prompt
-        for color in world.COLORS for shape in world.SHAPES for motion in world.MOTIONS
-    ]  # fmt: skip
+        for color in world.COLORS
+        for shape in world.SHAPES
+        for motion in world.MOTIONS
+    ]
 
 
 @torch.no_grad()
-def build_dataset(vae, conditioning: dict[str, Any], cfg: TransformerTraining, path: Path, chunk: int = 50) -> dict[str, Any]:
+def build_dataset(
+    vae, conditioning: dict[str, Any], cfg: TransformerTraining, path: Path, chunk: int = 50
+) -> dict[str, Any]:
     """Latents (N, 16, T, h, w) of `cfg.clips` clips, their prompt ids and SigLIP embeddings; cached at `path`.
 
     Built in chunks of `chunk` clips, each saved as it finishes, so a stopped run resumes the encoding.
@@ -112,10 +138,18 @@ def build_dataset(vae, conditioning: dict[str, Any], cfg: TransformerTraining, p
                 x = torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
                 latents.append((vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)[0].half())
                 prompt_ids.append(all_prompts.index(scene.prompt))
-                images.append(encode_image(clip[0], conditioning["feature_extractor"], conditioning["image_encoder"])[0])
+                images.append(
+                    encode_image(clip[0], conditioning["feature_extractor"], conditioning["image_encoder"])[0]
+                )
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"latents": torch.stack(latents), "prompt_ids": torch.tensor(prompt_ids),
-                       "image_embeds": torch.stack(images)}, part_path)  # fmt: skip
+            save_file(
+                {
+                    "latents": torch.stack(latents),
+                    "prompt_ids": torch.tensor(prompt_ids),
+                    "image_embeds": torch.stack(images),
+                },
+                part_path,
+            )
         parts.append(load_file(part_path))
     data = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     save_file(data, path)
@@ -132,7 +166,9 @@ def section_example(z: torch.Tensor, variant: str, n: int, k: int, window: int):
         position = n - 1 - k  # generated last-to-first
         start = 1 + position * window
         later = z[:, :, start + window : 1 + n * window]
-        post, two_x, four_x = torch.cat([later, zeros], dim=2)[:, :, :context].split([CONTEXT_1X, CONTEXT_2X, CONTEXT_4X], 2)
+        post, two_x, four_x = torch.cat([later, zeros], dim=2)[:, :, :context].split(
+            [CONTEXT_1X, CONTEXT_2X, CONTEXT_4X], 2
+        )
         indices = inverted_indices(inverted_paddings(n)[k], window)
     else:
         start = 1 + k * window
@@ -153,8 +189,13 @@ def motion_weight(x0: torch.Tensor, start: torch.Tensor, strength: float) -> tor
     return weight / weight.mean(dim=(2, 3, 4), keepdim=True)
 
 
-def train(out_dir: Path, conditioning: dict[str, Any], vae, cfg: TransformerTraining = TransformerTraining(),
-          progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def train(
+    out_dir: Path,
+    conditioning: dict[str, Any],
+    vae,
+    cfg: TransformerTraining = TransformerTraining(),
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train (or resume) and write `out_dir/transformer/`; returns the training record."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
@@ -163,13 +204,23 @@ def train(out_dir: Path, conditioning: dict[str, Any], vae, cfg: TransformerTrai
 
     out_dir = Path(out_dir)
     data = build_dataset(vae, conditioning, cfg, out_dir / "checkpoints" / "latents.safetensors")
-    texts = [encode_prompt(p, conditioning["tokenizer"], conditioning["text_encoder"], conditioning["tokenizer_2"],
-                           conditioning["text_encoder_2"]) for p in prompts()]  # fmt: skip
+    texts = [
+        encode_prompt(
+            p,
+            conditioning["tokenizer"],
+            conditioning["text_encoder"],
+            conditioning["tokenizer_2"],
+            conditioning["text_encoder_2"],
+        )
+        for p in prompts()
+    ]
     by_prompt: dict[int, np.ndarray] = {}
     for index, pid in enumerate(data["prompt_ids"].tolist()):
         by_prompt.setdefault(pid, []).append(index)
     by_prompt = {k: np.array(v) for k, v in by_prompt.items()}
-    focused = [pid for pid in by_prompt if world.MOTIONS[pid % len(world.MOTIONS)] in cfg.focus_motions]  # prompts(): motion varies fastest
+    focused = [
+        pid for pid in by_prompt if world.MOTIONS[pid % len(world.MOTIONS)] in cfg.focus_motions
+    ]  # prompts(): motion varies fastest
 
     torch.manual_seed(cfg.seed)
     model = HunyuanVideoFramepackTransformer3DModel(**TRANSFORMER_CONFIG)
@@ -196,25 +247,47 @@ def train(out_dir: Path, conditioning: dict[str, Any], vae, cfg: TransformerTrai
         text = texts[pid]
         b = cfg.batch
         pred = model(
-            hidden_states=x_t, timestep=sigma.flatten() * 1000,
-            encoder_hidden_states=text.llama.expand(b, -1, -1), encoder_attention_mask=text.mask.expand(b, -1),
-            pooled_projections=text.clip_pooled.expand(b, -1), image_embeds=data["image_embeds"][torch.from_numpy(rows)],
-            indices_latents=idx.latents, guidance=torch.full((b,), GUIDANCE * 1000),
-            latents_clean=clean, indices_latents_clean=idx.clean,
-            latents_history_2x=two_x, indices_latents_history_2x=idx.clean_2x,
-            latents_history_4x=four_x, indices_latents_history_4x=idx.clean_4x, return_dict=False,
-        )[0]  # fmt: skip
+            hidden_states=x_t,
+            timestep=sigma.flatten() * 1000,
+            encoder_hidden_states=text.llama.expand(b, -1, -1),
+            encoder_attention_mask=text.mask.expand(b, -1),
+            pooled_projections=text.clip_pooled.expand(b, -1),
+            image_embeds=data["image_embeds"][torch.from_numpy(rows)],
+            indices_latents=idx.latents,
+            guidance=torch.full((b,), GUIDANCE * 1000),
+            latents_clean=clean,
+            indices_latents_clean=idx.clean,
+            latents_history_2x=two_x,
+            indices_latents_history_2x=idx.clean_2x,
+            latents_history_4x=four_x,
+            indices_latents_history_4x=idx.clean_4x,
+            return_dict=False,
+        )[0]
         err = (pred.float() - (noise - x0)).pow(2)
         if step >= cfg.motion_weight_from and cfg.motion_weight:
             err = err * motion_weight(x0, clean[:, :, :1], cfg.motion_weight)
         return err.mean()
 
-    info = loop.fit(model, opt, out_dir / "checkpoints" / "transformer", cfg.steps, cfg.save_every, cfg.lr_at, loss_at,
-                    "transformer", progress)  # fmt: skip
+    info = loop.fit(
+        model,
+        opt,
+        out_dir / "checkpoints" / "transformer",
+        cfg.steps,
+        cfg.save_every,
+        cfg.lr_at,
+        loss_at,
+        "transformer",
+        progress,
+    )
     model.save_pretrained(out_dir / "transformer", safe_serialization=True)
     parameters = sum(p.numel() for p in model.parameters())
-    record = {"config": asdict(cfg), "transformer_config": TRANSFORMER_CONFIG, "parameters": parameters,
-              "steps": info["step"], "seconds": round(info["seconds"], 1),
-              "final_loss": float(np.mean(info["losses"][-100:]))}  # fmt: skip
+    record = {
+        "config": asdict(cfg),
+        "transformer_config": TRANSFORMER_CONFIG,
+        "parameters": parameters,
+        "steps": info["step"],
+        "seconds": round(info["seconds"], 1),
+        "final_loss": float(np.mean(info["losses"][-100:])),
+    }
     log.info("transformer: %s", record)
     return record

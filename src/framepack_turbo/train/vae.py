@@ -23,9 +23,12 @@ from framepack_turbo.train import loop, world
 log = logging.getLogger(__name__)
 
 VAE_CONFIG = dict(
-    latent_channels=16, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
+    latent_channels=16,
+    block_out_channels=(16, 32, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
     mid_block_add_attention=False,
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,12 @@ def evaluate(vae, cfg: VaeTraining, seed: int = 10_000, frames: int = 33) -> dic
         pixels = ((rec[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
         kept.append(world.observed_motion(pixels, scene.color) == world.observed_motion(clip, scene.color))
     z = torch.cat(latents)
-    return {"psnr_db": float(np.mean(values)), "motion_kept": float(np.mean(kept)), "latent_std": float(z.std()),
-            "latent_mean": float(z.mean())}  # fmt: skip
+    return {
+        "psnr_db": float(np.mean(values)),
+        "motion_kept": float(np.mean(kept)),
+        "latent_std": float(z.std()),
+        "latent_mean": float(z.mean()),
+    }
 
 
 def train(out_dir: Path, cfg: VaeTraining = VaeTraining(), progress: bool = True) -> dict[str, Any]:
@@ -107,14 +114,27 @@ def train(out_dir: Path, cfg: VaeTraining = VaeTraining(), progress: bool = True
         return reconstruction_loss(rec, x, cfg) + cfg.kl_weight * posterior.kl().mean()
 
     info = loop.fit(
-        vae, opt, Path(out_dir) / "checkpoints" / "vae", cfg.steps, cfg.save_every,
-        cosine_lr(cfg), loss_at, "VAE", progress,
-    )  # fmt: skip
+        vae,
+        opt,
+        Path(out_dir) / "checkpoints" / "vae",
+        cfg.steps,
+        cfg.save_every,
+        cosine_lr(cfg),
+        loss_at,
+        "VAE",
+        progress,
+    )
     metrics = evaluate(vae, cfg)
     vae.register_to_config(scaling_factor=round(1.0 / metrics["latent_std"], 6))
     vae.save_pretrained(Path(out_dir) / "vae", safe_serialization=True)
-    record = {"config": asdict(cfg), "vae_config": VAE_CONFIG, "steps": info["step"], "seconds": round(info["seconds"], 1),
-              "final_loss": float(np.mean(info["losses"][-50:])), **metrics}  # fmt: skip
+    record = {
+        "config": asdict(cfg),
+        "vae_config": VAE_CONFIG,
+        "steps": info["step"],
+        "seconds": round(info["seconds"], 1),
+        "final_loss": float(np.mean(info["losses"][-50:])),
+        **metrics,
+    }
     log.info("VAE: %s", record)
     return record
 
@@ -141,12 +161,24 @@ def finetune_decoder(out_dir: Path, cfg: VaeTraining = VaeTraining(), progress: 
         return reconstruction_loss(vae.decode(z).sample, x, cfg)
 
     info = loop.fit(
-        vae, opt, Path(out_dir) / "checkpoints" / "decoder", cfg.steps, cfg.save_every,
-        cosine_lr(cfg), loss_at, "decoder", progress,
-    )  # fmt: skip
+        vae,
+        opt,
+        Path(out_dir) / "checkpoints" / "decoder",
+        cfg.steps,
+        cfg.save_every,
+        cosine_lr(cfg),
+        loss_at,
+        "decoder",
+        progress,
+    )
     metrics = evaluate(vae, cfg)
     vae.save_pretrained(Path(out_dir) / "vae", safe_serialization=True)
-    record = {"config": asdict(cfg), "steps": info["step"], "seconds": round(info["seconds"], 1),
-              "final_loss": float(np.mean(info["losses"][-50:])), **metrics}  # fmt: skip
+    record = {
+        "config": asdict(cfg),
+        "steps": info["step"],
+        "seconds": round(info["seconds"], 1),
+        "final_loss": float(np.mean(info["losses"][-50:])),
+        **metrics,
+    }
     log.info("decoder: %s", record)
     return record

@@ -16,13 +16,23 @@ from dataclasses import dataclass
 import numpy as np
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 210, 40),
-}  # fmt: skip
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 210, 40),
+}
 SHAPES = ("circle", "square", "triangle")
 MOTIONS = ("left", "right", "up", "down", "grow", "shrink", "still")
 # Unit direction per motion, in pixels per frame times the speed; (dx, dy, d_size)
-_STEP = {"left": (-1, 0, 0), "right": (1, 0, 0), "up": (0, -1, 0), "down": (0, 1, 0),
-         "grow": (0, 0, 1), "shrink": (0, 0, -1), "still": (0, 0, 0)}  # fmt: skip
+_STEP = {
+    "left": (-1, 0, 0),
+    "right": (1, 0, 0),
+    "up": (0, -1, 0),
+    "down": (0, 1, 0),
+    "grow": (0, 0, 1),
+    "shrink": (0, 0, -1),
+    "still": (0, 0, 0),
+}
 
 
 @dataclass(frozen=True)
@@ -67,10 +77,15 @@ def random_scene(rng: np.random.Generator, frames: int, motion: str | None = Non
     lo_x, hi_x = margin - min(dx, 0) * travel, 1 - margin - max(dx, 0) * travel
     lo_y, hi_y = margin - min(dy, 0) * travel, 1 - margin - max(dy, 0) * travel
     return Scene(
-        color=str(rng.choice(list(COLORS))), shape=str(rng.choice(SHAPES)), motion=motion, speed=speed,
-        x=float(rng.uniform(lo_x, hi_x)), y=float(rng.uniform(lo_y, hi_y)), radius=radius,
+        color=str(rng.choice(list(COLORS))),
+        shape=str(rng.choice(SHAPES)),
+        motion=motion,
+        speed=speed,
+        x=float(rng.uniform(lo_x, hi_x)),
+        y=float(rng.uniform(lo_y, hi_y)),
+        radius=radius,
         background=int(rng.integers(2**31)),
-    )  # fmt: skip
+    )
 
 
 def background(seed: int, size: int) -> np.ndarray:
