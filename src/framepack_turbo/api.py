@@ -26,7 +26,13 @@ from framepack_turbo import compat
 from framepack_turbo.errors import FramePackError
 from framepack_turbo.hardware import Hardware
 from framepack_turbo.models import loading
-from framepack_turbo.models.loading import ModelBundle, default_device, load_bundle, transformer_identity
+from framepack_turbo.models.loading import (
+    ModelBundle,
+    default_device,
+    load_bundle,
+    transformer_config,
+    transformer_identity,
+)
 from framepack_turbo.optim import artifact, registry
 from framepack_turbo.optim.apply import apply_plan, extensions, implementation, loading_kwargs, remove_passes
 from framepack_turbo.optim.base import Extension, PassReport
@@ -84,7 +90,8 @@ def _cached_transformer(plan: Plan, settings: Settings, model_dir: str | None, d
     path = Path(settings.optimized_transformer)
     try:
         identity = transformer_identity(settings.model, model_dir)
-        manifest = artifact.check(path, identity, artifact.shaping_settings(settings, device.type))
+        source_config = transformer_config(settings.model, model_dir)
+        manifest = artifact.check(path, identity, artifact.shaping_settings(settings, device.type), source_config)
         return artifact.load(path, manifest, torch.device(load_device))
     except artifact.ArtifactRefused as exc:
         log.info("Optimized transformer cache not used: %s; building it", exc)

@@ -460,10 +460,15 @@ def serve(
         _check_writable_file(data_dir / "jobs.sqlite")
     except FramePackError as exc:
         raise _fail(str(exc), exc.exit_code) from None
+    from framepack_turbo.app.jobs import DataDirLock, JobStore
+
+    try:
+        lock = DataDirLock(data_dir).acquire()  # before recovery: a second server must not touch the first's jobs
+    except FramePackError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
-    from framepack_turbo.app.jobs import JobStore
     from framepack_turbo.app.queue import GenerationRunner, JobQueue
-    from framepack_turbo.app.ui import build
+    from framepack_turbo.app.ui import build, launch_options
     from framepack_turbo.hardware import Hardware
 
     queue = JobQueue(JobStore(data_dir / "jobs.sqlite"), GenerationRunner(base), data_dir).start()
@@ -474,11 +479,12 @@ def serve(
             server_port=port,
             auth=credentials,
             share=share == "yes",
-            allowed_paths=[str(data_dir.resolve())],
             quiet=False,
+            **launch_options(queue),
         )
     finally:
         queue.stop()
+        lock.release()
 
 
 def _check_writable_file(path: Path, label: str = "") -> None:

@@ -9,6 +9,7 @@ opened per call: the queue's worker thread and the web server's threads share no
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from framepack_turbo.errors import InputError
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL = ("done", "failed", "cancelled")
@@ -169,3 +172,51 @@ def _job(row: sqlite3.Row) -> Job:
         sections=row["sections"],
         frames=row["frames"],
     )
+
+
+class DataDirInUse(InputError):
+    """Another server holds the data dir."""
+
+
+class DataDirLock:
+    """One server per data dir: an exclusive lock on DATA_DIR/server.lock for as long as the server runs.
+
+    Two servers on one folder would each take the other's running job for one a crash left behind
+    (restart recovery marks it failed while it still runs). The lock is the kernel's (`flock`), so it
+    goes with its process however that ends: a dead server never blocks the next. The file names the
+    holder's pid for the refusal message.
+    """
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.path = Path(data_dir) / "server.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> DataDirLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirInUse(
+                f"--data-dir {self.path.parent}: another framepack server (pid {holder}) is using it; stop that "
+                "one, or give this one its own --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the lock
+            self._fd = None
+
+    def __enter__(self) -> DataDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

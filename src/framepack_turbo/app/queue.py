@@ -52,22 +52,17 @@ class Live:
 
 
 def check_upload(data: bytes) -> np.ndarray:
-    """An uploaded image, checked: size, a real image of an allowed type, sides in range; RGB array."""
-    from PIL import Image, UnidentifiedImageError
-
-    from framepack_turbo.pipeline.options import load_image
+    """An uploaded image, checked: size, a real image of an allowed type, sides in range (from the header,
+    before decoding); RGB array."""
+    from framepack_turbo.pipeline.options import decode_rgb, load_image, open_checked
 
     if len(data) > MAX_UPLOAD_BYTES:
         raise InputError(f"image is {len(data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES >> 20} MB")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format not in IMAGE_FORMATS:
-                raise InputError(f"image type {im.format or 'unknown'} is not accepted; use {', '.join(IMAGE_FORMATS)}")
-            im.load()
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise InputError("the upload is not a readable image") from None
-    return load_image(rgb)  # side limits
+    im = open_checked(io.BytesIO(data), "the upload")
+    if im.format not in IMAGE_FORMATS:
+        im.close()
+        raise InputError(f"image type {im.format or 'unknown'} is not accepted; use {', '.join(IMAGE_FORMATS)}")
+    return load_image(decode_rgb(im, "the upload"))
 
 
 class JobQueue:
@@ -85,6 +80,8 @@ class JobQueue:
         recovered = store.recover()
         if recovered:
             log.warning("Jobs %s were running when the server stopped: marked failed", recovered)
+        for job_id in recovered:
+            _mark_sidecar_failed(store.get(job_id))
 
     # ---- from the page / API -------------------------------------------------------------------
 
@@ -164,8 +161,8 @@ class JobQueue:
         except Exception as exc:  # one job's failure is its own: record it, keep the queue going
             log.exception("Job %d failed", job.id)
             self.store.finish(job.id, "failed", f"{type(exc).__name__}: {exc}")
-        else:
-            self.store.finish(job.id, "cancelled" if token.cancelled else "done")
+        else:  # it finished: a cancel that came after the last step changed nothing (the sidecar says complete)
+            self.store.finish(job.id, "done")
         finally:
             self._tokens.pop(job.id, None)
         return True
@@ -183,6 +180,23 @@ class JobQueue:
             live.cache_timeline.append(event.cache_hit_rates())
         elif isinstance(event, Notice):
             live.notices.append(event.message)
+
+
+def _mark_sidecar_failed(job: Job | None) -> None:
+    """The store and the sidecar agree: a job recovery failed is `failed` in its sidecar too."""
+    from framepack_turbo.files import write_json
+    from framepack_turbo.pipeline.video import sidecar_path
+
+    if job is None:
+        return
+    path = sidecar_path(job.video)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # no sidecar yet (it stopped before the first write): nothing disagrees
+    if record.get("status") == "running":
+        record.update(status="failed", error=job.error)
+        write_json(record, path)
 
 
 class GenerationRunner:

@@ -5,6 +5,7 @@ hit rates per section). The page only reads the queue and the store; it decides 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -69,10 +70,31 @@ def critical_findings(values: dict[str, Any], hardware) -> list[str]:
     return [f"{f.id}: {f.message} Fix: {f.fix}" for f in report.findings if f.severity is compat.Severity.CRITICAL]
 
 
+def _upload_path(payload, gradio_preprocess):
+    """The uploaded file's path, not decoded. Gradio's own preprocessing opens the upload (and converts
+    any non-RGB image in full) before the app sees it: a non-image or a decompression bomb then failed
+    inside Gradio with no reason for the client, and a 13000x13000 1-bit PNG cost gigabytes. The queue's
+    `check_upload` reads the header first and refuses with the reason."""
+    if payload is None:
+        return None
+    if payload.path is None:  # an inline data: URL, small by construction
+        return gradio_preprocess(payload)
+    return payload.path
+
+
 def _eta(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return time.strftime("%M:%S", time.gmtime(max(seconds, 0)))
+
+
+def launch_options(queue: JobQueue) -> dict[str, Any]:
+    """How the page is served: only the videos can be fetched through Gradio's file route (not the job
+    database, not the inputs), uploads stop at the queue's size limit, and a refused request's reason
+    reaches the client instead of a bare "error"."""
+    from framepack_turbo.app.queue import MAX_UPLOAD_BYTES
+
+    return {"allowed_paths": [str(queue.videos.resolve())], "max_file_size": MAX_UPLOAD_BYTES, "show_error": True}
 
 
 def build(queue: JobQueue, base: dict[str, Any], hardware):
@@ -168,6 +190,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="filepath", label="Start image", elem_id="start-image", sources=["upload"])
+                image.preprocess = functools.partial(_upload_path, gradio_preprocess=image.preprocess)
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt", lines=2)
                 negative = gr.Textbox(label="Negative prompt (used when real CFG > 1)", elem_id="negative")
                 with gr.Row():

@@ -338,12 +338,26 @@ def load_bundle(
     return bundle
 
 
-def transformer_identity(preset: str, model_dir: str | None = None, local_files_only: bool = True) -> dict[str, Any]:
+def transformer_identity(preset: str, model_dir: str | None = None) -> dict[str, Any]:
     """Which transformer weights a run uses (preset, source, revision, config hash), read without loading them.
 
     Revision: the hub snapshot's commit for repos in the HF cache, a hash of the files' names and sizes
     for a local folder, the seed for random presets. Used to key the optimized-model cache.
     """
+    import hashlib
+    import json
+
+    spec, source, revision, config = _transformer_source(preset, model_dir)
+    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return {"preset": spec.name, "source": source, "revision": revision, "config_sha256": config_sha}
+
+
+def transformer_config(preset: str, model_dir: str | None = None) -> dict[str, Any]:
+    """The transformer's config as its source has it (public keys; lists for tuples), read without loading."""
+    return _transformer_source(preset, model_dir)[3]
+
+
+def _transformer_source(preset: str, model_dir: str | None):
     import hashlib
     import json
 
@@ -378,8 +392,7 @@ def transformer_identity(preset: str, model_dir: str | None = None, local_files_
             pass
         source = src.repo
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
-    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-    return {"preset": spec.name, "source": source, "revision": revision, "config_sha256": config_sha}
+    return spec, source, revision, config
 
 
 def weights_fingerprint(module: torch.nn.Module, sample: int = 4096) -> str:

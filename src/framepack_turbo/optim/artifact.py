@@ -136,8 +136,17 @@ def save(
     return path
 
 
-def check(path: Path, bundle_identity: dict[str, Any], settings_values: dict[str, Any]) -> dict[str, Any]:
-    """The manifest if the artifact fits this run; raises ArtifactRefused with the reason otherwise."""
+def check(
+    path: Path,
+    bundle_identity: dict[str, Any],
+    settings_values: dict[str, Any],
+    source_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest if the artifact fits this run; raises ArtifactRefused with the reason otherwise.
+
+    With `source_config` (the transformer's config as its weights have it), the manifest's config must be
+    that one as the weight passes leave it (pruning changes the layer counts, nothing else does): a
+    manifest edited to another architecture is refused before anything is built."""
     path = Path(path)
     if not path.is_file() or not manifest_path(path).is_file():
         raise ArtifactRefused(f"no artifact at {path}")
@@ -155,9 +164,46 @@ def check(path: Path, bundle_identity: dict[str, Any], settings_values: dict[str
         raise ArtifactRefused("built for other settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()))
     if manifest.get("versions") != _versions():
         raise ArtifactRefused(f"built with {manifest.get('versions')}, this run has {_versions()}")
+    if source_config is not None:
+        wrong = config_mismatches(manifest.get("config", {}), source_config, settings_values)
+        if wrong:
+            raise ArtifactRefused("its config is not this model's: " + ", ".join(wrong))
     if path.stat().st_size != manifest.get("file_bytes") or _sha256_file(path) != manifest.get("file_sha256"):
         raise ArtifactRefused("weights file does not match its manifest (truncated or modified)")
     return manifest
+
+
+def config_mismatches(saved: dict[str, Any], source: dict[str, Any], settings_values: dict[str, Any]) -> list[str]:
+    """The config keys where an artifact's saved config differs from its source model's after the weight
+    passes; keys the source leaves out must hold the class's defaults."""
+    import inspect
+
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    from framepack_turbo.optim.prune import kept_indices
+
+    expected = {k: v for k, v in source.items() if not k.startswith("_")}
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(HunyuanVideoFramepackTransformer3DModel.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    if settings_values.get("enable_prune"):
+        for key, ratio in (("num_layers", "prune_dual_ratio"), ("num_single_layers", "prune_single_ratio")):
+            n = expected.get(key, defaults.get(key))
+            expected[key] = len(kept_indices(n, settings_values[ratio]))
+
+    def plain(value):
+        return json.loads(json.dumps(value, default=str))
+
+    wrong = []
+    for key, value in saved.items():
+        if key.startswith("_"):
+            continue
+        want = expected[key] if key in expected else defaults.get(key, value)
+        if plain(value) != plain(want):
+            wrong.append(f"{key} {value!r} (expected {want!r})")
+    return wrong
 
 
 def load(path: Path, manifest: dict[str, Any], device: torch.device) -> torch.nn.Module:

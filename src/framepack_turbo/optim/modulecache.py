@@ -8,9 +8,11 @@ never gets these embeddings, unless the user opts into loose matching (case, spa
 punctuation ignored), which warns at load and on every loose hit.
 
 Persistence (the runtime cache): one safetensors file per entry, written atomically (temp file +
-rename); its header metadata carries a format tag, version, kind, key and identity, and an entry is
-used only if all match. A corrupt or foreign file is ignored with a warning and overwritten on the
-next save; nothing is ever unpickled. The folder is an LRU bounded in bytes: a hit refreshes the
+rename); its header metadata carries a format tag, version, kind, key, the tensors' shapes and
+dtypes and a SHA-256 of their bytes, and an entry is used only if all match, every value is finite
+and the shapes are what this model's encoders produce. A corrupt, tampered or foreign file is
+ignored with a warning, recomputed and overwritten; nothing is ever unpickled. A cache folder that
+cannot be written (read-only, another user's) is read as far as it can be, with a warning. The folder is an LRU bounded in bytes: a hit refreshes the
 file's time, a save evicts the oldest files past the budget. With RUNTIME_CACHE=0 the same cache
 lives in memory for the process (several jobs of one `FramePack`).
 """
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "framepack-turbo-module-cache"
-VERSION = "1"
+VERSION = "2"  # 2: entries carry their tensors' shapes and a checksum of their bytes
 SUBDIR = f"module_cache_v{VERSION}"
 
 
@@ -95,8 +97,15 @@ class EncoderCache(Extension):
     name = "modulecache"
     kind = "job_cache"
 
-    def __init__(self, config: ModuleCacheConfig, text_identity: dict[str, Any], image_identity: dict[str, Any]):
+    def __init__(
+        self,
+        config: ModuleCacheConfig,
+        text_identity: dict[str, Any],
+        image_identity: dict[str, Any],
+        widths: dict[str, int] | None = None,
+    ):
         self.config = config
+        self.widths = widths or {}  # llama / clip / image: the feature width each encoder produces
         self.text_identity = text_identity
         self.image_identity = image_identity
         self.memory: OrderedDict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = OrderedDict()
@@ -182,16 +191,44 @@ class EncoderCache(Extension):
                     raise ValueError("not an entry of this cache (format, version or key differ)")
                 # copied: memory-mapped tensors sit at unaligned offsets and CPU kernels round differently on them
                 tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
-        except Exception as exc:  # corrupt, truncated, foreign: never trusted, replaced on the next save
+            self._check_entry(meta, tensors)
+        except Exception as exc:  # corrupt, truncated, tampered, foreign: never trusted, replaced on the next save
             log.warning("Module cache: ignoring %s: %s", path, exc)
             self._count("ignored")
             return None
-        os.utime(path)  # least recently used goes first
+        try:
+            os.utime(path)  # least recently used goes first
+        except OSError as exc:  # a read-only or foreign cache still answers; it just keeps its order
+            log.debug("Module cache: cannot touch %s: %s", path, exc)
         return tensors, meta
+
+    def _check_entry(self, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError unless the tensors are the ones written (shapes, dtypes, checksum), finite, and of
+        the widths this model's encoders produce."""
+        if json.loads(meta.get("shapes", "{}")) != _shapes(tensors):
+            raise ValueError("tensor shapes or dtypes differ from the entry's record")
+        if meta.get("sha256") != _digest(tensors):
+            raise ValueError("tensor data does not match the entry's checksum (modified or corrupt)")
+        if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+            raise ValueError("the entry holds NaN or infinite values")
+        expected = {
+            "prompt": {"llama": ("llama", 3), "clip_pooled": ("clip", 2)},
+            "image": {"image_embeds": ("image", 3)},
+        }.get(meta.get("kind", ""), {})
+        for name, (encoder, ndim) in expected.items():
+            tensor = tensors.get(name)
+            width = self.widths.get(encoder)
+            if tensor is None or tensor.ndim != ndim or (width is not None and tensor.shape[-1] != width):
+                raise ValueError(
+                    f"{name} has shape {None if tensor is None else tuple(tensor.shape)}, not this model's"
+                )
+        if "mask" in tensors and tensors["mask"].shape != tensors["llama"].shape[:2]:
+            raise ValueError("the prompt mask does not fit its embeddings")
 
     def _put(self, key: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         meta = {"format": FORMAT, "version": VERSION, "key": key, "kind": kind, **meta}
+        meta.update(shapes=json.dumps(_shapes(tensors)), sha256=_digest(tensors))
         if self.config.directory is None:
             self.memory[key] = (tensors, meta)
             self.memory_bytes += _nbytes(tensors)
@@ -211,15 +248,38 @@ class EncoderCache(Extension):
         self._evict()
 
     def _evict(self) -> None:
-        stats = ((p.stat(), p) for p in (self.config.directory / SUBDIR).glob("*/*.safetensors"))
-        files = sorted(((st.st_mtime, st.st_size, p) for st, p in stats), key=lambda item: item[0])
+        files = []
+        for path in (self.config.directory / SUBDIR).glob("*/*.safetensors"):
+            try:
+                st = path.stat()
+            except OSError:  # evicted by another process meanwhile
+                continue
+            files.append((st.st_mtime, st.st_size, path))
+        files.sort(key=lambda item: item[0])
         total = sum(size for _, size, _ in files)
         for _, size, path in files[:-1]:  # never the newest: it was just written
             if total <= self.config.max_bytes:
                 break
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("Module cache: could not evict %s: %s", path, exc)
+                return
             total -= size
             self._count("evicted")
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    return {name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in sorted(tensors.items())}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        h.update(name.encode() + b"\0")
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -239,7 +299,12 @@ class ModuleCachePass:
             "siglip": module_identity(bundle.image_encoder),
             "size": str(getattr(bundle.feature_extractor, "size", "")),
         }
-        cache = EncoderCache(config, text, image)
+        widths = {
+            "llama": bundle.text_encoder.config.hidden_size,
+            "clip": bundle.text_encoder_2.config.hidden_size,
+            "image": bundle.image_encoder.config.hidden_size,
+        }
+        cache = EncoderCache(config, text, image, widths)
         if config.loose_match:
             log.warning(
                 "Module cache loose matching is on: a prompt that differs only in case, spacing or punctuation "

@@ -174,6 +174,10 @@ class Generator:
                 self.on_event(SectionDone(section.number + 1, len(sections), len(frames), out_path, caches, engines))
         except Cancelled:
             status = "cancelled"
+        except KeyboardInterrupt:  # a second Ctrl-C: no step finishes, but the record must not stay "running"
+            record.status, record.error, record.timings = "cancelled", "aborted", timings.to_dict()
+            write_json(record.to_dict(), sidecar)
+            raise
         except Exception as exc:
             # Keep the record of what finished; the mp4 of finished sections is already on disk.
             record.status, record.error, record.timings = "failed", f"{type(exc).__name__}: {exc}", timings.to_dict()

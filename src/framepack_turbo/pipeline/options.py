@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +35,8 @@ class GenerateOptions:
     crf: int = 16
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.prompt, str), f"prompt must be text, got {type(self.prompt).__name__}")
+        check_text(self.prompt, "prompt")
+        check_text(self.negative_prompt, "negative prompt")
         _check(
             math.isfinite(self.seconds) and 0 < self.seconds <= MAX_SECONDS,
             f"seconds={self.seconds}: must be > 0 and <= {MAX_SECONDS:g}",
@@ -67,9 +69,62 @@ def _check(ok: bool, message: str) -> None:
         raise InputError(message)
 
 
-def load_image(source) -> np.ndarray:
-    """A path, PIL image or HWC uint8 array -> RGB uint8 array, with sides checked."""
+def check_text(text: str, what: str) -> None:
+    """Text the tokenizers can take: a str that is valid Unicode (no lone surrogates, which is what bytes
+    that are not UTF-8 become in a command line)."""
+    _check(isinstance(text, str), f"{what} must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{what} is not valid UTF-8 text (character {exc.start + 1} of {len(text)}): write it in UTF-8"
+        ) from None
+
+
+def check_sides(width: int, height: int, what: str = "image") -> None:
+    if min(width, height) < MIN_IMAGE_SIDE or max(width, height) > MAX_IMAGE_SIDE:
+        raise InputError(
+            f"{what} is {width}x{height}: each side must be between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels"
+        )
+
+
+def open_checked(file, what: str):
+    """`PIL.Image.open` with the sides checked from the header, before any pixel is decoded: a small file
+    that decodes to gigabytes (a decompression bomb) is refused for the cost of its header."""
     from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():  # the sides are checked next: PIL's pixel-count warning says nothing more
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(file)
+    except Image.DecompressionBombError:
+        raise InputError(f"{what} is far too large (more than {Image.MAX_IMAGE_PIXELS * 2} pixels)") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"{what}: not a readable image ({type(exc).__name__})") from None
+    try:
+        check_sides(*im.size, what)
+    except InputError:
+        im.close()
+        raise
+    return im
+
+
+def decode_rgb(im, what: str):
+    """The opened image's pixels as RGB (PIL), closing it; a truncated or broken file is an InputError."""
+    from PIL import Image
+
+    try:
+        with im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{what}: not a readable image ({type(exc).__name__})") from None
+
+
+def load_image(source) -> np.ndarray:
+    """A path, PIL image or HWC uint8 array -> RGB uint8 array, with sides checked (from the file's header
+    before decoding, for a path)."""
+    from PIL import Image
 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -77,12 +132,7 @@ def load_image(source) -> np.ndarray:
             raise InputError(f"image not found: {path}")
         if not path.is_file():
             raise InputError(f"image path is not a file: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                source = im.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise InputError(f"not a readable image: {path} ({type(exc).__name__})") from None
+        source = decode_rgb(open_checked(path, f"image {path}"), f"image {path}")
     if isinstance(source, Image.Image):
         array = np.asarray(source.convert("RGB"))
     elif isinstance(source, np.ndarray):
@@ -97,6 +147,5 @@ def load_image(source) -> np.ndarray:
     else:
         raise InputError(f"image must be a path, a PIL image or a uint8 array, got {type(source).__name__}")
     h, w = array.shape[:2]
-    if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > MAX_IMAGE_SIDE:
-        raise InputError(f"image is {w}x{h}: each side must be between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels")
+    check_sides(w, h)
     return np.ascontiguousarray(array)
