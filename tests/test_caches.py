@@ -373,3 +373,52 @@ def test_stacked_step_caches_run_the_first_only(caplog):
     assert (status["fbcache"], status["simcache"], status["kvcache"]) == ("active", "skipped", "skipped")
     assert [e.name for e in fp.extensions if e.kind == "cache"] == ["fbcache"]
     assert "step-caches-exclusive" in caplog.text or "Only FRAMEPACK_ENABLE_FBCACHE runs" in caplog.text
+
+
+def _framepack_teacache_decisions(inputs, threshold):
+    """FramePack's TeaCache rule as its transformer applies it within one section: a call counter; the first
+    and the last call computed with the accumulator restarted; otherwise the polynomial-rescaled relative L1
+    change of block 0's modulated input (in the input's dtype) accumulates until it reaches the threshold,
+    which computes the step and restarts it. Restated from FramePack's published source."""
+    from framepack_turbo.optim.teacache import HUNYUAN_RESCALE
+
+    rescale = np.poly1d(HUNYUAN_RESCALE)
+    total, previous, out = 0.0, None, []
+    for count, current in enumerate(inputs):
+        if count in (0, len(inputs) - 1):
+            compute, total = True, 0.0
+        else:
+            total += rescale(((current - previous).abs().mean() / previous.abs().mean()).item())
+            compute = total >= threshold
+            total = 0.0 if compute else total
+        previous = current
+        out.append(compute)
+    return out
+
+
+def test_teacache_makes_framepacks_decisions_on_recorded_inputs():
+    """A recorded sequence of block-0 modulated inputs (bf16, as on a GPU; changes growing over the section):
+    our hook's decisions equal FramePack's, and are pinned."""
+    from diffusers.hooks.hooks import CacheContext, StateManager
+
+    from framepack_turbo.optim.teacache import TeaCache, TeaCacheConfig, TeaCacheHeadHook, _State
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(1, 64, 32, generator=g)
+    steps = 25
+    inputs, current = [], base
+    for i in range(steps):
+        current = current + (0.02 + 0.004 * i) * current.abs().mean() * torch.randn(current.shape, generator=g)
+        inputs.append(current.to(torch.bfloat16))
+    hook = TeaCacheHeadHook(StateManager(_State), TeaCacheConfig(0.15), TeaCache(torch.nn.Linear(1, 1)))
+    ours = []
+    for i, modulated in enumerate(inputs):
+        hook.state_manager.set_context(CacheContext("cond", step_index=i, num_inference_steps=steps))
+        state = hook.state_manager.get_state()
+        state.tail_block_residuals = (torch.zeros(1), torch.zeros(1))  # a computed step has left its residual
+        ours.append(hook._should_compute(state, modulated))
+        state.previous_modulated = modulated
+    assert ours == _framepack_teacache_decisions(inputs, 0.15)
+    pinned = "".join("C" if c else "-" for c in ours)
+    assert pinned == "C--C--C--C--C--C-C-C-C-CC", pinned
+    assert hook.controller.counters.counts["hit"] == pinned.count("-")

@@ -92,13 +92,13 @@ def test_low_precision_changes_what_it_says(fresh):
     vae_before = {n: p.dtype for n, p in fresh.vae.named_parameters()}
     report = LowPrecisionPass().apply(fresh, LowPrecisionConfig(), PassContext(CPU))
     after = _weights(fresh.transformer)
-    kept = {n for n in after if n.startswith(("norm_out.", "proj_out."))}
+    kept = {n for n in after if n.startswith("proj_out.")}  # FramePack's float32 output: the projection alone
     assert all(after[n][1] == torch.float32 for n in kept)
     assert all(after[n][1] == torch.bfloat16 for n in after if n not in kept)
     assert _changed(before, after) == set(before) - kept
     assert fresh.text_encoder.dtype == torch.bfloat16 and fresh.image_encoder.dtype == torch.bfloat16
     assert {n: p.dtype for n, p in fresh.vae.named_parameters()} == vae_before
-    assert "transformer.norm_out" in report.detail and "transformer.proj_out" in report.detail
+    assert "transformer.proj_out" in report.detail and "norm_out" not in report.detail
     out = _forward(fresh.transformer)
     assert out.dtype == torch.float32
     assert _rel(out, ref) < 0.05  # bf16: measured ~0.01 on tiny
@@ -335,3 +335,22 @@ def test_optimize_command(tmp_path):
         optimized_transformer=str(out / "transformer.safetensors"),
     )
     assert getattr(fp.bundle.transformer, artifact.FROM_ARTIFACT_ATTR, False)
+
+
+def test_a_half_precision_load_keeps_framepacks_float32_output():
+    """FramePack's bf16 transformer: the final norm in bf16, the final projection (and its input) in float32."""
+    half = dict.fromkeys(["transformer", "vae", "text_encoder", "text_encoder_2", "image_encoder"], torch.bfloat16)
+    bundle = load_bundle("tiny-random", device="cpu", dtypes=half)
+    t = bundle.transformer
+    assert t.proj_out.weight.dtype == torch.float32 and t.norm_out.linear.weight.dtype == torch.bfloat16
+    assert t.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        inputs = {
+            k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in _inputs(t).items()
+        }
+        seen = []
+        hook = t.norm_out.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+        out = t(**inputs)[0]
+        hook.remove()
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32

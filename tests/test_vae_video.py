@@ -43,10 +43,11 @@ def test_preview_is_rgb_in_unit_range():
 def test_mp4_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     frames = np.repeat(rng.integers(0, 255, (1, 64, 96, 3), dtype=np.uint8), 12, axis=0)
-    path = video.write_mp4(frames, tmp_path / "a" / "clip.mp4", crf=0)
+    path = video.write_mp4(frames, tmp_path / "a" / "clip.mp4", crf=1)
     info = video.probe(path)
     assert (info.frames, info.width, info.height) == (12, 96, 64)
     assert (info.codec, info.pix_fmt, info.fps) == ("h264", "yuv420p", 30.0)
+    assert info.profile == "High"  # what every player opens (CRF 0 would make it High 4:4:4 Predictive)
     back = video.read_frames(path)
     assert back.shape == frames.shape
     # yuv420p subsamples chroma: noise images lose detail, but the mean colour survives
@@ -70,3 +71,19 @@ def test_json_is_atomic_and_readable(tmp_path):
     p = files.write_json({"a": 1, "path": tmp_path}, tmp_path / "x.json")
     assert json.loads(p.read_text())["a"] == 1
     assert [f.name for f in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_crf_zero_is_never_written(tmp_path):
+    """CRF 0 with yuv420p is the High 4:4:4 Predictive profile browsers and QuickTime refuse: refused at every door."""
+    from framepack_turbo.errors import InputError
+    from framepack_turbo.pipeline.options import GenerateOptions
+    from framepack_turbo.settings import Settings, SettingsError
+
+    frames = np.zeros((3, 64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="High 4:4:4 Predictive"):
+        video.write_mp4(frames, tmp_path / "x.mp4", crf=0)
+    assert not (tmp_path / "x.mp4").exists()
+    with pytest.raises(InputError, match="High 4:4:4 Predictive"):
+        GenerateOptions(prompt="a", crf=0)
+    with pytest.raises(SettingsError, match="--crf 0: 0 writes the High 4:4:4 Predictive profile"):
+        Settings.load({"crf": 0}, environ={})

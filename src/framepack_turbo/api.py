@@ -29,6 +29,7 @@ from framepack_turbo.models import loading
 from framepack_turbo.models.loading import (
     ModelBundle,
     default_device,
+    default_dtypes,
     load_bundle,
     transformer_config,
     transformer_identity,
@@ -211,6 +212,7 @@ class FramePack:
             model_dir,
             load_device,
             local_files_only=settings.offline,
+            dtypes=default_dtypes(device),  # the compute device's dtypes, wherever the weights rest until used
             component_kwargs=loading_kwargs(plan, settings),
             skip=frozenset({"transformer"}) if cached else frozenset(),
             parallel=loading.parallel_plan(settings, plan),

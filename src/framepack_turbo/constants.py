@@ -16,6 +16,13 @@ TIME_SCALE = 1000.0  # the transformer takes timestep and distilled guidance mul
 LLAMA_HIDDEN_LAYER = -3  # HunyuanVideo conditions on the third-from-last LLaMA hidden state
 
 # ---- limits a user can hit --------------------------------------------------------------------------
+# CRF 0 with yuv420p makes x264 write the "High 4:4:4 Predictive" profile, which browsers, QuickTime and
+# Windows' player refuse (FramePack issues #63, #488): no command writes it. CRF 1 is visually lossless.
+MIN_CRF, MAX_CRF = 1, 51
+CRF_ZERO = (
+    "0 writes the High 4:4:4 Predictive profile, which browsers, QuickTime and Windows' player refuse; "
+    "use 1 (visually lossless) or more"
+)
 MAX_SECONDS = 120.0
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 64, 4096
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048

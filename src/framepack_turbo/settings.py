@@ -25,7 +25,9 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from framepack_turbo.constants import (
+    CRF_ZERO,
     ENV_PREFIX,
+    MAX_CRF,
     MAX_RESOLUTION,
     MAX_SECONDS,
     MIN_RESOLUTION,
@@ -111,7 +113,11 @@ class Settings(BaseSettings):
         json_schema_extra=_group("generation"),
     )
     crf: int = Field(
-        16, ge=0, le=51, description="h264 quality (lower is better).", json_schema_extra=_group("generation")
+        16,
+        ge=0,
+        le=MAX_CRF,
+        description="h264 quality (lower is better; 1 is visually lossless, 0 is refused: players cannot open it).",
+        json_schema_extra=_group("generation"),
     )
     device: str | None = Field(
         None, description="cuda, cuda:N or cpu; unset: CUDA when present.", json_schema_extra=_group("generation")
@@ -519,6 +525,13 @@ class Settings(BaseSettings):
     def _int_choice(cls, value: Any) -> Any:
         # Literal[4, 8] does not coerce the strings flags and variables arrive as.
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @field_validator("crf")
+    @classmethod
+    def _playable_crf(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError(CRF_ZERO)
+        return value
 
     @field_validator("vae_chunk_size")
     @classmethod

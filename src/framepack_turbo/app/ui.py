@@ -203,7 +203,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                     window = gr.Slider(
                         1, 33, value=start.window, step=1, label="Window (latent frames)", elem_id="window"
                     )
-                    crf = gr.Slider(0, 51, value=start.crf, step=1, label="MP4 CRF (lower: better)", elem_id="crf")
+                    crf = gr.Slider(1, 51, value=start.crf, step=1, label="MP4 CRF (lower: better)", elem_id="crf")
                 variant = gr.Radio(
                     VARIANT_CHOICES, value=start.variant or VARIANT_CHOICES[0], label="Variant", elem_id="variant"
                 )

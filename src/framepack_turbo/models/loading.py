@@ -68,8 +68,36 @@ class ModelBundle:
         return root
 
 
+# Model facts: the sub-modules each class keeps in float32 when it runs in half precision. FramePack runs
+# its transformer in bf16 with the final projection alone in float32 (`high_quality_fp32_output_for_inference`):
+# the velocity it produces is subtracted from the latents every step, so its rounding would compound. The
+# final norm stays in bf16 there, and so here.
+KEEP_FP32: dict[str, tuple[str, ...]] = {"HunyuanVideoFramepackTransformer3DModel": ("proj_out",)}
+FP32_OUTPUT_HOOK_ATTR = "_framepack_fp32_output_hook"
+
+
+def _upcast_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def keep_fp32_output(module: torch.nn.Module) -> list[str]:
+    """Put the class's float32 sub-modules (KEEP_FP32) back in float32, their input upcast by a pre-hook, as
+    FramePack computes its output; returns their names. Idempotent."""
+    kept = []
+    for name in KEEP_FP32.get(type(module).__name__, ()):
+        sub = getattr(module, name, None)
+        if sub is None:
+            continue
+        sub.float()
+        kept.append(name)
+    if kept and not hasattr(module, FP32_OUTPUT_HOOK_ATTR):
+        setattr(module, FP32_OUTPUT_HOOK_ATTR, getattr(module, kept[0]).register_forward_pre_hook(_upcast_inputs))
+    return kept
+
+
 def default_dtypes(device: torch.device) -> dict[str, torch.dtype]:
-    """FramePack's dtypes on CUDA (bf16 transformer, fp16 encoders and VAE); float32 elsewhere."""
+    """FramePack's dtypes on CUDA (bf16 transformer, fp16 encoders and VAE); float32 elsewhere. The
+    transformer's final projection stays in float32 in bf16 (`keep_fp32_output`, applied by `load_bundle`)."""
     if device.type == "cuda":
         half = {name: torch.float16 for name in MODULES}
         return {**half, "transformer": torch.bfloat16}
@@ -328,6 +356,8 @@ def load_bundle(
         origin = ", ".join(sorted({s.repo for s in spec.sources.values()}))
 
     bundle = ModelBundle(**parts, preset=spec, source=origin)
+    if bundle.transformer is not None and bundle.transformer.dtype in (torch.bfloat16, torch.float16):
+        keep_fp32_output(bundle.transformer)  # FramePack's high-quality output
     placed_by_loader = {n for n, kw in (component_kwargs or {}).items() if "device_map" in kw}
     bundle.to(dev, skip=placed_by_loader | set(skip))
     if dev.type == "cpu" and (model_dir is not None or not spec.is_random):

@@ -4,7 +4,7 @@ The transformer after the weight passes (low precision, pruning, INT-N, FP8) is 
 safetensors, quantized tensors included (torchao's safetensors support flattens them into plain
 tensors plus JSON metadata for an allow-list of classes: no pickle anywhere), beside a JSON manifest:
 
-    {"format": ..., "version": 1, "identity": {preset, source, revision, config_sha256},
+    {"format": ..., "version": 2, "identity": {preset, source, revision, config_sha256},
      "settings": {the settings that shaped the weights, and the device kind}, "settings_sha256": ...,
      "versions": {torch, diffusers, torchao}, "config": {the transformer's config}, "hooks": [...],
      "file_sha256": ..., "created": ...}
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "framepack-turbo-optimized-transformer"
-VERSION = 1
+VERSION = 2  # 2: the float32 output is proj_out alone (FramePack's), not norm_out and proj_out
 VERSION_KEYS = ("torch", "diffusers", "torchao")
 
 
@@ -84,10 +84,10 @@ def _versions() -> dict[str, str]:
 
 
 def _hooks(transformer: torch.nn.Module) -> list[dict[str, Any]]:
-    from framepack_turbo.optim.precision import _HOOK_ATTR
+    from framepack_turbo.models.loading import FP32_OUTPUT_HOOK_ATTR
 
     hooks: list[dict[str, Any]] = []
-    if hasattr(transformer, _HOOK_ATTR):
+    if hasattr(transformer, FP32_OUTPUT_HOOK_ATTR):
         hooks.append({"kind": "fp32_output"})
     cast = [
         (fqn, str(m._diffusers_hook.get_hook("layerwise_casting").compute_dtype).removeprefix("torch."))
@@ -242,12 +242,12 @@ def load(path: Path, manifest: dict[str, Any], device: torch.device) -> torch.nn
 def _reinstall_hooks(model: torch.nn.Module, hooks: list[dict[str, Any]]) -> None:
     from diffusers.hooks import apply_layerwise_casting
 
-    from framepack_turbo.optim.precision import _HOOK_ATTR, _upcast_inputs
+    from framepack_turbo.models.loading import keep_fp32_output
 
     modules = dict(model.named_modules())
     for hook in hooks:
-        if hook["kind"] == "fp32_output" and not hasattr(model, _HOOK_ATTR):
-            setattr(model, _HOOK_ATTR, model.norm_out.register_forward_pre_hook(_upcast_inputs))
+        if hook["kind"] == "fp32_output":
+            keep_fp32_output(model)
         elif hook["kind"] == "layerwise_casting":
             compute = getattr(torch, hook["compute_dtype"])
             for name in hook["modules"]:

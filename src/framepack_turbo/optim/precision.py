@@ -2,10 +2,11 @@
 the device has no bf16, keeping the layers that must stay float32.
 
 Kept in float32, as FramePack's `high_quality_fp32_output_for_inference` does: the transformer's
-final norm (`norm_out`) and projection (`proj_out`). The velocity they produce is subtracted from
-the latents every step, so its rounding error accumulates over the whole sampling; in fp32 it costs
-two small layers. Their inputs are upcast by a pre-hook on `norm_out`. The VAE keeps its dtype:
-decoded pixels are the output, and conv3d is the slowest op to run in bf16 on CPUs.
+final projection (`proj_out`, with its input upcast), and nothing else: the final norm runs in bf16
+there too (models/loading.py `KEEP_FP32`, the same set the default CUDA load keeps). The velocity it
+produces is subtracted from the latents every step, so its rounding would accumulate over the whole
+sampling. The VAE keeps its dtype: decoded pixels are the output, and conv3d is the slowest op to run
+in bf16 on CPUs.
 """
 
 from __future__ import annotations
@@ -15,19 +16,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from framepack_turbo.models.loading import keep_fp32_output
 from framepack_turbo.optim.base import PassContext, PassReport
-from framepack_turbo.optim.select import OUTPUT_LAYERS
 
 if TYPE_CHECKING:
     from framepack_turbo.models.loading import ModelBundle
     from framepack_turbo.settings import Settings
 
-# Registry of model facts: which sub-modules of each class stay in float32.
-KEEP_FP32: dict[str, tuple[str, ...]] = {
-    "HunyuanVideoFramepackTransformer3DModel": OUTPUT_LAYERS,
-}
 LOW_PRECISION_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "image_encoder")
-_HOOK_ATTR = "_framepack_fp32_output_hook"
 FROM_ARTIFACT_ATTR = "_framepack_from_artifact"
 
 
@@ -38,26 +34,11 @@ class LowPrecisionConfig:
     components: tuple[str, ...] = LOW_PRECISION_COMPONENTS
 
 
-def _upcast_inputs(module: torch.nn.Module, args: tuple) -> tuple:
-    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-
 def cast_keeping_fp32(module: torch.nn.Module, dtype: torch.dtype) -> list[str]:
     """Cast `module` to `dtype` except its registered float32 sub-modules; returns their names."""
-    keep = KEEP_FP32.get(type(module).__name__, ())
     # torch's own `to`: diffusers' override warns about fp32 modules, which this function handles itself
     torch.nn.Module.to(module, dtype)
-    kept = []
-    for name in keep:
-        sub = getattr(module, name, None)
-        if sub is None:
-            continue
-        sub.float()
-        kept.append(name)
-    if "norm_out" in kept and not hasattr(module, _HOOK_ATTR):
-        # norm_out receives the bf16 hidden states and timestep embedding: compute it (and proj_out) in fp32
-        setattr(module, _HOOK_ATTR, module.norm_out.register_forward_pre_hook(_upcast_inputs))
-    return kept
+    return keep_fp32_output(module)
 
 
 class LowPrecisionPass:

@@ -26,7 +26,7 @@ EMBEDDERS: tuple[str, ...] = (
     "image_projection",
 )
 FINAL_PROJECTION = "proj_out"  # the top-level one; blocks have their own proj_out, which is quantized
-OUTPUT_LAYERS: tuple[str, ...] = ("norm_out", FINAL_PROJECTION)  # kept in float32 under low precision, as FramePack
+OUTPUT_LAYERS: tuple[str, ...] = ("norm_out", FINAL_PROJECTION)  # the final norm and projection
 DEFAULT_EXCLUDE: tuple[str, ...] = ("norm", *EMBEDDERS)
 
 

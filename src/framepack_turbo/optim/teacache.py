@@ -25,7 +25,7 @@ from diffusers.hooks.first_block_cache import FBCSharedBlockState
 from diffusers.hooks.hooks import StateManager
 
 from framepack_turbo.optim.base import PassContext, PassReport
-from framepack_turbo.optim.stepcache import BlockArgsHook, HookedCache, hook_whole_stack, is_boundary_step, relative_l1
+from framepack_turbo.optim.stepcache import BlockArgsHook, HookedCache, hook_whole_stack, is_boundary_step
 
 if TYPE_CHECKING:
     from framepack_turbo.models.loading import ModelBundle
@@ -60,6 +60,23 @@ class _State(FBCSharedBlockState):
         self.accumulated = 0.0
 
 
+def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """FramePack's measure, in the tensors' own dtype (bf16 on a GPU), as FramePack computes it."""
+    return float((current - previous).abs().mean() / previous.abs().mean())
+
+
+def decide(accumulated: float, change: float | None, threshold: float, rescale) -> tuple[str, float, float]:
+    """One step of FramePack's rule: (decision, the accumulator after it, the sum it reached). `change` is
+    None on a step that is always computed (first and last of a section), which restarts the accumulator;
+    otherwise the rescaled change accumulates, and reaching the threshold computes the step and restarts it."""
+    if change is None:
+        return "forced", 0.0, 0.0
+    reached = accumulated + float(rescale(change))
+    if reached >= threshold:
+        return "miss", 0.0, reached
+    return "hit", reached, reached
+
+
 class TeaCacheHeadHook(BlockArgsHook):
     _is_stateful = True
 
@@ -86,19 +103,16 @@ class TeaCacheHeadHook(BlockArgsHook):
     @torch.compiler.disable
     def _should_compute(self, state: _State, modulated: torch.Tensor) -> bool:
         context = self.state_manager.context
-        if is_boundary_step(context) or state.previous_modulated is None or state.tail_block_residuals is None:
-            state.accumulated = 0.0
-            self.controller.record("forced", context, "first/last step of the section")
-            return True
-        change = relative_l1(modulated, state.previous_modulated)
-        state.accumulated += float(self.rescale(change))
-        if state.accumulated >= self.config.threshold:
-            detail = f"accumulated {state.accumulated:.4f}"
-            state.accumulated = 0.0
-            self.controller.record("miss", context, detail)
-            return True
-        self.controller.record("hit", context, f"accumulated {state.accumulated:.4f}")
-        return False
+        first_or_last = is_boundary_step(context) or state.tail_block_residuals is None
+        change = (
+            None if first_or_last or state.previous_modulated is None else rel_l1(modulated, state.previous_modulated)
+        )
+        kind, state.accumulated, reached = decide(state.accumulated, change, self.config.threshold, self.rescale)
+        detail = (
+            "first/last step of the section" if change is None else f"change {change:.4f}, accumulated {reached:.4f}"
+        )
+        self.controller.record(kind, context, detail)
+        return kind != "hit"
 
     def reset_state(self, module):
         self.state_manager.reset()

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from framepack_turbo.constants import MAX_IMAGE_SIDE, MAX_RESOLUTION, MAX_SECONDS, MIN_IMAGE_SIDE, MIN_RESOLUTION
+from framepack_turbo.constants import (
+    CRF_ZERO,
+    MAX_CRF,
+    MAX_IMAGE_SIDE,
+    MAX_RESOLUTION,
+    MAX_SECONDS,
+    MIN_CRF,
+    MIN_IMAGE_SIDE,
+    MIN_RESOLUTION,
+)
 from framepack_turbo.errors import InputError
 from framepack_turbo.pipeline.sections import VARIANTS
 
@@ -58,7 +67,11 @@ class GenerateOptions:
             MIN_RESOLUTION <= self.resolution <= MAX_RESOLUTION and self.resolution % 16 == 0,
             f"resolution={self.resolution}: must be a multiple of 16 in [{MIN_RESOLUTION}, {MAX_RESOLUTION}]",
         )
-        _check(0 <= self.crf <= 51, f"crf={self.crf}: must be in [0, 51] (lower is better quality)")
+        _check(self.crf != 0, f"crf=0: {CRF_ZERO}")
+        _check(
+            MIN_CRF <= self.crf <= MAX_CRF,
+            f"crf={self.crf}: must be in [{MIN_CRF}, {MAX_CRF}] (lower is better quality)",
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -95,9 +95,13 @@ def sample_unipc(
     steps = len(sigmas) - 1
     order = min(MAX_ORDER, steps - 1) if steps > 1 else 1
     batch = x.shape[0]
-    sig = sigmas.to(torch.float64)  # coefficients in float64: log-SNR gaps get small near t=1
+    # The coefficients are formed in the sigmas' dtype, as FramePack forms them: float32 from its float32
+    # sigmas. Because the sample is rounded to the model's dtype before every call, a last-bit difference
+    # here compounds over the steps; float32 reproduces FramePack bit for bit (float64 sigmas give the
+    # float64 reference the tests compare with).
+    sig = sigmas
 
-    history_t: list[torch.Tensor] = []  # previous times (float64 scalars)
+    history_t: list[torch.Tensor] = []  # previous times (scalars in the sigmas' dtype)
     history_m: list[torch.Tensor] = []  # previous x0 estimates
     for i in range(steps):
         t = sig[i]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framepack_turbo.constants import FPS
+from framepack_turbo.constants import CRF_ZERO, FPS, MAX_CRF, MIN_CRF
 from framepack_turbo.files import atomic_path
 
 CODEC = "libx264"
@@ -37,6 +37,8 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, crf: int = 16, fps: i
     """Encode (T, H, W, 3) uint8 frames as h264 yuv420p; replaces `path` only once the file is complete."""
     import av
 
+    if not MIN_CRF <= crf <= MAX_CRF:
+        raise ValueError(f"crf {crf}: {CRF_ZERO}" if crf == 0 else f"crf {crf}: must be in [{MIN_CRF}, {MAX_CRF}]")
     path = Path(path)
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
@@ -60,6 +62,7 @@ class VideoInfo:
     height: int
     codec: str
     pix_fmt: str
+    profile: str = ""  # h264 profile ("High"; "High 4:4:4 Predictive" is what most players refuse)
 
 
 def probe(path: str | os.PathLike) -> VideoInfo:
@@ -70,7 +73,9 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         stream = container.streams.video[0]
         ctx = stream.codec_context
         count = sum(1 for _ in container.decode(stream))
-        return VideoInfo(count, float(stream.average_rate), ctx.width, ctx.height, ctx.name, ctx.pix_fmt)
+        return VideoInfo(
+            count, float(stream.average_rate), ctx.width, ctx.height, ctx.name, ctx.pix_fmt, ctx.profile or ""
+        )
 
 
 def read_frames(path: str | os.PathLike) -> np.ndarray:
