@@ -8,12 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from framepack_turbo.cli import _InterruptToCancel, app
 from framepack_turbo.pipeline import video
 from framepack_turbo.pipeline.events import CancelToken
+
+from .conftest import EXAMPLE_IMAGE
 
 BAR = ["--model", "tiny-random", "--prompt", "a cat", "--seconds", "2", "--steps", "4", "--resolution", "128"]
 
@@ -178,3 +181,41 @@ def test_ctrl_c_keeps_the_finished_sections(example_image, tmp_path):
     assert sidecar["status"] == "cancelled"
     assert info.frames == sidecar["frames"] and sidecar["sections_done"] >= 1
     assert info.frames in (33, 69)  # one or two finished sections of three (inverted: 33, then +36)
+
+
+def test_a_clip_carries_what_made_it_and_runs_again_from_the_file(tmp_path):
+    """The mp4's container metadata holds prompt, seed and settings: `info` prints them, `--from` re-runs them."""
+    from framepack_turbo.pipeline import video
+
+    first = tmp_path / "first.mp4"
+    args = ["--model", "tiny-random", "--seconds", "1", "--steps", "3", "--resolution", "64", "--seed", "11"]
+    made = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--image",
+            str(EXAMPLE_IMAGE),
+            "--prompt",
+            "a cat",
+            "--negative",
+            "blur",
+            "--out",
+            str(first),
+            *args,
+            "--enable-teacache",
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    meta = video.read_metadata(first)
+    assert meta["prompt"] == "a cat" and meta["seed"] == 11 and meta["negative_prompt"] == "blur"
+    assert meta["options"]["steps"] == 3 and "teacache" in meta["passes"] and meta["settings"]["enable_teacache"]
+    shown = CliRunner().invoke(app, ["info", str(first)])
+    assert shown.exit_code == 0 and "prompt: a cat" in shown.output and "teacache" in shown.output
+    again = tmp_path / "again.mp4"
+    rerun = CliRunner().invoke(
+        app, ["generate", "--from", str(first), "--image", str(EXAMPLE_IMAGE), "--out", str(again)]
+    )
+    assert rerun.exit_code == 0, rerun.output
+    assert np.array_equal(video.read_frames(first), video.read_frames(again))
+    other = CliRunner().invoke(app, ["info", str(EXAMPLE_IMAGE)])
+    assert other.exit_code == 2 and "error:" in other.output

@@ -150,11 +150,12 @@ def _settings_epilog() -> str:
     return "\b\nSettings (every FRAMEPACK_* variable is also a flag; booleans take --no-NAME):\n" + flags_help()
 
 
-def _settings_from(ctx: typer.Context, preset: str | None):
-    """Flags left over after the command's own options are settings flags; parse and validate them."""
+def _settings_from(ctx: typer.Context, preset: str | None, below: dict | None = None):
+    """Flags left over after the command's own options are settings flags; parse and validate them.
+    `below`: values under the flags (a recorded clip's settings, for --from)."""
     from framepack_turbo.settings import Settings, parse_flags
 
-    overrides = parse_flags(list(ctx.args))
+    overrides = {**(below or {}), **parse_flags(list(ctx.args))}
     if preset is not None:
         overrides["preset"] = preset
     return Settings.load(overrides, source="cli")
@@ -164,8 +165,12 @@ def _settings_from(ctx: typer.Context, preset: str | None):
 def generate(
     ctx: typer.Context,
     image: Annotated[Path, typer.Option(help="Start image (png, jpg, webp ...).")],
-    prompt: Annotated[str, typer.Option(help="What happens in the video.")],
-    negative: Annotated[str, typer.Option(help="Negative prompt (used when --cfg > 1).")] = "",
+    prompt: Annotated[Optional[str], typer.Option(help="What happens in the video.")] = None,
+    negative: Annotated[Optional[str], typer.Option(help="Negative prompt (used when --cfg > 1).")] = None,
+    from_video: Annotated[
+        Optional[Path],
+        typer.Option("--from", help="Re-run a clip this tool made: its prompt, seed and settings from the file."),
+    ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output .mp4 (a .json sidecar is written beside it).")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
     ignore_incompatible: Annotated[
@@ -181,7 +186,13 @@ def generate(
         from framepack_turbo.api import FramePack, default_output_path, options_from_settings
         from framepack_turbo.pipeline.options import load_image
 
-        settings = _settings_from(ctx, preset)
+        recorded = _recorded(from_video) if from_video is not None else {}
+        if prompt is None:
+            if not recorded:
+                raise InputError("--prompt is needed (or --from FILE.mp4 to take the prompt of a clip made here)")
+            prompt = recorded["prompt"]
+        negative = recorded.get("negative_prompt", "") if negative is None else negative
+        settings = _settings_from(ctx, preset, recorded.get("settings", {}))
         options = options_from_settings(settings, prompt, negative)
         picture = load_image(image)
         out_path = out or default_output_path()
@@ -276,6 +287,56 @@ def optimize(
         typer.echo(f"wrote {target} ({size:.1f} MiB) and {artifact.manifest_path(target).name}")
     except FramePackError as exc:
         raise _fail(str(exc), exc.exit_code) from None
+
+
+def _recorded(path: Path) -> dict:
+    """What a clip made here records of itself (its container metadata), as settings for a re-run."""
+    from framepack_turbo.pipeline import video
+
+    if not path.is_file():
+        raise InputError(f"--from {path}: no such file")
+    try:
+        meta = video.read_metadata(path)
+    except Exception as exc:  # not a video PyAV can open
+        raise InputError(f"--from {path}: not a readable video ({type(exc).__name__})") from None
+    if meta is None:
+        raise InputError(f"--from {path}: no FramePack Turbo record in this video (it was made elsewhere)")
+    names = {"distilled_guidance": "gs", "guidance_rescale": "rs"}
+    options = {names.get(k, k): v for k, v in meta.get("options", {}).items() if k not in ("prompt", "negative_prompt")}
+    settings = {**meta.get("settings", {}), **{k: v for k, v in options.items() if v is not None}}
+    return {**meta, "settings": settings}
+
+
+@app.command()
+def info(
+    video_path: Annotated[Path, typer.Argument(help="An .mp4 this tool made.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """What a clip was made with, read from the file alone (its container metadata): prompt, seed, settings."""
+    from framepack_turbo.pipeline import video
+
+    try:
+        _recorded(video_path)  # the same checks and messages as --from
+        meta, probe = video.read_metadata(video_path), video.probe(video_path)
+    except FramePackError as exc:
+        raise _fail(str(exc).replace("--from ", ""), exc.exit_code) from None
+    if json_out:
+        typer.echo(json.dumps({**meta, "video": probe.__dict__}, indent=2, default=str))
+        return
+    opts = meta.get("options", {})
+    lines = [
+        f"prompt: {meta.get('prompt', '')}",
+        f"negative prompt: {meta.get('negative_prompt', '') or '-'}",
+        f"seed {meta.get('seed')}, variant {meta.get('variant')}, {opts.get('seconds')} s, steps {opts.get('steps')}, "
+        f"window {opts.get('window')}, distilled guidance {opts.get('distilled_guidance')}, cfg {opts.get('cfg')}, "
+        f"rescale {opts.get('guidance_rescale')}, resolution {opts.get('resolution')}, crf {opts.get('crf')}",
+        f"model: {meta.get('model', {}).get('preset')} ({meta.get('model', {}).get('source')})",
+        f"passes: {', '.join(meta.get('passes', [])) or 'none'}",
+        "settings: " + (", ".join(f"{k}={v}" for k, v in sorted(meta.get("settings", {}).items())) or "defaults"),
+        f"video: {probe.frames} frames, {probe.width}x{probe.height}, {probe.fps:g} fps, {probe.codec} {probe.profile}",
+        f"re-run: framepack generate --from {video_path} --image IMAGE",
+    ]
+    typer.echo("\n".join(lines))
 
 
 export_app = typer.Typer(help="Export components for other runtimes.", no_args_is_help=True)

@@ -167,7 +167,7 @@ class Generator:
                 pixels = self._decode_append(variant, section, history, generated, pixels, options.window, timings)
                 frames = video.to_uint8_frames(pixels)
                 t0 = time.perf_counter()
-                video.write_mp4(frames, out_path, crf=options.crf)
+                video.write_mp4(frames, out_path, crf=options.crf, metadata=record.reproduction())
                 timings.add("write", time.perf_counter() - t0)
                 record.sections_done, record.frames, record.timings = section.number + 1, len(frames), timings.to_dict()
                 write_json(record.to_dict(), sidecar)

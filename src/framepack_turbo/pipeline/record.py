@@ -68,6 +68,25 @@ class RunRecord:
             self.step_caches.setdefault(name, CacheRecord()).add(stats)
         self.engines.update({k: dict(v) for k, v in engines.items()})
 
+    def reproduction(self) -> dict[str, Any]:
+        """What the mp4 itself carries (its container metadata): enough to read what made it and run it again.
+        `settings`: the values that were not defaults (from the settings record the API passes), `passes`:
+        the optimization passes that ran."""
+        values = self.settings.get("values", {}) if isinstance(self.settings, dict) else {}
+        changed = {name: v["value"] for name, v in values.items() if v.get("source") not in (None, "default")}
+        plan = self.settings.get("plan", []) if isinstance(self.settings, dict) else []
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "variant": self.variant,
+            "options": self.options,
+            "model": {k: self.model.get(k) for k in ("preset", "source")},
+            "passes": [p["name"] for p in plan if p.get("status") == "active"],
+            "settings": changed,
+            "created": self.created,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "status": self.status,

@@ -6,6 +6,7 @@ that finished. PyAV (FFmpeg with libx264 in its wheels) does the encoding: no sy
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,16 @@ def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     return out
 
 
-def write_mp4(frames: np.ndarray, path: str | os.PathLike, crf: int = 16, fps: int = FPS) -> Path:
-    """Encode (T, H, W, 3) uint8 frames as h264 yuv420p; replaces `path` only once the file is complete."""
+METADATA_TAG = "framepack-turbo"  # the "format" key of the JSON the mp4's comment carries
+
+
+def write_mp4(
+    frames: np.ndarray, path: str | os.PathLike, crf: int = 16, fps: int = FPS, metadata: dict | None = None
+) -> Path:
+    """Encode (T, H, W, 3) uint8 frames as h264 yuv420p; replaces `path` only once the file is complete.
+
+    `metadata` (what the clip was made with) goes into the container's comment as JSON, so the file alone
+    can be read back (`read_metadata`, `framepack info`) and re-run (`framepack generate --from`)."""
     import av
 
     if not MIN_CRF <= crf <= MAX_CRF:
@@ -44,6 +53,9 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, crf: int = 16, fps: i
     if h % 2 or w % 2:
         raise ValueError(f"yuv420p needs even sides, got {w}x{h}")
     with atomic_path(path) as tmp, av.open(tmp, mode="w", format="mp4") as container:
+        if metadata is not None:
+            container.metadata["comment"] = json.dumps({"format": METADATA_TAG, **metadata}, default=str)
+            container.metadata["title"] = str(metadata.get("prompt", ""))[:200]
         stream = container.add_stream(CODEC, rate=fps, options={"crf": str(int(crf))})
         stream.width, stream.height, stream.pix_fmt = w, h, PIX_FMT
         for frame in frames:
@@ -76,6 +88,19 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         return VideoInfo(
             count, float(stream.average_rate), ctx.width, ctx.height, ctx.name, ctx.pix_fmt, ctx.profile or ""
         )
+
+
+def read_metadata(path: str | os.PathLike) -> dict | None:
+    """What `write_mp4` recorded in the file's comment; None for a video without it."""
+    import av
+
+    with av.open(str(path)) as container:
+        comment = container.metadata.get("comment", "")
+    try:
+        data = json.loads(comment)
+    except (TypeError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == METADATA_TAG else None
 
 
 def read_frames(path: str | os.PathLike) -> np.ndarray:
