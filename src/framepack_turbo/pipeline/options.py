@@ -101,19 +101,21 @@ def check_sides(width: int, height: int, what: str = "image") -> None:
         )
 
 
-def open_checked(file, what: str):
+def open_checked(file, what: str = "image", name: str | None = None):
     """`PIL.Image.open` with the sides checked from the header, before any pixel is decoded: a small file
-    that decodes to gigabytes (a decompression bomb) is refused for the cost of its header."""
+    that decodes to gigabytes (a decompression bomb) is refused for the cost of its header. `what` names it
+    in the messages; `name` (a path) is added where the file cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
+    where = f": {name}" if name else ""
     try:
         with warnings.catch_warnings():  # the sides are checked next: PIL's pixel-count warning says nothing more
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(file)
     except Image.DecompressionBombError:
-        raise InputError(f"{what} is far too large (more than {Image.MAX_IMAGE_PIXELS * 2} pixels)") from None
+        raise InputError(f"{what}{where} is far too large (more than {Image.MAX_IMAGE_PIXELS * 2} pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"{what}: not a readable image ({type(exc).__name__})") from None
+        raise InputError(f"{what}: not a readable image{where} ({type(exc).__name__})") from None
     try:
         check_sides(*im.size, what)
     except InputError:
@@ -122,16 +124,17 @@ def open_checked(file, what: str):
     return im
 
 
-def decode_rgb(im, what: str):
+def decode_rgb(im, what: str = "image", name: str | None = None):
     """The opened image's pixels as RGB (PIL), closing it; a truncated or broken file is an InputError."""
     from PIL import Image
 
+    where = f": {name}" if name else ""
     try:
         with im:
             im.load()
             return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{what}: not a readable image ({type(exc).__name__})") from None
+        raise InputError(f"{what}: not a readable image{where} ({type(exc).__name__})") from None
 
 
 def load_image(source) -> np.ndarray:
@@ -145,7 +148,7 @@ def load_image(source) -> np.ndarray:
             raise InputError(f"image not found: {path}")
         if not path.is_file():
             raise InputError(f"image path is not a file: {path}")
-        source = decode_rgb(open_checked(path, f"image {path}"), f"image {path}")
+        source = decode_rgb(open_checked(path, "image", str(path)), "image", str(path))
     if isinstance(source, Image.Image):
         array = np.asarray(source.convert("RGB"))
     elif isinstance(source, np.ndarray):
