@@ -289,10 +289,14 @@ def test_module_cache_key_holds_the_encoder_identity(tmp_path):
     assert len(calls) == 2
 
 
-def _embeddings():
+def _embeddings(widths=None):
+    """Stand-in prompt embeddings; `widths` (a cache's) makes them the shapes its encoders produce."""
     from framepack_turbo.pipeline.encode import PromptEmbeddings
 
-    return PromptEmbeddings(torch.randn(1, 4, 8), torch.ones(1, 4, dtype=torch.long), torch.randn(1, 8), ("cut",))
+    llama, clip = (widths or {}).get("llama", 8), (widths or {}).get("clip", 8)
+    return PromptEmbeddings(
+        torch.randn(1, 4, llama), torch.ones(1, 4, dtype=torch.long), torch.randn(1, clip), ("cut",)
+    )
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign"])
@@ -349,7 +353,7 @@ def test_loose_matching_is_opt_in_and_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         loose = _module_cache(tmp_path / "loose", module_cache_loose_match=True).extension("modulecache")
         assert "loose matching is on" in caplog.text
-        loose.prompt("A cat, walking.", _embeddings)
+        loose.prompt("A cat, walking.", lambda: _embeddings(loose.widths))
         loose.prompt("a cat walking", lambda: pytest.fail("loose match must hit"))
     assert "loose match: using the embeddings of 'A cat, walking.'" in caplog.text
 
