@@ -261,32 +261,34 @@ def page(tmp_path):
         blocks.close()
 
 
+# the page's queue_job inputs after the image: prompt, negative, seconds, seed, steps, gs, window, crf, variant,
+# then the optimization panel (preset, six switches, attention, memory preservation)
+FORM = (
+    "a cat",
+    "",
+    1,
+    1,
+    2,
+    10,
+    9,
+    16,
+    "model default",
+    "default",
+    False,
+    False,
+    False,
+    False,
+    False,
+    False,
+    "standard",
+    6,
+)
+
+
 def _queue_job(url: str, image) -> str:
     from gradio_client import Client
 
-    client = Client(url, verbose=False)
-    return client.predict(
-        image,
-        "a cat",
-        "",
-        1,
-        1,
-        2,
-        10,
-        9,
-        16,
-        "model default",
-        "default",
-        False,
-        False,
-        False,
-        False,
-        False,
-        False,
-        "standard",
-        6,
-        api_name="/queue_job",
-    )
+    return Client(url, verbose=False).predict(image, *FORM, api_name="/queue_job")
 
 
 def test_web_api_refusals_carry_their_reason(page):
@@ -301,29 +303,7 @@ def test_web_api_refusals_carry_their_reason(page):
     assert "13000x13000" in _queue_job(url, handle_file(str(real_png(tmp_path / "big.png", 13000, 13000))))
     assert queue.store.list() == []
     # a path the server never received: Gradio refuses it, and now says why
-    body = {
-        "data": [
-            {"path": str(EXAMPLE_IMAGE), "meta": {"_type": "gradio.FileData"}},
-            "a cat",
-            "",
-            1,
-            1,
-            2,
-            10,
-            9,
-            16,
-            "model default",
-            "default",
-            False,
-            False,
-            False,
-            False,
-            False,
-            False,
-            "standard",
-            6,
-        ]
-    }
+    body = {"data": [{"path": str(EXAMPLE_IMAGE), "meta": {"_type": "gradio.FileData"}}, *FORM]}
     event = httpx.post(url + "gradio_api/call/queue_job", json=body).json()["event_id"]
     answer = httpx.get(url + f"gradio_api/call/queue_job/{event}", timeout=60).text
     assert "event: error" in answer and "not uploaded" in answer
