@@ -345,13 +345,3 @@ def switched_off_for_export(settings: Settings) -> dict[str, Any]:
         for k, off in p.switch.items()
         if getattr(settings, k) != off
     }
-
-
-def unknown_names(pass_names: tuple[str, ...] = (), setting_names: tuple[str, ...] = ()) -> list[str]:
-    """Names of passes or settings that do not exist (for the checks on rules, presets, configurations)."""
-    from framepack_turbo.settings import setting_names as known_settings
-
-    known = set(known_settings())
-    return [f"pass {n}" for n in pass_names if n not in names()] + [
-        f"setting {n}" for n in setting_names if n not in known
-    ]
