@@ -43,3 +43,38 @@ def test_critical_settings_are_not_queued():
     assert critical_findings({"model": "tiny-random"}, Hardware()) == []
     found = critical_findings({"model": "tiny-random", "enable_quant": True, "enable_fp8": True}, Hardware())
     assert len(found) == 1 and found[0].startswith("multiple-quantization")
+
+
+def test_preview_grid_keeps_every_frame_in_place_and_enlarges_it():
+    import numpy as np
+
+    from framepack_turbo.app.ui import preview_grid
+
+    frames = np.arange(9 * 8 * 8 * 3, dtype=np.uint8).reshape(9, 8, 8, 3)
+    grid = preview_grid(frames, tile=96)
+    assert grid.shape == (3 * 8 * 12, 3 * 8 * 12, 3)  # 3x3 tiles, 12x nearest enlargement
+    small = grid[::12, ::12]
+    for i, frame in enumerate(frames):
+        r, c = divmod(i, 3)
+        assert np.array_equal(small[r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8], frame)
+    five = preview_grid(frames[:5], tile=8)
+    assert five.shape == (16, 24, 3) and not five[8:, 16:].any()  # 2 rows of 3, the sixth tile empty
+    assert preview_grid(None) is None
+
+
+def test_the_bucket_shown_is_the_one_the_generator_uses(tmp_path):
+    from PIL import Image
+
+    from framepack_turbo.app.ui import bucket_markdown
+    from framepack_turbo.pipeline.encode import nearest_bucket
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (1280, 720)).save(path)
+    h, w = nearest_bucket(720, 1280, resolution=640)
+    assert (h, w) == (480, 832)  # FramePack's 640 bucket for 16:9
+    assert f"**{w}x{h}**" in bucket_markdown(str(path), 640) and "1280x720" in bucket_markdown(str(path), 640)
+    h, w = nearest_bucket(720, 1280, resolution=320)
+    assert f"**{w}x{h}**" in bucket_markdown(str(path), 320.0)
+    assert "upload an image" in bucket_markdown(None, 640)
+    (tmp_path / "bad.png").write_text("no")
+    assert "not a readable image" in bucket_markdown(str(tmp_path / "bad.png"), 640)

@@ -93,6 +93,13 @@ def _small_image(tmp_path: Path) -> Path:
             "unknown option --qant-bits; did you mean --quant-bits?",
         ),
         (lambda t, img: ["--image", str(img), "--quant-bits", "3"], "--quant-bits 3: allowed 4 or 8"),
+        (lambda t, img: ["--image", str(img), "--count", "0"], "count=0: must be a whole number of clips from 1 to"),
+        (lambda t, img: ["--image", str(img), "--count", "101"], "count=101"),
+        (
+            lambda t, img: ["--image", str(img), "--count", "2", "--seed", str(2**63 - 1)],
+            "must be a whole number from 0 to 2^63-2 for 2 clip(s)",
+        ),
+        (lambda t, img: ["--image", str(img), "--seed", "randm"], "--seed randm: allowed an integer"),
     ],
 )
 def test_bad_input_exit_2_one_line(tmp_path, example_image, extra, message):
@@ -219,3 +226,27 @@ def test_a_clip_carries_what_made_it_and_runs_again_from_the_file(tmp_path):
     assert np.array_equal(video.read_frames(first), video.read_frames(again))
     other = CliRunner().invoke(app, ["info", str(EXAMPLE_IMAGE)])
     assert other.exit_code == 2 and "error:" in other.output
+
+
+def test_count_makes_clips_with_consecutive_seeds_and_random_is_recorded(tmp_path):
+    """--count 2 --seed random: two clips, seeds s and s+1 in their names, sidecars and mp4 metadata; clip 1 is
+    exactly the clip a single run with --seed s makes, and clip 2 is another clip."""
+    from framepack_turbo.pipeline import video
+
+    args = ["--model", "tiny-random", "--seconds", "1", "--steps", "2", "--resolution", "64"]
+    base = ["generate", "--image", str(EXAMPLE_IMAGE), "--prompt", "a cat", *args]
+    made = CliRunner().invoke(app, [*base, "--count", "2", "--seed", "random", "--out", str(tmp_path / "c.mp4")])
+    assert made.exit_code == 0, made.output
+    clips = sorted(tmp_path.glob("c-seed*.mp4"), key=lambda p: int(p.stem.removeprefix("c-seed")))
+    assert len(clips) == 2 and not (tmp_path / "c.mp4").exists()
+    seeds = [video.read_metadata(c)["seed"] for c in clips]
+    assert seeds[1] == seeds[0] + 1 and seeds[0] != 31337
+    assert [json.loads(c.with_suffix(".json").read_text())["seed"] for c in clips] == seeds
+    assert [c.name for c in clips] == [f"c-seed{s}.mp4" for s in seeds]
+    assert f"seed {seeds[0]}" in made.output and f"seed {seeds[1]}" in made.output
+    single = tmp_path / "single.mp4"
+    alone = CliRunner().invoke(app, [*base, "--seed", str(seeds[0]), "--out", str(single)])
+    assert alone.exit_code == 0, alone.output
+    first, second = (video.read_frames(c) for c in clips)
+    assert np.array_equal(first, video.read_frames(single))
+    assert not np.array_equal(first, second)

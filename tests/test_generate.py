@@ -175,6 +175,33 @@ def test_cancel_keeps_finished_sections(tiny, example_image, tmp_path):
     assert data["status"] == "cancelled" and data["sections_done"] == 1 and data["frames"] == 33
 
 
+@pytest.mark.parametrize("seconds", [1, 2])
+def test_a_cancel_in_a_batch_stops_it_and_keeps_the_clips_before(tiny, example_image, tmp_path, seconds):
+    """2 s: cancelled in clip 2's first of two sections; 1 s: after clip 2's only section (clip 2 complete),
+    and clip 3 never starts."""
+    from framepack_turbo.pipeline.events import Notice
+
+    token = CancelToken()
+    notices = []
+
+    def on_event(e):
+        if isinstance(e, Notice) and e.message.startswith("clip "):
+            notices.append(e.message)
+        if isinstance(e, SectionDone) and len(notices) == 2:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        tiny.generate_batch(
+            example_image, "a cat", 3, tmp_path / "b.mp4", on_event, token, seed=40, **{**FAST, "seconds": seconds}
+        )
+    assert [n.split(":")[0] for n in notices] == ["clip 1/3", "clip 2/3"]
+    first = json.loads((tmp_path / "b-seed40.json").read_text())
+    assert first["status"] == "complete" and first["seed"] == 40
+    second = json.loads((tmp_path / "b-seed41.json").read_text())
+    assert second["seed"] == 41 and second["status"] == ("complete" if seconds == 1 else "cancelled")
+    assert not (tmp_path / "b-seed42.json").exists()
+
+
 def test_cancel_mid_step_stops_after_that_step(tiny, example_image, tmp_path):
     token = CancelToken()
     seen = []

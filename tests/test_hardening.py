@@ -261,12 +261,15 @@ def page(tmp_path):
         blocks.close()
 
 
-# the page's queue_job inputs after the image: prompt, negative, seconds, seed, steps, gs, window, crf, variant,
-# then the optimization panel (preset, six switches, attention, memory preservation)
+# the page's queue_job inputs after the image: prompt, negative, seconds, resolution, seed, random seed, count,
+# steps, gs, window, crf, variant, then the optimization panel (preset, six switches, attention, memory preservation)
 FORM = (
     "a cat",
     "",
     1,
+    64,
+    1,
+    False,
     1,
     2,
     10,

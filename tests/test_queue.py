@@ -128,3 +128,35 @@ def test_generation_runner_makes_videos_on_tiny(tmp_path):
         assert job.state == "done" and job.frames == 37 and job.sections_done == job.sections == 1
         assert (tmp_path / "videos" / f"job-{job.id:05d}.mp4").stat().st_size > 0
     assert "teacache" in q.live.cache_timeline[0]  # the second job's hit rate per section
+
+
+def test_a_batch_queues_one_job_per_clip_with_consecutive_seeds_and_its_bucket(tmp_path):
+    from framepack_turbo.pipeline.encode import nearest_bucket
+
+    runner = FakeRunner()
+    q = JobQueue(JobStore(tmp_path / "jobs.sqlite"), runner, tmp_path, base={"seed": 7, "resolution": 128})
+    jobs = q.submit_batch(png(), {"prompt": "a cat", "options": {"seconds": 1}}, 3)
+    assert [j.request["options"]["seed"] for j in jobs] == [7, 8, 9]  # the server's seed under the request's
+    assert [j.request["batch"]["index"] for j in jobs] == [1, 2, 3] and len(
+        {j.request["batch"]["key"] for j in jobs}
+    ) == 1
+    assert all(j.request["bucket"] == list(nearest_bucket(96, 128, resolution=128)) for j in jobs)
+    assert jobs[0].request["options"]["resolution"] == 128 and jobs[0].request["options"]["seconds"] == 1
+    drawn = q.submit_batch(png(), {"prompt": "a dog", "options": {"seed": "random", "resolution": 64}}, 2)
+    seeds = [j.request["options"]["seed"] for j in drawn]
+    assert isinstance(seeds[0], int) and seeds[1] == seeds[0] + 1  # the draw is recorded, not "random"
+    assert drawn[0].request["bucket"] == list(nearest_bucket(96, 128, resolution=64))
+    single = q.submit(png(), {"prompt": "one"})
+    assert "batch" not in single.request and single.request["options"]["seed"] == 7
+    assert q.run_pending() == 6 and [j.state for j in q.store.list()] == ["done"] * 6
+
+
+@pytest.mark.parametrize(
+    ("count", "options", "message"),
+    [(0, {}, "count=0"), (101, {}, "count=101"), (2, {"seed": 2**63 - 1}, "2^63-2"), (2, {"seed": "soon"}, "'soon'")],
+)
+def test_a_bad_batch_queues_nothing(tmp_path, count, options, message):
+    q = make_queue(tmp_path, FakeRunner())
+    with pytest.raises(InputError, match=message.replace("^", r"\^")):
+        q.submit_batch(png(), {"prompt": "x", "options": options}, count)
+    assert q.store.list() == []

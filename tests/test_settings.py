@@ -236,3 +236,14 @@ def test_json_view():
     assert view["steps"] == {"value": 3, "source": "cli", "env": "FRAMEPACK_STEPS"}
     assert view["runtime_cache_dir"]["value"] == "Cache/runtime_caches"
     assert set(view) == set(setting_names())
+
+
+def test_seed_random_draws_a_seed_that_is_then_the_seed():
+    from framepack_turbo.constants import RANDOM_SEED_BELOW
+
+    drawn = [Settings.load({"seed": value}).seed for value in ("random", "Random", " RANDOM ")]
+    assert all(isinstance(s, int) and 0 <= s < RANDOM_SEED_BELOW for s in drawn)
+    assert len(set(drawn + [Settings.load(parse_flags(["--seed", "random"])).seed])) > 1  # drawn, not fixed
+    assert Settings.load({"seed": "42"}).seed == 42
+    with pytest.raises(SettingsError, match="--seed randomly"):
+        Settings.load({"seed": "randomly"})

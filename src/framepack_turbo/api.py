@@ -4,6 +4,7 @@
     fp = FramePack.load("tiny")                      # or FramePack.load(settings=Settings.load(...))
     result = fp.generate("cat.png", "a cat walks", seconds=2, steps=4, resolution=128, out="cat.mp4")
     result.frames.shape, result.video_path, result.sidecar["timings"]
+    clips = fp.generate_batch("cat.png", "a cat walks", count=3, seed="random", out="cat.mp4")  # cat-seedN.mp4
 
 `load` runs the whole front half of the data path: settings -> compatibility check -> plan ->
 models -> passes. Keyword arguments are Settings fields (source "api"); like the CLI, it also
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 
 from framepack_turbo import compat
-from framepack_turbo.errors import FramePackError
+from framepack_turbo.constants import MAX_COUNT
+from framepack_turbo.errors import Cancelled, FramePackError, InputError
 from framepack_turbo.hardware import Hardware
 from framepack_turbo.models import loading
 from framepack_turbo.models.loading import (
@@ -38,13 +40,21 @@ from framepack_turbo.optim import artifact, registry
 from framepack_turbo.optim.apply import apply_plan, extensions, implementation, loading_kwargs, remove_passes
 from framepack_turbo.optim.base import Extension, PassReport
 from framepack_turbo.optim.plan import Plan, make_plan
-from framepack_turbo.pipeline.events import CancelToken, EventSink
+from framepack_turbo.pipeline.events import CancelToken, EventSink, Notice
 from framepack_turbo.pipeline.generate import Generator, Result
 from framepack_turbo.pipeline.options import GenerateOptions
 from framepack_turbo.pipeline.vae import ChunkedDecode
-from framepack_turbo.settings import Settings
+from framepack_turbo.settings import Settings, resolve_seed
 
-__all__ = ["FramePack", "IncompatibleSettings", "Result", "default_output_path", "options_from_settings"]
+__all__ = [
+    "FramePack",
+    "IncompatibleSettings",
+    "Result",
+    "batch_outputs",
+    "batch_seeds",
+    "default_output_path",
+    "options_from_settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +86,32 @@ _JOB_SETTINGS = (*_OPTION_SETTINGS, "vae_chunk_size", "vae_chunk_reserve_gb", "v
 def options_from_settings(
     settings: Settings, prompt: str, negative_prompt: str = "", **overrides: Any
 ) -> GenerateOptions:
-    """The per-job options: the settings' values, then `overrides` (GenerateOptions field names)."""
+    """The per-job options: the settings' values, then `overrides` (GenerateOptions field names);
+    seed="random" draws one."""
     values = {_OPTION_NAMES.get(n, n): getattr(settings, n) for n in _OPTION_SETTINGS}
+    if "seed" in overrides:
+        overrides = {**overrides, "seed": resolve_seed(overrides["seed"])}
     return GenerateOptions(prompt=prompt, negative_prompt=negative_prompt, **{**values, **overrides})
+
+
+def batch_seeds(seed: int | str, count: int) -> list[int]:
+    """The seeds of a batch of `count` clips: seed, seed+1, ... ("random" draws the first)."""
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_COUNT:
+        raise InputError(f"count={count!r}: must be a whole number of clips from 1 to {MAX_COUNT}")
+    first = resolve_seed(seed)
+    if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first <= 2**63 - count:
+        raise InputError(
+            f"seed={seed!r}: must be a whole number from 0 to 2^63-{count} for {count} clip(s), or 'random'"
+        )
+    return [first + i for i in range(count)]
+
+
+def batch_outputs(out: str | Path, seeds: list[int]) -> list[Path]:
+    """Where each clip of a batch goes: `out` itself for one clip, else `out` with -seedN before its suffix."""
+    out = Path(out)
+    if len(seeds) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-seed{seed}{out.suffix}") for seed in seeds]
 
 
 def _cached_transformer(plan: Plan, settings: Settings, model_dir: str | None, device: torch.device, load_device):
@@ -252,6 +285,36 @@ class FramePack:
             decode=ChunkedDecode.from_settings(self.settings),
         )
         return generator.run(image, opts, out or default_output_path())
+
+    def generate_batch(
+        self,
+        image,
+        prompt: str,
+        count: int,
+        out: str | Path | None = None,
+        on_event: EventSink | None = None,
+        cancel: CancelToken | None = None,
+        negative_prompt: str = "",
+        **options: Any,
+    ) -> list[Result]:
+        """`count` clips of one request with seeds seed, seed+1, ... (seed="random" draws the first), one
+        after the other on the loaded models; clip N goes to `out` with -seedN before its suffix.
+
+        A cancel stops the clip that runs (its finished sections are kept, as for one clip) and the
+        batch: the clips before it are complete on disk.
+        """
+        seeds = batch_seeds(options.pop("seed", self.settings.seed), count)
+        paths = batch_outputs(out or default_output_path(), seeds)
+        results = []
+        for index, (seed, path) in enumerate(zip(seeds, paths), start=1):
+            if cancel is not None and cancel.cancelled:  # it came after the last step of the clip before
+                stopped = Cancelled(f"batch cancelled after {index - 1} of {count} clips")
+                stopped.result = results[-1] if results else None
+                raise stopped
+            if on_event is not None and count > 1:
+                on_event(Notice(f"clip {index}/{count}: seed {seed} -> {path}"))
+            results.append(self.generate(image, prompt, path, on_event, cancel, negative_prompt, seed=seed, **options))
+        return results
 
     def reconfigure(self, settings: Settings, ignore_incompatible: bool = False) -> bool:
         """Switch to `settings` on the loaded models when they differ from the current ones only in

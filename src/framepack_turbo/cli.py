@@ -108,6 +108,7 @@ class _ProgressView:
             transient=False,
         )
         self.task = None
+        self.fraction = 0.0
 
     def __enter__(self):
         self.progress.__enter__()
@@ -123,9 +124,11 @@ class _ProgressView:
             eta = f"{event.eta_s:.0f}s"
             detail = f"step {event.step}/{event.steps}  section {event.section}/{event.sections}"
             total = event.steps * event.sections
-            if self.task is None:
+            if self.task is None or event.fraction < self.fraction:  # the next clip of a batch: a new bar
+                self.fraction = 0.0
                 self.task = self.progress.add_task("sampling", total=total, detail=detail, eta=eta)
             self.progress.update(self.task, completed=event.fraction * total, detail=detail, eta=eta)
+            self.fraction = event.fraction
         elif isinstance(event, SectionDone):
             self.progress.console.print(
                 f"section {event.section}/{event.sections} done: {event.frames} frames in {event.video_path}"
@@ -172,18 +175,29 @@ def generate(
         typer.Option("--from", help="Re-run a clip this tool made: its prompt, seed and settings from the file."),
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output .mp4 (a .json sidecar is written beside it).")] = None,
+    count: Annotated[
+        int, typer.Option(help="Clips to make, seeds --seed, --seed+1, ...; each to OUT with -seedN added.")
+    ] = 1,
     preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
     ignore_incompatible: Annotated[
         bool, typer.Option("--ignore-incompatible", help="Run despite critical compatibility findings (after 5 s).")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Library messages and debug lines too.")] = False,
 ) -> None:
-    """Generate a video from one image and a prompt. Settings flags (--seconds, --steps, --quant-bits ...) below."""
+    """Generate a video from one image and a prompt. Settings flags (--seconds, --steps, --quant-bits ...) below.
+
+    --seed random draws a seed; the outputs record the one drawn."""
     console = _console()
     _configure_logging(verbose, console)
     try:
         # Everything the user typed is checked before a model loads.
-        from framepack_turbo.api import FramePack, default_output_path, options_from_settings
+        from framepack_turbo.api import (
+            FramePack,
+            batch_outputs,
+            batch_seeds,
+            default_output_path,
+            options_from_settings,
+        )
         from framepack_turbo.pipeline.options import load_image
 
         recorded = _recorded(from_video) if from_video is not None else {}
@@ -194,35 +208,22 @@ def generate(
         negative = recorded.get("negative_prompt", "") if negative is None else negative
         settings = _settings_from(ctx, preset, recorded.get("settings", {}))
         options = options_from_settings(settings, prompt, negative)
+        seeds = batch_seeds(options.seed, count)
         picture = load_image(image)
-        out_path = out or default_output_path()
-        check_writable(out_path)
+        base_out = out or default_output_path()
+        for path in batch_outputs(base_out, seeds):
+            check_writable(path)
         _check_device(settings.device)
 
         from framepack_turbo.pipeline.events import CancelToken
 
         fp = FramePack.load(settings=settings, ignore_incompatible=ignore_incompatible)
         token = CancelToken()
+        job = {k: v for k, v in options.to_dict().items() if k not in ("prompt", "negative_prompt", "seed")}
         with _InterruptToCancel(token), _ProgressView(console) as view:
-            result = fp.generate(
-                picture,
-                prompt,
-                out=out_path,
-                on_event=view,
-                cancel=token,
-                negative_prompt=negative,
-                **{k: v for k, v in options.to_dict().items() if k not in ("prompt", "negative_prompt")},
-            )
-        timings = result.sidecar["timings"]
-        typer.echo(
-            f"wrote {result.video_path} ({len(result.frames)} frames, {len(result.frames) / FPS:.2f} s) "
-            f"and {result.sidecar_path.name} in {timings['total']:.1f} s",
-        )
-        for name, record in result.sidecar.get("caches", {}).items():
-            typer.echo(
-                f"{name}: {record['hit']} reused of {record['hit'] + record['miss'] + record.get('forced', 0)} "
-                f"({record['hit_rate'] * 100:.0f}%)"
-            )
+            results = fp.generate_batch(picture, prompt, count, base_out, view, token, negative, seed=seeds[0], **job)
+        for result in results:
+            _report(result)
     except FramePackError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     except KeyboardInterrupt:
@@ -287,6 +288,19 @@ def optimize(
         typer.echo(f"wrote {target} ({size:.1f} MiB) and {artifact.manifest_path(target).name}")
     except FramePackError as exc:
         raise _fail(str(exc), exc.exit_code) from None
+
+
+def _report(result) -> None:
+    timings = result.sidecar["timings"]
+    typer.echo(
+        f"wrote {result.video_path} ({len(result.frames)} frames, {len(result.frames) / FPS:.2f} s, "
+        f"seed {result.sidecar['seed']}) and {result.sidecar_path.name} in {timings['total']:.1f} s",
+    )
+    for name, record in result.sidecar.get("caches", {}).items():
+        typer.echo(
+            f"{name}: {record['hit']} reused of {record['hit'] + record['miss'] + record.get('forced', 0)} "
+            f"({record['hit_rate'] * 100:.0f}%)"
+        )
 
 
 def _recorded(path: Path) -> dict:
@@ -532,7 +546,7 @@ def serve(
     from framepack_turbo.app.ui import build, launch_options
     from framepack_turbo.hardware import Hardware
 
-    queue = JobQueue(JobStore(data_dir / "jobs.sqlite"), GenerationRunner(base), data_dir).start()
+    queue = JobQueue(JobStore(data_dir / "jobs.sqlite"), GenerationRunner(base), data_dir, base=base).start()
     page = build(queue, base, Hardware.detect())
     try:
         page.launch(

@@ -26,6 +26,9 @@ CRF_ZERO = (
 MAX_SECONDS = 120.0
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 64, 4096
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
+# `--seed random` draws a seed below this (any seed up to 2^63-1 can be given); the drawn one is recorded.
+RANDOM_SEED, RANDOM_SEED_BELOW = "random", 2**32
+MAX_COUNT = 100  # clips in one batch (seeds seed, seed+1, ...)
 
 # ---- settings -----------------------------------------------------------------------------------------
 ENV_PREFIX = "FRAMEPACK_"

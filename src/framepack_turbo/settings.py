@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -33,10 +34,21 @@ from framepack_turbo.constants import (
     MIN_RESOLUTION,
     ONNX_COMPONENTS,
     PRESET_ENV,
+    RANDOM_SEED,
+    RANDOM_SEED_BELOW,
 )
 from framepack_turbo.errors import InputError
 
 log = logging.getLogger(__name__)
+
+
+def resolve_seed(value: Any) -> Any:
+    """ "random" (any case) becomes a freshly drawn seed, which from then on is the seed: the job, its
+    sidecar and its mp4 record that number. Anything else is left to validation."""
+    if isinstance(value, str) and value.strip().lower() == RANDOM_SEED:
+        return secrets.randbelow(RANDOM_SEED_BELOW)
+    return value
+
 
 Source = Literal["default", "preset", "env", "cli", "api"]
 
@@ -92,7 +104,13 @@ class Settings(BaseSettings):
         description="Latent frames per section (latent_window_size).",
         json_schema_extra=_group("generation"),
     )
-    seed: int = Field(31337, ge=0, lt=2**63, description="Random seed.", json_schema_extra=_group("generation"))
+    seed: int = Field(
+        31337,
+        ge=0,
+        lt=2**63,
+        description=f"Random seed; {RANDOM_SEED!r} draws one (the outputs record it).",
+        json_schema_extra=_group("generation"),
+    )
     gs: float = Field(
         10.0, ge=0, le=100, description="Distilled guidance scale.", json_schema_extra=_group("generation")
     )
@@ -525,6 +543,11 @@ class Settings(BaseSettings):
     def _int_choice(cls, value: Any) -> Any:
         # Literal[4, 8] does not coerce the strings flags and variables arrive as.
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _random_seed(cls, value: Any) -> Any:
+        return resolve_seed(value)
 
     @field_validator("crf")
     @classmethod

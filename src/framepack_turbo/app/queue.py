@@ -46,7 +46,7 @@ class Live:
     sections: int = 0
     eta_s: float | None = None
     fraction: float = 0.0
-    preview: np.ndarray | None = None
+    preview: np.ndarray | None = None  # (T, h, w, 3) uint8 latent-size frames of the current x0 estimate
     notices: list[str] = field(default_factory=list)
     cache_timeline: list[dict[str, Any]] = field(default_factory=list)  # per finished section: {cache: hit rate}
 
@@ -66,8 +66,17 @@ def check_upload(data: bytes) -> np.ndarray:
 
 
 class JobQueue:
-    def __init__(self, store: JobStore, runner: Runner, data_dir: str | Path, poll_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        runner: Runner,
+        data_dir: str | Path,
+        poll_s: float = 0.25,
+        base: dict[str, Any] | None = None,
+    ) -> None:
+        """`base`: the server's settings (its flags), under each request's."""
         self.store, self.runner, self.poll_s = store, runner, poll_s
+        self.base = dict(base or {})
         self.data_dir = Path(data_dir)
         self.inputs, self.videos = self.data_dir / "inputs", self.data_dir / "videos"
         self.inputs.mkdir(parents=True, exist_ok=True)
@@ -86,24 +95,46 @@ class JobQueue:
     # ---- from the page / API -------------------------------------------------------------------
 
     def submit(self, image: bytes | np.ndarray, request: dict[str, Any]) -> Job:
-        """Check and queue a job. `request`: prompt, negative_prompt, options (GenerateOptions fields), settings."""
+        """Check and queue one clip. `request`: prompt, negative_prompt, options (GenerateOptions fields), settings."""
+        return self.submit_batch(image, request, 1)[0]
+
+    def submit_batch(self, image: bytes | np.ndarray, request: dict[str, Any], count: int) -> list[Job]:
+        """Check and queue `count` clips of one request, seeds seed, seed+1, ... (options seed "random" draws
+        the first, and the jobs record the numbers). One job per clip, so each clip can be cancelled, shows
+        its own progress and video, and survives a restart on its own; `request["batch"]` groups them."""
         from PIL import Image
 
-        from framepack_turbo.pipeline.options import GenerateOptions, load_image
+        from framepack_turbo.api import batch_seeds, options_from_settings
+        from framepack_turbo.pipeline.encode import nearest_bucket
+        from framepack_turbo.pipeline.options import load_image
+        from framepack_turbo.settings import Settings
 
         picture = check_upload(image) if isinstance(image, bytes) else load_image(image)
         prompt = request.get("prompt", "")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("a prompt is needed")
-        GenerateOptions(prompt=prompt, negative_prompt=request.get("negative_prompt", ""), **request.get("options", {}))
+        # The job's options in full (the server's defaults under the request's), so the seeds and the
+        # bucket are known now and a queued job runs what it showed whatever the server restarts with.
+        settings = Settings.load({**self.base, **request.get("settings", {})}, source="api")
+        asked = dict(request.get("options", {}))
+        seeds = batch_seeds(asked.pop("seed", settings.seed), count)
+        negative = request.get("negative_prompt", "")
+        full = options_from_settings(settings, prompt, negative, **asked, seed=seeds[-1]).to_dict()
+        options = {k: v for k, v in full.items() if k not in ("prompt", "negative_prompt")}
+        bucket = list(nearest_bucket(*picture.shape[:2], resolution=options["resolution"]))
         json.dumps(request)  # only plain data is stored
         stamp = f"{time.time_ns():x}"
         image_path = self.inputs / f"input-{stamp}.png"  # our name, our encoding: nothing of the client's kept
         Image.fromarray(picture).save(image_path)
-        job = self.store.add(request, str(image_path), self.videos)
-        log.info("Queued job %d: %s", job.id, prompt[:60])
+        jobs = []
+        for index, seed in enumerate(seeds):
+            clip = {**request, "bucket": bucket, "options": {**options, "seed": seed}}
+            if count > 1:
+                clip["batch"] = {"key": stamp, "index": index + 1, "count": count}
+            jobs.append(self.store.add(clip, str(image_path), self.videos))
+            log.info("Queued job %d: %s", jobs[-1].id, prompt[:60])
         self._wake.set()
-        return job
+        return jobs
 
     def cancel(self, job_id: int) -> str:
         """Cancel a queued job at once, or ask a running one to stop after its current step."""
@@ -174,7 +205,7 @@ class JobQueue:
         if isinstance(event, StepProgress):
             live.step, live.steps, live.section, live.sections = event.step, event.steps, event.section, event.sections
             live.eta_s, live.fraction = event.eta_s, event.fraction
-            live.preview = event.preview()
+            live.preview = event.preview_frames()
         elif isinstance(event, SectionDone):
             self.store.progress(job.id, event.section, event.sections, event.frames)
             live.cache_timeline.append(event.cache_hit_rates())

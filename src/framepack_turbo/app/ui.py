@@ -6,10 +6,14 @@ hit rates per section). The page only reads the queue and the store; it decides 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from framepack_turbo.app.queue import JobQueue
 from framepack_turbo.errors import FramePackError
@@ -30,7 +34,10 @@ PANEL_SETTINGS = (
     "xformers_mode",
     "gpu_memory_preservation",
 )
-JOB_COLUMNS = ["id", "state", "prompt", "sections", "frames", "error"]
+JOB_COLUMNS = ["id", "state", "prompt", "seed", "size", "sections", "frames", "error"]
+MAX_CLIPS_PER_JOB = 16  # the page's count control (the API and CLI take up to constants.MAX_COUNT)
+RESULTS_SHOWN = 6  # finished videos in the results gallery, newest first
+PREVIEW_TILE = 96  # pixels: the latent preview's frames are enlarged to at least this height
 
 
 def panel_settings(values: tuple) -> dict[str, Any]:
@@ -70,6 +77,69 @@ def critical_findings(values: dict[str, Any], hardware) -> list[str]:
     return [f"{f.id}: {f.message} Fix: {f.fix}" for f in report.findings if f.severity is compat.Severity.CRITICAL]
 
 
+def bucket_markdown(image_path: str | None, resolution: float) -> str:
+    """The bucket the generator will crop this image to at this resolution, as the job will get it."""
+    from framepack_turbo.pipeline.encode import nearest_bucket
+    from framepack_turbo.pipeline.options import open_checked
+
+    if not image_path:
+        return "Bucket: upload an image to see the size the video will have."
+    try:
+        with open_checked(image_path, "the upload") as im:
+            width, height = im.size
+    except (FramePackError, OSError) as exc:
+        return f"Bucket: {exc}"
+    bh, bw = nearest_bucket(height, width, resolution=int(resolution))
+    return f"Bucket: **{bw}x{bh}** (width x height) for this {width}x{height} image at resolution {int(resolution)}."
+
+
+def size_text(bucket) -> str:
+    """[height, width] as the "WxH" people read."""
+    return f"{bucket[1]}x{bucket[0]}" if bucket else "-"
+
+
+def job_row(job) -> list:
+    options = job.request.get("options", {})
+    return [
+        job.id,
+        job.state,
+        job.prompt[:60],
+        options.get("seed", "-"),
+        size_text(job.request.get("bucket")),
+        f"{job.sections_done}/{job.sections or '?'}",
+        job.frames,
+        job.error[:80],
+    ]
+
+
+def result_caption(job) -> str:
+    """What made a finished video, from its sidecar (what the run actually used), else from the request."""
+    from framepack_turbo.pipeline.video import sidecar_path
+
+    try:
+        record = json.loads(sidecar_path(job.video).read_text())
+        seed, bucket = record["seed"], record["image"]["bucket"]
+    except (OSError, ValueError, KeyError, TypeError):
+        seed, bucket = job.request.get("options", {}).get("seed", "?"), job.request.get("bucket")
+    return f"job {job.id} · seed {seed} · {size_text(bucket)} · {job.prompt[:40]}"
+
+
+def preview_grid(frames: np.ndarray | None, tile: int = PREVIEW_TILE) -> np.ndarray | None:
+    """The latent preview's frames (T, h, w, 3) as a near-square grid, each frame enlarged (nearest) to at
+    least `tile` pixels high: a 9-frame window at 64 px is 8x72 latent pixels, unreadable as one strip."""
+    if frames is None:
+        return None
+    count, h, w, _ = frames.shape
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    scale = max(1, math.ceil(tile / h))
+    grid = np.zeros((rows * h, columns * w, 3), dtype=frames.dtype)
+    for i, frame in enumerate(frames):
+        r, c = divmod(i, columns)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = frame
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
 def _upload_path(payload, gradio_preprocess):
     """The uploaded file's path, not decoded. Gradio's own preprocessing opens the upload (and converts
     any non-RGB image in full) before the app sees it: a non-image or a decompression bomb then failed
@@ -101,24 +171,38 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
     """The page. `base`: the server's settings (its flags), which the controls start from."""
     import gradio as gr
 
-    from framepack_turbo.api import options_from_settings
+    from framepack_turbo.constants import MAX_RESOLUTION, MIN_RESOLUTION
     from framepack_turbo.presets import PRESETS
     from framepack_turbo.settings import Settings
 
     start = Settings.load(base, source="api")
-    defaults = options_from_settings(start, "")
 
-    def queue_job(image_path, prompt, negative, seconds, seed, steps, gs, window, crf, variant, *panel):
+    def queue_job(
+        image_path,
+        prompt,
+        negative,
+        seconds,
+        resolution,
+        seed,
+        random_seed,
+        count,
+        steps,
+        gs,
+        window,
+        crf,
+        variant,
+        *panel,
+    ):
         if not image_path:
             return "**Upload a start image first.**"
         options = dict(
             seconds=float(seconds),
-            seed=int(seed),
+            resolution=int(resolution),
+            seed="random" if random_seed else int(seed),
             steps=int(steps),
             distilled_guidance=float(gs),
             window=int(window),
             crf=int(crf),
-            resolution=defaults.resolution,
         )
         if variant != VARIANT_CHOICES[0]:
             options["variant"] = variant
@@ -127,10 +211,13 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             critical = critical_findings({**base, **request["settings"]}, hardware)
             if critical:
                 return "**Not queued:** " + " ".join(critical)
-            job = queue.submit(Path(image_path).read_bytes(), request)
+            jobs = queue.submit_batch(Path(image_path).read_bytes(), request, int(count))
         except (FramePackError, OSError) as exc:
             return f"**Not queued:** {exc}"
-        return f"Queued job {job.id}."
+        ids = ", ".join(str(j.id) for j in jobs)
+        seeds = ", ".join(str(j.request["options"]["seed"]) for j in jobs)
+        what = f"job {ids} (seed {seeds}" if len(jobs) == 1 else f"jobs {ids} (seeds {seeds}"
+        return f"Queued {what}; {size_text(jobs[0].request['bucket'])})."
 
     def cancel_job(job_id):
         if job_id is None:
@@ -145,20 +232,19 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         return [getattr(values, n) for n in PANEL_SETTINGS[1:]]
 
     def refresh(shown):
+        shown_video, shown_results = shown or (None, None)
         jobs = queue.store.list()
-        table = [
-            [j.id, j.state, j.prompt[:60], f"{j.sections_done}/{j.sections or '?'}", j.frames, j.error[:80]]
-            for j in jobs
-        ]
+        table = [job_row(j) for j in jobs]
         live = queue.live
         running = next((j for j in jobs if j.state == "running"), None)
         if running is not None and live is not None and live.job_id == running.id:
             progress = (
                 f"<progress value='{live.fraction:.3f}' max='1' style='width:100%'></progress><br>"
-                f"Job {running.id}: section {live.section}/{live.sections}, step {live.step}/{live.steps}, "
-                f"{live.fraction * 100:.0f}%, ETA {_eta(live.eta_s)}"
+                f"Job {running.id} (seed {running.request.get('options', {}).get('seed', '?')}, "
+                f"{size_text(running.request.get('bucket'))}): section {live.section}/{live.sections}, "
+                f"step {live.step}/{live.steps}, {live.fraction * 100:.0f}%, ETA {_eta(live.eta_s)}"
             )
-            preview = live.preview
+            preview = preview_grid(live.preview)
             timeline = live.cache_timeline
         else:
             progress, preview, timeline = (
@@ -181,9 +267,17 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             else next((j for j in jobs if j.state == "done"), None)
         )
         key = (current.id, current.sections_done) if current is not None else None
-        video = gr.skip() if key == shown or current is None else current.video
+        video = gr.skip() if key == shown_video or current is None else current.video
+        finished = [j for j in jobs if j.state == "done"][:RESULTS_SHOWN]
+        results_key = [j.id for j in finished]
+        results = (
+            gr.skip()
+            if results_key == shown_results
+            else [(j.video, result_caption(j)) for j in finished if Path(j.video).is_file()]
+        )
         summary = " · ".join(f"job {j.id}: {j.state}" for j in reversed(jobs[:12])) or "No jobs yet."
-        return table, summary, progress, preview if preview is not None else gr.skip(), caches, video, key
+        preview = preview if preview is not None else gr.skip()
+        return table, summary, progress, preview, caches, video, results, (key, results_key)
 
     with gr.Blocks(title="FramePack Turbo") as page:
         gr.Markdown("# FramePack Turbo\nOne image and a prompt; jobs run one at a time on this machine's GPU (or CPU).")
@@ -191,11 +285,25 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             with gr.Column():
                 image = gr.Image(type="filepath", label="Start image", elem_id="start-image", sources=["upload"])
                 image.preprocess = functools.partial(_upload_path, gradio_preprocess=image.preprocess)
+                bucket = gr.Markdown(bucket_markdown(None, start.resolution), elem_id="bucket")
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt", lines=2)
                 negative = gr.Textbox(label="Negative prompt (used when real CFG > 1)", elem_id="negative")
                 with gr.Row():
                     seconds = gr.Slider(1, 120, value=start.seconds, step=0.1, label="Seconds", elem_id="seconds")
+                    resolution = gr.Slider(
+                        MIN_RESOLUTION,
+                        MAX_RESOLUTION,
+                        value=start.resolution,
+                        step=16,
+                        label="Resolution (bucket base)",
+                        elem_id="resolution",
+                    )
+                with gr.Row():
                     seed = gr.Number(value=start.seed, precision=0, label="Seed", elem_id="seed")
+                    random_seed = gr.Checkbox(False, label="Random seed (recorded)", elem_id="random-seed")
+                    count = gr.Slider(
+                        1, MAX_CLIPS_PER_JOB, value=1, step=1, label="Clips (seed, seed+1, ...)", elem_id="count"
+                    )
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=start.steps, step=1, label="Steps", elem_id="steps")
                     gs = gr.Slider(0, 32, value=start.gs, step=0.1, label="Distilled guidance", elem_id="gs")
@@ -211,11 +319,13 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                     with gr.Row():
                         preset = gr.Dropdown(list(PRESETS), value=start.preset, label="Preset", elem_id="preset")
                         attention = gr.Dropdown(ATTENTION_CHOICES, value=start.xformers_mode, label="Attention")
+                    # Three to a row: six in one row cut their labels ("torch.com", "INT-N quantizati").
                     with gr.Row():
                         teacache = gr.Checkbox(start.enable_teacache, label="TeaCache", elem_id="teacache")
                         fbcache = gr.Checkbox(start.enable_fbcache, label="First-block cache", elem_id="fbcache")
-                        quant = gr.Checkbox(start.enable_quant, label="INT-N quantization")
-                        compile_ = gr.Checkbox(start.enable_compile, label="torch.compile")
+                        quant = gr.Checkbox(start.enable_quant, label="INT-N quantization", elem_id="quant")
+                    with gr.Row():
+                        compile_ = gr.Checkbox(start.enable_compile, label="torch.compile", elem_id="compile")
                         module_cache = gr.Checkbox(start.enable_module_cache, label="Encoder cache")
                         onnx = gr.Checkbox(start.use_onnx_engines, label="ONNX engines")
                     preservation = gr.Slider(
@@ -234,9 +344,17 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                 status = gr.Markdown(elem_id="status")
             with gr.Column():
                 progress = gr.HTML("Idle.", elem_id="progress")
-                preview = gr.Image(label="Latent preview (current step)", elem_id="preview", interactive=False)
+                preview = gr.Image(
+                    label="Latent preview (current step, one tile per latent frame)",
+                    elem_id="preview",
+                    interactive=False,
+                    height=240,
+                )
                 video = gr.Video(label="Video (grows after each section)", elem_id="video", interactive=False)
                 caches = gr.Markdown(elem_id="caches")
+                results = gr.Gallery(
+                    label=f"Finished videos (newest {RESULTS_SHOWN})", elem_id="results", columns=3, height="auto"
+                )
                 summary = gr.Markdown(elem_id="queue-summary")
                 jobs = gr.Dataframe(headers=JOB_COLUMNS, label="Jobs", elem_id="jobs", interactive=False)
                 with gr.Row():
@@ -247,14 +365,17 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         preset.change(on_preset, preset, panel[1:])
         for control in panel:
             control.change(lambda *v: compat_markdown(base, panel_settings(v), hardware), panel, report)
+        for control in (image, resolution):
+            control.change(bucket_markdown, [image, resolution], bucket)
         queue_btn.click(
             queue_job,
-            [image, prompt, negative, seconds, seed, steps, gs, window, crf, variant, *panel],
+            [image, prompt, negative, seconds, resolution, seed, random_seed, count, steps, gs, window, crf, variant]
+            + panel,
             status,
             api_name="queue_job",
         )
         cancel_btn.click(cancel_job, cancel_id, status, api_name="cancel_job")
-        outputs = [jobs, summary, progress, preview, caches, video, shown]
+        outputs = [jobs, summary, progress, preview, caches, video, results, shown]
         gr.Timer(1.0).tick(refresh, shown, outputs)
         page.load(refresh, shown, outputs)
     return page

@@ -31,15 +31,19 @@ class StepProgress:
     def fraction(self) -> float:
         return ((self.section - 1) * self.steps + self.step) / (self.sections * self.steps)
 
-    def preview(self) -> np.ndarray | None:
-        """The current x0 estimate as a rough RGB strip (h, T*w, 3) uint8, without the VAE."""
+    def preview_frames(self) -> np.ndarray | None:
+        """The current x0 estimate as rough RGB frames (T, h, w, 3) uint8 at latent size, without the VAE."""
         if self.denoised is None:
             return None
         from framepack_turbo.pipeline.vae import preview
 
         rgb = preview(self.denoised.float())[0]  # (3, T, h, w)
-        strip = rgb.permute(2, 1, 3, 0).flatten(1, 2)  # (h, T*w, 3)
-        return (strip * 255).round().to(torch.uint8).cpu().numpy()
+        return (rgb.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
+
+    def preview(self) -> np.ndarray | None:
+        """`preview_frames` side by side: one strip (h, T*w, 3)."""
+        frames = self.preview_frames()
+        return None if frames is None else np.concatenate(list(frames), axis=1)
 
 
 @dataclass(frozen=True)
