@@ -1,8 +1,9 @@
 """The web page in a real browser: Playwright driving the system's Chromium (headless, no browser download).
 
-Starts `framepack serve` on the tiny preset, uploads an image, queues two jobs and sees both finish
-with videos, queues a long third one and cancels it, and saves a screenshot of the page to
-test-artifacts/app.png. Needs Debian's chromium (`apt-get install chromium`; .ci/run installs it):
+Starts `framepack serve` on the trained `tiny` model, uploads an image, sets the resolution and sees the
+bucket follow, queues two clips with a random seed and sees both finish with their seeds recorded, queues
+a long third one, saves a screenshot of the page while it runs (test-artifacts/app.png; docs/app.png is
+one of these) and cancels it. Needs Debian's chromium (`apt-get install chromium`; .ci/run installs it):
 without it the test is skipped on a developer machine and fails in CI (CI=true).
 """
 
@@ -51,13 +52,11 @@ def server(tmp_path):
         "--data-dir",
         str(tmp_path / "app"),
         "--model",
-        "tiny-random",
+        "tiny",
         "--resolution",
-        "128",
-        "--steps",
-        "2",
+        "96",  # the page sets 64, what tiny was trained at
         "--seconds",
-        "1",
+        "2.4",
     ]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
@@ -100,41 +99,71 @@ def _job_states(page) -> list[str]:
     return [part.split(":")[1].strip() for part in text.split("·") if ":" in part]
 
 
-def test_queue_two_jobs_and_cancel_a_third_in_the_browser(server, example_image):
+def _set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_two_clips_with_a_random_seed_then_cancel_a_third_in_the_browser(server):
+    from framepack_turbo.pipeline import video
+
     url, data_dir = server
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page = browser.new_page(viewport={"width": 1400, "height": 2000})
         page.goto(url)
-        page.locator("#start-image input[type=file]").set_input_files(str(example_image))
+        page.locator("#start-image input[type=file]").set_input_files(str(ROOT / "examples" / "red-circle.png"))
         page.locator("#start-image img").first.wait_for(timeout=30_000)  # the upload is shown
         assert "Plan:" in page.locator("#compat").inner_text()  # the live compatibility report and plan
+        bucket = page.locator("#bucket")
+        _wait_for(lambda: "96x96" in bucket.inner_text(), 30, "the bucket at the server's resolution", page)
+        report = page.locator("#compat")
+        assert "model-native-resolution" in report.inner_text()  # tiny knows 64 px only: the page says so at 96
+        _set_number(page, "resolution", 64)
+        _wait_for(lambda: "64x64" in bucket.inner_text(), 30, "the bucket at resolution 64", page)
+        _wait_for(lambda: "model-native-resolution" not in report.inner_text(), 30, "the report at 64", page)
 
-        for n, prompt in enumerate(("a cat walks", "a dog runs"), start=1):
-            page.locator("#prompt textarea").fill(prompt)
-            page.locator("#queue-btn").click()
-            _wait_for(
-                lambda n=n: f"Queued job {n}" in page.locator("#status").inner_text(), 30, f"job {n} queued", page
-            )
-
-        _wait_for(lambda: _job_states(page).count("done") == 2, 300, "two finished jobs", page)
-        page.locator("#video video").wait_for(timeout=30_000)  # the newest finished video is on the page
-        for job_id in (1, 2):
-            assert (data_dir / "videos" / f"job-{job_id:05d}.mp4").stat().st_size > 0
-
-        # A long third job (60 s of video), cancelled while it waits or runs.
-        page.locator("#seconds input[type=number]").fill("60")
-        page.locator("#seconds input[type=number]").press("Enter")
-        page.locator("#prompt textarea").fill("a very long clip")
+        page.locator("#prompt textarea").fill("the red circle moves right")
+        page.locator("#random-seed input[type=checkbox]").check()
+        _set_number(page, "count", 2)
         page.locator("#queue-btn").click()
-        _wait_for(lambda: "Queued job 3" in page.locator("#status").inner_text(), 30, "job 3 queued", page)
-        page.locator("#cancel-id input").fill("3")
-        page.locator("#cancel-btn").click()
-        _wait_for(lambda: "Job 3: cancel" in page.locator("#status").inner_text(), 30, "the cancel answer", page)
-        _wait_for(lambda: "cancelled" in _job_states(page), 120, "job 3 cancelled", page)
-        assert sorted(_job_states(page)) == ["cancelled", "done", "done"]
+        status = page.locator("#status")
+        _wait_for(lambda: "Queued jobs 1, 2" in status.inner_text(), 30, "two clips queued", page)
+        seeds = [int(s) for s in status.inner_text().split("seeds ")[1].split(";")[0].split(", ")]
+        assert seeds[1] == seeds[0] + 1 and seeds[0] != 31337 and "64x64" in status.inner_text()
 
+        _wait_for(lambda: _job_states(page).count("done") == 2, 300, "two finished clips", page)
+        results = page.locator("#results")
+        _wait_for(lambda: results.locator("video").count() == 2, 30, "two videos in the results", page)
+        for job_id, seed in zip((1, 2), seeds):
+            assert f"job {job_id} · seed {seed} · 64x64" in results.inner_text()
+            clip = data_dir / "videos" / f"job-{job_id:05d}.mp4"
+            assert video.read_metadata(clip)["seed"] == seed
+            info = video.probe(clip)
+            assert (info.width, info.height, info.frames) == (64, 64, 73)
+
+        # A long third job (60 s of video): the page while it runs is the screenshot, then it is cancelled.
+        page.locator("#random-seed input[type=checkbox]").uncheck()
+        _set_number(page, "count", 1)
+        _set_number(page, "seconds", 60)
+        page.locator("#prompt textarea").fill("the red circle moves up")
+        page.locator("#queue-btn").click()
+        _wait_for(lambda: "Queued job 3 (seed 31337; 64x64)" in status.inner_text(), 30, "job 3 queued", page)
+
+        def late_in_section_2() -> bool:  # the preview is a clear picture by then, for the screenshot
+            text = page.locator("#progress").inner_text()
+            return "section 2/50" in text and int(text.split("step ")[1].split("/")[0]) >= 18
+
+        _wait_for(late_in_section_2, 120, "job 3's second section, step 18", page)
+        page.locator("#preview img").wait_for(timeout=30_000)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+
+        page.locator("#cancel-id input").fill("3")
+        page.locator("#cancel-btn").click()
+        _wait_for(lambda: "Job 3: cancel" in status.inner_text(), 30, "the cancel answer", page)
+        _wait_for(lambda: "cancelled" in _job_states(page), 120, "job 3 cancelled", page)
+        assert sorted(_job_states(page)) == ["cancelled", "done", "done"]
         browser.close()
     assert (ARTIFACTS / "app.png").stat().st_size > 10_000

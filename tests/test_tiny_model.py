@@ -127,3 +127,26 @@ def test_other_frame_sizes_warn_that_tiny_only_knows_64_px():
     assert "model-native-resolution" in ids(model="tiny", resolution=640)
     assert "model-native-resolution" not in ids(model="tiny", resolution=64)
     assert "model-native-resolution" not in ids(model="tiny-random", resolution=640)
+
+
+def test_the_latent_preview_shows_the_tiny_models_colours(trained):
+    """The per-step preview of tiny latents (its fitted map) is close to the colours of the pixels they
+    encode, held-out scenes; HunyuanVideo's map on the same latents is not."""
+    import torch
+
+    from framepack_turbo.pipeline import vae as vae_ops
+
+    rng = np.random.default_rng([77, 1])
+    fitted, hunyuan = [], []
+    for index in range(6):
+        frames = world.render(world.random_scene(rng, 33), 33, 64)
+        pixels = torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
+        with torch.no_grad():
+            z = vae_ops.encode(pixels, trained.bundle.vae, torch.Generator().manual_seed(index))
+        target = torch.from_numpy(frames[[0, *range(4, 33, 4)]]).float().permute(0, 3, 1, 2) / 255
+        target = torch.nn.functional.avg_pool2d(target, 8).permute(1, 0, 2, 3)[None]  # (1, 3, T', 8, 8)
+        for factors, scores in ((trained.bundle.preset.latent_preview, fitted), (None, hunyuan)):
+            mse = ((vae_ops.preview(z, factors) - target) ** 2).mean()
+            scores.append(float(10 * torch.log10(1 / mse)))
+    assert trained.bundle.preset.latent_preview is not None
+    assert np.median(fitted) >= 16.0 and np.median(hunyuan) <= 10.0, (fitted, hunyuan)

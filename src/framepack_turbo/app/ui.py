@@ -208,7 +208,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             options["variant"] = variant
         request = {"prompt": prompt, "negative_prompt": negative, "options": options, "settings": panel_settings(panel)}
         try:
-            critical = critical_findings({**base, **request["settings"]}, hardware)
+            critical = critical_findings({**base, **request["settings"], "resolution": int(resolution)}, hardware)
             if critical:
                 return "**Not queued:** " + " ".join(critical)
             jobs = queue.submit_batch(Path(image_path).read_bytes(), request, int(count))
@@ -338,7 +338,12 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                     )
                     panel = [preset, teacache, fbcache, quant, compile_, module_cache, onnx, attention, preservation]
                     report = gr.Markdown(
-                        compat_markdown(base, panel_settings(tuple(c.value for c in panel)), hardware), elem_id="compat"
+                        compat_markdown(
+                            base,
+                            {**panel_settings(tuple(c.value for c in panel)), "resolution": int(resolution.value)},
+                            hardware,
+                        ),
+                        elem_id="compat",
                     )
                 queue_btn = gr.Button("Queue job", variant="primary", elem_id="queue-btn")
                 status = gr.Markdown(elem_id="status")
@@ -350,21 +355,38 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                     interactive=False,
                     height=240,
                 )
-                video = gr.Video(label="Video (grows after each section)", elem_id="video", interactive=False)
+                video = gr.Video(
+                    label="Video (grows after each section)", elem_id="video", interactive=False, height=360
+                )
                 caches = gr.Markdown(elem_id="caches")
                 results = gr.Gallery(
-                    label=f"Finished videos (newest {RESULTS_SHOWN})", elem_id="results", columns=3, height="auto"
+                    label=f"Finished videos (newest {RESULTS_SHOWN})",
+                    elem_id="results",
+                    columns=3,
+                    fit_columns=False,
+                    height=300,
                 )
-                summary = gr.Markdown(elem_id="queue-summary")
-                jobs = gr.Dataframe(headers=JOB_COLUMNS, label="Jobs", elem_id="jobs", interactive=False)
-                with gr.Row():
-                    cancel_id = gr.Number(label="Job id", precision=0, elem_id="cancel-id")
-                    cancel_btn = gr.Button("Cancel job", elem_id="cancel-btn")
+        # The queue spans the page: the seed and size columns need the width.
+        summary = gr.Markdown(elem_id="queue-summary")
+        jobs = gr.Dataframe(
+            headers=JOB_COLUMNS,
+            label="Jobs",
+            elem_id="jobs",
+            interactive=False,
+            column_widths=["5%", "9%", "36%", "13%", "8%", "8%", "7%", "14%"],
+        )
+        with gr.Row():
+            cancel_id = gr.Number(label="Job id", precision=0, elem_id="cancel-id")
+            cancel_btn = gr.Button("Cancel job", elem_id="cancel-btn")
         shown = gr.State(None)
 
         preset.change(on_preset, preset, panel[1:])
-        for control in panel:
-            control.change(lambda *v: compat_markdown(base, panel_settings(v), hardware), panel, report)
+
+        def report_for(res, *values):  # the rules that read the resolution (model-native-resolution) see the page's
+            return compat_markdown(base, {**panel_settings(values), "resolution": int(res)}, hardware)
+
+        for control in (resolution, *panel):
+            control.change(report_for, [resolution, *panel], report)
         for control in (image, resolution):
             control.change(bucket_markdown, [image, resolution], bucket)
         queue_btn.click(

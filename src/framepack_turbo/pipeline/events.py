@@ -26,6 +26,7 @@ class StepProgress:
     elapsed_s: float
     eta_s: float  # seconds left: measured step and decode times times what remains
     denoised: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    preview_factors: Any = field(default=None, repr=False, compare=False)  # the model's latent -> RGB map
 
     @property
     def fraction(self) -> float:
@@ -37,7 +38,7 @@ class StepProgress:
             return None
         from framepack_turbo.pipeline.vae import preview
 
-        rgb = preview(self.denoised.float())[0]  # (3, T, h, w)
+        rgb = preview(self.denoised.float(), self.preview_factors)[0]  # (3, T, h, w)
         return (rgb.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
 
     def preview(self) -> np.ndarray | None:

@@ -338,6 +338,7 @@ class Generator:
                     elapsed_s=time.perf_counter() - job_started,
                     eta_s=eta,
                     denoised=state.denoised,
+                    preview_factors=self.bundle.preset.latent_preview,
                 )
             )
             if self.cancel.cancelled:

@@ -26,6 +26,7 @@ _PREVIEW_RGB = (
     (0.0249, -0.0469, -0.1703),
 )  # fmt: skip
 _PREVIEW_BIAS = (0.0259, -0.0192, -0.0761)
+HUNYUAN_LATENT_PREVIEW = (_PREVIEW_RGB, _PREVIEW_BIAS)  # (16 x 3 weights, 3 biases): a preset's default
 
 
 @torch.no_grad()
@@ -165,10 +166,14 @@ def decode_chunked(latents: torch.Tensor, vae, config: ChunkedDecode | None = No
 
 
 @torch.no_grad()
-def preview(latents: torch.Tensor) -> torch.Tensor:
-    """A rough RGB look at latents without the VAE: (B, 3, T, h, w) in [0, 1]. Cheap enough per step."""
-    weight = torch.tensor(_PREVIEW_RGB, device=latents.device, dtype=latents.dtype).T[:, :, None, None, None]
-    bias = torch.tensor(_PREVIEW_BIAS, device=latents.device, dtype=latents.dtype)
+def preview(latents: torch.Tensor, factors=None) -> torch.Tensor:
+    """A rough RGB look at latents without the VAE: (B, 3, T, h, w) in [0, 1]. Cheap enough per step.
+
+    `factors`: (16 x 3 weights, 3 biases) of the VAE's latent space (ModelPreset.latent_preview);
+    HunyuanVideo's by default."""
+    rgb, offset = factors or HUNYUAN_LATENT_PREVIEW
+    weight = torch.tensor(rgb, device=latents.device, dtype=latents.dtype).T[:, :, None, None, None]
+    bias = torch.tensor(offset, device=latents.device, dtype=latents.dtype)
     return torch.nn.functional.conv3d(latents, weight, bias=bias).clamp(0.0, 1.0)
 
 
