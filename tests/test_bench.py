@@ -253,3 +253,27 @@ def test_bench_bar_with_failure_rows(tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert "| bf16 (lossy) |" in (tmp_path / "r.md").read_text()
     assert "bench ignores FRAMEPACK_ENABLE_COMPILE" in result.output
+
+
+@pytest.mark.parametrize("seconds", [1.2, 6.0])  # one section; five (the inverted paddings and the 2x/4x history)
+def test_the_flop_formula_matches_torchs_count_of_a_real_call(tiny, example_image, tmp_path, seconds):
+    """The MFU's FLOP count (bench/flops.py) against torch's FlopCounterMode over a transformer call the
+    generator made, with attention in its math form so the counter sees its matrix products."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from framepack_turbo.bench.flops import call_shape, transformer_flops
+
+    transformer = tiny.bundle.transformer
+    calls = []
+    hook = transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)
+    try:
+        tiny.generate(example_image, "a cat", out=tmp_path / "f.mp4", seconds=seconds, steps=1, resolution=128)
+    finally:
+        hook.remove()
+    for kwargs in (calls[0], calls[-1]):
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            transformer(**kwargs)
+        shape = call_shape(transformer.config, kwargs)
+        assert shape.noisy > 0 and shape.llama > 0 and shape.siglip > 0
+        assert transformer_flops(transformer.config, shape) == pytest.approx(counter.get_total_flops(), rel=1e-3)

@@ -129,3 +129,15 @@ def test_full_preset_needs_a_gpu():
 def test_full_preset_builds_on_the_gpu_in_bf16():
     bundle = load_bundle("full", device="cuda")
     assert bundle.transformer.dtype == torch.bfloat16 and bundle.transformer.device.type == "cuda"
+
+
+def test_the_full_preset_is_refused_where_it_would_compute_on_the_cpu():
+    import torch
+
+    from framepack_turbo.errors import InputError
+    from framepack_turbo.models.loading import load_bundle
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InputError, match="full-size transformer"):
+        load_bundle("full", device="cpu")

@@ -344,7 +344,9 @@ def load_bundle(
     elif spec.is_random:
         from framepack_turbo.models.random import SIZES, build_models
 
-        if SIZES[spec.random_size].needs_cuda and dev.type != "cuda":
+        # The placement's offloading modes build on the host (dev is the CPU) in the GPU's half dtype: allowed.
+        offloaded = torch.cuda.is_available() and dtypes.get("transformer", torch.float32) != torch.float32
+        if SIZES[spec.random_size].needs_cuda and dev.type != "cuda" and not offloaded:
             raise InputError(
                 f"--model {spec.name} builds the full-size transformer (~13B parameters, 26 GB in bf16) on a GPU; "
                 f"this run's device is {dev}: use a CUDA machine, or --model small on CPU"
