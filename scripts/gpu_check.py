@@ -109,7 +109,7 @@ class Context:
         self.fp_label = label
         return self.fp, time.perf_counter() - started
 
-    def generate(self, fp, name: str, cancel=None, **options: Any):
+    def generate(self, fp, name: str, on_event=None, **options: Any):
         calls: list[dict] = []
         transformer = fp.bundle.transformer
         hook = transformer.register_forward_pre_hook(
@@ -120,7 +120,7 @@ class Context:
                 IMAGE,
                 PROMPT,
                 out=self.work / f"{name}.mp4",
-                cancel=cancel,
+                on_event=on_event,
                 seconds=self.seconds,
                 steps=self.steps,
                 resolution=self.resolution,
@@ -263,21 +263,30 @@ def _placement(mode: str) -> Callable[[Context], dict[str, Any]]:
 
 
 def check_oom_step_down(ctx: Context) -> dict[str, Any]:
-    """All resident, then the card capped just above what the weights take: the first section runs out of
-    memory, the generator steps down to v1 and runs it again."""
+    """All resident; when sampling starts (the encoders have run), the card is capped a quarter GB above
+    what is allocated: the first section runs out of memory, the generator steps down to v1 and runs it
+    again under the same cap."""
+    from framepack_turbo.pipeline.events import StageStarted
+
     if not ctx.cuda:
         raise Skip("needs CUDA: there is no GPU memory to run out of")
     ctx.release()
     fp, load_s = ctx.load("oom", memory_mode="high-vram")
     total = torch.cuda.get_device_properties(0).total_memory
-    cap = torch.cuda.memory_allocated() + 1.0 * GB
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+    capped: list[float] = []
+
+    def cap_at_sampling(event) -> None:
+        if isinstance(event, StageStarted) and event.stage == "sampling" and not capped:
+            cap = torch.cuda.memory_allocated() + GB // 4
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+            capped.append(cap / GB)
+
     try:
-        result, first = ctx.generate(fp, "oom")
+        result, first = ctx.generate(fp, "oom", on_event=cap_at_sampling)
         placement = result.sidecar.get("placement") or {}
         if len(placement.get("history", [])) < 2:  # the first entry is the mode it started in
-            raise AssertionError(f"no step-down recorded under a {cap / GB:.1f} GB cap: {placement}")
-        return run_row(ctx, result, first, {"capped_gb": round(cap / GB, 1), "placement": placement})
+            raise AssertionError(f"no step-down recorded under a {capped} GB cap: {placement}")
+        return run_row(ctx, result, first, {"capped_gb": round(capped[0], 1), "placement": placement})
     finally:
         ctx.release()
         torch.cuda.set_per_process_memory_fraction(1.0)

@@ -47,6 +47,25 @@ def test_math_attention_matches_sdpa():
     torch.testing.assert_close(_forward(bundle.transformer), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_an_installed_kernel_diffusers_refuses_falls_back_to_the_next():
+    """SageAttention 1.x (a pure-Triton wheel) is importable, but diffusers' sage backend needs 2.x: the pass
+    must not crash the load; it takes the next candidate and says why."""
+    bundle = load_bundle("tiny-random", device="cpu")
+    refused = []
+    original = bundle.transformer.set_attention_backend
+
+    def pick(backend):
+        if backend in ("sage", "xformers"):
+            refused.append(backend)
+            raise RuntimeError(f"Sage Attention backend '{backend}' is not usable because of missing package")
+        original(backend)
+
+    bundle.transformer.set_attention_backend = pick
+    report = AttentionPass().apply(bundle, AttentionConfig("aggressive"), PassContext(gpu("sageattention", "xformers")))
+    assert refused == ["sage", "xformers"] and report.counters["backend"] == "native"
+    assert "sage refused (Sage Attention backend" in report.detail and "xformers refused" in report.detail
+
+
 def test_standard_mode_is_not_a_pass():
     from framepack_turbo.optim import registry
     from framepack_turbo.settings import Settings

@@ -275,3 +275,22 @@ def test_offload_modes_match_resident_on_cuda(mode, example_image, tmp_path):
     result = fp.generate(example_image, "a cat", out=tmp_path / "o.mp4", **OPTS)
     assert result.frames.shape == reference.frames.shape
     torch.testing.assert_close(result.latents, reference.latents, rtol=0, atol=1e-2)
+
+
+def test_free_gpu_memory_counts_a_per_process_cap(monkeypatch):
+    """A process capped with set_per_process_memory_fraction sizes itself to its cap, not to the card:
+    the driver's free memory knows nothing of the cap."""
+    import torch
+
+    from framepack_turbo.hardware import cuda_free_bytes
+
+    gb = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=0: (130 * gb, 140 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=0: 2 * gb)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=0: 8 / 140)
+    assert cuda_free_bytes(0) == 6 * gb  # 8 GB cap - 2 GB already reserved
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=0: 1.0)
+    assert cuda_free_bytes(0) == 130 * gb  # no cap: the driver's figure
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=0: 9 * gb)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=0: 8 / 140)
+    assert cuda_free_bytes(0) == 0  # over the cap already: nothing, never negative

@@ -98,7 +98,7 @@ class Hardware:
         cpus = os.cpu_count() or 1
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            free, total = torch.cuda.mem_get_info(0)
+            free, total = cuda_free_bytes(0), torch.cuda.mem_get_info(0)[1]
             return Hardware(
                 "cuda",
                 props.name,
@@ -115,6 +115,21 @@ class Hardware:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def cuda_free_bytes(device=0) -> int:
+    """GPU memory this process can still take: the driver's free memory, lowered to what a per-process cap
+    (`torch.cuda.set_per_process_memory_fraction`, which the driver does not know of) leaves above what
+    PyTorch already reserved. Every decision sized from free memory reads this (placement, the VAE's chunk,
+    where cache entries live), so a capped process sizes itself to its cap instead of the whole card."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = fraction_of(device) if fraction_of is not None else 1.0
+    if fraction < 1.0:
+        free = min(free, max(0, int(fraction * total) - torch.cuda.memory_reserved(device)))
+    return int(free)
 
 
 def library_versions() -> dict[str, str]:

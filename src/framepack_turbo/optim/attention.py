@@ -51,17 +51,21 @@ class AttentionConfig:
     mode: Literal["standard", "aggressive", "off"] = "standard"
 
 
-def choose_backend(mode: str, hardware: Hardware) -> tuple[str, str]:
-    """(diffusers backend name, why) for a mode on this machine."""
+def backend_candidates(mode: str, hardware: Hardware) -> list[tuple[str, str]]:
+    """(diffusers backend name, why) for a mode on this machine, best first; the last always works."""
     if mode == "off":
-        return MATH, "plain math attention (the reference)"
+        return [(MATH, "plain math attention (the reference)")]
     if mode == "aggressive":
+        found = []
         if hardware.cuda:
-            for module, backend in AGGRESSIVE_ORDER:
-                if hardware.has(module):
-                    return backend, f"{module} is the fastest installed kernel"
-        return STANDARD, "no faster kernel usable here: PyTorch SDPA"
-    return STANDARD, "PyTorch SDPA"
+            found = [(b, f"{m} is the fastest installed kernel") for m, b in AGGRESSIVE_ORDER if hardware.has(m)]
+        return [*found, (STANDARD, "no faster kernel usable here: PyTorch SDPA")]
+    return [(STANDARD, "PyTorch SDPA")]
+
+
+def choose_backend(mode: str, hardware: Hardware) -> tuple[str, str]:
+    """The first candidate: what the pass sets unless diffusers refuses it (too old a kernel package)."""
+    return backend_candidates(mode, hardware)[0]
 
 
 def attention_backends(transformer) -> set[str]:
@@ -80,11 +84,22 @@ class AttentionPass:
         return AttentionConfig(settings.xformers_mode)
 
     def apply(self, bundle: ModelBundle, config: AttentionConfig, context: PassContext) -> PassReport:
-        backend, why = choose_backend(config.mode, context.hardware)
         from framepack_turbo.logs import quiet_logger
 
-        with quiet_logger("diffusers.models.modeling_utils"):  # "experimental feature" notice on every call
-            bundle.transformer.set_attention_backend(backend)
+        refused = []
+        for candidate in backend_candidates(config.mode, context.hardware):
+            backend, why = candidate
+            try:
+                with quiet_logger("diffusers.models.modeling_utils"):  # "experimental feature" notice per call
+                    bundle.transformer.set_attention_backend(backend)
+                break
+            except (
+                RuntimeError,
+                ValueError,
+            ) as exc:  # installed but unusable (e.g. SageAttention 1.x: diffusers needs 2)
+                refused.append(f"{backend} refused ({str(exc).splitlines()[0][:120]})")
+        if refused:
+            why = f"{why}; " + "; ".join(refused)
         log.info("Transformer attention: %s (%s)", backend, why)
         return PassReport(
             self.name, "applied", f"{backend}: {why}", {"backend": backend}, AttentionBackend(bundle.transformer)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from framepack_turbo.hardware import cuda_free_bytes
 from framepack_turbo.optim.base import Extension, PassContext, PassReport
 from framepack_turbo.optim.select import block_stacks
 from framepack_turbo.pipeline.vae import is_out_of_memory
@@ -34,7 +35,8 @@ STATS_TTL_S = 0.5
 
 
 class FreeMemory:
-    """`torch.cuda.mem_get_info` in GB, re-read at most every `ttl` seconds."""
+    """Free GPU memory in GB (`hardware.cuda_free_bytes`: a per-process cap counts), re-read at most every
+    `ttl` seconds."""
 
     def __init__(self, device: torch.device, ttl: float = 0.5) -> None:
         self.device, self.ttl = device, ttl
@@ -46,7 +48,7 @@ class FreeMemory:
             return float("inf")
         now = time.monotonic()
         if fresh or now - self._at > self.ttl:
-            self._value = torch.cuda.mem_get_info(self.device)[0] / 2**30
+            self._value = cuda_free_bytes(self.device) / 2**30
             self._at = now
         return self._value
 

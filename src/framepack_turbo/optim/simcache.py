@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from framepack_turbo.hardware import cuda_free_bytes
 from framepack_turbo.optim.base import PassContext, PassReport, Scope
 from framepack_turbo.optim.stepcache import BlockArgsHook, HookedCache, blocks, is_boundary_step, register_hook
 
@@ -246,7 +247,7 @@ def storage_for(budget_bytes: int, device: torch.device, preserve_gb: float) -> 
     """Entries stay on the compute device unless the budget would not fit beside the models there."""
     if device.type != "cuda":
         return "device", f"entries on {device.type}"
-    free, _ = torch.cuda.mem_get_info(device)
+    free = cuda_free_bytes(device)
     spare = free - int(preserve_gb * 2**30)
     if budget_bytes <= spare:
         return "device", "entries on the GPU"

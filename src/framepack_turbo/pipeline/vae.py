@@ -133,7 +133,9 @@ class ChunkedDecode:
             return self.chunk
         if vae.device.type != "cuda":
             return None
-        free_gb = torch.cuda.mem_get_info(vae.device)[0] / 2**30
+        from framepack_turbo.hardware import cuda_free_bytes
+
+        free_gb = cuda_free_bytes(vae.device) / 2**30
         _, _, frames, height, width = latents.shape
         chunk = chunk_frames(
             free_gb,
