@@ -332,6 +332,7 @@ def check_vae_decode(ctx: Context) -> dict[str, Any]:
     fp, _ = ctx.load("vae", memory_mode="high-vram" if ctx.cuda else "auto")
     config = ChunkedDecode.from_settings(fp.settings)
     latents = ctx.baseline.latents.to(fp.bundle.vae.device)
+    chunk = config.chunk_for(latents, fp.bundle.vae)  # what decode_chunked will choose (None: one pass)
     if ctx.cuda:
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -339,7 +340,12 @@ def check_vae_decode(ctx: Context) -> dict[str, Any]:
     if ctx.cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"decode_s": round(seconds, 2), "latent_frames": int(latents.shape[2]), "pixels": list(pixels.shape)}
+    return {
+        "decode_s": round(seconds, 2),
+        "latent_frames": int(latents.shape[2]),
+        "chunk_frames": chunk,
+        "pixels": list(pixels.shape),
+    }
 
 
 def _optional(module: str, what: str, **values: Any) -> Callable[[Context], dict[str, Any]]:
