@@ -100,6 +100,25 @@ def _small_image(tmp_path: Path) -> Path:
             "must be a whole number from 0 to 2^63-2 for 2 clip(s)",
         ),
         (lambda t, img: ["--image", str(img), "--seed", "randm"], "--seed randm: allowed an integer"),
+        (
+            lambda t, img: ["--image", str(img), "--variant", "f1", "--end-image", str(img)],
+            "an end frame needs the inverted variant",
+        ),
+        (lambda t, img: ["--image", str(img), "--keyframe", f"9:{img}"], "the time must be in (0, 5] seconds"),
+        (
+            lambda t, img: ["--image", str(img), "--keyframe", f"1.3:{img}", "--keyframe", f"1.5:{img}"],
+            "one keyframe per section",
+        ),
+        (lambda t, img: ["--image", str(img), "--keyframe", f"1:{_bad_image(t)}"], "not a readable image"),
+        (lambda t, img: ["--image", str(img), "--end-image", str(t / "none.png")], "none.png"),
+        (lambda t, img: ["--image", str(img), "--prompt-at", "soon:x"], "write TIME:TEXT"),
+        (
+            lambda t, img: ["--image", str(img), "--prompt-at", "0:a", "--prompt-at", "0.2:b"],
+            "both land on the section starting at 0s",
+        ),
+        (lambda t, img: ["--image", str(img), "--start-color", "red"], "--start-color is for text-to-video"),
+        (lambda t, img: ["--start-color", "plaid"], "start color 'plaid'"),
+        (lambda t, img: ["--image", str(img), "--end-strength", "2", "--end-image", str(img)], "end strength=2.0"),
     ],
 )
 def test_bad_input_exit_2_one_line(tmp_path, example_image, extra, message):

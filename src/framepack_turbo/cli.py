@@ -167,8 +167,12 @@ def _settings_from(ctx: typer.Context, preset: str | None, below: dict | None = 
 @app.command(context_settings=SETTINGS_CONTEXT, epilog=_settings_epilog())
 def generate(
     ctx: typer.Context,
-    image: Annotated[Path, typer.Option(help="Start image (png, jpg, webp ...).")],
-    prompt: Annotated[Optional[str], typer.Option(help="What happens in the video.")] = None,
+    image: Annotated[
+        Optional[Path], typer.Option(help="Start image (png, jpg, webp ...); without it: text-to-video.")
+    ] = None,
+    prompt: Annotated[
+        Optional[str], typer.Option(help='What happens; "[0s: ...] [1.8s: ...]" changes it over time.')
+    ] = None,
     negative: Annotated[Optional[str], typer.Option(help="Negative prompt (used when --cfg > 1).")] = None,
     from_video: Annotated[
         Optional[Path],
@@ -178,6 +182,23 @@ def generate(
     count: Annotated[
         int, typer.Option(help="Clips to make, seeds --seed, --seed+1, ...; each to OUT with -seedN added.")
     ] = 1,
+    prompt_at: Annotated[
+        Optional[list[str]], typer.Option("--prompt-at", help="TIME:TEXT, repeatable: the prompt from TIME seconds.")
+    ] = None,
+    prompt_blend_sections: Annotated[
+        int, typer.Option(help="Sections a prompt change blends over (0: a hard cut).")
+    ] = 0,
+    end_image: Annotated[Optional[Path], typer.Option(help="Inverted variant: the clip ends on this image.")] = None,
+    end_strength: Annotated[float, typer.Option(help="0..1: how strongly the end image holds.")] = 1.0,
+    image_embed_blend: Annotated[
+        bool, typer.Option("--image-embed-blend", help="Blend the start and end images' embeddings over time.")
+    ] = False,
+    keyframe: Annotated[
+        Optional[list[str]], typer.Option("--keyframe", help="TIME:PATH, repeatable (inverted): an image to pass.")
+    ] = None,
+    start_color: Annotated[
+        Optional[str], typer.Option(help="Text-to-video (no --image): the start frame's colour, or noise.")
+    ] = None,
     preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
     ignore_incompatible: Annotated[
         bool, typer.Option("--ignore-incompatible", help="Run despite critical compatibility findings (after 5 s).")
@@ -207,9 +228,45 @@ def generate(
             prompt = recorded["prompt"]
         negative = recorded.get("negative_prompt", "") if negative is None else negative
         settings = _settings_from(ctx, preset, recorded.get("settings", {}))
-        options = options_from_settings(settings, prompt, negative)
+        from framepack_turbo.models.presets import get_preset
+        from framepack_turbo.pipeline.generate import timeline_of
+        from framepack_turbo.pipeline.options import GenerateOptions
+        from framepack_turbo.pipeline.timeline import parse_keyframe, parse_prompt_at
+
+        timed = {
+            "prompt_at": tuple((p.seconds, p.text) for p in map(parse_prompt_at, prompt_at or [])),
+            "keyframes": tuple(parse_keyframe(k) for k in keyframe or []),
+            "prompt_blend_sections": prompt_blend_sections,
+            "end_image": str(end_image) if end_image else None,
+            "end_strength": end_strength,
+            "image_embed_blend": image_embed_blend,
+            "start_color": start_color if image is None else None,
+        }
+        for name, value in recorded.get("timed", {}).items():  # --from: the clip's, where no flag was given
+            if name in ("prompt_at", "keyframes"):
+                value = tuple(tuple(v) for v in value)
+            if timed[name] == GenerateOptions.__dataclass_fields__[name].default:
+                timed[name] = value
+        if image is not None and start_color is not None:
+            raise InputError("--start-color is for text-to-video: give it without --image")
+        if image is not None:
+            timed["start_color"] = None
+        options = options_from_settings(settings, prompt, negative, **timed)
         seeds = batch_seeds(options.seed, count)
-        picture = load_image(image)
+        variant = options.variant or get_preset(settings.model).default_variant
+        timeline_of(options, variant)  # times, keyframe sections, end frame with F1: refused now
+        for path in [options.end_image, *(p for _, p in options.keyframes)]:
+            if path:
+                load_image(path)  # readable, sides in range: before any model loads
+        if image is None:
+            picture = None
+            typer.echo(
+                f"note: no --image: text-to-video from a {options.start_color or 'black'} start frame "
+                "(weaker than image-to-video)",
+                err=True,
+            )
+        else:
+            picture = load_image(image)
         base_out = out or default_output_path()
         for path in batch_outputs(base_out, seeds):
             check_writable(path)
@@ -220,6 +277,8 @@ def generate(
         fp = FramePack.load(settings=settings, ignore_incompatible=ignore_incompatible)
         token = CancelToken()
         job = {k: v for k, v in options.to_dict().items() if k not in ("prompt", "negative_prompt", "seed")}
+        job["prompt_at"] = tuple(tuple(p) for p in job["prompt_at"])  # asdict made them lists
+        job["keyframes"] = tuple(tuple(k) for k in job["keyframes"])
         with _InterruptToCancel(token), _ProgressView(console) as view:
             results = fp.generate_batch(picture, prompt, count, base_out, view, token, negative, seed=seeds[0], **job)
         for result in results:
@@ -303,6 +362,18 @@ def _report(result) -> None:
         )
 
 
+# GenerateOptions over time (not settings): what --from takes from a clip unless a flag says otherwise
+TIMED_OPTIONS = (
+    "prompt_at",
+    "prompt_blend_sections",
+    "end_image",
+    "end_strength",
+    "image_embed_blend",
+    "keyframes",
+    "start_color",
+)
+
+
 def _recorded(path: Path) -> dict:
     """What a clip made here records of itself (its container metadata), as settings for a re-run."""
     from framepack_turbo.pipeline import video
@@ -315,10 +386,15 @@ def _recorded(path: Path) -> dict:
         raise InputError(f"--from {path}: not a readable video ({type(exc).__name__})") from None
     if meta is None:
         raise InputError(f"--from {path}: no FramePack Turbo record in this video (it was made elsewhere)")
+    from framepack_turbo.settings import setting_names
+
     names = {"distilled_guidance": "gs", "guidance_rescale": "rs"}
-    options = {names.get(k, k): v for k, v in meta.get("options", {}).items() if k not in ("prompt", "negative_prompt")}
-    settings = {**meta.get("settings", {}), **{k: v for k, v in options.items() if v is not None}}
-    return {**meta, "settings": settings}
+    recorded = meta.get("options", {})
+    options = {names.get(k, k): v for k, v in recorded.items() if k not in ("prompt", "negative_prompt")}
+    known = set(setting_names())
+    settings = {**meta.get("settings", {}), **{k: v for k, v in options.items() if v is not None and k in known}}
+    timed = {k: v for k, v in recorded.items() if k in TIMED_OPTIONS}
+    return {**meta, "settings": settings, "timed": timed}
 
 
 @app.command()

@@ -117,6 +117,23 @@ class PromptEmbeddings:
         return PromptEmbeddings(torch.zeros_like(other.llama), other.mask.clone(), torch.zeros_like(other.clip_pooled))
 
 
+def blend_prompts(parts: list[tuple[PromptEmbeddings, float]]) -> PromptEmbeddings:
+    """A weighted sum of prompt embeddings (weights summing to 1). LLaMA sequences of other lengths are
+    padded with zeros and masked out; the pooled CLIP vectors mix directly. One part is returned as is."""
+    if len(parts) == 1:
+        return parts[0][0]
+    length = max(p.llama.shape[1] for p, _ in parts)
+    llama = torch.zeros_like(parts[0][0].llama[:, :1]).expand(-1, length, -1).clone()
+    mask = torch.zeros((1, length), dtype=parts[0][0].mask.dtype, device=parts[0][0].mask.device)
+    pooled = torch.zeros_like(parts[0][0].clip_pooled)
+    for p, weight in parts:
+        n = p.llama.shape[1]
+        llama[:, :n] += weight * p.llama
+        mask[:, :n] = torch.maximum(mask[:, :n], p.mask)
+        pooled += weight * p.clip_pooled
+    return PromptEmbeddings(llama, mask, pooled)
+
+
 def template_crop_start(tokenizer) -> int:
     """Tokens of the template before the user prompt (95 for HunyuanVideo's LLaMA-3 tokenizer).
 

@@ -40,7 +40,7 @@ from framepack_turbo.pipeline.events import (
     StageStarted,
     StepProgress,
 )
-from framepack_turbo.pipeline.options import GenerateOptions, load_image
+from framepack_turbo.pipeline.options import GenerateOptions, blank_start, load_image
 from framepack_turbo.pipeline.record import RunRecord
 from framepack_turbo.pipeline.sampler import StepState, flow_sigmas, sample_unipc
 from framepack_turbo.pipeline.sections import (
@@ -51,6 +51,7 @@ from framepack_turbo.pipeline.sections import (
     pixel_frames_per_window,
     plan_sections,
 )
+from framepack_turbo.pipeline.timeline import TimelinePlan, keyframe_for, plan_timeline, time_position
 
 if TYPE_CHECKING:
     from framepack_turbo.optim.base import Extension
@@ -87,6 +88,20 @@ class _Conditioning:
     start_latent: torch.Tensor  # (1, 16, 1, h, w) float32
     height: int
     width: int
+    # Over time, per time-order section (None: the one above for every section)
+    section_positive: list[encode.PromptEmbeddings] | None = None
+    section_image_embeds: list[torch.Tensor] | None = None
+    anchors: list[torch.Tensor] | None = None  # the clean "pre" latent (keyframes)
+    end_latent: torch.Tensor | None = None  # inverted: the first section's "post" latent, times the strength
+
+    def positive_at(self, k: int) -> encode.PromptEmbeddings:
+        return self.positive if self.section_positive is None else self.section_positive[k]
+
+    def image_embeds_at(self, k: int) -> torch.Tensor:
+        return self.image_embeds if self.section_image_embeds is None else self.section_image_embeds[k]
+
+    def anchor_at(self, k: int) -> torch.Tensor:
+        return self.start_latent if self.anchors is None else self.anchors[k]
 
 
 @dataclass
@@ -131,20 +146,29 @@ class Generator:
         """Generate the clip. Raises `Cancelled` (after writing what finished) if the token is set."""
         job_started = time.perf_counter()
         out_path = Path(out_path)
-        picture = load_image(image)
         variant = options.variant or self.bundle.preset.default_variant
         sections = plan_sections(variant, options.seconds, options.window)
+        plan = timeline_of(options, variant)  # every timed input checked before any model runs
+        if image is None:  # text-to-video: a blank start frame
+            picture = blank_start(options.start_color or "black", options.resolution, options.seed)
+        else:
+            picture = load_image(image)
         timings = _Timings()
         record = self._record(options, variant, image, len(sections))
+        record.timeline = plan.to_dict()
+        for note in plan.notes():
+            self.on_event(Notice(note))
         sidecar = video.sidecar_path(out_path)
         self._reset("job")
 
-        cond = self._condition(picture, options, timings)
+        cond = self._condition(picture, options, timings, plan, text_to_video=image is None)
         record.job_caches = {e.name: e.stats() for e in self.extensions if e.kind == "job_cache"}
         record.image["bucket"] = [cond.height, cond.width]
 
         rng = torch.Generator("cpu").manual_seed(options.seed)
         history = self._initial_history(variant, cond)
+        if cond.end_latent is not None:  # the slot the first section reads as its "post" context
+            history[:, :, :1] = cond.end_latent
         pixels: torch.Tensor | None = None
         generated = 1 if variant == "f1" else 0  # latent frames of the clip so far (F1 starts with the image)
         frames = np.zeros((0, cond.height, cond.width, 3), np.uint8)
@@ -205,17 +229,23 @@ class Generator:
 
     # ---- stages -------------------------------------------------------------------------------
 
-    def _condition(self, picture: np.ndarray, options: GenerateOptions, timings: _Timings) -> _Conditioning:
+    def _condition(
+        self, picture: np.ndarray, options: GenerateOptions, timings: _Timings, plan: TimelinePlan, text_to_video: bool
+    ) -> _Conditioning:
         b = self.bundle
         dtype = b.transformer.dtype
 
         self.on_event(StageStarted("text_encode"))
         t0 = time.perf_counter()
-        with self._around("text_encoder"), self._around("text_encoder_2"):
-            positive = self._encode_prompt(options.prompt)
-        for line in positive.truncations:
-            log.warning("Prompt truncated: %s", line)
-            self.on_event(Notice(f"prompt truncated: {line}"))
+        prompts: dict[str, encode.PromptEmbeddings] = {}
+        for change in plan.changes:  # each distinct prompt once
+            if change.text not in prompts:
+                with self._around("text_encoder"), self._around("text_encoder_2"):
+                    prompts[change.text] = self._encode_prompt(change.text)
+                for line in prompts[change.text].truncations:
+                    log.warning("Prompt truncated: %s", line)
+                    self.on_event(Notice(f"prompt truncated: {line}"))
+        positive = prompts[plan.changes[0].text]
         if options.cfg == 1:
             negative = encode.PromptEmbeddings.zeros_like(positive)
         else:
@@ -226,18 +256,60 @@ class Generator:
         self.on_event(StageStarted("image_encode"))
         t0 = time.perf_counter()
         height, width = encode.nearest_bucket(*picture.shape[:2], resolution=options.resolution)
+        latent_of = self._latent_encoder(options.seed, height, width)
         picture = encode.resize_and_center_crop(picture, height, width)
-        with self._around("vae"):
-            posterior_rng = torch.Generator(b.vae.device).manual_seed(options.seed)
-            start_latent = vae.encode(encode.image_to_tensor(picture), b.vae, posterior_rng).cpu()
+        start_latent = latent_of(picture)
         with self._around("image_encoder"):
+            # text-to-video: no image to embed (FramePack's blank conditioning is zeros)
             image_embeds = self._encode_image(picture)
+            if text_to_video:
+                image_embeds = torch.zeros_like(image_embeds)
+        cond = _Conditioning(positive, negative, image_embeds, start_latent, height, width)
+        if options.end_image:
+            end = encode.resize_and_center_crop(load_image(options.end_image), height, width)
+            cond.end_latent = latent_of(end) * options.end_strength
+            if options.image_embed_blend:
+                with self._around("image_encoder"):
+                    end_embeds = self._encode_image(end)
+                n = plan.sections
+                cond.section_image_embeds = [torch.lerp(image_embeds, end_embeds, k / max(n - 1, 1)) for k in range(n)]
+        if plan.keyframes:
+            latents = [
+                latent_of(encode.resize_and_center_crop(load_image(k.path), height, width)) for k in plan.keyframes
+            ]
+            cond.anchors = [
+                start_latent if (i := keyframe_for(list(plan.keyframes), k)) is None else latents[i]
+                for k in range(plan.sections)
+            ]
         timings.add("image_encode", self._clock() - t0)
+        if plan.timed:
+            cond.section_positive = [
+                encode.blend_prompts([(prompts[plan.changes[i].text], w) for i, w in weights.items()])
+                for weights in plan.weights
+            ]
 
         def cast(p: encode.PromptEmbeddings) -> encode.PromptEmbeddings:
             return encode.PromptEmbeddings(p.llama.to(dtype), p.mask, p.clip_pooled.to(dtype), p.truncations)
 
-        return _Conditioning(cast(positive), cast(negative), image_embeds.to(dtype), start_latent, height, width)
+        cond.positive, cond.negative = cast(cond.positive), cast(cond.negative)
+        cond.image_embeds = cond.image_embeds.to(dtype)
+        if cond.section_positive is not None:
+            cond.section_positive = [cast(p) for p in cond.section_positive]
+        if cond.section_image_embeds is not None:
+            cond.section_image_embeds = [e.to(dtype) for e in cond.section_image_embeds]
+        return cond
+
+    def _latent_encoder(self, seed: int, height: int, width: int) -> Callable[[np.ndarray], torch.Tensor]:
+        """VAE latents of bucket-sized pictures, the posterior sampled from one generator seeded by the job's
+        seed (the start image first, as FramePack: its latent is the same with or without the other images)."""
+        b = self.bundle
+        posterior_rng = torch.Generator(b.vae.device).manual_seed(seed)
+
+        def latent_of(picture: np.ndarray) -> torch.Tensor:
+            with self._around("vae"):
+                return vae.encode(encode.image_to_tensor(picture), b.vae, posterior_rng).cpu()
+
+        return latent_of
 
     @staticmethod
     def _initial_history(variant: str, cond: _Conditioning) -> torch.Tensor:
@@ -249,14 +321,14 @@ class Generator:
             history = torch.cat([history, cond.start_latent.cpu()], dim=2)
         return history
 
-    def _context(self, variant: str, history: torch.Tensor, cond: _Conditioning):
-        """(clean, clean_2x, clean_4x) latents for the section, from the history so far."""
+    def _context(self, variant: str, history: torch.Tensor, cond: _Conditioning, k: int = 0):
+        """(clean, clean_2x, clean_4x) latents for time-order section `k`, from the history so far."""
         n = CONTEXT_1X + CONTEXT_2X + CONTEXT_4X
         if variant == "inverted":
             post, two_x, four_x = history[:, :, :n].split([CONTEXT_1X, CONTEXT_2X, CONTEXT_4X], dim=2)
         else:
             four_x, two_x, post = history[:, :, -n:].split([CONTEXT_4X, CONTEXT_2X, CONTEXT_1X], dim=2)
-        clean = torch.cat([cond.start_latent.to(history), post], dim=2)
+        clean = torch.cat([cond.anchor_at(k).to(history), post], dim=2)
         return clean, two_x, four_x
 
     def _sample_section(
@@ -276,11 +348,14 @@ class Generator:
         h, w = cond.height // VAE_SPATIAL_SCALE, cond.width // VAE_SPATIAL_SCALE
         noise = torch.randn((1, LATENT_CHANNELS, options.window, h, w), generator=rng).to(device)
         sigmas = flow_sigmas(options.steps, options.window * h * w // 4).to(device)
-        clean, clean_2x, clean_4x = (t.to(device=device, dtype=dtype) for t in self._context(variant, history, cond))
+        k = time_position(variant, section.number, section.total)
+        context = self._context(variant, history, cond, k)
+        clean, clean_2x, clean_4x = (t.to(device=device, dtype=dtype) for t in context)
+        positive = cond.positive_at(k)
         idx = section.indices
         guidance = torch.tensor([options.distilled_guidance * TIME_SCALE], device=device, dtype=dtype)
         shared = dict(
-            image_embeds=cond.image_embeds.to(device),
+            image_embeds=cond.image_embeds_at(k).to(device),
             indices_latents=idx.latents.to(device),
             guidance=guidance,
             latents_clean=clean,
@@ -311,7 +386,7 @@ class Generator:
             x = x.to(dtype)
             timestep = (sigma.float() * TIME_SCALE).to(dtype)
             step = next(step_index)
-            flow = predict(x, timestep, cond.positive, "cond", step)
+            flow = predict(x, timestep, positive, "cond", step)
             if options.cfg != 1:
                 uncond = predict(x, timestep, cond.negative, "uncond", step)
                 guided = uncond + options.cfg * (flow - uncond)
@@ -489,7 +564,11 @@ class Generator:
             variant=variant,
             options=options.to_dict(),
             settings=self.settings,
-            image={"source": str(image) if isinstance(image, (str, Path)) else type(image).__name__},
+            image=(
+                {"source": None, "text_to_video": options.start_color or "black"}
+                if image is None
+                else {"source": str(image) if isinstance(image, (str, Path)) else type(image).__name__}
+            ),
             model={
                 "preset": b.preset.name,
                 "source": b.source,
@@ -504,6 +583,23 @@ class Generator:
         )
         self._record_placement(record)
         return record
+
+
+def timeline_of(options: GenerateOptions, variant: str) -> TimelinePlan:
+    """The job's timeline (prompts, keyframes, end frame), checked: bad times or combinations raise InputError."""
+    from framepack_turbo.pipeline.sections import section_count
+
+    return plan_timeline(
+        options.prompt,
+        options.prompt_at,
+        options.keyframes,
+        options.end_image,
+        variant,
+        section_count(options.seconds, options.window),
+        options.window,
+        options.seconds,
+        options.prompt_blend_sections,
+    )
 
 
 def _rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, rescale: float) -> torch.Tensor:

@@ -42,6 +42,14 @@ class GenerateOptions:
     guidance_rescale: float = 0.0
     resolution: int = 640  # bucket base
     crf: int = 16
+    # Over time (pipeline/timeline.py): the prompt itself may carry [Ns: ...] tags too.
+    prompt_at: tuple[tuple[float, str], ...] = ()  # (seconds, text): --prompt-at TIME:TEXT
+    prompt_blend_sections: int = 0  # sections a prompt change blends over (0: a hard cut)
+    end_image: str | None = None  # inverted: the clip ends on this image
+    end_strength: float = 1.0  # how much of the end image's latent the first section sees
+    image_embed_blend: bool = False  # blend the start and end images' SigLIP embeddings across sections
+    keyframes: tuple[tuple[float, str], ...] = ()  # (seconds, image path): inverted anchors
+    start_color: str | None = None  # text-to-video: the blank start frame's colour (or "noise"); no image
 
     def __post_init__(self) -> None:
         check_text(self.prompt, "prompt")
@@ -68,6 +76,12 @@ class GenerateOptions:
             f"resolution={self.resolution}: must be a multiple of 16 in [{MIN_RESOLUTION}, {MAX_RESOLUTION}]",
         )
         _check(self.crf != 0, f"crf=0: {CRF_ZERO}")
+        _check(0 <= self.end_strength <= 1, f"end strength={self.end_strength}: must be in [0, 1]")
+        _check(self.prompt_blend_sections >= 0, f"prompt blend sections={self.prompt_blend_sections}: must be >= 0")
+        for seconds, text in self.prompt_at:
+            check_text(text, f"prompt at {seconds:g}s")
+        if self.start_color is not None:
+            start_color_rgb(self.start_color)  # refuses an unknown colour now
         _check(
             MIN_CRF <= self.crf <= MAX_CRF,
             f"crf={self.crf}: must be in [{MIN_CRF}, {MAX_CRF}] (lower is better quality)",
@@ -75,6 +89,26 @@ class GenerateOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def start_color_rgb(color: str) -> tuple[int, int, int] | None:
+    """A text-to-video start colour: a name or #rrggbb as RGB, or None for "noise"."""
+    from PIL import ImageColor
+
+    if color == "noise":
+        return None
+    try:
+        return ImageColor.getrgb(color)[:3]
+    except ValueError:
+        raise InputError(f"start color {color!r}: a colour name, #rrggbb, or noise") from None
+
+
+def blank_start(color: str, resolution: int, seed: int) -> np.ndarray:
+    """The start frame of a text-to-video job: a square of one colour, or seeded noise, at the resolution."""
+    rgb = start_color_rgb(color)
+    if rgb is None:
+        return np.random.default_rng(seed).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+    return np.full((resolution, resolution, 3), rgb, dtype=np.uint8)
 
 
 def _check(ok: bool, message: str) -> None:

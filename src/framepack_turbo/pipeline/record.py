@@ -57,6 +57,7 @@ class RunRecord:
     sections_done: int = 0
     frames: int = 0
     placement: dict[str, Any] | None = None
+    timeline: dict[str, Any] | None = None  # timed prompts as snapped, keyframes, end image
     step_caches: dict[str, CacheRecord] = field(default_factory=dict)
     job_caches: dict[str, dict[str, Any]] = field(default_factory=dict)  # per job (the encoder output cache)
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -104,6 +105,7 @@ class RunRecord:
             "sections_done": self.sections_done,
             "frames": self.frames,
             "placement": self.placement,
+            "timeline": self.timeline,
             "hardware": self.hardware,
             "versions": self.versions,
         }

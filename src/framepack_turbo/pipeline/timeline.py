@@ -1,0 +1,220 @@
+"""What each section of a clip is conditioned on, in time: timestamped prompts, keyframes, the end frame.
+
+Pure functions over section numbers and seconds, no tensors. Sections are counted here in *time order*
+(0 = the clip's first section); `time_position` maps a section in generation order to it (the inverted
+variant generates the last section in time first). Section k covers pixel frames
+`[k * window * 4, (k + 1) * window * 4)` at 30 fps, so its span starts at `k * window * 4 / 30` s.
+
+- Timestamped prompts: `"[0s: a red circle moves right] [1.8s: it moves left]"`; text outside the
+  tags is the default prompt (used before the first tag). A tag's time snaps to the nearest section
+  boundary: a prompt cannot change inside a section, whose frames are sampled together. A change can
+  blend over the next N sections: section j of the blend (0-based) takes (j + 1) / (N + 1) of the new
+  prompt's embeddings.
+- Keyframes (inverted): a section's clean "pre" anchor is the latest keyframe at or before its span
+  (FramePack-eichi's rule: the nearest keyframe among the sections generated at or after this one);
+  sections before the first keyframe keep the start image.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from framepack_turbo.constants import FPS, LATENT_FRAMES_TO_PIXELS
+from framepack_turbo.errors import InputError
+
+_TAG = re.compile(r"\[\s*([0-9]*\.?[0-9]+)\s*s?\s*:\s*([^\]]*)\]")
+
+
+@dataclass(frozen=True)
+class TimedPrompt:
+    seconds: float  # as asked
+    text: str
+
+
+@dataclass(frozen=True)
+class PromptChange:
+    """A prompt taking over at a section boundary."""
+
+    text: str
+    asked_s: float  # the time given
+    section: int  # the time-order section it starts at (after snapping)
+    starts_s: float  # where that section starts
+
+
+def section_seconds(window: int) -> float:
+    """Seconds of video one section adds."""
+    return window * LATENT_FRAMES_TO_PIXELS / FPS
+
+
+def time_position(variant: str, number: int, total: int) -> int:
+    """The time-order index of the section generated `number`-th."""
+    return total - 1 - number if variant == "inverted" else number
+
+
+def parse_prompt(text: str) -> tuple[str, list[TimedPrompt]]:
+    """(default prompt, timed prompts in time order) from a prompt with `[Ns: ...]` tags."""
+    timed = [TimedPrompt(float(m.group(1)), m.group(2).strip()) for m in _TAG.finditer(text)]
+    if not timed:
+        return text, []  # as typed: the encoders see exactly what FramePack's would
+    default = " ".join(_TAG.sub(" ", text).split())
+    for prompt in timed:
+        if not prompt.text:
+            raise InputError(f"prompt tag [{prompt.seconds:g}s: ...] has no text")
+    return default, sorted(timed, key=lambda p: p.seconds)
+
+
+def parse_prompt_at(value: str) -> TimedPrompt:
+    """`--prompt-at TIME:TEXT` (TIME in seconds, an optional trailing s)."""
+    time_part, sep, text = value.partition(":")
+    try:
+        seconds = float(time_part.strip().removesuffix("s"))
+    except ValueError:
+        seconds = math.nan
+    if not sep or not text.strip() or not math.isfinite(seconds):
+        raise InputError(f"--prompt-at {value!r}: write TIME:TEXT, e.g. 1.8:the red circle moves left")
+    return TimedPrompt(seconds, text.strip())
+
+
+def prompt_changes(
+    default: str, timed: list[TimedPrompt], sections: int, window: int, seconds: float
+) -> list[PromptChange]:
+    """Each prompt and the section it starts at, in time order; the first starts at section 0.
+
+    Times must lie in [0, seconds); two prompts that snap to one boundary are an error (the second would
+    never be seen)."""
+    length = section_seconds(window)
+    changes: list[PromptChange] = []
+    if default or not timed:
+        changes.append(PromptChange(default, 0.0, 0, 0.0))
+    for prompt in timed:
+        if not 0 <= prompt.seconds < seconds:
+            raise InputError(f"prompt at {prompt.seconds:g}s: outside the clip (0 to {seconds:g} s)")
+        boundary = min(max(math.floor(prompt.seconds / length + 0.5), 0), sections - 1)  # half up
+        change = PromptChange(prompt.text, prompt.seconds, boundary, round(boundary * length, 3))
+        if changes and changes[-1].section == boundary:
+            if changes[-1].asked_s == 0.0 and changes[-1].text == default and default and boundary == 0:
+                changes[-1] = change  # a [0s: ...] tag replaces the default at the start
+                continue
+            raise InputError(
+                f"prompts at {changes[-1].asked_s:g}s and {prompt.seconds:g}s both land on the section "
+                f"starting at {change.starts_s:g}s (sections are {length:.2f} s): move one by a section"
+            )
+        changes.append(change)
+    return changes
+
+
+def prompt_weights(changes: list[PromptChange], sections: int, blend_sections: int) -> list[dict[int, float]]:
+    """For each time-order section, {index into changes: weight}; weights sum to 1."""
+    weights: list[dict[int, float]] = []
+    for k in range(sections):
+        current = max(i for i, c in enumerate(changes) if c.section <= k)
+        into = k - changes[current].section  # sections since the change
+        if current > 0 and blend_sections > 0 and into < blend_sections:
+            new = (into + 1) / (blend_sections + 1)
+            weights.append({current - 1: 1.0 - new, current: new})
+        else:
+            weights.append({current: 1.0})
+    return weights
+
+
+@dataclass(frozen=True)
+class Keyframe:
+    seconds: float
+    path: str
+    section: int  # the time-order section whose span holds it
+
+
+def parse_keyframe(value: str) -> tuple[float, str]:
+    """`--keyframe TIME:PATH`."""
+    time_part, sep, path = value.partition(":")
+    try:
+        seconds = float(time_part.strip().removesuffix("s"))
+    except ValueError:
+        seconds = math.nan
+    if not sep or not path.strip() or not math.isfinite(seconds):
+        raise InputError(f"--keyframe {value!r}: write TIME:PATH, e.g. 1.8:middle.png")
+    return seconds, path.strip()
+
+
+def place_keyframes(keyframes: list[tuple[float, str]], sections: int, window: int, seconds: float) -> list[Keyframe]:
+    """Keyframes in time order with their sections; times outside (0, seconds] or two in one section refused."""
+    length = section_seconds(window)
+    placed: list[Keyframe] = []
+    for at, path in sorted(keyframes):
+        if not 0 < at <= seconds:
+            raise InputError(f"--keyframe {at:g}:{path}: the time must be in (0, {seconds:g}] seconds")
+        section = min(int(at / length), sections - 1)
+        if placed and placed[-1].section == section:
+            raise InputError(
+                f"--keyframe {placed[-1].seconds:g} and {at:g}: both in the section from {section * length:.2f} s "
+                f"to {(section + 1) * length:.2f} s; one keyframe per section"
+            )
+        placed.append(Keyframe(at, path, section))
+    return placed
+
+
+def keyframe_for(keyframes: list[Keyframe], section: int) -> int | None:
+    """Index of the keyframe anchoring this time-order section (the latest at or before it), or None."""
+    found = [i for i, kf in enumerate(keyframes) if kf.section <= section]
+    return found[-1] if found else None
+
+
+@dataclass(frozen=True)
+class TimelinePlan:
+    """Everything a job's sections are conditioned on over time, checked before any model runs."""
+
+    sections: int
+    changes: tuple[PromptChange, ...]  # prompts in time order (one: no timestamps)
+    weights: tuple[dict[int, float], ...]  # per time-order section: {change index: weight}
+    keyframes: tuple[Keyframe, ...]
+    end_image: str | None
+
+    @property
+    def timed(self) -> bool:
+        return len(self.changes) > 1
+
+    def notes(self) -> list[str]:
+        """Where each timed prompt landed, for the user."""
+        return [
+            f"prompt {c.text!r} asked at {c.asked_s:g}s starts at {c.starts_s:g}s (section {c.section + 1})"
+            for c in self.changes
+            if c.asked_s != c.starts_s
+        ]
+
+    def to_dict(self) -> dict:
+        return {
+            "prompts": [
+                {"text": c.text, "asked_s": c.asked_s, "starts_s": c.starts_s, "section": c.section}
+                for c in self.changes
+            ],
+            "keyframes": [{"seconds": k.seconds, "path": k.path, "section": k.section} for k in self.keyframes],
+            "end_image": self.end_image,
+        }
+
+
+def plan_timeline(
+    prompt: str,
+    prompt_at: tuple[tuple[float, str], ...],
+    keyframes: tuple[tuple[float, str], ...],
+    end_image: str | None,
+    variant: str,
+    sections: int,
+    window: int,
+    seconds: float,
+    blend_sections: int = 0,
+) -> TimelinePlan:
+    if variant == "f1" and end_image:
+        raise InputError(
+            "an end frame needs the inverted variant (it generates the end first); F1 generates forward and "
+            "has no slot for it: add --variant inverted"
+        )
+    if variant == "f1" and keyframes:
+        raise InputError("keyframes need the inverted variant (--variant inverted); F1 has no slot for them")
+    default, timed = parse_prompt(prompt)
+    timed = sorted([*timed, *(TimedPrompt(float(s), t) for s, t in prompt_at)], key=lambda p: p.seconds)
+    changes = prompt_changes(default, timed, sections, window, seconds)
+    weights = prompt_weights(changes, sections, blend_sections)
+    placed = place_keyframes(list(keyframes), sections, window, seconds)
+    return TimelinePlan(sections, tuple(changes), tuple(weights), tuple(placed), end_image)
