@@ -2,13 +2,15 @@
 
 Starts `framepack serve` on the trained `tiny` model, uploads an image, sets the resolution and sees the
 bucket follow, queues two clips with a random seed and sees both finish with their seeds recorded, queues
-a long third one, saves a screenshot of the page while it runs (test-artifacts/app.png; docs/app.png is
-one of these) and cancels it. Needs Debian's chromium (`apt-get install chromium`; .ci/run installs it):
+a third with a timestamped prompt (the page shows where the change lands) and an end image, then a long
+fourth one, saves a screenshot of the page while it runs (test-artifacts/app.png; docs/app.png is one of
+these) and cancels it. Needs Debian's chromium (`apt-get install chromium`; .ci/run installs it):
 without it the test is skipped on a developer machine and fails in CI (CI=true).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -143,27 +146,44 @@ def test_two_clips_with_a_random_seed_then_cancel_a_third_in_the_browser(server)
             info = video.probe(clip)
             assert (info.width, info.height, info.frames) == (64, 64, 73)
 
-        # A long third job (60 s of video): the page while it runs is the screenshot, then it is cancelled.
+        # A third job with a timestamped prompt and an end image: the page shows where the change lands.
         page.locator("#random-seed input[type=checkbox]").uncheck()
         _set_number(page, "count", 1)
+        page.locator("#prompt textarea").fill("[0s: the red circle moves right] [1.8s: the red circle moves left]")
+        timeline = page.locator("#timeline")
+        _wait_for(lambda: "1.2 s (asked 1.8 s)" in timeline.inner_text(), 30, "the snapped prompt time", page)
+        page.get_by_text("End frame and keyframes (inverted variant)").click()
+        page.locator("#end-image input[type=file]").set_input_files(str(ROOT / "examples" / "red-circle.png"))
+        page.locator("#end-image img").first.wait_for(timeout=30_000)
+        page.locator("#queue-btn").click()
+        _wait_for(lambda: "Queued job 3 (seed 31337; 64x64)" in status.inner_text(), 30, "job 3 queued", page)
+        _wait_for(lambda: _job_states(page).count("done") == 3, 300, "the timed job done", page)
+        record = json.loads((data_dir / "videos" / "job-00003.json").read_text())["timeline"]
+        assert [(p["text"], p["starts_s"]) for p in record["prompts"]] == [
+            ("the red circle moves right", 0.0),
+            ("the red circle moves left", 1.2),
+        ]
+        assert record["end_image"] and (data_dir / "inputs") in Path(record["end_image"]).parents
+
+        # A long fourth job (60 s of video): the page while it runs is the screenshot, then it is cancelled.
         _set_number(page, "seconds", 60)
         page.locator("#prompt textarea").fill("the red circle moves up")
         page.locator("#queue-btn").click()
-        _wait_for(lambda: "Queued job 3 (seed 31337; 64x64)" in status.inner_text(), 30, "job 3 queued", page)
+        _wait_for(lambda: "Queued job 4 (seed 31337; 64x64)" in status.inner_text(), 30, "job 4 queued", page)
 
         def late_in_section_2() -> bool:  # the preview is a clear picture by then, for the screenshot
             text = page.locator("#progress").inner_text()
             return "section 2/50" in text and int(text.split("step ")[1].split("/")[0]) >= 18
 
-        _wait_for(late_in_section_2, 120, "job 3's second section, step 18", page)
+        _wait_for(late_in_section_2, 120, "job 4's second section, step 18", page)
         page.locator("#preview img").wait_for(timeout=30_000)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
 
-        page.locator("#cancel-id input").fill("3")
+        page.locator("#cancel-id input").fill("4")
         page.locator("#cancel-btn").click()
-        _wait_for(lambda: "Job 3: cancel" in status.inner_text(), 30, "the cancel answer", page)
-        _wait_for(lambda: "cancelled" in _job_states(page), 120, "job 3 cancelled", page)
-        assert sorted(_job_states(page)) == ["cancelled", "done", "done"]
+        _wait_for(lambda: "Job 4: cancel" in status.inner_text(), 30, "the cancel answer", page)
+        _wait_for(lambda: "cancelled" in _job_states(page), 120, "job 4 cancelled", page)
+        assert sorted(_job_states(page)) == ["cancelled", "done", "done", "done"]
         browser.close()
     assert (ARTIFACTS / "app.png").stat().st_size > 10_000

@@ -262,7 +262,8 @@ def page(tmp_path):
 
 
 # the page's queue_job inputs after the image: prompt, negative, seconds, resolution, seed, random seed, count,
-# steps, gs, window, crf, variant, then the optimization panel (preset, six switches, attention, memory preservation)
+# steps, gs, window, crf, variant, end image, end strength, prompt blend, two keyframe rows (time, image), then the
+# optimization panel (preset, six switches, attention, memory preservation)
 FORM = (
     "a cat",
     "",
@@ -276,6 +277,13 @@ FORM = (
     9,
     16,
     "model default",
+    None,
+    1,
+    0,
+    None,
+    None,
+    None,
+    None,
     "default",
     False,
     False,

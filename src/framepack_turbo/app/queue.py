@@ -98,10 +98,18 @@ class JobQueue:
         """Check and queue one clip. `request`: prompt, negative_prompt, options (GenerateOptions fields), settings."""
         return self.submit_batch(image, request, 1)[0]
 
-    def submit_batch(self, image: bytes | np.ndarray, request: dict[str, Any], count: int) -> list[Job]:
+    def submit_batch(
+        self,
+        image: bytes | np.ndarray,
+        request: dict[str, Any],
+        count: int,
+        end_image: bytes | None = None,
+        keyframes: list[tuple[float, bytes]] = (),
+    ) -> list[Job]:
         """Check and queue `count` clips of one request, seeds seed, seed+1, ... (options seed "random" draws
         the first, and the jobs record the numbers). One job per clip, so each clip can be cancelled, shows
-        its own progress and video, and survives a restart on its own; `request["batch"]` groups them."""
+        its own progress and video, and survives a restart on its own; `request["batch"]` groups them.
+        `end_image` and `keyframes` (time, image) are uploads too: checked and stored like the start image."""
         from PIL import Image
 
         from framepack_turbo.api import batch_seeds, options_from_settings
@@ -125,7 +133,18 @@ class JobQueue:
         json.dumps(request)  # only plain data is stored
         stamp = f"{time.time_ns():x}"
         image_path = self.inputs / f"input-{stamp}.png"  # our name, our encoding: nothing of the client's kept
+        extra = {}
+        if end_image is not None:
+            extra[self.inputs / f"input-{stamp}-end.png"] = check_upload(end_image)
+            options["end_image"] = str(next(iter(extra)))
+        if keyframes:
+            paths = [self.inputs / f"input-{stamp}-key{i}.png" for i in range(len(keyframes))]
+            extra.update({p: check_upload(data) for p, (_, data) in zip(paths, keyframes)})
+            options["keyframes"] = [[float(t), str(p)] for p, (t, _) in zip(paths, keyframes)]
+        self._check_timeline(options, prompt, negative, settings)
         Image.fromarray(picture).save(image_path)
+        for path, array in extra.items():
+            Image.fromarray(array).save(path)
         jobs = []
         for index, seed in enumerate(seeds):
             clip = {**request, "bucket": bucket, "options": {**options, "seed": seed}}
@@ -135,6 +154,16 @@ class JobQueue:
             log.info("Queued job %d: %s", jobs[-1].id, prompt[:60])
         self._wake.set()
         return jobs
+
+    @staticmethod
+    def _check_timeline(options: dict[str, Any], prompt: str, negative: str, settings) -> None:
+        """Timed prompts, keyframes and the end frame, checked as the generator will (before anything is stored)."""
+        from framepack_turbo.models.presets import get_preset
+        from framepack_turbo.pipeline.generate import timeline_of
+        from framepack_turbo.pipeline.options import GenerateOptions
+
+        checked = GenerateOptions(prompt=prompt, negative_prompt=negative, **options)
+        timeline_of(checked, checked.variant or get_preset(settings.model).default_variant)
 
     def cancel(self, job_id: int) -> str:
         """Cancel a queued job at once, or ask a running one to stop after its current step."""

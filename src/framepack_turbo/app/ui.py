@@ -93,6 +93,35 @@ def bucket_markdown(image_path: str | None, resolution: float) -> str:
     return f"Bucket: **{bw}x{bh}** (width x height) for this {width}x{height} image at resolution {int(resolution)}."
 
 
+KEYFRAME_ROWS = 2  # keyframe (time, image) rows on the page
+
+
+def timeline_markdown(prompt: str, seconds: float, window: float, variant: str, base: dict[str, Any]) -> str:
+    """Where each timestamped prompt lands (times snap to section boundaries), as the job would get it."""
+    from framepack_turbo.models.presets import get_preset
+    from framepack_turbo.pipeline.sections import section_count
+    from framepack_turbo.pipeline.timeline import parse_prompt, prompt_changes, section_seconds
+    from framepack_turbo.settings import Settings
+
+    try:
+        window = int(window)
+        sections = section_count(float(seconds), window)
+        default, timed = parse_prompt(prompt or "")
+        if not timed:
+            return "Timeline: one prompt for the whole clip (tag parts with [1.8s: ...] to change it over time)."
+        changes = prompt_changes(default, timed, sections, window, float(seconds))
+    except FramePackError as exc:
+        return f"**Timeline:** {exc}"
+    if variant == VARIANT_CHOICES[0]:
+        variant = get_preset(Settings.load(base, source="api").model).default_variant
+    parts = [
+        f"{c.starts_s:g} s" + (f" (asked {c.asked_s:g} s)" if c.asked_s != c.starts_s else "") + f": {c.text}"
+        for c in changes
+    ]
+    order = "generated last to first" if variant == "inverted" else "generated first to last"
+    return f"Timeline ({sections} sections of {section_seconds(window):.2f} s, {order}): " + " · ".join(parts)
+
+
 def size_text(bucket) -> str:
     """[height, width] as the "WxH" people read."""
     return f"{bucket[1]}x{bucket[0]}" if bucket else "-"
@@ -191,8 +220,12 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         window,
         crf,
         variant,
-        *panel,
+        end_path,
+        end_strength,
+        blend,
+        *rest,
     ):
+        keyframe_values, panel = rest[: 2 * KEYFRAME_ROWS], rest[2 * KEYFRAME_ROWS :]
         if not image_path:
             return "**Upload a start image first.**"
         options = dict(
@@ -206,12 +239,21 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         )
         if variant != VARIANT_CHOICES[0]:
             options["variant"] = variant
+        if end_path:
+            options["end_strength"] = float(end_strength)
+        options["prompt_blend_sections"] = int(blend)
         request = {"prompt": prompt, "negative_prompt": negative, "options": options, "settings": panel_settings(panel)}
         try:
             critical = critical_findings({**base, **request["settings"], "resolution": int(resolution)}, hardware)
             if critical:
                 return "**Not queued:** " + " ".join(critical)
-            jobs = queue.submit_batch(Path(image_path).read_bytes(), request, int(count))
+            keyframes = [
+                (float(at), Path(path).read_bytes())
+                for at, path in zip(keyframe_values[::2], keyframe_values[1::2])
+                if path and at is not None
+            ]
+            end = Path(end_path).read_bytes() if end_path else None
+            jobs = queue.submit_batch(Path(image_path).read_bytes(), request, int(count), end, keyframes)
         except (FramePackError, OSError) as exc:
             return f"**Not queued:** {exc}"
         ids = ", ".join(str(j.id) for j in jobs)
@@ -315,6 +357,34 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                 variant = gr.Radio(
                     VARIANT_CHOICES, value=start.variant or VARIANT_CHOICES[0], label="Variant", elem_id="variant"
                 )
+                timeline = gr.Markdown(
+                    timeline_markdown("", start.seconds, start.window, "model default", base), elem_id="timeline"
+                )
+                with gr.Accordion("End frame and keyframes (inverted variant)", open=False):
+                    with gr.Row():
+                        end_image = gr.Image(
+                            type="filepath", label="End image", elem_id="end-image", sources=["upload"]
+                        )
+                        end_image.preprocess = functools.partial(_upload_path, gradio_preprocess=end_image.preprocess)
+                        with gr.Column():
+                            end_strength = gr.Slider(
+                                0, 1, value=1, step=0.05, label="End strength", elem_id="end-strength"
+                            )
+                            blend = gr.Slider(
+                                0, 8, value=0, step=1, label="Prompt blend (sections)", elem_id="prompt-blend"
+                            )
+                    keyframe_inputs = []
+                    for row in range(KEYFRAME_ROWS):
+                        with gr.Row():
+                            at = gr.Number(None, label=f"Keyframe {row + 1} time (s)", elem_id=f"keyframe-{row}-time")
+                            picture = gr.Image(
+                                type="filepath",
+                                label=f"Keyframe {row + 1}",
+                                elem_id=f"keyframe-{row}",
+                                sources=["upload"],
+                            )
+                            picture.preprocess = functools.partial(_upload_path, gradio_preprocess=picture.preprocess)
+                            keyframe_inputs += [at, picture]
                 with gr.Accordion("Optimizations", open=True):
                     with gr.Row():
                         preset = gr.Dropdown(list(PRESETS), value=start.preset, label="Preset", elem_id="preset")
@@ -389,9 +459,12 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             control.change(report_for, [resolution, *panel], report)
         for control in (image, resolution):
             control.change(bucket_markdown, [image, resolution], bucket)
+        for control in (prompt, seconds, window, variant):
+            control.change(lambda *v: timeline_markdown(*v, base), [prompt, seconds, window, variant], timeline)
         queue_btn.click(
             queue_job,
             [image, prompt, negative, seconds, resolution, seed, random_seed, count, steps, gs, window, crf, variant]
+            + [end_image, end_strength, blend, *keyframe_inputs]
             + panel,
             status,
             api_name="queue_job",

@@ -52,6 +52,9 @@ class GenerateOptions:
     start_color: str | None = None  # text-to-video: the blank start frame's colour (or "noise"); no image
 
     def __post_init__(self) -> None:
+        # (seconds, text/path) pairs arrive as lists from JSON (a job's stored request, a clip's metadata)
+        object.__setattr__(self, "prompt_at", tuple((float(s), str(t)) for s, t in self.prompt_at))
+        object.__setattr__(self, "keyframes", tuple((float(s), str(p)) for s, p in self.keyframes))
         check_text(self.prompt, "prompt")
         check_text(self.negative_prompt, "negative prompt")
         _check(
