@@ -65,16 +65,21 @@ def parse_prompt(text: str) -> tuple[str, list[TimedPrompt]]:
     return default, sorted(timed, key=lambda p: p.seconds)
 
 
-def parse_prompt_at(value: str) -> TimedPrompt:
-    """`--prompt-at TIME:TEXT` (TIME in seconds, an optional trailing s)."""
-    time_part, sep, text = value.partition(":")
+def _parse_timed(value: str, flag: str, form: str, example: str) -> tuple[float, str]:
+    """`TIME:REST` (TIME in seconds, an optional trailing s) as (seconds, REST), or one line saying how to write it."""
+    time_part, sep, rest = value.partition(":")
     try:
         seconds = float(time_part.strip().removesuffix("s"))
     except ValueError:
         seconds = math.nan
-    if not sep or not text.strip() or not math.isfinite(seconds):
-        raise InputError(f"--prompt-at {value!r}: write TIME:TEXT, e.g. 1.8:the red circle moves left")
-    return TimedPrompt(seconds, text.strip())
+    if not sep or not rest.strip() or not math.isfinite(seconds):
+        raise InputError(f"{flag} {value!r}: write {form}, e.g. {example}")
+    return seconds, rest.strip()
+
+
+def parse_prompt_at(value: str) -> TimedPrompt:
+    """`--prompt-at TIME:TEXT`."""
+    return TimedPrompt(*_parse_timed(value, "--prompt-at", "TIME:TEXT", "1.8:the red circle moves left"))
 
 
 def prompt_changes(
@@ -128,14 +133,7 @@ class Keyframe:
 
 def parse_keyframe(value: str) -> tuple[float, str]:
     """`--keyframe TIME:PATH`."""
-    time_part, sep, path = value.partition(":")
-    try:
-        seconds = float(time_part.strip().removesuffix("s"))
-    except ValueError:
-        seconds = math.nan
-    if not sep or not path.strip() or not math.isfinite(seconds):
-        raise InputError(f"--keyframe {value!r}: write TIME:PATH, e.g. 1.8:middle.png")
-    return seconds, path.strip()
+    return _parse_timed(value, "--keyframe", "TIME:PATH", "1.8:middle.png")
 
 
 def place_keyframes(keyframes: list[tuple[float, str]], sections: int, window: int, seconds: float) -> list[Keyframe]:
