@@ -243,8 +243,6 @@ def generate(
             "start_color": start_color if image is None else None,
         }
         for name, value in recorded.get("timed", {}).items():  # --from: the clip's, where no flag was given
-            if name in ("prompt_at", "keyframes"):
-                value = tuple(tuple(v) for v in value)
             if timed[name] == GenerateOptions.__dataclass_fields__[name].default:
                 timed[name] = value
         if image is not None and start_color is not None:
@@ -277,8 +275,6 @@ def generate(
         fp = FramePack.load(settings=settings, ignore_incompatible=ignore_incompatible)
         token = CancelToken()
         job = {k: v for k, v in options.to_dict().items() if k not in ("prompt", "negative_prompt", "seed")}
-        job["prompt_at"] = tuple(tuple(p) for p in job["prompt_at"])  # asdict made them lists
-        job["keyframes"] = tuple(tuple(k) for k in job["keyframes"])
         with _InterruptToCancel(token), _ProgressView(console) as view:
             results = fp.generate_batch(picture, prompt, count, base_out, view, token, negative, seed=seeds[0], **job)
         for result in results:
