@@ -3,7 +3,8 @@
 Stages: `vae` (the procedural world's clips -> AutoencoderKLHunyuanVideo, small config), then
 `transformer` (flow matching on FramePack's packed sections, with OUT/vae's encoder) and, at the same
 time if you like, `decoder` (more training of OUT/vae's decoder alone, the encoder frozen, so the
-transformer's latents stay valid). Seeded and resumable:
+transformer's latents stay valid). `timeline` fine-tunes a trained transformer (default: the shipped
+one) on changing prompts, end frames and keyframes (train/timeline.py). Seeded and resumable:
 re-running a stage continues from its last checkpoint in OUT/checkpoints/. `ship` copies the result
 into the package (src/framepack_turbo/models/weights/tiny/) with a manifest and runs the quality gates.
 """
@@ -30,10 +31,13 @@ def _save_record(out: Path, stage: str, record: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "decoder", "transformer", "ship"])
+    parser.add_argument("stage", choices=["vae", "decoder", "transformer", "timeline", "ship"])
     parser.add_argument("--out", type=Path, default=Path("training/tiny"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--save-every", type=int, default=None)
+    parser.add_argument(
+        "--start-from", type=Path, default=None, help="timeline: the transformer to fine-tune (default: the shipped one)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -60,13 +64,33 @@ def main() -> None:
         vae = AutoencoderKLHunyuanVideo.from_pretrained(args.out / "vae").eval()
         cfg = _with_overrides(transformer.TransformerTraining(), args)
         _save_record(args.out, "transformer", transformer.train(args.out, conditioning, vae, cfg))
+    if args.stage == "timeline":
+        import shutil
+
+        from diffusers import AutoencoderKLHunyuanVideo
+
+        from framepack_turbo.models.random import build_models
+        from framepack_turbo.train import ship, timeline
+
+        conditioning = build_models("tiny", skip=frozenset({"transformer", "vae"}))
+        # The shipped VAE: its encoder made the latents the transformer was trained on; `ship` takes it from OUT.
+        if not (args.out / "vae").is_dir():
+            shutil.copytree(ship.SHIPPED / "vae", args.out / "vae")
+        shipped = json.loads((ship.SHIPPED / "manifest.json").read_text())
+        for name in ("vae", "decoder", "transformer"):  # the earlier stages' records, kept in the manifest
+            if not (args.out / f"{name}_record.json").is_file() and name in shipped:
+                (args.out / f"{name}_record.json").write_text(json.dumps(shipped[name], indent=2))
+        vae = AutoencoderKLHunyuanVideo.from_pretrained(args.out / "vae").eval()
+        cfg = _with_overrides(timeline.TimelineTraining(), args)
+        start = args.start_from or ship.SHIPPED / "transformer"
+        _save_record(args.out, "timeline", timeline.finetune(args.out, conditioning, vae, start, cfg))
     if args.stage == "ship":
         from framepack_turbo.api import FramePack
         from framepack_turbo.train import ship
 
         records = {
             name: json.loads((args.out / f"{name}_record.json").read_text())
-            for name in ("vae", "decoder", "transformer")
+            for name in ("vae", "decoder", "transformer", "timeline")
             if (args.out / f"{name}_record.json").is_file()
         }
         manifest = ship.ship(args.out, records)

@@ -76,14 +76,25 @@ def test_prompt_blend_pads_and_masks_the_shorter_sequence():
     assert encode.blend_prompts([(a, 1.0)]) is a  # one prompt: the same tensors, bit for bit
 
 
-def test_keyframes_anchor_the_sections_from_theirs_on():
+def test_keyframes_snap_to_boundaries_and_anchor_the_sections_from_theirs_on():
+    # 1.2 s sections: 1.5 s snaps to 1.2 s (boundary 1), 3.0 s half up to 3.6 s (boundary 3)
     placed = place_keyframes([(3.0, "late.png"), (1.5, "mid.png")], 5, 9, 6.0)
-    assert [(k.path, k.section) for k in placed] == [("mid.png", 1), ("late.png", 2)]
-    assert [keyframe_for(placed, k) for k in range(5)] == [None, 0, 1, 1, 1]
+    assert [(k.path, k.section, k.starts_s) for k in placed] == [("mid.png", 1, 1.2), ("late.png", 3, 3.6)]
+    assert [keyframe_for(placed, k) for k in range(5)] == [None, 0, 0, 1, 1]
+    assert place_keyframes([(0.2, "early.png")], 5, 9, 6.0)[0].section == 1  # never onto the start image
     with pytest.raises(InputError, match=r"in \(0, 6\]"):
         place_keyframes([(0.0, "a.png")], 5, 9, 6.0)
     with pytest.raises(InputError, match="one keyframe per section"):
-        place_keyframes([(1.3, "a.png"), (2.0, "b.png")], 5, 9, 6.0)
+        place_keyframes([(1.3, "a.png"), (1.6, "b.png")], 5, 9, 6.0)
+
+
+def test_a_keyframe_on_the_end_is_the_end_frame():
+    args = dict(prompt="x", prompt_at=(), variant="inverted", sections=3, window=9, seconds=3.6)
+    plan = plan_timeline(keyframes=((3.5, "last.png"),), end_image=None, **args)
+    assert plan.end_image == "last.png" and plan.keyframes[0].section == 3
+    assert any("it is the end frame" in note for note in plan.notes())
+    with pytest.raises(InputError, match="lands on the clip's end, where --end-image already is"):
+        plan_timeline(keyframes=((3.6, "last.png"),), end_image="end.png", **args)
     assert parse_keyframe("1.8:mid.png") == (1.8, "mid.png")
     with pytest.raises(InputError, match="write TIME:PATH"):
         parse_keyframe("mid.png")

@@ -265,8 +265,8 @@ class Generator:
             if text_to_video:
                 image_embeds = torch.zeros_like(image_embeds)
         cond = _Conditioning(positive, negative, image_embeds, start_latent, height, width)
-        if options.end_image:
-            end = encode.resize_and_center_crop(load_image(options.end_image), height, width)
+        if plan.end_image:  # --end-image, or a keyframe on the clip's end
+            end = encode.resize_and_center_crop(load_image(plan.end_image), height, width)
             cond.end_latent = latent_of(end) * options.end_strength
             if options.image_embed_blend:
                 with self._around("image_encoder"):

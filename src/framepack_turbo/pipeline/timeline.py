@@ -10,9 +10,13 @@ variant generates the last section in time first). Section k covers pixel frames
   boundary: a prompt cannot change inside a section, whose frames are sampled together. A change can
   blend over the next N sections: section j of the blend (0-based) takes (j + 1) / (N + 1) of the new
   prompt's embeddings.
-- Keyframes (inverted): a section's clean "pre" anchor is the latest keyframe at or before its span
-  (FramePack-eichi's rule: the nearest keyframe among the sections generated at or after this one);
-  sections before the first keyframe keep the start image.
+- Keyframes (inverted): a keyframe's time snaps to the nearest section boundary after the start, as a
+  prompt's does; from that boundary on, the sections take its latent as their clean "pre" anchor instead
+  of the start image's (FramePack-eichi's rule: a section's anchor is the nearest keyframe among the
+  sections generated at or after it, which in the inverted order is the latest at or before it in time).
+  Snapping is what the tiny model was trained on (train/timeline.py: the keyframe is the boundary's
+  frame), and it makes the time a keyframe shows exact. A keyframe that lands on the clip's end is its
+  end frame.
 """
 
 from __future__ import annotations
@@ -126,9 +130,10 @@ def prompt_weights(changes: list[PromptChange], sections: int, blend_sections: i
 
 @dataclass(frozen=True)
 class Keyframe:
-    seconds: float
+    seconds: float  # as asked
     path: str
-    section: int  # the time-order section whose span holds it
+    section: int  # the boundary it landed on: the first time-order section it anchors (sections: the end)
+    starts_s: float  # that boundary's time
 
 
 def parse_keyframe(value: str) -> tuple[float, str]:
@@ -137,19 +142,20 @@ def parse_keyframe(value: str) -> tuple[float, str]:
 
 
 def place_keyframes(keyframes: list[tuple[float, str]], sections: int, window: int, seconds: float) -> list[Keyframe]:
-    """Keyframes in time order with their sections; times outside (0, seconds] or two in one section refused."""
+    """Keyframes in time order, snapped (half up) to the boundaries 1..sections; times outside (0, seconds] or
+    two on one boundary refused."""
     length = section_seconds(window)
     placed: list[Keyframe] = []
     for at, path in sorted(keyframes):
         if not 0 < at <= seconds:
             raise InputError(f"--keyframe {at:g}:{path}: the time must be in (0, {seconds:g}] seconds")
-        section = min(int(at / length), sections - 1)
-        if placed and placed[-1].section == section:
+        boundary = min(max(math.floor(at / length + 0.5), 1), sections)
+        if placed and placed[-1].section == boundary:
             raise InputError(
-                f"--keyframe {placed[-1].seconds:g} and {at:g}: both in the section from {section * length:.2f} s "
-                f"to {(section + 1) * length:.2f} s; one keyframe per section"
+                f"--keyframe {placed[-1].seconds:g} and {at:g}: both land on {boundary * length:.2f} s "
+                f"(keyframes snap to section boundaries, {length:.2f} s apart); one keyframe per section"
             )
-        placed.append(Keyframe(at, path, section))
+        placed.append(Keyframe(at, path, boundary, round(boundary * length, 3)))
     return placed
 
 
@@ -174,11 +180,16 @@ class TimelinePlan:
         return len(self.changes) > 1
 
     def notes(self) -> list[str]:
-        """Where each timed prompt landed, for the user."""
+        """Where each timed prompt and keyframe landed, for the user."""
         return [
             f"prompt {c.text!r} asked at {c.asked_s:g}s starts at {c.starts_s:g}s (section {c.section + 1})"
             for c in self.changes
             if c.asked_s != c.starts_s
+        ] + [
+            f"keyframe {k.path} asked at {k.seconds:g}s is shown at {k.starts_s:g}s"
+            + (" (the clip's end: it is the end frame)" if k.section == self.sections else "")
+            for k in self.keyframes
+            if k.seconds != k.starts_s or k.section == self.sections
         ]
 
     def to_dict(self) -> dict:
@@ -187,7 +198,10 @@ class TimelinePlan:
                 {"text": c.text, "asked_s": c.asked_s, "starts_s": c.starts_s, "section": c.section}
                 for c in self.changes
             ],
-            "keyframes": [{"seconds": k.seconds, "path": k.path, "section": k.section} for k in self.keyframes],
+            "keyframes": [
+                {"seconds": k.seconds, "path": k.path, "starts_s": k.starts_s, "section": k.section}
+                for k in self.keyframes
+            ],
             "end_image": self.end_image,
         }
 
@@ -215,4 +229,11 @@ def plan_timeline(
     changes = prompt_changes(default, timed, sections, window, seconds)
     weights = prompt_weights(changes, sections, blend_sections)
     placed = place_keyframes(list(keyframes), sections, window, seconds)
+    if placed and placed[-1].section == sections:  # on the end: the end frame's slot
+        if end_image:
+            raise InputError(
+                f"--keyframe {placed[-1].seconds:g}:{placed[-1].path} lands on the clip's end, where --end-image "
+                "already is: drop one, or move the keyframe earlier"
+            )
+        end_image = placed[-1].path
     return TimelinePlan(sections, tuple(changes), tuple(weights), tuple(placed), end_image)

@@ -156,26 +156,39 @@ def build_dataset(
     return data
 
 
-def section_example(z: torch.Tensor, variant: str, n: int, k: int, window: int):
+def section_example(
+    z: torch.Tensor,
+    variant: str,
+    n: int,
+    k: int,
+    window: int,
+    end: torch.Tensor | None = None,
+    keyframe: tuple[int, torch.Tensor] | None = None,
+):
     """Inputs of the k-th generated section of an n-section clip whose true latents are `z` (B, C, T, h, w):
-    (noisy target x0, clean, clean_2x, clean_4x, PackedIndices)."""
+    (noisy target x0, clean, clean_2x, clean_4x, PackedIndices).
+
+    Inverted only: `end` (B, C, 1, h, w) is the end frame's latent, in the history slot right after the
+    clip as the generator puts it; `keyframe` (b, latent) replaces the start latent as the clean "pre"
+    anchor of the sections from time-order section b on (pipeline/timeline.py's rule)."""
     b, c, _, h, w = z.shape
     context = CONTEXT_1X + CONTEXT_2X + CONTEXT_4X
     zeros = z.new_zeros(b, c, context, h, w)
+    anchor = z[:, :, :1]
     if variant == "inverted":
         position = n - 1 - k  # generated last-to-first
         start = 1 + position * window
-        later = z[:, :, start + window : 1 + n * window]
-        post, two_x, four_x = torch.cat([later, zeros], dim=2)[:, :, :context].split(
-            [CONTEXT_1X, CONTEXT_2X, CONTEXT_4X], 2
-        )
+        later = [z[:, :, start + window : 1 + n * window], *([end] if end is not None else []), zeros]
+        post, two_x, four_x = torch.cat(later, dim=2)[:, :, :context].split([CONTEXT_1X, CONTEXT_2X, CONTEXT_4X], 2)
         indices = inverted_indices(inverted_paddings(n)[k], window)
+        if keyframe is not None and position >= keyframe[0]:
+            anchor = keyframe[1]
     else:
         start = 1 + k * window
         history = torch.cat([zeros, z[:, :, :start]], dim=2)
         four_x, two_x, post = history[:, :, -context:].split([CONTEXT_4X, CONTEXT_2X, CONTEXT_1X], 2)
         indices = f1_indices(window)
-    clean = torch.cat([z[:, :, :1], post], dim=2)
+    clean = torch.cat([anchor, post], dim=2)
     return z[:, :, start : start + window], clean, two_x, four_x, indices
 
 

@@ -45,11 +45,25 @@ class Scene:
     y: float
     radius: float  # start half-size, as a fraction of the frame
     background: int  # seed of the texture
+    # Later motions, as (from frame, motion): the object changes what it does mid-clip, as a timestamped
+    # prompt asks ("[0s: ... moves right] [2.4s: ... moves left]").
+    changes: tuple[tuple[int, str], ...] = ()
 
     @property
     def prompt(self) -> str:
-        verb = {"grow": "grows", "shrink": "shrinks", "still": "stays still"}.get(self.motion, f"moves {self.motion}")
-        return f"the {self.color} {self.shape} {verb}"
+        """The prompt of the first motion."""
+        return prompt_of(self.color, self.shape, self.motion)
+
+    def motion_at(self, frame: int) -> str:
+        return next((m for at, m in reversed(self.changes) if frame >= at), self.motion)
+
+    def prompt_at(self, frame: int) -> str:
+        return prompt_of(self.color, self.shape, self.motion_at(frame))
+
+
+def prompt_of(color: str, shape: str, motion: str) -> str:
+    verb = {"grow": "grows", "shrink": "shrinks", "still": "stays still"}.get(motion, f"moves {motion}")
+    return f"the {color} {shape} {verb}"
 
 
 # The README demo's scene (examples/red-circle.png is its first frame) and the bench's input on `tiny`.
@@ -125,17 +139,51 @@ def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
     return np.clip(0.5 - dist, 0, 1)
 
 
+def trajectory(scene: Scene, frames: int, size: int = 64) -> np.ndarray:
+    """(frames, 3): the object's centre x, y and half-size in pixels, per frame."""
+    step = scene.speed * size / 64  # pixels per frame at this size
+    t = np.arange(frames, dtype=np.float64)
+    if not scene.changes:  # one motion: the closed form (the shipped model's clips, bit for bit)
+        dx, dy, ds = _STEP[scene.motion]
+        cx, cy, r = scene.x * size + dx * step * t, scene.y * size + dy * step * t, scene.radius * size + ds * step * t * 0.5
+    else:  # piecewise: each frame moves by the motion of the frame it leaves
+        moves = np.array([_STEP[scene.motion_at(f)] for f in range(max(frames - 1, 0))], dtype=np.float64)
+        offsets = np.concatenate([np.zeros((1, 3)), np.cumsum(moves, axis=0)]) * step
+        cx = scene.x * size + offsets[:frames, 0]
+        cy = scene.y * size + offsets[:frames, 1]
+        r = scene.radius * size + offsets[:frames, 2] * 0.5
+    return np.stack([cx, cy, np.maximum(r, 1.5)], axis=1)
+
+
+def in_view(scene: Scene, frames: int, margin: float = 0.02) -> bool:
+    """Whether the object stays whole inside the frame, and between the sizes the world uses, throughout."""
+    path = trajectory(scene, frames, 64) / 64
+    edge = path[:, 2] + margin
+    inside = (path[:, 0] >= edge) & (path[:, 0] <= 1 - edge) & (path[:, 1] >= edge) & (path[:, 1] <= 1 - edge)
+    return bool(inside.all() and path[:, 2].min() >= 0.06 - 1e-9 and path[:, 2].max() <= 0.3 + 1e-9)
+
+
+def changing_scene(rng: np.random.Generator, frames: int, at: int, first: str, then: str, tries: int = 400) -> Scene:
+    """A scene doing `first` until frame `at`, then `then`, that stays in view for `frames` frames: drawn as
+    `random_scene` draws them and retried until the path fits, each try a little slower (a size change
+    next to a move also draws a mid-sized object, so it has room to grow or shrink)."""
+    sized = {first, then} & {"grow", "shrink"}
+    for attempt in range(tries):
+        base = random_scene(rng, frames, first)
+        radius = float(rng.uniform(0.12, 0.18)) if sized else base.radius
+        speed = base.speed * 0.99**attempt
+        scene = Scene(**{**base.__dict__, "radius": radius, "speed": speed, "changes": ((at, then),)})
+        if in_view(scene, frames):
+            return scene
+    raise ValueError(f"no {first}-then-{then} scene of {frames} frames fits the frame")
+
+
 def render(scene: Scene, frames: int, size: int = 64) -> np.ndarray:
     """The clip, (frames, size, size, 3) uint8."""
     bg = background(scene.background, size)
     color = np.array(COLORS[scene.color], dtype=np.float64)
-    dx, dy, ds = _STEP[scene.motion]
-    step = scene.speed * size / 64  # pixels per frame at this size
     out = np.empty((frames, size, size, 3), np.uint8)
-    for t in range(frames):
-        cx = scene.x * size + dx * step * t
-        cy = scene.y * size + dy * step * t
-        r = max(scene.radius * size + ds * step * t * 0.5, 1.5)
+    for t, (cx, cy, r) in enumerate(trajectory(scene, frames, size)):
         m = _mask(scene.shape, size, cx, cy, r)[..., None]
         out[t] = np.round(bg * (1 - m) + color * m).astype(np.uint8)
     return out
