@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from framepack_turbo.constants import FPS, LATENT_CHANNELS, TIME_SCALE, VAE_SPATIAL_SCALE
-from framepack_turbo.errors import Cancelled, FramePackError
+from framepack_turbo.errors import Cancelled, FramePackError, InputError
 from framepack_turbo.files import write_json
 from framepack_turbo.hardware import Hardware, library_versions
 from framepack_turbo.models.loading import ModelBundle
-from framepack_turbo.pipeline import encode, vae, video
+from framepack_turbo.pipeline import encode, extend, vae, video
 from framepack_turbo.pipeline.events import (
     CancelToken,
     EventSink,
@@ -74,6 +74,7 @@ class Result:
     sidecar: dict[str, Any]
     latents: torch.Tensor | None = None  # (1, 16, T, h, w) float32: the clip's latents, in time order
     record: RunRecord | None = None  # the sidecar, typed
+    frames_before: int = 0  # a video extension: the mp4's frames before `frames`, copied from the input
 
     @property
     def status(self) -> str:
@@ -149,21 +150,37 @@ class Generator:
         variant = options.variant or self.bundle.preset.default_variant
         sections = plan_sections(variant, options.seconds, options.window)
         plan = timeline_of(options, variant)  # every timed input checked before any model runs
-        if image is None:  # text-to-video: a blank start frame
+        source = extend.probe_video(options.video) if options.video else None
+        tail = None
+        if source is not None:  # a continuation: the input's last frame is the start image
+            if image is not None:
+                raise InputError("--video continues the clip from its own last frame: drop --image")
+            tail = extend.read_tail(source, *extend.bucket_of(source, options.resolution), variant, options.window)
+            least = extend.f1_least_frames(options.window)
+            if variant == "f1" and len(tail.frames) < least:
+                raise InputError(
+                    f"{source.path}: {tail.total} frames at 30 fps; F1 continues from at least {least} "
+                    f"({least / FPS:.1f} s, one section's latents): use --variant inverted"
+                )
+            picture = tail.frames[-1]
+        elif image is None:  # text-to-video: a blank start frame
             picture = blank_start(options.start_color or "black", options.resolution, options.seed)
         else:
             picture = load_image(image)
         timings = _Timings()
         record = self._record(options, variant, image, len(sections))
         record.timeline = plan.to_dict()
-        for note in plan.notes():
+        notes = plan.notes() + ([source.note()] if source is not None and source.note() else [])
+        for note in notes:
             self.on_event(Notice(note))
         sidecar = video.sidecar_path(out_path)
         self._reset("job")
 
-        cond = self._condition(picture, options, timings, plan, text_to_video=image is None)
+        cond = self._condition(picture, options, timings, plan, text_to_video=image is None and source is None)
         record.job_caches = {e.name: e.stats() for e in self.extensions if e.kind == "job_cache"}
         record.image["bucket"] = [cond.height, cond.width]
+        if source is not None:
+            record.image.update(source=str(source.path), extends=extend.describe(source, tail))
 
         rng = torch.Generator("cpu").manual_seed(options.seed)
         history = self._initial_history(variant, cond)
@@ -171,6 +188,16 @@ class Generator:
             history[:, :, :1] = cond.end_latent
         pixels: torch.Tensor | None = None
         generated = 1 if variant == "f1" else 0  # latent frames of the clip so far (F1 starts with the image)
+        before = 0  # output frames copied from an input video ahead of `frames`
+        if tail is not None and variant == "f1":
+            # F1 continues the input itself: its last latents are the history the context comes from, and
+            # its last frames are the pixels the first section's decode cross-fades into (FramePack's append)
+            tail_latents = self._encode_clip(tail.frames, options.seed)
+            history = torch.cat([history[:, :, : extend.CONTEXT_LATENTS], tail_latents], dim=2)
+            generated, before = tail_latents.shape[2], tail.before
+            pixels = extend.to_pixels(tail.frames, self.bundle.vae.dtype)
+        elif tail is not None:
+            before = tail.total
         frames = np.zeros((0, cond.height, cond.width, 3), np.uint8)
         status = "complete"
         self.on_event(StageStarted("sampling"))
@@ -190,10 +217,14 @@ class Generator:
                 generated += latents.shape[2]
                 pixels = self._decode_append(variant, section, history, generated, pixels, options.window, timings)
                 frames = video.to_uint8_frames(pixels)
+                if tail is not None and variant == "inverted" and section.is_last:
+                    frames = extend.join_after(tail.frames[-1], frames, pixel_frames_per_window(options.window))
                 t0 = time.perf_counter()
-                video.write_mp4(frames, out_path, crf=options.crf, metadata=record.reproduction())
+                copied = extend.head(source, cond.height, cond.width, before) if source is not None else ()
+                video.write_mp4(frames, out_path, crf=options.crf, metadata=record.reproduction(), before=copied)
                 timings.add("write", time.perf_counter() - t0)
-                record.sections_done, record.frames, record.timings = section.number + 1, len(frames), timings.to_dict()
+                record.sections_done, record.timings = section.number + 1, timings.to_dict()
+                record.frames = before + len(frames)
                 write_json(record.to_dict(), sidecar)
                 self.on_event(SectionDone(section.number + 1, len(sections), len(frames), out_path, caches, engines))
         except Cancelled:
@@ -212,12 +243,12 @@ class Generator:
 
         timings.add("total", time.perf_counter() - job_started)
         video_path = out_path if record.sections_done else None
-        record.status, record.frames, record.timings = status, len(frames), timings.to_dict()
+        record.status, record.frames, record.timings = status, before + len(frames), timings.to_dict()
         record.video["path"] = str(video_path) if video_path else None
         write_json(record.to_dict(), sidecar)
-        self.on_event(JobDone(status, video_path, len(frames)))
+        self.on_event(JobDone(status, video_path, record.frames))
         clip = history[:, :, :generated] if variant == "inverted" else history[:, :, -generated:]
-        result = Result(frames, out_path, sidecar, record.to_dict(), clip, record)
+        result = Result(frames, out_path, sidecar, record.to_dict(), clip, record, frames_before=before)
         if status == "cancelled":
             stopped = Cancelled(
                 f"stopped by the user after {record.sections_done} of {len(sections)} sections"
@@ -310,6 +341,14 @@ class Generator:
                 return vae.encode(encode.image_to_tensor(picture), b.vae, posterior_rng).cpu()
 
         return latent_of
+
+    def _encode_clip(self, frames: np.ndarray, seed: int) -> torch.Tensor:
+        """Latents of a bucket-sized clip (an input video's tail), in the VAE's temporal tiles (diffusers'
+        framewise encoding), so the memory it takes does not grow with the clip."""
+        b = self.bundle
+        posterior_rng = torch.Generator(b.vae.device).manual_seed(seed + 1)  # the start latent's stays as it was
+        with self._around("vae"):
+            return vae.encode(extend.to_pixels(frames, torch.float32), b.vae, posterior_rng).cpu()
 
     @staticmethod
     def _initial_history(variant: str, cond: _Conditioning) -> torch.Tensor:

@@ -50,6 +50,7 @@ class GenerateOptions:
     image_embed_blend: bool = False  # blend the start and end images' SigLIP embeddings across sections
     keyframes: tuple[tuple[float, str], ...] = ()  # (seconds, image path): inverted anchors
     start_color: str | None = None  # text-to-video: the blank start frame's colour (or "noise"); no image
+    video: str | None = None  # extension: continue this clip (pipeline/extend.py); `seconds` is the new part
 
     def __post_init__(self) -> None:
         # (seconds, text/path) pairs arrive as lists from JSON (a job's stored request, a clip's metadata)
@@ -85,6 +86,10 @@ class GenerateOptions:
             check_text(text, f"prompt at {seconds:g}s")
         if self.start_color is not None:
             start_color_rgb(self.start_color)  # refuses an unknown colour now
+        _check(
+            not (self.video and self.start_color),
+            "--video continues a clip from its last frame; --start-color is for a clip without any: drop one",
+        )
         _check(
             MIN_CRF <= self.crf <= MAX_CRF,
             f"crf={self.crf}: must be in [{MIN_CRF}, {MAX_CRF}] (lower is better quality)",

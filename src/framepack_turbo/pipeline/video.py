@@ -6,8 +6,10 @@ that finished. PyAV (FFmpeg with libx264 in its wheels) does the encoding: no sy
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +40,19 @@ METADATA_TAG = "framepack-turbo"  # the "format" key of the JSON the mp4's comme
 
 
 def write_mp4(
-    frames: np.ndarray, path: str | os.PathLike, crf: int = 16, fps: int = FPS, metadata: dict | None = None
+    frames: np.ndarray,
+    path: str | os.PathLike,
+    crf: int = 16,
+    fps: int = FPS,
+    metadata: dict | None = None,
+    before: Iterable[np.ndarray] = (),
 ) -> Path:
     """Encode (T, H, W, 3) uint8 frames as h264 yuv420p; replaces `path` only once the file is complete.
 
     `metadata` (what the clip was made with) goes into the container's comment as JSON, so the file alone
-    can be read back (`read_metadata`, `framepack info`) and re-run (`framepack generate --from`)."""
+    can be read back (`read_metadata`, `framepack info`) and re-run (`framepack generate --from`).
+    `before`: frames of the same size written first, as a stream (the input of a video extension, which is
+    never held whole)."""
     import av
 
     if not MIN_CRF <= crf <= MAX_CRF:
@@ -58,7 +67,7 @@ def write_mp4(
             container.metadata["title"] = str(metadata.get("prompt", ""))[:200]
         stream = container.add_stream(CODEC, rate=fps, options={"crf": str(int(crf))})
         stream.width, stream.height, stream.pix_fmt = w, h, PIX_FMT
-        for frame in frames:
+        for frame in itertools.chain(before, frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
