@@ -36,7 +36,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--save-every", type=int, default=None)
     parser.add_argument(
-        "--start-from", type=Path, default=None, help="timeline: the transformer to fine-tune (default: the shipped one)"
+        "--start-from",
+        type=Path,
+        default=None,
+        help="timeline: the transformer to fine-tune (default: the shipped one)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     args = parser.parse_args()

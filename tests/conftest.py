@@ -37,6 +37,14 @@ def tiny(tiny_bundle):
     return FramePack(tiny_bundle)
 
 
+@pytest.fixture(scope="session")
+def trained():
+    """The shipped, trained tiny model: the one whose clips mean something (behaviour gates)."""
+    from framepack_turbo.api import FramePack
+
+    return FramePack.load("tiny", device="cpu")
+
+
 # Small, fast generation settings shared by the tests: 2 s at window 9 = 2 sections.
 FAST = dict(seconds=2, steps=2, resolution=128)
 

@@ -359,3 +359,26 @@ def test_identity_survives_save_pretrained(tmp_path):
     before = {c: ox.component_identity(bundle, c) for c in ox.COMPONENTS}
     bundle.save_pretrained(tmp_path / "saved")
     assert {c: ox.component_identity(bundle, c) for c in ox.COMPONENTS} == before
+
+
+def test_a_fixed_export_refuses_another_frame_size_before_the_job_runs(tmp_path):
+    """A video (or image) whose bucket no exported graph takes is refused in one line before any step, not
+    at the first VAE decode: the export folder is the user's, not ours to extend."""
+    from framepack_turbo.errors import InputError
+
+    folder = tmp_path / "user" / "vae"
+    folder.mkdir(parents=True)
+    graph = {
+        "module": "vae.decoder",
+        "inputs": [{"name": "hidden_states", "kind": "float", "shape": [1, 16, "frames", "h", "w"]}],
+        "dims": {"frames": [1, 64], "h": [8, 8], "w": [8, 10]},
+    }
+    ox.manifest_path(folder).write_text(json.dumps({"format": ox.FORMAT, "version": ox.VERSION, "graphs": [graph]}))
+    pinned = oe.OnnxConfig(components=("vae",), export_dir=tmp_path / "user")
+    runner = oe.GraphRunner("vae.decoder", "vae", folder, torch.nn.Identity(), None, pinned, [(oe.CPU, {})])
+    engines = oe.OnnxEngines([runner])
+    engines.check_frame(64, 80)  # latent 8 x 10: covered
+    with pytest.raises(InputError, match=r"takes frames of 64x64-80 \(height x width\); this job's are 64x96"):
+        engines.check_frame(64, 96)
+    extendable = oe.GraphRunner("vae.decoder", "vae", folder, torch.nn.Identity(), None, oe.OnnxConfig(), [])
+    oe.OnnxEngines([extendable]).check_frame(64, 96)  # our own cache: the shape is exported when first called

@@ -20,13 +20,6 @@ VAE_PSNR_BOUND_DB = ship.VAE_PSNR_BOUND_DB
 MIN_DIRECTION_ACCURACY = 0.8
 
 
-@pytest.fixture(scope="module")
-def trained():
-    from framepack_turbo.api import FramePack
-
-    return FramePack.load("tiny", device="cpu")
-
-
 def test_shipped_files_match_their_manifest_and_budget():
     manifest = json.loads((TINY_WEIGHTS / "manifest.json").read_text())
     on_disk = {

@@ -199,6 +199,10 @@ def generate(
     start_color: Annotated[
         Optional[str], typer.Option(help="Text-to-video (no --image): the start frame's colour, or noise.")
     ] = None,
+    video_in: Annotated[
+        Optional[Path],
+        typer.Option("--video", help="Continue this clip (mp4, webm, mov ...) by --seconds; instead of --image."),
+    ] = None,
     preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
     ignore_incompatible: Annotated[
         bool, typer.Option("--ignore-incompatible", help="Run despite critical compatibility findings (after 5 s).")
@@ -241,12 +245,15 @@ def generate(
             "end_strength": end_strength,
             "image_embed_blend": image_embed_blend,
             "start_color": start_color if image is None else None,
+            "video": str(video_in) if video_in else None,
         }
         for name, value in recorded.get("timed", {}).items():  # --from: the clip's, where no flag was given
             if timed[name] == GenerateOptions.__dataclass_fields__[name].default:
                 timed[name] = value
         if image is not None and start_color is not None:
             raise InputError("--start-color is for text-to-video: give it without --image")
+        if image is not None and video_in is not None:
+            raise InputError("--video continues the clip from its own last frame: drop --image")
         if image is not None:
             timed["start_color"] = None
         options = options_from_settings(settings, prompt, negative, **timed)
@@ -256,7 +263,17 @@ def generate(
         for path in [options.end_image, *(p for _, p in options.keyframes)]:
             if path:
                 load_image(path)  # readable, sides in range: before any model loads
-        if image is None:
+        if options.video:
+            from framepack_turbo.pipeline import extend
+
+            source = extend.probe_video(options.video)  # container, codec, sides, length: before any model loads
+            typer.echo(
+                f"note: continuing {source.path} ({source.frames} frames at 30 fps) by {options.seconds:g} s"
+                + (f"; {source.note()}" if source.note() else ""),
+                err=True,
+            )
+            picture = None
+        elif image is None:
             picture = None
             typer.echo(
                 f"note: no --image: text-to-video from a {options.start_color or 'black'} start frame "
@@ -367,6 +384,7 @@ TIMED_OPTIONS = (
     "image_embed_blend",
     "keyframes",
     "start_color",
+    "video",
 )
 
 

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 20 << 20
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+MAX_VIDEO_UPLOAD_BYTES = 500 << 20
+MAX_VIDEO_UPLOAD_SECONDS = 10 * 60.0
 
 
 class Runner(Protocol):
@@ -63,6 +65,21 @@ def check_upload(data: bytes) -> np.ndarray:
         im.close()
         raise InputError(f"image type {im.format or 'unknown'} is not accepted; use {', '.join(IMAGE_FORMATS)}")
     return load_image(decode_rgb(im, "the upload"))
+
+
+def check_video_upload(data: bytes, path: Path):
+    """An uploaded video to extend, checked by its content (container, codec, sides, length) and stored at
+    `path`; the `InputVideo`. Nothing is kept when it is refused."""
+    from framepack_turbo.pipeline import extend
+
+    if len(data) > MAX_VIDEO_UPLOAD_BYTES:
+        raise InputError(f"video is {len(data) / 2**20:.0f} MB; the limit is {MAX_VIDEO_UPLOAD_BYTES >> 20} MB")
+    path.write_bytes(data)
+    try:
+        return extend.probe_video(path, max_seconds=MAX_VIDEO_UPLOAD_SECONDS)
+    except InputError as exc:
+        path.unlink(missing_ok=True)
+        raise InputError(str(exc).replace(str(path), "the video upload")) from None
 
 
 class JobQueue:
@@ -100,16 +117,18 @@ class JobQueue:
 
     def submit_batch(
         self,
-        image: bytes | np.ndarray,
+        image: bytes | np.ndarray | None,
         request: dict[str, Any],
         count: int,
         end_image: bytes | None = None,
         keyframes: list[tuple[float, bytes]] = (),
+        video: bytes | None = None,
     ) -> list[Job]:
         """Check and queue `count` clips of one request, seeds seed, seed+1, ... (options seed "random" draws
         the first, and the jobs record the numbers). One job per clip, so each clip can be cancelled, shows
         its own progress and video, and survives a restart on its own; `request["batch"]` groups them.
-        `end_image` and `keyframes` (time, image) are uploads too: checked and stored like the start image."""
+        `end_image` and `keyframes` (time, image) are uploads too: checked and stored like the start image.
+        `video`: a clip to extend instead of a start image (its last frame is the job's picture)."""
         from PIL import Image
 
         from framepack_turbo.api import batch_seeds, options_from_settings
@@ -117,7 +136,16 @@ class JobQueue:
         from framepack_turbo.pipeline.options import load_image
         from framepack_turbo.settings import Settings
 
-        picture = check_upload(image) if isinstance(image, bytes) else load_image(image)
+        stamp = f"{time.time_ns():x}"
+        source = None
+        if video is not None:
+            if image is not None:
+                raise InputError("a video to extend starts from its own last frame: give no start image")
+            source = check_video_upload(video, self.inputs / f"input-{stamp}-video")
+        elif image is None:
+            raise InputError("a start image (or a video to extend) is needed")
+        else:
+            picture = check_upload(image) if isinstance(image, bytes) else load_image(image)
         prompt = request.get("prompt", "")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("a prompt is needed")
@@ -129,9 +157,14 @@ class JobQueue:
         negative = request.get("negative_prompt", "")
         full = options_from_settings(settings, prompt, negative, **asked, seed=seeds[-1]).to_dict()
         options = {k: v for k, v in full.items() if k not in ("prompt", "negative_prompt")}
+        if source is not None:
+            from framepack_turbo.pipeline import extend
+
+            options["video"] = str(source.path)
+            height, width = extend.bucket_of(source, options["resolution"])
+            picture = extend.read_tail(source, height, width, "inverted").frames[-1]  # what the job shows
         bucket = list(nearest_bucket(*picture.shape[:2], resolution=options["resolution"]))
         json.dumps(request)  # only plain data is stored
-        stamp = f"{time.time_ns():x}"
         image_path = self.inputs / f"input-{stamp}.png"  # our name, our encoding: nothing of the client's kept
         extra = {}
         if end_image is not None:
@@ -141,7 +174,12 @@ class JobQueue:
             paths = [self.inputs / f"input-{stamp}-key{i}.png" for i in range(len(keyframes))]
             extra.update({p: check_upload(data) for p, (_, data) in zip(paths, keyframes)})
             options["keyframes"] = [[float(t), str(p)] for p, (t, _) in zip(paths, keyframes)]
-        self._check_timeline(options, prompt, negative, settings)
+        try:
+            self._check_timeline(options, prompt, negative, settings)
+        except InputError:
+            if source is not None:
+                source.path.unlink(missing_ok=True)
+            raise
         Image.fromarray(picture).save(image_path)
         for path, array in extra.items():
             Image.fromarray(array).save(path)
@@ -163,7 +201,14 @@ class JobQueue:
         from framepack_turbo.pipeline.options import GenerateOptions
 
         checked = GenerateOptions(prompt=prompt, negative_prompt=negative, **options)
-        timeline_of(checked, checked.variant or get_preset(settings.model).default_variant)
+        variant = checked.variant or get_preset(settings.model).default_variant
+        timeline_of(checked, variant)
+        if checked.video and variant == "f1":
+            from framepack_turbo.pipeline import extend
+
+            frames, least = extend.probe_video(checked.video).frames, extend.f1_least_frames(checked.window)
+            if frames < least:
+                raise InputError(f"the video has {frames} frames; F1 continues from at least {least}: pick inverted")
 
     def cancel(self, job_id: int) -> str:
         """Cancel a queued job at once, or ask a running one to stop after its current step."""
@@ -288,12 +333,13 @@ class GenerationRunner:
     def __call__(self, job: Job, cancel: CancelToken, on_event: Callable[[Any], None]) -> None:
         # Called only from the queue's one worker: one job at a time needs no lock here.
         fp = self._framepack(job.request.get("settings", {}))
+        options = job.request.get("options", {})
         fp.generate(
-            job.image,
+            None if options.get("video") else job.image,  # an extension starts from its video's last frame
             job.prompt,
             out=job.video,
             on_event=on_event,
             cancel=cancel,
             negative_prompt=job.request.get("negative_prompt", ""),
-            **job.request.get("options", {}),
+            **options,
         )

@@ -191,9 +191,14 @@ def launch_options(queue: JobQueue) -> dict[str, Any]:
     """How the page is served: only the videos can be fetched through Gradio's file route (not the job
     database, not the inputs), uploads stop at the queue's size limit, and a refused request's reason
     reaches the client instead of a bare "error"."""
-    from framepack_turbo.app.queue import MAX_UPLOAD_BYTES
+    from framepack_turbo.app.queue import MAX_UPLOAD_BYTES, MAX_VIDEO_UPLOAD_BYTES
 
-    return {"allowed_paths": [str(queue.videos.resolve())], "max_file_size": MAX_UPLOAD_BYTES, "show_error": True}
+    # Gradio's limit is the larger one (a video); check_upload holds images to theirs
+    return {
+        "allowed_paths": [str(queue.videos.resolve())],
+        "max_file_size": max(MAX_UPLOAD_BYTES, MAX_VIDEO_UPLOAD_BYTES),
+        "show_error": True,
+    }
 
 
 def build(queue: JobQueue, base: dict[str, Any], hardware):
@@ -225,9 +230,12 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         blend,
         *rest,
     ):
-        keyframe_values, panel = rest[: 2 * KEYFRAME_ROWS], rest[2 * KEYFRAME_ROWS :]
-        if not image_path:
-            return "**Upload a start image first.**"
+        keyframe_values, video_path = rest[: 2 * KEYFRAME_ROWS], rest[2 * KEYFRAME_ROWS]
+        panel = rest[2 * KEYFRAME_ROWS + 1 :]
+        if not image_path and not video_path:
+            return "**Upload a start image (or a video to extend) first.**"
+        if image_path and video_path:
+            return "**Not queued:** a video to extend starts from its own last frame: remove the start image."
         options = dict(
             seconds=float(seconds),
             resolution=int(resolution),
@@ -253,7 +261,9 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                 if path and at is not None
             ]
             end = Path(end_path).read_bytes() if end_path else None
-            jobs = queue.submit_batch(Path(image_path).read_bytes(), request, int(count), end, keyframes)
+            picture = Path(image_path).read_bytes() if image_path else None
+            clip = Path(video_path).read_bytes() if video_path else None
+            jobs = queue.submit_batch(picture, request, int(count), end, keyframes, clip)
         except (FramePackError, OSError) as exc:
             return f"**Not queued:** {exc}"
         ids = ", ".join(str(j.id) for j in jobs)
@@ -385,6 +395,13 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                             )
                             picture.preprocess = functools.partial(_upload_path, gradio_preprocess=picture.preprocess)
                             keyframe_inputs += [at, picture]
+                with gr.Accordion("Extend a video", open=False):
+                    video_in = gr.File(
+                        label="Video to continue (instead of a start image; Seconds is the new part)",
+                        file_types=[".mp4", ".webm", ".mov", ".mkv"],
+                        type="filepath",
+                        elem_id="video-in",
+                    )
                 with gr.Accordion("Optimizations", open=True):
                     with gr.Row():
                         preset = gr.Dropdown(list(PRESETS), value=start.preset, label="Preset", elem_id="preset")
@@ -464,7 +481,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         queue_btn.click(
             queue_job,
             [image, prompt, negative, seconds, resolution, seed, random_seed, count, steps, gs, window, crf, variant]
-            + [end_image, end_strength, blend, *keyframe_inputs]
+            + [end_image, end_strength, blend, *keyframe_inputs, video_in]
             + panel,
             status,
             api_name="queue_job",

@@ -51,6 +51,8 @@ class Extension:
     they go ("cache": per-section decisions; "engine": calls per provider, per job; "" none).
     `recover(error)`: after an out-of-memory error, free or move something and say what (None: nothing).
     `record()`: what the run record keeps of this extension (placement history ...).
+    `check_frame(height, width)`: before a job's models run, raise InputError when this pass cannot run
+    frames of that size (fixed-shape engines), rather than fail mid-job.
     `remove()`: undo what `apply` installed, so the pass comes off a loaded bundle.
     """
 
@@ -75,6 +77,9 @@ class Extension:
 
     def record(self) -> dict[str, Any] | None:
         return None
+
+    def check_frame(self, height: int, width: int) -> None:
+        pass
 
     def remove(self) -> None:
         pass

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from framepack_turbo.constants import LLAMA_HIDDEN_LAYER
-from framepack_turbo.errors import FramePackError
+from framepack_turbo.constants import LLAMA_HIDDEN_LAYER, VAE_SPATIAL_SCALE
+from framepack_turbo.errors import FramePackError, InputError
 from framepack_turbo.optim import onnx_export as ox
 from framepack_turbo.optim.base import Extension, PassContext, PassReport, Scope, StandIn
 from framepack_turbo.optim.torch_trt import TensorRTModule
@@ -186,6 +186,30 @@ class GraphRunner:
         out = session.run(None, feed)[0]
         self.calls += 1
         return torch.from_numpy(np.ascontiguousarray(out)).to(device)
+
+    def check_frame(self, height: int, width: int) -> None:
+        """Refuse, before a job runs, a frame size that no graph of a fixed export takes: the spatial axes
+        of each graph's first video-shaped (5-d) input, at the latent size (height/8, width/8)."""
+        if self.config.extendable:
+            return  # a missing shape is exported when first called
+        self.manifest = self.manifest or ox.read_manifest(self.directory) or {"graphs": []}
+        latent = (height // VAE_SPATIAL_SCALE, width // VAE_SPATIAL_SCALE)
+        taken = []
+        for entry in self.manifest["graphs"]:
+            video = [spec["shape"] for spec in entry["inputs"] if len(spec["shape"]) == 5]
+            if entry["module"] != self.module_name or not video:
+                continue
+            axes = video[0][-2:]
+            if all(ox.axis_fits(axis, entry["dims"], size) for axis, size in zip(axes, latent)):
+                return
+            taken.append("x".join(ox.axis_text(axis, entry["dims"], VAE_SPATIAL_SCALE) for axis in axes))
+        if taken:
+            raise InputError(
+                f"the ONNX export of {self.module_name} in {self.directory} takes frames of {' or '.join(taken)} "
+                f"(height x width); this job's are {height}x{width}: export it for this size "
+                f"(`framepack export onnx --component {self.component}`), pick a --resolution it covers, or unset "
+                "FRAMEPACK_ONNX_DIR to export shapes on demand"
+            )
 
     def _graph_for(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         if self.manifest is None:  # read once; re-read after an export adds a graph
@@ -397,6 +421,10 @@ class OnnxEngines(Extension):
 
     def stats(self) -> dict[str, Any]:
         return {r.module_name: r.stats() for r in self.runners}
+
+    def check_frame(self, height: int, width: int) -> None:
+        for runner in self.runners:
+            runner.check_frame(height, width)
 
 
 class OnnxPass:

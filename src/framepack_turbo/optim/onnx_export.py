@@ -179,6 +179,24 @@ def _axis(entry: int | str) -> tuple[int, str | None]:
     return (int(factor) if factor else 1), name
 
 
+def axis_fits(entry: int | str, dims: dict[str, list[int]], size: int) -> bool:
+    """Whether one axis of a graph's input takes `size`."""
+    factor, name = _axis(entry)
+    if name is None:
+        return size == factor
+    low, high = dims[name]
+    return size % factor == 0 and low <= size // factor <= high
+
+
+def axis_text(entry: int | str, dims: dict[str, list[int]], scale: int = 1) -> str:
+    """The sizes one axis takes, times `scale`: "640" or "320-640"."""
+    factor, name = _axis(entry)
+    if name is None:
+        return str(factor * scale)
+    low, high = dims[name]
+    return str(factor * low * scale) if low == high else f"{factor * low * scale}-{factor * high * scale}"
+
+
 def bind_dims(
     inputs: list[dict[str, Any]], dims: dict[str, list[int]], shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, int] | None:

@@ -78,7 +78,9 @@ def probe_video(path: str | os.PathLike, max_seconds: float = MAX_VIDEO_SECONDS)
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable video ({type(exc).__name__})") from None
     if codec not in VIDEO_CODECS:
-        raise InputError(f"{path}: video codec {codec!r} is not one we read; use one of {', '.join(sorted(VIDEO_CODECS))}")
+        raise InputError(
+            f"{path}: video codec {codec!r} is not one we read; use one of {', '.join(sorted(VIDEO_CODECS))}"
+        )
     if not rate or not seconds:
         raise InputError(f"{path}: the video has no frame rate or duration")
     if not (MIN_IMAGE_SIDE <= min(width, height) and max(width, height) <= MAX_IMAGE_SIDE):

@@ -167,6 +167,9 @@ class Generator:
             picture = blank_start(options.start_color or "black", options.resolution, options.seed)
         else:
             picture = load_image(image)
+        bucket = encode.nearest_bucket(*picture.shape[:2], resolution=options.resolution)
+        for extension in self.extensions:  # fixed-shape engines refuse another frame size now, not mid-job
+            extension.check_frame(*bucket)
         timings = _Timings()
         record = self._record(options, variant, image, len(sections))
         record.timeline = plan.to_dict()

@@ -93,7 +93,9 @@ def build_dataset(vae, conditioning: dict[str, Any], cfg: TimelineTraining, path
                 alone = vae.encode(x[:, :, at].transpose(1, 2).reshape(len(at), 3, 1, *x.shape[-2:]))
                 boundaries.append((alone.latent_dist.mode() * vae.config.scaling_factor).half())
                 # a section's prompt: the motion of its first frame after the boundary
-                section_prompts.append([all_prompts.index(scene.prompt_at(k * window * 4 + 1)) for k in range(sections)])
+                section_prompts.append(
+                    [all_prompts.index(scene.prompt_at(k * window * 4 + 1)) for k in range(sections)]
+                )
                 images.append(
                     encode_image(clip[0], conditioning["feature_extractor"], conditioning["image_encoder"])[0]
                 )
@@ -153,7 +155,9 @@ def finetune(
         k = int(rng.integers(0, n))
         position = n - 1 - k if variant == "inverted" else k
         with_end = variant == "inverted" and rng.random() < cfg.end_share
-        keyframe_at = int(rng.integers(1, n)) if variant == "inverted" and n > 1 and rng.random() < cfg.keyframe_share else 0
+        keyframe_at = (
+            int(rng.integers(1, n)) if variant == "inverted" and n > 1 and rng.random() < cfg.keyframe_share else 0
+        )
         # one prompt per batch (no text padding, as at batch 1): clips whose section here has it
         pid = int(rng.choice(np.unique(section_prompts[:, position])))
         candidates = np.flatnonzero(section_prompts[:, position] == pid)

@@ -145,7 +145,11 @@ def trajectory(scene: Scene, frames: int, size: int = 64) -> np.ndarray:
     t = np.arange(frames, dtype=np.float64)
     if not scene.changes:  # one motion: the closed form (the shipped model's clips, bit for bit)
         dx, dy, ds = _STEP[scene.motion]
-        cx, cy, r = scene.x * size + dx * step * t, scene.y * size + dy * step * t, scene.radius * size + ds * step * t * 0.5
+        cx, cy, r = (
+            scene.x * size + dx * step * t,
+            scene.y * size + dy * step * t,
+            scene.radius * size + ds * step * t * 0.5,
+        )
     else:  # piecewise: each frame moves by the motion of the frame it leaves
         moves = np.array([_STEP[scene.motion_at(f)] for f in range(max(frames - 1, 0))], dtype=np.float64)
         offsets = np.concatenate([np.zeros((1, 3)), np.cumsum(moves, axis=0)]) * step

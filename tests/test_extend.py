@@ -1,0 +1,168 @@
+"""Video extension (`--video`): the input read as a stream at 30 fps and the bucket, the output = the input's
+frames then the new ones with no jump at the seam, on the trained tiny model; bad inputs refused in one line;
+a 10-minute input extended in bounded host memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from framepack_turbo.cli import app
+from framepack_turbo.errors import InputError
+from framepack_turbo.pipeline import extend, video
+from framepack_turbo.train import world
+
+from .conftest import EXAMPLE_IMAGE
+
+SCENE = world.Scene("blue", "square", "right", speed=0.3, x=0.3, y=0.5, radius=0.12, background=7)
+SEAM_PAIRS = 2  # frame pairs each side of the seam whose mean change is the seam's
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255**2 / max(mse, 1e-12)))
+
+
+def frame_changes(frames: np.ndarray) -> np.ndarray:
+    """Mean absolute change (0-255) from each frame to the next."""
+    return np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
+
+
+def seam_change(frames: np.ndarray, seam: int) -> float:
+    """The mean change over the frame pairs around the seam (the first new frame is `seam`)."""
+    changes = frame_changes(frames)
+    return float(changes[seam - 1 - SEAM_PAIRS + 1 : seam + SEAM_PAIRS].mean())
+
+
+@pytest.fixture(scope="module")
+def two_seconds(tmp_path_factory):
+    path = tmp_path_factory.mktemp("extend") / "in.mp4"
+    video.write_mp4(world.render(SCENE, 60, 64), path)
+    return path
+
+
+@pytest.mark.parametrize("variant", ["f1", "inverted"])
+def test_a_two_second_clip_extended_by_two_keeps_its_frames_and_joins_without_a_jump(
+    trained, two_seconds, tmp_path, variant
+):
+    given = video.read_frames(two_seconds)  # the input after its own encode
+    out = tmp_path / f"{variant}.mp4"
+    result = trained.generate(
+        None, SCENE.prompt, out=out, video=str(two_seconds), seconds=2, steps=12, variant=variant, resolution=64
+    )
+    frames = video.read_frames(out)
+    new = 2 * 36  # two sections of 9 latent frames
+    assert len(frames) == len(given) + new == result.frames_before + len(result.frames) == result.sidecar["frames"]
+    # F1 cross-fades the last section's worth of input frames (33) into the new part, as FramePack joins
+    # sections; the inverted variant keeps every input frame.
+    kept = len(given) - (33 if variant == "f1" else 0)
+    assert psnr(frames[:kept], given[:kept]) >= 40
+    seam = len(given)
+    median = float(np.median(frame_changes(frames)))
+    assert seam_change(frames, seam) <= 2 * median, (seam_change(frames, seam), median)
+    extends = result.sidecar["image"]["extends"]
+    assert extends["frames"] == 60 and extends["fps"] == 30 and not extends["resampled"]
+    assert extends["encoded_frames"] == (57 if variant == "f1" else 1)  # only the tail: 1 + 4k frames, or one
+
+
+def test_another_frame_rate_is_resampled_to_30_nearest_in_time(tmp_path):
+    frames = np.stack([np.full((64, 64, 3), 10 * i, np.uint8) for i in range(24)])  # 1 s at 24 fps
+    path = tmp_path / "24.mp4"
+    video.write_mp4(frames, path, fps=24)
+    source = extend.probe_video(path)
+    assert source.fps == 24 and source.frames == 30 and "resampled to 30 fps" in source.note()
+    out = np.stack(list(extend.frames_at_30(source, 64, 64)))
+    shown = np.round(out[:, 0, 0, 0] / 10).astype(int).tolist()
+    assert len(out) == 30 and shown == [round(i * 24 / 30) for i in range(30)]  # 0.8 i is never a tie
+
+
+def test_the_tail_is_the_context_only(tmp_path):
+    path = tmp_path / "long.mp4"
+    video.write_mp4(world.render(SCENE, 100, 64), path)
+    source = extend.probe_video(path)
+    f1 = extend.read_tail(source, 64, 64, "f1")
+    assert len(f1.frames) == 73 and f1.before == 27 and f1.total == 100  # 19 latents' worth: 1 + 4 * 18
+    inverted = extend.read_tail(source, 64, 64, "inverted")
+    assert len(inverted.frames) == 1 and inverted.before == 99
+    assert np.array_equal(inverted.frames[0], f1.frames[-1])
+
+
+def test_bad_videos_are_refused_in_one_line(tmp_path, two_seconds):
+    not_video = tmp_path / "fake.mp4"
+    not_video.write_bytes(b"this is not a video at all" * 40)
+    with pytest.raises(InputError, match="not a readable video"):
+        extend.probe_video(not_video)
+    with pytest.raises(InputError, match="video not found"):
+        extend.probe_video(tmp_path / "none.mp4")
+    with pytest.raises(InputError, match="2 s long; the limit is 1 s"):
+        extend.probe_video(two_seconds, max_seconds=1)
+    still = tmp_path / "still.png.mp4"
+    still.write_bytes(EXAMPLE_IMAGE.read_bytes())  # an image is a one-frame "video" to FFmpeg: its codec is refused
+    with pytest.raises(InputError, match="video codec 'png' is not one we read"):
+        extend.probe_video(still)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (lambda v: ["--video", str(v), "--image", str(EXAMPLE_IMAGE)], "--video continues the clip from its own"),
+        (lambda v: ["--video", str(v), "--start-color", "red"], "--start-color is for a clip without any"),
+        (lambda v: ["--video", str(v.with_name("none.mp4"))], "video not found"),
+        (lambda v: ["--video", str(v), "--variant", "f1", "--end-image", str(EXAMPLE_IMAGE)], "needs the inverted"),
+    ],
+)
+def test_bad_extension_requests_exit_2_one_line(tmp_path, two_seconds, extra, message):
+    args = ["generate", "--prompt", "x", "--model", "tiny-random", "--out", str(tmp_path / "o.mp4"), *extra(two_seconds)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+
+
+def test_f1_needs_a_section_of_input(tiny, tmp_path):
+    short = tmp_path / "short.mp4"
+    video.write_mp4(world.render(SCENE, 20, 64), short)
+    with pytest.raises(InputError, match="F1 continues from at least 33"):
+        tiny.generate(None, "x", out=tmp_path / "o.mp4", video=str(short), seconds=1, steps=1, variant="f1", resolution=64)
+    done = tiny.generate(
+        None, "x", out=tmp_path / "i.mp4", video=str(short), seconds=1, steps=1, variant="inverted", resolution=64
+    )
+    assert done.sidecar["frames"] == 20 + 36
+
+
+@pytest.mark.slow
+def test_a_ten_minute_input_is_extended_in_bounded_host_memory(tmp_path):
+    """18000 frames of 256 x 256 are 3.5 GB held whole; the extension streams them (the bucket is 64 px)."""
+    source = tmp_path / "ten-minutes.mp4"
+    out = tmp_path / "extended.mp4"
+    script = textwrap.dedent(
+        f"""
+        import json, resource
+        import numpy as np
+        from framepack_turbo.api import FramePack
+        from framepack_turbo.pipeline import video
+
+        yy, xx = np.mgrid[0:256, 0:256]
+        def frames():
+            for t in range(18000):  # a soft pattern drifting right, one pixel a frame
+                v = 128 + 60 * np.sin((xx - t) / 20.0) * np.cos(yy / 30.0)
+                yield np.repeat(v[..., None], 3, axis=2).astype(np.uint8)
+        video.write_mp4(np.zeros((0, 256, 256, 3), np.uint8), {str(source)!r}, crf=28, before=frames())
+        fp = FramePack.load("tiny", device="cpu")
+        r = fp.generate(None, "the red circle moves right", out={str(out)!r}, video={str(source)!r}, seconds=1,
+                        steps=2, variant="inverted", resolution=64)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({{"frames": r.sidecar["frames"], "peak": peak}}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["frames"] == 18000 + 36 == video.probe(out).frames
+    assert report["peak"] < 2 * 2**30, report
