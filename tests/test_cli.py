@@ -269,3 +269,45 @@ def test_count_makes_clips_with_consecutive_seeds_and_random_is_recorded(tmp_pat
     first, second = (video.read_frames(c) for c in clips)
     assert np.array_equal(first, video.read_frames(single))
     assert not np.array_equal(first, second)
+
+
+def test_from_carries_the_timeline_of_a_clip(tmp_path):
+    """A clip made with a timed prompt, an end image and a keyframe re-runs from its file with all three."""
+    from framepack_turbo.pipeline import video
+
+    first, again = tmp_path / "timed.mp4", tmp_path / "again.mp4"
+    args = ["--model", "tiny-random", "--seconds", "2.4", "--steps", "2", "--resolution", "64", "--seed", "5"]
+    made = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--image",
+            str(EXAMPLE_IMAGE),
+            "--prompt",
+            "[0s: a cat sits] [1.2s: a cat jumps]",
+            "--end-image",
+            str(EXAMPLE_IMAGE),
+            "--end-strength",
+            "0.5",
+            "--keyframe",
+            f"1.2:{EXAMPLE_IMAGE}",
+            "--prompt-blend-sections",
+            "1",
+            "--out",
+            str(first),
+            *args,
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    options = video.read_metadata(first)["options"]
+    assert options["end_strength"] == 0.5 and options["keyframes"] == [[1.2, str(EXAMPLE_IMAGE)]]
+    assert options["prompt_blend_sections"] == 1 and options["end_image"] == str(EXAMPLE_IMAGE)
+    rerun = CliRunner().invoke(
+        app, ["generate", "--from", str(first), "--image", str(EXAMPLE_IMAGE), "--out", str(again)]
+    )
+    assert rerun.exit_code == 0, rerun.output
+    assert (
+        json.loads(again.with_suffix(".json").read_text())["timeline"]
+        == json.loads(first.with_suffix(".json").read_text())["timeline"]
+    )
+    assert np.array_equal(video.read_frames(first), video.read_frames(again))

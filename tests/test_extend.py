@@ -118,7 +118,16 @@ def test_bad_videos_are_refused_in_one_line(tmp_path, two_seconds):
     ],
 )
 def test_bad_extension_requests_exit_2_one_line(tmp_path, two_seconds, extra, message):
-    args = ["generate", "--prompt", "x", "--model", "tiny-random", "--out", str(tmp_path / "o.mp4"), *extra(two_seconds)]
+    args = [
+        "generate",
+        "--prompt",
+        "x",
+        "--model",
+        "tiny-random",
+        "--out",
+        str(tmp_path / "o.mp4"),
+        *extra(two_seconds),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.strip().splitlines() if line]
@@ -129,7 +138,9 @@ def test_f1_needs_a_section_of_input(tiny, tmp_path):
     short = tmp_path / "short.mp4"
     video.write_mp4(world.render(SCENE, 20, 64), short)
     with pytest.raises(InputError, match="F1 continues from at least 33"):
-        tiny.generate(None, "x", out=tmp_path / "o.mp4", video=str(short), seconds=1, steps=1, variant="f1", resolution=64)
+        tiny.generate(
+            None, "x", out=tmp_path / "o.mp4", video=str(short), seconds=1, steps=1, variant="f1", resolution=64
+        )
     done = tiny.generate(
         None, "x", out=tmp_path / "i.mp4", video=str(short), seconds=1, steps=1, variant="inverted", resolution=64
     )

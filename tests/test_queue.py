@@ -160,3 +160,37 @@ def test_a_bad_batch_queues_nothing(tmp_path, count, options, message):
     with pytest.raises(InputError, match=message.replace("^", r"\^")):
         q.submit_batch(png(), {"prompt": "x", "options": options}, count)
     assert q.store.list() == []
+
+
+def test_a_video_upload_queues_an_extension_and_runs_it(tmp_path):
+    """The page's "Extend a video": checked by content and stored under our name; the job starts from its
+    last frame, and the runner hands the generator the video, not an image."""
+    from framepack_turbo.pipeline import video
+
+    clip = tmp_path / "clip.mp4"
+    frames = np.stack([np.roll(PICTURE[:64, :64], 2 * t, axis=1) for t in range(40)])
+    video.write_mp4(frames, clip)
+    q = make_queue(tmp_path, GenerationRunner({"model": "tiny-random"}))
+    with pytest.raises(InputError, match="not a readable video"):
+        q.submit_batch(None, {"prompt": "x"}, 1, video=b"not a video" * 100)
+    with pytest.raises(InputError, match="give no start image"):
+        q.submit_batch(png(), {"prompt": "x"}, 1, video=clip.read_bytes())
+    with pytest.raises(InputError, match="F1 continues from at least 33"):
+        q.submit_batch(None, {"prompt": "x", "options": {"variant": "f1"}}, 1, video=_short(tmp_path))
+    assert q.store.list() == [] and not list((tmp_path / "inputs").glob("*-video"))  # nothing kept of refusals
+    request = {"prompt": "a cat", "options": {**FAST, "seconds": 1, "resolution": 64}}
+    job = q.submit_batch(None, request, 1, video=clip.read_bytes())[0]
+    stored = job.request["options"]["video"]
+    assert stored.startswith(str(tmp_path / "inputs")) and job.request["bucket"] == [64, 64]
+    assert np.array_equal(np.asarray(Image.open(job.image)), video.read_frames(clip)[-1])
+    assert q.run_pending() == 1
+    done = q.store.get(job.id)
+    assert done.state == "done" and done.frames == 40 + 36 == video.probe(done.video).frames
+
+
+def _short(tmp_path) -> bytes:
+    from framepack_turbo.pipeline import video
+
+    path = tmp_path / "short.mp4"
+    video.write_mp4(np.zeros((20, 64, 64, 3), np.uint8), path)
+    return path.read_bytes()

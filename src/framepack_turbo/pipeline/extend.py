@@ -99,18 +99,18 @@ def _duration(container, stream) -> float:
     return 0.0
 
 
-def frames_at_30(video: InputVideo, height: int, width: int) -> Iterator[np.ndarray]:
-    """The input's frames resized and centre-cropped to (height, width), resampled to 30 fps: output frame
-    i shows the input frame nearest to i / 30 s. A stream: one decoded frame is held at a time."""
+def _at_30(video: InputVideo) -> Iterator:
+    """The input's decoded frames (PyAV's, not yet converted) resampled to 30 fps: output frame i is the
+    input frame nearest to i / 30 s (a frame repeats or is skipped where the rates differ)."""
     import av
 
     step = Fraction(1, FPS)
     emitted = 0
-    previous: tuple[float, np.ndarray] | None = None
+    previous = None  # (time, frame)
     start: float | None = None
     with av.open(str(video.path)) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream.thread_type = "AUTO"  # FFmpeg's frame threads: decoding is most of what a long input costs
         for frame in container.decode(stream):
             t = float(frame.time) if frame.time is not None else (previous[0] + 1 / video.fps if previous else 0.0)
             start = t if start is None else start
@@ -120,12 +120,23 @@ def frames_at_30(video: InputVideo, height: int, width: int) -> Iterator[np.ndar
                 while emitted * step < midpoint:
                     yield previous[1]
                     emitted += 1
-            previous = (t, encode.resize_and_center_crop(frame.to_ndarray(format="rgb24"), height, width))
-    if previous is None:
-        raise InputError(f"{video.path}: no frame could be decoded")
-    while emitted * step < previous[0] + 0.5 / video.fps:
-        yield previous[1]
-        emitted += 1
+            previous = (t, frame)
+        if previous is None:
+            raise InputError(f"{video.path}: no frame could be decoded")
+        while emitted * step < previous[0] + 0.5 / video.fps:
+            yield previous[1]
+            emitted += 1
+
+
+def _converted(frame, height: int, width: int) -> np.ndarray:
+    return encode.resize_and_center_crop(frame.to_ndarray(format="rgb24"), height, width)
+
+
+def frames_at_30(video: InputVideo, height: int, width: int) -> Iterator[np.ndarray]:
+    """The input's frames at 30 fps, resized and centre-cropped to (height, width). A stream: one decoded
+    frame is held at a time."""
+    for frame in _at_30(video):
+        yield _converted(frame, height, width)
 
 
 @dataclass
@@ -150,13 +161,13 @@ def read_tail(video: InputVideo, height: int, width: int, variant: str, window: 
     """The frames a continuation is conditioned on: F1's context (73 frames, or a section's if longer; 1 + 4k
     so that they encode to whole latents), the inverted variant's last frame."""
     keep = max(F1_TAIL_FRAMES, f1_least_frames(window)) if variant == "f1" else 1
-    window: collections.deque[np.ndarray] = collections.deque(maxlen=keep)
+    last = collections.deque(maxlen=keep)  # PyAV frames: only these few are converted and resized
     count = 0
-    for frame in frames_at_30(video, height, width):
-        window.append(frame)
+    for frame in _at_30(video):
+        last.append(frame)
         count += 1
-    usable = 1 + (len(window) - 1) // LATENT_FRAMES_TO_PIXELS * LATENT_FRAMES_TO_PIXELS
-    frames = np.stack(list(window)[len(window) - usable :])
+    usable = 1 + (len(last) - 1) // LATENT_FRAMES_TO_PIXELS * LATENT_FRAMES_TO_PIXELS
+    frames = np.stack([_converted(f, height, width) for f in list(last)[len(last) - usable :]])
     return Tail(frames, count - len(frames))
 
 

@@ -229,7 +229,7 @@ class Generator:
                 record.sections_done, record.timings = section.number + 1, timings.to_dict()
                 record.frames = before + len(frames)
                 write_json(record.to_dict(), sidecar)
-                self.on_event(SectionDone(section.number + 1, len(sections), len(frames), out_path, caches, engines))
+                self.on_event(SectionDone(section.number + 1, len(sections), record.frames, out_path, caches, engines))
         except Cancelled:
             status = "cancelled"
         except KeyboardInterrupt:  # a second Ctrl-C: no step finishes, but the record must not stay "running"
