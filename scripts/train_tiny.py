@@ -31,7 +31,7 @@ def _save_record(out: Path, stage: str, record: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "decoder", "transformer", "timeline", "ship"])
+    parser.add_argument("stage", choices=["vae", "decoder", "transformer", "timeline", "ship", "gates"])
     parser.add_argument("--out", type=Path, default=Path("training/tiny"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--save-every", type=int, default=None)
@@ -102,9 +102,16 @@ def main() -> None:
         fp = FramePack.load("tiny", device="cpu")  # the shipped files, as users load them
         manifest["vae_gate"] = {"bound_db": ship.VAE_PSNR_BOUND_DB, **evaluate(fp.bundle.vae, VaeTraining())}
         gates = {v: ship.direction_accuracy(fp, v, out_dir=args.out) for v in ("inverted", "f1")}
-        manifest["direction_gate"] = gates
-        (ship.SHIPPED / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        print(json.dumps({k: manifest[k] for k in ("bytes", "vae_gate", "direction_gate")}, indent=2))
+        ship.update_manifest(vae_gate=manifest["vae_gate"], direction_gate=gates)
+        print(json.dumps({k: manifest[k] for k in ("bytes", "vae_gate")} | {"direction_gate": gates}, indent=2))
+    if args.stage == "gates":  # the timeline gates of the shipped files (train/gates.py); may run beside `ship`'s
+        from framepack_turbo.api import FramePack
+        from framepack_turbo.train import gates, ship
+
+        fp = FramePack.load("tiny", device="cpu")
+        result = gates.timeline_gates(fp)
+        ship.update_manifest(timeline_gate=result)
+        print(json.dumps(gates.brief(result), indent=2))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ found again by its colour (world.color_centroid):
 - end frame (inverted): the object starts near one edge and the end image shows it near the opposite one;
   the last frame's object must be within 8 px of the end image's, and nearer than without the end image.
 - keyframe (inverted): a 4.8 s clip with a keyframe at its middle (2.4 s, a boundary) showing the object
-  where the scene has it then; the object at that frame must be within 8 px of the keyframe's.
+  where the scene has it then; the object at that frame must be within 8 px of the keyframe's. (Not run
+  without the keyframe: the issue asks that comparison of the end frame only, and each run is a 4.8 s clip.)
 """
 
 from __future__ import annotations
@@ -73,16 +74,7 @@ def prompt_change(fp, variant: str, seed: int = TIMELINE_SEED, count: int = GATE
             thing = f"the {scene.color} {scene.shape}"
             prompt = f"[0s: {thing} moves right] [1.8s: {thing} moves left]"
             out = Path(out_dir or tmp) / f"change-{variant}-{i:02d}.mp4"
-            r = fp.generate(
-                world.render(scene, 1, 64)[0],
-                prompt,
-                out=out,
-                seconds=3.6,
-                steps=steps,
-                variant=variant,
-                seed=i,
-                resolution=64,
-            )
+            r = _clip(fp, world.render(scene, 1, 64)[0], prompt, out, 3.6, steps, i, variant=variant)
             starts = r.sidecar["timeline"]["prompts"][1]["starts_s"]
             at = int(round(starts * FPS))
             x0, xm, x1 = (_position(r.frames, scene.color, f)[0] for f in (0, at, len(r.frames) - 1))
@@ -108,20 +100,11 @@ def end_frame(fp, seed: int = TIMELINE_SEED, count: int = GATE_SCENES, out_dir=N
             errors = {}
             for name, extra in (("with", {"end_image": str(end_path)}), ("without", {})):
                 out = Path(out_dir or tmp) / f"end-{name}-{i:02d}.mp4"
-                r = fp.generate(
-                    clip[0],
-                    scene.prompt,
-                    out=out,
-                    seconds=3.6,
-                    steps=steps,
-                    variant="inverted",
-                    seed=i,
-                    resolution=64,
-                    **extra,
-                )
+                r = _clip(fp, clip[0], scene.prompt, out, 3.6, steps, i, variant="inverted", **extra)
                 errors[name] = float(np.linalg.norm(_position(r.frames, scene.color, len(r.frames) - 1) - target))
             within = bool(errors["with"] <= WITHIN_PX)
-            nearer = bool(errors["with"] < errors["without"])
+            # nearer: where the run without the end image lost the object, any found position is nearer
+            nearer = bool(np.isfinite(errors["with"]) and not errors["without"] <= errors["with"])
             cases.append(
                 {
                     "prompt": scene.prompt,
@@ -149,30 +132,17 @@ def keyframe(fp, seed: int = TIMELINE_SEED, count: int = GATE_SCENES, out_dir=No
             key_path = Path(tmp) / f"key-{i:02d}.png"
             _save(clip[middle], key_path)
             target = _position(clip[middle : middle + 1], scene.color, 0)
-            errors = {}
-            for name, extra in (("with", {"keyframes": ((2.4, str(key_path)),)}), ("without", {})):
-                out = Path(out_dir or tmp) / f"key-{name}-{i:02d}.mp4"
-                r = fp.generate(
-                    clip[0],
-                    scene.prompt,
-                    out=out,
-                    seconds=4.8,
-                    steps=steps,
-                    variant="inverted",
-                    seed=i,
-                    resolution=64,
-                    **extra,
-                )
-                errors[name] = float(np.linalg.norm(_position(r.frames, scene.color, middle) - target))
-            cases.append(
-                {
-                    "prompt": scene.prompt,
-                    "error_px": errors["with"],
-                    "without_px": errors["without"],
-                    "ok": bool(errors["with"] <= WITHIN_PX),
-                }
-            )
+            out = Path(out_dir or tmp) / f"key-{i:02d}.mp4"
+            keyframes = ((2.4, str(key_path)),)
+            r = _clip(fp, clip[0], scene.prompt, out, 4.8, steps, i, variant="inverted", keyframes=keyframes)
+            error = float(np.linalg.norm(_position(r.frames, scene.color, middle) - target))
+            cases.append({"prompt": scene.prompt, "error_px": error, "ok": bool(error <= WITHIN_PX)})
     return _summary(cases, variant="inverted", seconds=4.8, steps=steps)
+
+
+def _clip(fp, start: np.ndarray, prompt: str, out: Path, seconds: float, steps: int, seed: int, **options):
+    """One gate clip: 64 px (the size tiny knows), the scene's index as the seed."""
+    return fp.generate(start, prompt, out=out, seconds=seconds, steps=steps, seed=seed, resolution=64, **options)
 
 
 def _save(frame: np.ndarray, path: Path) -> None:
@@ -187,6 +157,17 @@ def _summary(cases: list[dict[str, Any]], **settings) -> dict[str, Any]:
             if isinstance(value, float):
                 case[key] = None if not np.isfinite(value) else round(value, 2)
     return {**settings, "scenes": len(cases), "accuracy": float(np.mean([c["ok"] for c in cases])), "cases": cases}
+
+
+def brief(result: dict[str, Any]) -> dict[str, Any]:
+    """The accuracies of `timeline_gates`' result, without the cases."""
+    return {
+        "seed": result["seed"],
+        "prompt_change": {v: g["accuracy"] for v, g in result["prompt_change"].items()},
+        "end_frame": result["end_frame"]["accuracy"],
+        "end_frame_nearer_in_all": result["end_frame"]["nearer_in_all"],
+        "keyframe": result["keyframe"]["accuracy"],
+    }
 
 
 def timeline_gates(fp, seed: int = TIMELINE_SEED, count: int = GATE_SCENES, out_dir=None) -> dict[str, Any]:

@@ -71,6 +71,14 @@ def direction_accuracy(
     }
 
 
+def update_manifest(target: Path = SHIPPED, **entries: Any) -> None:
+    """Add gate results to the shipped manifest, keeping what another stage wrote meanwhile."""
+    path = target / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(entries)
+    path.write_text(json.dumps(manifest, indent=2))
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -151,7 +151,9 @@ def trajectory(scene: Scene, frames: int, size: int = 64) -> np.ndarray:
             scene.radius * size + ds * step * t * 0.5,
         )
     else:  # piecewise: each frame moves by the motion of the frame it leaves
-        moves = np.array([_STEP[scene.motion_at(f)] for f in range(max(frames - 1, 0))], dtype=np.float64)
+        moves = np.array([_STEP[scene.motion_at(f)] for f in range(max(frames - 1, 0))], dtype=np.float64).reshape(
+            -1, 3
+        )
         offsets = np.concatenate([np.zeros((1, 3)), np.cumsum(moves, axis=0)]) * step
         cx = scene.x * size + offsets[:frames, 0]
         cy = scene.y * size + offsets[:frames, 1]

@@ -1,0 +1,56 @@
+"""The timeline gates of the shipped `tiny` model (train/gates.py): a prompt change followed, an end frame
+reached, a keyframe passed through, on held-out scenes. The manifest records the 20-scene gates; here the
+first scenes of each are run again on the shipped files and must give the recorded outcomes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from framepack_turbo.models.presets import TINY_WEIGHTS
+from framepack_turbo.train import gates
+
+CHECKED = 6  # scenes of each gate run again here (of the manifest's 20): about four minutes on two cores
+MIN_ACCURACY = 0.8  # the issue's bar: 80% of held-out scenes
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    return json.loads((TINY_WEIGHTS / "manifest.json").read_text())["timeline_gate"]
+
+
+@pytest.fixture(scope="module")
+def rerun(trained, recorded):
+    seed = recorded["seed"]
+    return {
+        "prompt_change": {v: gates.prompt_change(trained, v, seed, CHECKED) for v in ("inverted", "f1")},
+        "end_frame": gates.end_frame(trained, seed, CHECKED),
+        "keyframe": gates.keyframe(trained, seed, CHECKED),
+    }
+
+
+def _pairs(recorded, rerun):
+    yield "prompt_change inverted", recorded["prompt_change"]["inverted"], rerun["prompt_change"]["inverted"]
+    yield "prompt_change f1", recorded["prompt_change"]["f1"], rerun["prompt_change"]["f1"]
+    yield "end_frame", recorded["end_frame"], rerun["end_frame"]
+    yield "keyframe", recorded["keyframe"], rerun["keyframe"]
+
+
+def test_the_recorded_gates_are_held_out_and_pass(recorded):
+    assert recorded["seed"] == gates.TIMELINE_SEED
+    for name, gate, _ in _pairs(recorded, recorded):
+        assert gate["scenes"] == gates.GATE_SCENES, name
+        assert gate["accuracy"] >= MIN_ACCURACY, (name, gate["accuracy"])
+    assert recorded["end_frame"]["nearer_in_all"]  # the end image always brings the last frame nearer
+
+
+def test_the_shipped_files_give_the_recorded_outcomes(recorded, rerun):
+    """Case by case on the first scenes (one either way, for another CPU's rounding), and the prompts and
+    the boundary the change landed on are the ones recorded."""
+    for name, gate, again in _pairs(recorded, rerun):
+        mine, theirs = again["cases"], gate["cases"][:CHECKED]
+        assert [c["prompt"] for c in mine] == [c["prompt"] for c in theirs], name
+        differ = sum(a["ok"] != b["ok"] for a, b in zip(mine, theirs))
+        assert differ <= 1, (name, mine, theirs)
+    assert {c["change_s"] for c in rerun["prompt_change"]["f1"]["cases"]} == {2.4}  # 1.8 s snapped half up
