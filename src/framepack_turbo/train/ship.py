@@ -39,7 +39,13 @@ def held_out_scenes(count: int, seed: int = HELD_OUT_SEED, motions=world.MOTIONS
 
 
 def direction_accuracy(
-    fp, variant: str, count: int = GATE_CASES, seconds: float = 3.6, steps: int = 25, out_dir: Path | None = None
+    fp,
+    variant: str,
+    count: int = GATE_CASES,
+    seconds: float = 3.6,
+    steps: int = 25,
+    out_dir: Path | None = None,
+    seed: int = HELD_OUT_SEED,
 ) -> dict[str, Any]:
     """Generate from held-out scenes' first frames with their prompts and check, by the object's colour,
     that it did what the prompt says. Returns the accuracy, the settings and every case; the clips are
@@ -50,7 +56,7 @@ def direction_accuracy(
 
     cases = []
     with tempfile.TemporaryDirectory(prefix="framepack-gate-") as tmp:
-        for i, scene in enumerate(held_out_scenes(count)):
+        for i, scene in enumerate(held_out_scenes(count, seed)):
             start = world.render(scene, 1, 64)[0]
             out = Path(out_dir or tmp) / f"gate-{variant}-{i:02d}.mp4"
             result = fp.generate(
