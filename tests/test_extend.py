@@ -134,6 +134,15 @@ def test_bad_extension_requests_exit_2_one_line(tmp_path, two_seconds, extra, me
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
 
 
+def test_the_cli_extends_a_clip_and_says_so(tmp_path, two_seconds):
+    out = tmp_path / "longer.mp4"
+    args = ["generate", "--model", "tiny-random", "--video", str(two_seconds), "--prompt", "x", "--seconds", "1"]
+    result = CliRunner().invoke(app, [*args, "--steps", "1", "--resolution", "64", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "continuing" in result.output and "(96 frames, 3.20 s, 60 of them the input's" in result.output
+    assert video.probe(out).frames == 96
+
+
 def test_f1_needs_a_section_of_input(tiny, tmp_path):
     short = tmp_path / "short.mp4"
     video.write_mp4(world.render(SCENE, 20, 64), short)

@@ -364,8 +364,10 @@ def optimize(
 
 def _report(result) -> None:
     timings = result.sidecar["timings"]
+    frames = result.frames_before + len(result.frames)  # an extension: the input's frames come first
+    extended = f", {result.frames_before} of them the input's" if result.frames_before else ""
     typer.echo(
-        f"wrote {result.video_path} ({len(result.frames)} frames, {len(result.frames) / FPS:.2f} s, "
+        f"wrote {result.video_path} ({frames} frames, {frames / FPS:.2f} s{extended}, "
         f"seed {result.sidecar['seed']}) and {result.sidecar_path.name} in {timings['total']:.1f} s",
     )
     for name, record in result.sidecar.get("caches", {}).items():
