@@ -66,6 +66,7 @@ def test_a_two_second_clip_extended_by_two_keeps_its_frames_and_joins_without_a_
     seam = len(given)
     median = float(np.median(frame_changes(frames)))
     assert seam_change(frames, seam) <= 2 * median, (seam_change(frames, seam), median)
+    assert result.sidecar["image"]["source"] == str(two_seconds) and "text_to_video" not in result.sidecar["image"]
     extends = result.sidecar["image"]["extends"]
     assert extends["frames"] == 60 and extends["fps"] == 30 and not extends["resampled"]
     assert extends["encoded_frames"] == (57 if variant == "f1" else 1)  # only the tail: 1 + 4k frames, or one

@@ -440,7 +440,7 @@ def info(
         f"passes: {', '.join(meta.get('passes', [])) or 'none'}",
         "settings: " + (", ".join(f"{k}={v}" for k, v in sorted(meta.get("settings", {}).items())) or "defaults"),
         f"video: {probe.frames} frames, {probe.width}x{probe.height}, {probe.fps:g} fps, {probe.codec} {probe.profile}",
-        f"re-run: framepack generate --from {video_path} --image IMAGE",
+        f"re-run: framepack generate --from {video_path}" + ("" if opts.get("video") else " --image IMAGE"),
     ]
     typer.echo("\n".join(lines))
 

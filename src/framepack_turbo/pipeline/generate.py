@@ -607,7 +607,9 @@ class Generator:
             options=options.to_dict(),
             settings=self.settings,
             image=(
-                {"source": None, "text_to_video": options.start_color or "black"}
+                {"source": options.video}  # an extension: `extends` is added once the input is read
+                if options.video
+                else {"source": None, "text_to_video": options.start_color or "black"}
                 if image is None
                 else {"source": str(image) if isinstance(image, (str, Path)) else type(image).__name__}
             ),
