@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from framepack_turbo.train import loop, world
-from framepack_turbo.train.transformer import GUIDANCE, TransformerTraining, motion_weight, prompts, section_example
+from framepack_turbo.train.transformer import TransformerTraining, flow_loss, prompts, section_example
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def finetune(
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     from framepack_turbo.pipeline.encode import encode_prompt
-    from framepack_turbo.pipeline.sampler import flux_mu, shift_sigma
+    from framepack_turbo.pipeline.sampler import flux_mu
 
     out_dir = Path(out_dir)
     base = TransformerTraining()
@@ -166,34 +166,9 @@ def finetune(
         alone = data["boundaries"][rows].float()  # (B, S, C, 1, h, w)
         end = alone[:, n - 1] if with_end else None
         keyframe = (keyframe_at, alone[:, keyframe_at - 1]) if keyframe_at else None
-        x0, clean, two_x, four_x, idx = section_example(z, variant, n, k, base.window, end=end, keyframe=keyframe)
+        example = section_example(z, variant, n, k, base.window, end=end, keyframe=keyframe)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        sigma = shift_sigma(torch.rand(cfg.batch, generator=gen), mu).view(-1, 1, 1, 1, 1)
-        noise = torch.randn(x0.shape, generator=gen)
-        x_t = (1 - sigma) * x0 + sigma * noise
-        text = texts[pid]
-        b = cfg.batch
-        pred = model(
-            hidden_states=x_t,
-            timestep=sigma.flatten() * 1000,
-            encoder_hidden_states=text.llama.expand(b, -1, -1),
-            encoder_attention_mask=text.mask.expand(b, -1),
-            pooled_projections=text.clip_pooled.expand(b, -1),
-            image_embeds=data["image_embeds"][rows],
-            indices_latents=idx.latents,
-            guidance=torch.full((b,), GUIDANCE * 1000),
-            latents_clean=clean,
-            indices_latents_clean=idx.clean,
-            latents_history_2x=two_x,
-            indices_latents_history_2x=idx.clean_2x,
-            latents_history_4x=four_x,
-            indices_latents_history_4x=idx.clean_4x,
-            return_dict=False,
-        )[0]
-        err = (pred.float() - (noise - x0)).pow(2)
-        if cfg.motion_weight:
-            err = err * motion_weight(x0, clean[:, :, :1], cfg.motion_weight)
-        return err.mean()
+        return flow_loss(model, example, texts[pid], data["image_embeds"][rows], mu, gen, cfg.motion_weight)
 
     info = loop.fit(
         model,

@@ -202,6 +202,40 @@ def motion_weight(x0: torch.Tensor, start: torch.Tensor, strength: float) -> tor
     return weight / weight.mean(dim=(2, 3, 4), keepdim=True)
 
 
+def flow_loss(model, example, text, image_embeds: torch.Tensor, mu: float, gen: torch.Generator, weight: float):
+    """The flow-matching loss of one batch of sections: noise the target at sigmas drawn through the
+    sampler's shift, predict `noise - x0`, square the error (motion-weighted when `weight`). `example` is
+    what `section_example` returns; `text` one prompt's embeddings, shared by the batch."""
+    from framepack_turbo.pipeline.sampler import shift_sigma
+
+    x0, clean, two_x, four_x, idx = example
+    b = x0.shape[0]
+    sigma = shift_sigma(torch.rand(b, generator=gen), mu).view(-1, 1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = (1 - sigma) * x0 + sigma * noise
+    pred = model(
+        hidden_states=x_t,
+        timestep=sigma.flatten() * 1000,
+        encoder_hidden_states=text.llama.expand(b, -1, -1),
+        encoder_attention_mask=text.mask.expand(b, -1),
+        pooled_projections=text.clip_pooled.expand(b, -1),
+        image_embeds=image_embeds,
+        indices_latents=idx.latents,
+        guidance=torch.full((b,), GUIDANCE * 1000),
+        latents_clean=clean,
+        indices_latents_clean=idx.clean,
+        latents_history_2x=two_x,
+        indices_latents_history_2x=idx.clean_2x,
+        latents_history_4x=four_x,
+        indices_latents_history_4x=idx.clean_4x,
+        return_dict=False,
+    )[0]
+    err = (pred.float() - (noise - x0)).pow(2)
+    if weight:
+        err = err * motion_weight(x0, clean[:, :, :1], weight)
+    return err.mean()
+
+
 def train(
     out_dir: Path,
     conditioning: dict[str, Any],
@@ -213,7 +247,7 @@ def train(
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     from framepack_turbo.pipeline.encode import encode_prompt
-    from framepack_turbo.pipeline.sampler import flux_mu, shift_sigma
+    from framepack_turbo.pipeline.sampler import flux_mu
 
     out_dir = Path(out_dir)
     data = build_dataset(vae, conditioning, cfg, out_dir / "checkpoints" / "latents.safetensors")
@@ -253,33 +287,10 @@ def train(
         k = int(rng.integers(0, n))
         z = data["latents"][torch.from_numpy(rows)].float()
         x0, clean, two_x, four_x, idx = section_example(z, variant, n, k, cfg.window)
+        weight = cfg.motion_weight if step >= cfg.motion_weight_from else 0.0
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        sigma = shift_sigma(torch.rand(cfg.batch, generator=gen), mu).view(-1, 1, 1, 1, 1)
-        noise = torch.randn(x0.shape, generator=gen)
-        x_t = (1 - sigma) * x0 + sigma * noise
-        text = texts[pid]
-        b = cfg.batch
-        pred = model(
-            hidden_states=x_t,
-            timestep=sigma.flatten() * 1000,
-            encoder_hidden_states=text.llama.expand(b, -1, -1),
-            encoder_attention_mask=text.mask.expand(b, -1),
-            pooled_projections=text.clip_pooled.expand(b, -1),
-            image_embeds=data["image_embeds"][torch.from_numpy(rows)],
-            indices_latents=idx.latents,
-            guidance=torch.full((b,), GUIDANCE * 1000),
-            latents_clean=clean,
-            indices_latents_clean=idx.clean,
-            latents_history_2x=two_x,
-            indices_latents_history_2x=idx.clean_2x,
-            latents_history_4x=four_x,
-            indices_latents_history_4x=idx.clean_4x,
-            return_dict=False,
-        )[0]
-        err = (pred.float() - (noise - x0)).pow(2)
-        if step >= cfg.motion_weight_from and cfg.motion_weight:
-            err = err * motion_weight(x0, clean[:, :, :1], cfg.motion_weight)
-        return err.mean()
+        example = (x0, clean, two_x, four_x, idx)
+        return flow_loss(model, example, texts[pid], data["image_embeds"][torch.from_numpy(rows)], mu, gen, weight)
 
     info = loop.fit(
         model,
