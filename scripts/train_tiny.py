@@ -19,8 +19,9 @@ from pathlib import Path
 
 
 def _with_overrides(cfg, args):
-    """The stage's defaults with the command line's --steps / --save-every where given."""
-    return replace(cfg, **{k: v for k, v in {"steps": args.steps, "save_every": args.save_every}.items() if v})
+    """The stage's defaults with the command line's --steps / --save-every / --after-change-share where given."""
+    given = {"steps": args.steps, "save_every": args.save_every, "after_change_share": args.after_change_share}
+    return replace(cfg, **{k: v for k, v in given.items() if v is not None})
 
 
 def _save_record(out: Path, stage: str, record: dict) -> None:
@@ -40,6 +41,12 @@ def main() -> None:
         type=Path,
         default=None,
         help="timeline: the transformer to fine-tune (default: the shipped one)",
+    )
+    parser.add_argument(
+        "--after-change-share",
+        type=float,
+        default=None,
+        help="timeline: the share of batches that are a section next to a prompt change (default 0)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     args = parser.parse_args()

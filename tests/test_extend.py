@@ -94,6 +94,34 @@ def test_the_tail_is_the_context_only(tmp_path):
     assert np.array_equal(inverted.frames[0], f1.frames[-1])
 
 
+@pytest.mark.parametrize("fps", [30, 24])
+def test_a_long_inputs_tail_is_read_after_a_seek_and_equals_a_whole_decode(tmp_path, monkeypatch, fps):
+    # 20 s: x264 puts keyframes 250 frames apart, so the tail's seek skips most of the clip
+    frames = np.zeros((20 * fps, 64, 64, 3), np.uint8)
+    for i in range(len(frames)):
+        frames[i, :, i % 64] = 255
+        frames[i, : 8 + (i // 64) * 3] = 90
+    path = tmp_path / f"long-{fps}.mp4"
+    video.write_mp4(frames, path, fps=fps)
+    source = extend.probe_video(path)
+    whole = np.stack(list(extend.frames_at_30(source, 64, 64)))
+    decoded = []
+    real = extend._at_30
+
+    def counted(v, from_s=0.0):
+        for item in real(v, from_s):
+            decoded.append(item[0])
+            yield item
+
+    monkeypatch.setattr(extend, "_at_30", counted)
+    for variant, keep in (("f1", 73), ("inverted", 1)):
+        decoded.clear()
+        tail = extend.read_tail(source, 64, 64, variant)
+        assert tail.total == len(whole) == 600 and tail.before == 600 - keep
+        assert np.array_equal(tail.frames, whole[-keep:])
+        assert len(decoded) < 300  # from the keyframe before the end's few seconds, not from frame 0
+
+
 def test_bad_videos_are_refused_in_one_line(tmp_path, two_seconds):
     not_video = tmp_path / "fake.mp4"
     not_video.write_bytes(b"this is not a video at all" * 40)

@@ -14,6 +14,7 @@ fourth frame; a 60 fps one drops every other), with a note, because the output i
 from __future__ import annotations
 
 import collections
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from framepack_turbo.pipeline.sections import CONTEXT_1X, CONTEXT_2X, CONTEXT_4X
 VIDEO_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "prores", "mjpeg"})
 MAX_VIDEO_SECONDS = 30 * 60.0
 CONTEXT_LATENTS = CONTEXT_1X + CONTEXT_2X + CONTEXT_4X
+TAIL_SEEK_MARGIN_S = 2.0  # decoded before the tail: room for a seek landing late or a duration a little long
 F1_TAIL_FRAMES = 1 + LATENT_FRAMES_TO_PIXELS * (CONTEXT_LATENTS - 1)  # 73: the frames of 19 latents
 
 
@@ -99,9 +101,11 @@ def _duration(container, stream) -> float:
     return 0.0
 
 
-def _at_30(video: InputVideo) -> Iterator:
-    """The input's decoded frames (PyAV's, not yet converted) resampled to 30 fps: output frame i is the
-    input frame nearest to i / 30 s (a frame repeats or is skipped where the rates differ)."""
+def _at_30(video: InputVideo, from_s: float = 0.0) -> Iterator[tuple[int, object]]:
+    """The input's decoded frames (PyAV's, not yet converted) resampled to 30 fps, as (index, frame): output
+    frame i is the input frame nearest to i / 30 s (a frame repeats or is skipped where the rates differ).
+    `from_s`: start at the keyframe before that time instead of the first frame; the indices are still
+    counted from the stream's start (the first ones may be missing)."""
     import av
 
     step = Fraction(1, FPS)
@@ -111,20 +115,27 @@ def _at_30(video: InputVideo) -> Iterator:
     with av.open(str(video.path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # FFmpeg's frame threads: decoding is most of what a long input costs
+        if from_s > 0 and stream.start_time is not None and stream.time_base:
+            start = float(stream.start_time * stream.time_base)
+            container.seek(stream.start_time + int(from_s / stream.time_base), stream=stream, backward=True)
         for frame in container.decode(stream):
             t = float(frame.time) if frame.time is not None else (previous[0] + 1 / video.fps if previous else 0.0)
-            start = t if start is None else start
+            if start is None:
+                start = t
             t -= start
-            if previous is not None:
+            if previous is None:
+                # after a seek, the outputs nearer the frames before this one are theirs (the midpoint rule)
+                emitted = max(0, math.ceil((t - 0.5 / video.fps) * FPS - 1e-9))
+            else:
                 midpoint = (previous[0] + t) / 2  # output times before it are nearer the previous frame
                 while emitted * step < midpoint:
-                    yield previous[1]
+                    yield emitted, previous[1]
                     emitted += 1
             previous = (t, frame)
         if previous is None:
             raise InputError(f"{video.path}: no frame could be decoded")
         while emitted * step < previous[0] + 0.5 / video.fps:
-            yield previous[1]
+            yield emitted, previous[1]
             emitted += 1
 
 
@@ -135,7 +146,7 @@ def _converted(frame, height: int, width: int) -> np.ndarray:
 def frames_at_30(video: InputVideo, height: int, width: int) -> Iterator[np.ndarray]:
     """The input's frames at 30 fps, resized and centre-cropped to (height, width). A stream: one decoded
     frame is held at a time."""
-    for frame in _at_30(video):
+    for _, frame in _at_30(video):
         yield _converted(frame, height, width)
 
 
@@ -159,13 +170,19 @@ def f1_least_frames(window: int) -> int:
 
 def read_tail(video: InputVideo, height: int, width: int, variant: str, window: int = 9) -> Tail:
     """The frames a continuation is conditioned on: F1's context (73 frames, or a section's if longer; 1 + 4k
-    so that they encode to whole latents), the inverted variant's last frame."""
+    so that they encode to whole latents), the inverted variant's last frame. Decoding starts a few seconds
+    before the end (FFmpeg seeks to the keyframe before), so a long input is not decoded whole for its end;
+    where the seek found too few frames (a stream whose duration is wrong), it is decoded from the start."""
     keep = max(F1_TAIL_FRAMES, f1_least_frames(window)) if variant == "f1" else 1
-    last = collections.deque(maxlen=keep)  # PyAV frames: only these few are converted and resized
-    count = 0
-    for frame in _at_30(video):
-        last.append(frame)
-        count += 1
+    for from_s in (max(0.0, video.seconds - keep / FPS - TAIL_SEEK_MARGIN_S), 0.0):
+        last = collections.deque(maxlen=keep)  # PyAV frames: only these few are converted and resized
+        count = first = 0
+        for index, frame in _at_30(video, from_s):
+            first = index if not last else first
+            last.append(frame)
+            count = index + 1
+        if len(last) == keep or first == 0:
+            break
     usable = 1 + (len(last) - 1) // LATENT_FRAMES_TO_PIXELS * LATENT_FRAMES_TO_PIXELS
     frames = np.stack([_converted(f, height, width) for f in list(last)[len(last) - usable :]])
     return Tail(frames, count - len(frames))
