@@ -70,53 +70,33 @@ def _scene(rng: np.random.Generator, frames: int, sections: int, window: int, ch
 @torch.no_grad()
 def build_dataset(vae, conditioning: dict[str, Any], cfg: TimelineTraining, path: Path, chunk: int = 50):
     """Latents (N, 16, T, h, w), each section boundary's frame encoded alone (N, S, 16, 1, h, w), the prompt
-    id of each time-order section (N, S) and the start frames' SigLIP embeddings; cached at `path`."""
-    from safetensors.torch import load_file, save_file
-    from tqdm import tqdm
-
+    id of each time-order section (N, S) and the start frames' SigLIP embeddings; cached at `path` in
+    resumable chunks (train/dataset.py)."""
     from framepack_turbo.pipeline.encode import encode_image
+    from framepack_turbo.train.dataset import encoded_clips
 
-    if path.is_file():
-        return load_file(path)
     base = TransformerTraining()
     frames, sections, window = base.clip_frames, base.max_sections, base.window
     all_prompts = prompts()
     vae.use_framewise_encoding = False
-    parts = []
-    for first in tqdm(range(0, cfg.clips, chunk), desc="encoding timeline clips"):
-        part_path = path.with_name(f"{path.stem}-{first:05d}.safetensors")
-        if not part_path.is_file():
-            rng = np.random.default_rng([cfg.seed, 4, first])
-            latents, boundaries, section_prompts, images = [], [], [], []
-            for _ in range(min(chunk, cfg.clips - first)):
-                scene, _ = _scene(rng, frames, sections, window, rng.random() < cfg.change_share)
-                clip = world.render(scene, frames, base.size)
-                x = torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
-                latents.append((vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)[0].half())
-                at = [b * window * 4 for b in range(1, sections + 1)]  # each boundary's frame, the clip's end last
-                alone = vae.encode(x[:, :, at].transpose(1, 2).reshape(len(at), 3, 1, *x.shape[-2:]))
-                boundaries.append((alone.latent_dist.mode() * vae.config.scaling_factor).half())
-                # a section's prompt: the motion of its first frame after the boundary
-                section_prompts.append(
-                    [all_prompts.index(scene.prompt_at(k * window * 4 + 1)) for k in range(sections)]
-                )
-                images.append(
-                    encode_image(clip[0], conditioning["feature_extractor"], conditioning["image_encoder"])[0]
-                )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(
-                {
-                    "latents": torch.stack(latents),
-                    "boundaries": torch.stack(boundaries),
-                    "prompt_ids": torch.tensor(section_prompts),
-                    "image_embeds": torch.stack(images),
-                },
-                part_path,
-            )
-        parts.append(load_file(part_path))
-    data = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    save_file(data, path)
-    return data
+
+    def one_clip(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        scene, _ = _scene(rng, frames, sections, window, rng.random() < cfg.change_share)
+        clip = world.render(scene, frames, base.size)
+        x = torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
+        at = [b * window * 4 for b in range(1, sections + 1)]  # each boundary's frame, the clip's end last
+        alone = vae.encode(x[:, :, at].transpose(1, 2).reshape(len(at), 3, 1, *x.shape[-2:]))
+        return {
+            "latents": (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)[0].half(),
+            "boundaries": (alone.latent_dist.mode() * vae.config.scaling_factor).half(),
+            # a section's prompt: the motion of its first frame after the boundary
+            "prompt_ids": torch.tensor(
+                [all_prompts.index(scene.prompt_at(k * window * 4 + 1)) for k in range(sections)]
+            ),
+            "image_embeds": encode_image(clip[0], conditioning["feature_extractor"], conditioning["image_encoder"])[0],
+        }
+
+    return encoded_clips(path, cfg.clips, (cfg.seed, 4), one_clip, "encoding timeline clips", chunk)
 
 
 def finetune(

@@ -112,48 +112,26 @@ def prompts() -> list[str]:
 def build_dataset(
     vae, conditioning: dict[str, Any], cfg: TransformerTraining, path: Path, chunk: int = 50
 ) -> dict[str, Any]:
-    """Latents (N, 16, T, h, w) of `cfg.clips` clips, their prompt ids and SigLIP embeddings; cached at `path`.
-
-    Built in chunks of `chunk` clips, each saved as it finishes, so a stopped run resumes the encoding.
-    """
-    from safetensors.torch import load_file, save_file
-    from tqdm import tqdm
-
+    """Latents (N, 16, T, h, w) of `cfg.clips` clips, their prompt ids and SigLIP embeddings; cached at `path`
+    in resumable chunks (train/dataset.py)."""
     from framepack_turbo.pipeline.encode import encode_image
+    from framepack_turbo.train.dataset import encoded_clips
 
-    if path.is_file():
-        return load_file(path)
     frames = cfg.clip_frames
     all_prompts = prompts()
     vae.use_framewise_encoding = False  # 64 px clips fit in one pass; tiles would encode overlaps twice
-    parts = []
-    for first in tqdm(range(0, cfg.clips, chunk), desc="encoding clips"):
-        part_path = path.with_name(f"{path.stem}-{first:05d}.safetensors")
-        if not part_path.is_file():
-            rng = np.random.default_rng([cfg.seed, 1, first])
-            latents, prompt_ids, images = [], [], []
-            for _ in range(min(chunk, cfg.clips - first)):
-                scene = world.random_scene(rng, frames)
-                clip = world.render(scene, frames, cfg.size)
-                x = torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
-                latents.append((vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)[0].half())
-                prompt_ids.append(all_prompts.index(scene.prompt))
-                images.append(
-                    encode_image(clip[0], conditioning["feature_extractor"], conditioning["image_encoder"])[0]
-                )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(
-                {
-                    "latents": torch.stack(latents),
-                    "prompt_ids": torch.tensor(prompt_ids),
-                    "image_embeds": torch.stack(images),
-                },
-                part_path,
-            )
-        parts.append(load_file(part_path))
-    data = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    save_file(data, path)
-    return data
+
+    def one_clip(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        scene = world.random_scene(rng, frames)
+        clip = world.render(scene, frames, cfg.size)
+        x = torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
+        return {
+            "latents": (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)[0].half(),
+            "prompt_ids": torch.tensor(all_prompts.index(scene.prompt)),
+            "image_embeds": encode_image(clip[0], conditioning["feature_extractor"], conditioning["image_encoder"])[0],
+        }
+
+    return encoded_clips(path, cfg.clips, (cfg.seed, 1), one_clip, "encoding clips", chunk)
 
 
 def section_example(
