@@ -164,3 +164,12 @@ def test_text_to_video_starts_from_a_blank_frame_with_no_image_embedding(tiny, t
     assert result.frames.shape == (37, 64, 64, 3) and result.sidecar["image"]["text_to_video"] == "#336699"
     with pytest.raises(InputError, match="start color 'plaid'"):
         tiny.generate(None, "a cat", out=tmp_path / "x.mp4", seconds=1, steps=1, resolution=64, start_color="plaid")
+
+
+def test_a_prompt_change_in_the_inverted_variant_says_f1_follows_it_better():
+    args = dict(prompt="[0s: a] [1.2s: b]", prompt_at=(), keyframes=(), end_image=None, sections=3, window=9)
+    inverted = plan_timeline(variant="inverted", seconds=3.6, **args).notes()
+    assert any("F1 follows prompt changes better" in note for note in inverted)
+    assert not any("F1" in note for note in plan_timeline(variant="f1", seconds=3.6, **args).notes())
+    one_prompt = plan_timeline(**{**args, "prompt": "a"}, variant="inverted", seconds=3.6).notes()
+    assert not any("F1" in note for note in one_prompt)

@@ -10,8 +10,8 @@ found again by its colour (world.color_centroid):
 - end frame (inverted): the object starts near one edge and the end image shows it near the opposite one;
   the last frame's object must be within 8 px of the end image's, and nearer than without the end image.
 - keyframe (inverted): a 4.8 s clip with a keyframe at its middle (2.4 s, a boundary) showing the object
-  where the scene has it then; the object at that frame must be within 8 px of the keyframe's. (Not run
-  without the keyframe: the issue asks that comparison of the end frame only, and each run is a 4.8 s clip.)
+  where the scene has it then; the object at that frame must be within 8 px of the keyframe's, and nearer
+  than without the keyframe (the end frame's measure, at the keyframe's frame).
 """
 
 from __future__ import annotations
@@ -102,18 +102,7 @@ def end_frame(fp, seed: int = TIMELINE_SEED, count: int = GATE_SCENES, out_dir=N
                 out = Path(out_dir or tmp) / f"end-{name}-{i:02d}.mp4"
                 r = _clip(fp, clip[0], scene.prompt, out, 3.6, steps, i, variant="inverted", **extra)
                 errors[name] = float(np.linalg.norm(_position(r.frames, scene.color, len(r.frames) - 1) - target))
-            within = bool(errors["with"] <= WITHIN_PX)
-            # nearer: where the run without the end image lost the object, any found position is nearer
-            nearer = bool(np.isfinite(errors["with"]) and not errors["without"] <= errors["with"])
-            cases.append(
-                {
-                    "prompt": scene.prompt,
-                    "error_px": errors["with"],
-                    "without_px": errors["without"],
-                    "ok": within,
-                    "nearer": nearer,
-                }
-            )
+            cases.append(_near(scene.prompt, errors))
     summary = _summary(cases, variant="inverted", seconds=3.6, steps=steps)
     summary["nearer_in_all"] = all(c["nearer"] for c in cases)
     return summary
@@ -132,12 +121,27 @@ def keyframe(fp, seed: int = TIMELINE_SEED, count: int = GATE_SCENES, out_dir=No
             key_path = Path(tmp) / f"key-{i:02d}.png"
             _save(clip[middle], key_path)
             target = _position(clip[middle : middle + 1], scene.color, 0)
-            out = Path(out_dir or tmp) / f"key-{i:02d}.mp4"
-            keyframes = ((2.4, str(key_path)),)
-            r = _clip(fp, clip[0], scene.prompt, out, 4.8, steps, i, variant="inverted", keyframes=keyframes)
-            error = float(np.linalg.norm(_position(r.frames, scene.color, middle) - target))
-            cases.append({"prompt": scene.prompt, "error_px": error, "ok": bool(error <= WITHIN_PX)})
-    return _summary(cases, variant="inverted", seconds=4.8, steps=steps)
+            errors = {}
+            for name, extra in (("with", {"keyframes": ((2.4, str(key_path)),)}), ("without", {})):
+                out = Path(out_dir or tmp) / f"key-{name}-{i:02d}.mp4"
+                r = _clip(fp, clip[0], scene.prompt, out, 4.8, steps, i, variant="inverted", **extra)
+                errors[name] = float(np.linalg.norm(_position(r.frames, scene.color, middle) - target))
+            cases.append(_near(scene.prompt, errors))
+    summary = _summary(cases, variant="inverted", seconds=4.8, steps=steps)
+    summary["nearer_in_all"] = all(c["nearer"] for c in cases)
+    return summary
+
+
+def _near(prompt: str, errors: dict[str, float]) -> dict[str, Any]:
+    """A case of a gate on a target frame: within 8 px of the target with the control, and nearer than
+    without it (where the run without lost the object, any found position is nearer)."""
+    return {
+        "prompt": prompt,
+        "error_px": errors["with"],
+        "without_px": errors["without"],
+        "ok": bool(errors["with"] <= WITHIN_PX),
+        "nearer": bool(np.isfinite(errors["with"]) and not errors["without"] <= errors["with"]),
+    }
 
 
 def _clip(fp, start: np.ndarray, prompt: str, out: Path, seconds: float, steps: int, seed: int, **options):
@@ -167,6 +171,7 @@ def brief(result: dict[str, Any]) -> dict[str, Any]:
         "end_frame": result["end_frame"]["accuracy"],
         "end_frame_nearer_in_all": result["end_frame"]["nearer_in_all"],
         "keyframe": result["keyframe"]["accuracy"],
+        "keyframe_nearer_in_all": result["keyframe"].get("nearer_in_all"),
     }
 
 
