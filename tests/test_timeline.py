@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,3 +174,24 @@ def test_a_prompt_change_in_the_inverted_variant_says_f1_follows_it_better():
     assert not any("F1" in note for note in plan_timeline(variant="f1", seconds=3.6, **args).notes())
     one_prompt = plan_timeline(**{**args, "prompt": "a"}, variant="inverted", seconds=3.6).notes()
     assert not any("F1" in note for note in one_prompt)
+
+
+def test_prompt_change_guidance_pushes_only_the_changed_section_away_from_the_previous_prompt(tiny, tmp_path):
+    """F1, 3 sections, the change at 1.2 s (section 2 of 3), 2 steps: the guided clip calls the model twice
+    more, in section 2 only and with the first prompt; the section before the change is the same clip."""
+    args = dict(prompt="[0s: a cat walks] [1.2s: a dog runs]", seconds=3.6, steps=2, resolution=64, variant="f1")
+    plain, plain_calls = _calls(tiny, out=tmp_path / "p.mp4", **args)
+    guided, calls = _calls(tiny, out=tmp_path / "g.mp4", prompt_change_cfg=4.0, **args)
+    assert len(plain_calls) == 6 and len(calls) == 8
+    text = [c["encoder_hidden_states"] for c in calls]  # section 1: 2 calls; section 2: (new, previous) x 2
+    assert torch.equal(text[3], plain_calls[0]["encoder_hidden_states"])  # the previous prompt: the cat
+    assert torch.equal(text[2], plain_calls[2]["encoder_hidden_states"])  # the section's own: the dog
+    assert np.array_equal(guided.frames[:10], plain.frames[:10]) and not np.array_equal(guided.frames, plain.frames)
+    assert guided.sidecar["options"]["prompt_change_cfg"] == 4.0
+    # without a change it calls nothing more and changes nothing
+    one = dict(args, prompt="a cat walks")
+    same, same_calls = _calls(tiny, out=tmp_path / "s.mp4", prompt_change_cfg=4.0, **one)
+    base, _ = _calls(tiny, out=tmp_path / "b.mp4", **one)
+    assert len(same_calls) == 6 and np.array_equal(same.frames, base.frames)
+    with pytest.raises(InputError, match="prompt change cfg=0.5"):
+        tiny.generate(EXAMPLE_IMAGE, "a cat", out=tmp_path / "x.mp4", prompt_change_cfg=0.5)

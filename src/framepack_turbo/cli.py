@@ -188,6 +188,12 @@ def generate(
     prompt_blend_sections: Annotated[
         int, typer.Option(help="Sections a prompt change blends over (0: a hard cut).")
     ] = 0,
+    prompt_change_cfg: Annotated[
+        float,
+        typer.Option(
+            help="Where the prompt changes, guidance away from the previous one (1: off; costs a model call)."
+        ),
+    ] = 1.0,
     end_image: Annotated[Optional[Path], typer.Option(help="Inverted variant: the clip ends on this image.")] = None,
     end_strength: Annotated[float, typer.Option(help="0..1: how strongly the end image holds.")] = 1.0,
     image_embed_blend: Annotated[
@@ -241,6 +247,7 @@ def generate(
             "prompt_at": tuple((p.seconds, p.text) for p in map(parse_prompt_at, prompt_at or [])),
             "keyframes": tuple(parse_keyframe(k) for k in keyframe or []),
             "prompt_blend_sections": prompt_blend_sections,
+            "prompt_change_cfg": prompt_change_cfg,
             "end_image": str(end_image) if end_image else None,
             "end_strength": end_strength,
             "image_embed_blend": image_embed_blend,
@@ -381,6 +388,7 @@ def _report(result) -> None:
 TIMED_OPTIONS = (
     "prompt_at",
     "prompt_blend_sections",
+    "prompt_change_cfg",
     "end_image",
     "end_strength",
     "image_embed_blend",

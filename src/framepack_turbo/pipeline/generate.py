@@ -94,9 +94,14 @@ class _Conditioning:
     section_image_embeds: list[torch.Tensor] | None = None
     anchors: list[torch.Tensor] | None = None  # the clean "pre" latent (keyframes)
     end_latent: torch.Tensor | None = None  # inverted: the first section's "post" latent, times the strength
+    # --prompt-change-cfg: per time-order section, the previous section's prompt where this one's differs
+    section_previous: list[encode.PromptEmbeddings | None] | None = None
 
     def positive_at(self, k: int) -> encode.PromptEmbeddings:
         return self.positive if self.section_positive is None else self.section_positive[k]
+
+    def previous_at(self, k: int) -> encode.PromptEmbeddings | None:
+        return None if self.section_previous is None else self.section_previous[k]
 
     def image_embeds_at(self, k: int) -> torch.Tensor:
         return self.image_embeds if self.section_image_embeds is None else self.section_image_embeds[k]
@@ -321,6 +326,11 @@ class Generator:
                 encode.blend_prompts([(prompts[plan.changes[i].text], w) for i, w in weights.items()])
                 for weights in plan.weights
             ]
+            if options.prompt_change_cfg != 1:
+                cond.section_previous = [
+                    cond.section_positive[k - 1] if k and plan.weights[k] != plan.weights[k - 1] else None
+                    for k in range(plan.sections)
+                ]
 
         def cast(p: encode.PromptEmbeddings) -> encode.PromptEmbeddings:
             return encode.PromptEmbeddings(p.llama.to(dtype), p.mask, p.clip_pooled.to(dtype), p.truncations)
@@ -329,6 +339,8 @@ class Generator:
         cond.image_embeds = cond.image_embeds.to(dtype)
         if cond.section_positive is not None:
             cond.section_positive = [cast(p) for p in cond.section_positive]
+        if cond.section_previous is not None:
+            cond.section_previous = [p if p is None else cast(p) for p in cond.section_previous]
         if cond.section_image_embeds is not None:
             cond.section_image_embeds = [e.to(dtype) for e in cond.section_image_embeds]
         return cond
@@ -393,7 +405,7 @@ class Generator:
         k = time_position(variant, section.number, section.total)
         context = self._context(variant, history, cond, k)
         clean, clean_2x, clean_4x = (t.to(device=device, dtype=dtype) for t in context)
-        positive = cond.positive_at(k)
+        positive, previous = cond.positive_at(k), cond.previous_at(k)
         idx = section.indices
         guidance = torch.tensor([options.distilled_guidance * TIME_SCALE], device=device, dtype=dtype)
         shared = dict(
@@ -429,10 +441,17 @@ class Generator:
             timestep = (sigma.float() * TIME_SCALE).to(dtype)
             step = next(step_index)
             flow = predict(x, timestep, positive, "cond", step)
+            followed = flow
             if options.cfg != 1:
                 uncond = predict(x, timestep, cond.negative, "uncond", step)
                 guided = uncond + options.cfg * (flow - uncond)
                 flow = _rescale_guidance(guided, flow, options.guidance_rescale)
+            if previous is not None:
+                # --prompt-change-cfg: away from the prompt the section before had (a negative prompt local in
+                # time). A model continues the motion its history shows; this pushes it to the new prompt.
+                flow = flow + (options.prompt_change_cfg - 1) * (
+                    followed - predict(x, timestep, previous, "previous", step)
+                )
             x0 = x.float() - flow * sigma.float().view(-1, 1, 1, 1, 1)
             elapsed = self._clock() - t0
             timings.step_seconds.append(elapsed)

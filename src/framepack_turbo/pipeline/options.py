@@ -45,6 +45,7 @@ class GenerateOptions:
     # Over time (pipeline/timeline.py): the prompt itself may carry [Ns: ...] tags too.
     prompt_at: tuple[tuple[float, str], ...] = ()  # (seconds, text): --prompt-at TIME:TEXT
     prompt_blend_sections: int = 0  # sections a prompt change blends over (0: a hard cut)
+    prompt_change_cfg: float = 1.0  # guidance away from the previous prompt where it changes (1: off)
     end_image: str | None = None  # inverted: the clip ends on this image
     end_strength: float = 1.0  # how much of the end image's latent the first section sees
     image_embed_blend: bool = False  # blend the start and end images' SigLIP embeddings across sections
@@ -82,6 +83,10 @@ class GenerateOptions:
         _check(self.crf != 0, f"crf=0: {CRF_ZERO}")
         _check(0 <= self.end_strength <= 1, f"end strength={self.end_strength}: must be in [0, 1]")
         _check(self.prompt_blend_sections >= 0, f"prompt blend sections={self.prompt_blend_sections}: must be >= 0")
+        _check(
+            math.isfinite(self.prompt_change_cfg) and self.prompt_change_cfg >= 1,
+            f"prompt change cfg={self.prompt_change_cfg}: must be >= 1 (1 turns it off)",
+        )
         for seconds, text in self.prompt_at:
             check_text(text, f"prompt at {seconds:g}s")
         if self.start_color is not None:

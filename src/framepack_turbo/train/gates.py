@@ -6,7 +6,7 @@ found again by its colour (world.color_centroid):
 
 - prompt change: "[0s: the X moves right] [1.8s: the X moves left]" on a 3.6 s clip. 1.8 s snaps to the
   boundary at 2.4 s (half up, and the clip says so), so the object must move right before 2.4 s and left
-  after it; both variants.
+  after it; both variants, at the defaults and with --prompt-change-cfg CHANGE_CFG.
 - end frame (inverted): the object starts near one edge and the end image shows it near the opposite one;
   the last frame's object must be within 8 px of the end image's, and nearer than without the end image.
 - keyframe (inverted): a 4.8 s clip with a keyframe at its middle (2.4 s, a boundary) showing the object
@@ -29,6 +29,9 @@ DEVELOPMENT_SEED = 94  # the set the fine-tune's recipe was looked at on
 GATE_SCENES = 20
 WITHIN_PX = 8.0
 MIN_SHIFT_PX = 2.0
+# --prompt-change-cfg of the guided prompt-change gate: the scale chosen on the development seed (94), where
+# 6 turned 5 of 8 F1 scenes and 9 turned 7 of 8 (the fine-tune's weights)
+CHANGE_CFG = 9.0
 FPS = 30
 
 
@@ -62,7 +65,9 @@ def _translation_scene(rng: np.random.Generator, frames: int, motion: str, trave
     )
 
 
-def prompt_change(fp, variant: str, seed: int = TIMELINE_SEED, count: int = GATE_SCENES, out_dir=None, steps=25):
+def prompt_change(
+    fp, variant: str, seed: int = TIMELINE_SEED, count: int = GATE_SCENES, out_dir=None, steps=25, change_cfg=1.0
+):
     change_frame = 72  # 1.8 s asked, 2.4 s where it lands (the record's timeline says so)
 
     def make(rng, i):
@@ -73,15 +78,16 @@ def prompt_change(fp, variant: str, seed: int = TIMELINE_SEED, count: int = GATE
         for i, scene in enumerate(_scenes(seed, count, make)):
             thing = f"the {scene.color} {scene.shape}"
             prompt = f"[0s: {thing} moves right] [1.8s: {thing} moves left]"
-            out = Path(out_dir or tmp) / f"change-{variant}-{i:02d}.mp4"
-            r = _clip(fp, world.render(scene, 1, 64)[0], prompt, out, 3.6, steps, i, variant=variant)
+            out = Path(out_dir or tmp) / f"change-{variant}-cfg{change_cfg:g}-{i:02d}.mp4"
+            start = world.render(scene, 1, 64)[0]
+            r = _clip(fp, start, prompt, out, 3.6, steps, i, variant=variant, prompt_change_cfg=change_cfg)
             starts = r.sidecar["timeline"]["prompts"][1]["starts_s"]
             at = int(round(starts * FPS))
             x0, xm, x1 = (_position(r.frames, scene.color, f)[0] for f in (0, at, len(r.frames) - 1))
             first, second = float(xm - x0), float(x1 - xm)
             ok = bool(first >= MIN_SHIFT_PX and second <= -MIN_SHIFT_PX)
             cases.append({"prompt": prompt, "change_s": starts, "first_dx": first, "second_dx": second, "ok": ok})
-    return _summary(cases, variant=variant, seconds=3.6, steps=steps)
+    return _summary(cases, variant=variant, seconds=3.6, steps=steps, prompt_change_cfg=change_cfg)
 
 
 def end_frame(fp, seed: int = TIMELINE_SEED, count: int = GATE_SCENES, out_dir=None, steps=25):
@@ -168,6 +174,7 @@ def brief(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "seed": result["seed"],
         "prompt_change": {v: g["accuracy"] for v, g in result["prompt_change"].items()},
+        "prompt_change_guided": {v: g["accuracy"] for v, g in result.get("prompt_change_guided", {}).items()},
         "end_frame": result["end_frame"]["accuracy"],
         "end_frame_nearer_in_all": result["end_frame"]["nearer_in_all"],
         "keyframe": result["keyframe"]["accuracy"],
@@ -180,6 +187,9 @@ def timeline_gates(fp, seed: int = TIMELINE_SEED, count: int = GATE_SCENES, out_
     return {
         "seed": seed,
         "prompt_change": {v: prompt_change(fp, v, seed, count, out_dir) for v in ("inverted", "f1")},
+        "prompt_change_guided": {
+            v: prompt_change(fp, v, seed, count, out_dir, change_cfg=CHANGE_CFG) for v in ("inverted", "f1")
+        },
         "end_frame": end_frame(fp, seed, count, out_dir),
         "keyframe": keyframe(fp, seed, count, out_dir),
     }
