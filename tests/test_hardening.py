@@ -262,8 +262,9 @@ def page(tmp_path):
 
 
 # the page's queue_job inputs after the image: prompt, negative, seconds, resolution, seed, random seed, count,
-# steps, gs, window, crf, variant, end image, end strength, prompt blend, two keyframe rows (time, image), the video
-# to extend, then the optimization panel (preset, six switches, attention, memory preservation)
+# steps, gs, window, crf, variant, end image, end strength, prompt blend, prompt change guidance, two keyframe rows
+# (time, image), the video to extend, then the optimization panel (preset, six switches, attention, memory
+# preservation)
 FORM = (
     "a cat",
     "",
@@ -280,6 +281,7 @@ FORM = (
     None,
     1,
     0,
+    1,
     None,
     None,
     None,

@@ -29,6 +29,9 @@ def rerun(trained, recorded):
     seed = recorded["seed"]
     return {
         "prompt_change": {v: gates.prompt_change(trained, v, seed, CHECKED) for v in ("inverted", "f1")},
+        "prompt_change_guided": {
+            v: gates.prompt_change(trained, v, seed, CHECKED, change_cfg=gates.CHANGE_CFG) for v in ("inverted", "f1")
+        },
         "end_frame": gates.end_frame(trained, seed, CHECKED),
         "keyframe": gates.keyframe(trained, seed, CHECKED),
     }
@@ -37,6 +40,12 @@ def rerun(trained, recorded):
 def _pairs(recorded, rerun):
     yield "prompt_change inverted", recorded["prompt_change"]["inverted"], rerun["prompt_change"]["inverted"]
     yield "prompt_change f1", recorded["prompt_change"]["f1"], rerun["prompt_change"]["f1"]
+    yield (
+        "prompt_change_guided inverted",
+        recorded["prompt_change_guided"]["inverted"],
+        rerun["prompt_change_guided"]["inverted"],
+    )
+    yield "prompt_change_guided f1", recorded["prompt_change_guided"]["f1"], rerun["prompt_change_guided"]["f1"]
     yield "end_frame", recorded["end_frame"], rerun["end_frame"]
     yield "keyframe", recorded["keyframe"], rerun["keyframe"]
 

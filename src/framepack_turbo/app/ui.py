@@ -228,6 +228,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         end_path,
         end_strength,
         blend,
+        change_cfg,
         *rest,
     ):
         keyframe_values, video_path = rest[: 2 * KEYFRAME_ROWS], rest[2 * KEYFRAME_ROWS]
@@ -250,6 +251,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         if end_path:
             options["end_strength"] = float(end_strength)
         options["prompt_blend_sections"] = int(blend)
+        options["prompt_change_cfg"] = float(change_cfg)
         request = {"prompt": prompt, "negative_prompt": negative, "options": options, "settings": panel_settings(panel)}
         try:
             critical = critical_findings({**base, **request["settings"], "resolution": int(resolution)}, hardware)
@@ -383,6 +385,14 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                             blend = gr.Slider(
                                 0, 8, value=0, step=1, label="Prompt blend (sections)", elem_id="prompt-blend"
                             )
+                            change_cfg = gr.Slider(
+                                1,
+                                12,
+                                value=1,
+                                step=0.5,
+                                label="Prompt change guidance (1: off; each change costs model calls)",
+                                elem_id="prompt-change-cfg",
+                            )
                     keyframe_inputs = []
                     for row in range(KEYFRAME_ROWS):
                         with gr.Row():
@@ -481,7 +491,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         queue_btn.click(
             queue_job,
             [image, prompt, negative, seconds, resolution, seed, random_seed, count, steps, gs, window, crf, variant]
-            + [end_image, end_strength, blend, *keyframe_inputs, video_in]
+            + [end_image, end_strength, blend, change_cfg, *keyframe_inputs, video_in]
             + panel,
             status,
             api_name="queue_job",
