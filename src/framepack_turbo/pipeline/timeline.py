@@ -182,27 +182,22 @@ class TimelinePlan:
 
     def notes(self) -> list[str]:
         """Where each timed prompt and keyframe landed, for the user."""
-        return (
-            [
-                f"prompt {c.text!r} asked at {c.asked_s:g}s starts at {c.starts_s:g}s (section {c.section + 1})"
-                for c in self.changes
-                if c.asked_s != c.starts_s
-            ]
-            + [
-                f"keyframe {k.path} asked at {k.seconds:g}s is shown at {k.starts_s:g}s"
-                + (" (the clip's end: it is the end frame)" if k.section == self.sections else "")
-                for k in self.keyframes
-                if k.seconds != k.starts_s or k.section == self.sections
-            ]
-            + (
-                [
-                    "the inverted variant generates the end first: a section after a prompt change cannot see where "
-                    "the sections before it leave the subject; F1 follows prompt changes better (--variant f1)"
-                ]
-                if self.timed and self.variant == "inverted"
-                else []
+        notes = [
+            f"prompt {c.text!r} asked at {c.asked_s:g}s starts at {c.starts_s:g}s (section {c.section + 1})"
+            for c in self.changes
+            if c.asked_s != c.starts_s
+        ] + [
+            f"keyframe {k.path} asked at {k.seconds:g}s is shown at {k.starts_s:g}s"
+            + (" (the clip's end: it is the end frame)" if k.section == self.sections else "")
+            for k in self.keyframes
+            if k.seconds != k.starts_s or k.section == self.sections
+        ]
+        if self.timed and self.variant == "inverted":
+            notes.append(
+                "the inverted variant generates the end first: a section after a prompt change cannot see where "
+                "the sections before it leave the subject; F1 follows prompt changes better (--variant f1)"
             )
-        )
+        return notes
 
     def to_dict(self) -> dict:
         return {

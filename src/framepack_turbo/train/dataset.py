@@ -14,6 +14,16 @@ import numpy as np
 import torch
 
 
+def pixels(clip: np.ndarray) -> torch.Tensor:
+    """A rendered clip (T, H, W, 3) uint8 as the VAE takes it: (1, 3, T, H, W) in [-1, 1]."""
+    return torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
+
+
+def latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """The VAE's latents of pixels `x` (its posterior's mode, scaled), in float16 as the sets store them."""
+    return (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).half()
+
+
 def encoded_clips(
     path: Path,
     count: int,

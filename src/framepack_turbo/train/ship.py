@@ -132,8 +132,9 @@ def ship(training_dir: Path, records: dict[str, Any], target: Path = SHIPPED) ->
         "machine": _machine(),
         "torch": torch.__version__,
         "code_commit": commit,
-        "command": "python scripts/train_tiny.py vae, then transformer and decoder (side by side), then timeline "
-        "(its record has the runs), then ship",
+        "command": "python scripts/train_tiny.py vae, then transformer and decoder (side by side), "
+        + ("then timeline (its record has the runs), " if "timeline" in records else "")
+        + "then ship",
         "data": {
             "world": "framepack_turbo.train.world (procedural; nothing downloaded)",
             "training_seeds": "seed 0; numpy default_rng([seed, step]) for the VAE, [seed, 1, chunk] latent dataset, [seed, 2, step] transformer, [seed, 3, step] decoder, "

@@ -73,7 +73,7 @@ def build_dataset(vae, conditioning: dict[str, Any], cfg: TimelineTraining, path
     id of each time-order section (N, S) and the start frames' SigLIP embeddings; cached at `path` in
     resumable chunks (train/dataset.py)."""
     from framepack_turbo.pipeline.encode import encode_image
-    from framepack_turbo.train.dataset import encoded_clips
+    from framepack_turbo.train.dataset import encoded_clips, latents, pixels
 
     base = TransformerTraining()
     frames, sections, window = base.clip_frames, base.max_sections, base.window
@@ -83,12 +83,11 @@ def build_dataset(vae, conditioning: dict[str, Any], cfg: TimelineTraining, path
     def one_clip(rng: np.random.Generator) -> dict[str, torch.Tensor]:
         scene, _ = _scene(rng, frames, sections, window, rng.random() < cfg.change_share)
         clip = world.render(scene, frames, base.size)
-        x = torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
+        x = pixels(clip)
         at = [b * window * 4 for b in range(1, sections + 1)]  # each boundary's frame, the clip's end last
-        alone = vae.encode(x[:, :, at].transpose(1, 2).reshape(len(at), 3, 1, *x.shape[-2:]))
         return {
-            "latents": (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)[0].half(),
-            "boundaries": (alone.latent_dist.mode() * vae.config.scaling_factor).half(),
+            "latents": latents(vae, x)[0],
+            "boundaries": latents(vae, x[:, :, at].transpose(1, 2).reshape(len(at), 3, 1, *x.shape[-2:])),
             # a section's prompt: the motion of its first frame after the boundary
             "prompt_ids": torch.tensor(
                 [all_prompts.index(scene.prompt_at(k * window * 4 + 1)) for k in range(sections)]

@@ -115,7 +115,7 @@ def build_dataset(
     """Latents (N, 16, T, h, w) of `cfg.clips` clips, their prompt ids and SigLIP embeddings; cached at `path`
     in resumable chunks (train/dataset.py)."""
     from framepack_turbo.pipeline.encode import encode_image
-    from framepack_turbo.train.dataset import encoded_clips
+    from framepack_turbo.train.dataset import encoded_clips, latents, pixels
 
     frames = cfg.clip_frames
     all_prompts = prompts()
@@ -124,9 +124,8 @@ def build_dataset(
     def one_clip(rng: np.random.Generator) -> dict[str, torch.Tensor]:
         scene = world.random_scene(rng, frames)
         clip = world.render(scene, frames, cfg.size)
-        x = torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
         return {
-            "latents": (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)[0].half(),
+            "latents": latents(vae, pixels(clip))[0],
             "prompt_ids": torch.tensor(all_prompts.index(scene.prompt)),
             "image_embeds": encode_image(clip[0], conditioning["feature_extractor"], conditioning["image_encoder"])[0],
         }
