@@ -1,5 +1,8 @@
 """Every compatibility rule: it fires on the case it describes and stays quiet on the baseline; the plan obeys."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from framepack_turbo import compat
@@ -8,6 +11,8 @@ from framepack_turbo.hardware import Hardware
 from framepack_turbo.optim import registry
 from framepack_turbo.optim.plan import make_plan
 from framepack_turbo.settings import Settings
+
+from .lora_files import stub
 
 CPU = Hardware()  # no CUDA, no optional backends
 ALL_BACKENDS = {
@@ -46,8 +51,30 @@ def s(**values) -> Settings:
     return Settings.load(values)
 
 
+LORA = (str(stub(Path(tempfile.mkdtemp(prefix="framepack-compat-")))),)
+
 # (rule id, settings that show it, hardware it needs, settings+hardware where it must NOT fire)
 CASES = [
+    ("lora-merged", dict(loras=LORA), CPU, dict(loras=LORA, lora_mode="unmerged")),
+    ("lora-unmerged", dict(loras=LORA, use_bnb=True), H100, dict(loras=LORA)),  # auto: bitsandbytes takes no merge
+    (
+        "lora-merge-bitsandbytes",
+        dict(loras=LORA, lora_mode="merged", use_bnb=True),
+        H100,
+        dict(loras=LORA, use_bnb=True),
+    ),
+    (
+        "lora-adapters-quantized",
+        dict(loras=LORA, lora_mode="unmerged", enable_quant=True),
+        CPU,
+        dict(loras=LORA, enable_quant=True),  # merged first, then quantized
+    ),
+    (
+        "lora-adapters-exported",
+        dict(loras=LORA, lora_mode="unmerged", use_onnx_engines=True),
+        CPU,
+        dict(loras=LORA, lora_mode="unmerged", use_onnx_engines=True, onnx_components="vae-decoder"),
+    ),
     (
         "compile-cudagraphs-offload",
         dict(enable_compile=True, compile_mode="reduce-overhead", use_memory_v2=True),
@@ -248,3 +275,13 @@ def test_plan_order_is_the_design_order():
     names = list(registry.names())
     order = ["loading.bnb", "precision", "prune", "quant", "attention", "fbcache", "placement", "compile", "tensorrt"]
     assert [n for n in names if n in order] == order
+
+
+def test_the_lora_mode_picks_one_pass():
+    merged = make_plan(s(loras=LORA), check(s(loras=LORA), CPU), CPU)
+    assert merged.is_active("lora.merge") and not merged.is_active("lora.adapters")
+    settings = s(loras=LORA, lora_mode="unmerged")
+    unmerged = make_plan(settings, check(settings, CPU), CPU)
+    assert unmerged.is_active("lora.adapters") and not unmerged.is_active("lora.merge")
+    none = make_plan(s(), check(s(), CPU), CPU)
+    assert not none.is_active("lora.merge") and not none.is_active("lora.adapters")

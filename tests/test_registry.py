@@ -23,6 +23,7 @@ from framepack_turbo.presets import PRESETS
 from framepack_turbo.settings import Settings, setting_names
 
 from . import toy_pass
+from .lora_files import stub
 from .test_compat import H100
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,7 @@ GENERAL = {
     "vae_chunk_safety",
     "vae_upscale_factor",
     "preset",
+    "lora_dir",  # the web app's LoRA folder (its dropdown), not a pass's
 }
 
 
@@ -109,7 +111,7 @@ def test_each_pass_reads_only_what_it_declares(name):
     assert recorder.read <= set(registry.get(name).reads())
 
 
-def test_artifact_key_export_list_and_lossy_labels_come_from_the_registry():
+def test_artifact_key_export_list_and_lossy_labels_come_from_the_registry(tmp_path):
     assert set(registry.shaping_settings()) == {
         "enforce_low_precision",
         "enable_prune",
@@ -124,11 +126,14 @@ def test_artifact_key_export_list_and_lossy_labels_come_from_the_registry():
         "fp8_exclude_keys",
         "fp8_use_scaled_mm",
     }
-    assert artifact.stored_passes() == {"prune", "quant", "fp8"}  # low precision also casts the encoders
+    assert artifact.stored_passes() == {"lora.merge", "prune", "quant", "fp8"}  # low precision also casts the encoders
     everything = Settings.load({"preset": "max-performance", "jit_mode": "trace", "enable_tensorrt": True}, environ={})
     off = registry.switched_off_for_export(everything)
     assert off["enable_compile"] is False and off["enable_fbcache"] is False and off["jit_mode"] == "off"
     assert "enable_quant" not in off  # the weights are what an export holds
+    lora = str(stub(tmp_path))
+    with_lora = registry.switched_off_for_export(Settings.load({"loras": (lora,), "lora_mode": "unmerged"}, environ={}))
+    assert "loras" not in with_lora and with_lora["lora_mode"] == "merged"  # merged LoRAs are in the weights
     assert bench_configs.BenchConfig("int8", {"enable_quant": True}).lossy
     assert not bench_configs.BenchConfig("compile", {"enable_compile": True}).lossy
 

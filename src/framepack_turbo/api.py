@@ -169,8 +169,11 @@ def _changed_runtime_passes(old: Settings, old_plan: Plan, new: Settings, new_pl
     compiled = [p.name for p in (*old_plan.active(), *new_plan.active()) if registry.get(p.name).phase == "compilation"]
     if compiled:  # compiled or exported modules stand in for the ones the hooks would go on
         return None
+    # a setting a non-removable pass reads forces a reload only where that pass runs in one of the two runs
+    # (LoRA files switch without reloading in unmerged mode, where the merge pass is skipped in both)
+    running = {p.name for p in (*old_plan.active(), *new_plan.active())}
     only_runtime = {s for p in registry.passes() if p.removable for s in p.reads()} - {
-        s for p in registry.passes() if not p.removable for s in p.reads()
+        s for p in registry.passes() if not p.removable and p.name in running for s in p.reads()
     }
     ignore = only_runtime | set(_JOB_SETTINGS) | {"preset"}
     if any(getattr(old, k) != getattr(new, k) for k in old.values() if k not in ignore):

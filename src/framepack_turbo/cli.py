@@ -153,14 +153,16 @@ def _settings_epilog() -> str:
     return "\b\nSettings (every FRAMEPACK_* variable is also a flag; booleans take --no-NAME):\n" + flags_help()
 
 
-def _settings_from(ctx: typer.Context, preset: str | None, below: dict | None = None):
+def _settings_from(ctx: typer.Context, preset: str | None, below: dict | None = None, loras: list[str] | None = None):
     """Flags left over after the command's own options are settings flags; parse and validate them.
-    `below`: values under the flags (a recorded clip's settings, for --from)."""
+    `below`: values under the flags (a recorded clip's settings, for --from); `loras`: the --lora flags."""
     from framepack_turbo.settings import Settings, parse_flags
 
     overrides = {**(below or {}), **parse_flags(list(ctx.args))}
     if preset is not None:
         overrides["preset"] = preset
+    if loras:
+        overrides["loras"] = tuple(loras)
     return Settings.load(overrides, source="cli")
 
 
@@ -209,6 +211,10 @@ def generate(
         Optional[Path],
         typer.Option("--video", help="Continue this clip (mp4, webm, mov ...) by --seconds; instead of --image."),
     ] = None,
+    lora: Annotated[
+        Optional[list[str]],
+        typer.Option("--lora", help="PATH[:WEIGHT], repeatable: a LoRA (.safetensors) and its weight (default 1)."),
+    ] = None,
     preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
     ignore_incompatible: Annotated[
         bool, typer.Option("--ignore-incompatible", help="Run despite critical compatibility findings (after 5 s).")
@@ -237,7 +243,7 @@ def generate(
                 raise InputError("--prompt is needed (or --from FILE.mp4 to take the prompt of a clip made here)")
             prompt = recorded["prompt"]
         negative = recorded.get("negative_prompt", "") if negative is None else negative
-        settings = _settings_from(ctx, preset, recorded.get("settings", {}))
+        settings = _settings_from(ctx, preset, recorded.get("settings", {}), loras=lora)
         from framepack_turbo.models.presets import get_preset
         from framepack_turbo.pipeline.generate import timeline_of
         from framepack_turbo.pipeline.options import GenerateOptions
@@ -293,6 +299,10 @@ def generate(
         for path in batch_outputs(base_out, seeds):
             check_writable(path)
         _check_device(settings.device)
+        from framepack_turbo.optim.lora import preflight
+
+        for line in preflight(settings):  # every LoRA key mapped onto the model before its weights load
+            typer.echo(f"note: {line}", err=True)
 
         from framepack_turbo.pipeline.events import CancelToken
 

@@ -20,7 +20,7 @@ from framepack_turbo import placement
 from framepack_turbo.constants import FP8_COMPUTE_CAPABILITY
 from framepack_turbo.hardware import Hardware
 from framepack_turbo.optim import registry
-from framepack_turbo.settings import Settings, env_name
+from framepack_turbo.settings import Settings, env_name, resolved_lora_mode
 
 
 class Severity(str, Enum):
@@ -481,6 +481,56 @@ RULES: tuple[Rule, ...] = (
         "is nothing to cache (compiled code is not stored).",
         "Turn on a weight pass, or FRAMEPACK_ENABLE_OPT_CACHE=0.",
         disables=("opt_cache",),
+    ),
+    # ---- LoRA (settings.resolved_lora_mode: auto merges unless bitsandbytes) --------------------------
+    Rule(
+        "lora-merged",
+        Severity.INFO,
+        lambda s, h: resolved_lora_mode(s) == "merged",
+        lambda s, h: (
+            f"{len(s.loras)} LoRA(s) merged into the transformer's weights before any quantization or export: a "
+            "step costs what it costs without them; another LoRA or weight loads the model again."
+        ),
+        "--lora-mode unmerged switches LoRAs and weights between jobs without reloading (each step a little slower).",
+        disables=("lora.adapters",),
+    ),
+    Rule(
+        "lora-unmerged",
+        Severity.INFO,
+        lambda s, h: resolved_lora_mode(s) == "unmerged",
+        lambda s, h: (
+            "LoRAs as PEFT adapters"
+            + (" (bitsandbytes weights take no merge)" if s.lora_mode == "auto" else "")
+            + ": switching them or their weights between jobs reloads nothing; each step also computes the adapters."
+        ),
+        "--lora-mode merged for the fastest steps (not with bitsandbytes).",
+        disables=("lora.merge",),
+    ),
+    Rule(
+        "lora-merge-bitsandbytes",
+        Severity.CRITICAL,
+        lambda s, h: s.lora_mode == "merged" and bool(s.loras) and s.use_bnb,
+        "bitsandbytes quantizes the transformer while it loads; its packed 4/8-bit weights cannot take a LoRA merge.",
+        "--lora-mode unmerged (or auto), or FRAMEPACK_USE_BNB=0 and ENABLE_QUANT/ENABLE_FP8, which run after a merge.",
+    ),
+    Rule(
+        "lora-adapters-quantized",
+        Severity.CRITICAL,
+        lambda s, h: resolved_lora_mode(s) == "unmerged" and (s.enable_quant or s.enable_fp8),
+        "Unmerged LoRA adapters do not go on INT-N or FP8 weights here (their layers hold torchao / FP8 tensors, "
+        "which PEFT does not wrap in this tool).",
+        "--lora-mode merged (the LoRA is folded in before quantizing), or turn ENABLE_QUANT/ENABLE_FP8 off.",
+    ),
+    Rule(
+        "lora-adapters-exported",
+        Severity.CRITICAL,
+        lambda s, h: (
+            resolved_lora_mode(s) == "unmerged"
+            and (s.jit_mode != "off" or (s.enable_tensorrt and s.trt_transformer) or _onnx_transformer(s))
+        ),
+        "TorchScript, TensorRT and ONNX hold the transformer's weights as they were exported; unmerged adapters "
+        "would not be in them.",
+        "--lora-mode merged: the LoRA is merged before the export (and its hash keys the export).",
     ),
     Rule(
         "model-native-resolution",

@@ -29,6 +29,7 @@ MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
 # `--seed random` draws a seed below this (any seed up to 2^63-1 can be given); the drawn one is recorded.
 RANDOM_SEED, RANDOM_SEED_BELOW = "random", 2**32
 MAX_COUNT = 100  # clips in one batch (seeds seed, seed+1, ...)
+MAX_LORA_WEIGHT = 4.0  # a LoRA's weight beyond this breaks every model we know of; a typo, not a wish
 
 # ---- settings -----------------------------------------------------------------------------------------
 ENV_PREFIX = "FRAMEPACK_"

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -29,6 +30,7 @@ from framepack_turbo.constants import (
     CRF_ZERO,
     ENV_PREFIX,
     MAX_CRF,
+    MAX_LORA_WEIGHT,
     MAX_RESOLUTION,
     MAX_SECONDS,
     MIN_RESOLUTION,
@@ -142,6 +144,32 @@ class Settings(BaseSettings):
     )
     offline: bool = Field(
         False, description="Never contact the Hugging Face hub.", json_schema_extra=_group("generation")
+    )
+
+    # ---- LoRA ---------------------------------------------------------------------------------
+    loras: CsvList = Field(
+        (),
+        description="Comma list of LoRA files (.safetensors), each PATH[:WEIGHT] (weight 1 without one); "
+        "--lora PATH[:WEIGHT] is the repeatable flag.",
+        json_schema_extra=_group("lora"),
+    )
+    lora_mode: Literal["auto", "merged", "unmerged"] = Field(
+        "auto",
+        description="merged: folded into the weights before quantization and export (a step costs what it costs "
+        "without); unmerged: PEFT adapters, switched between jobs without reloading; auto: merged unless "
+        "bitsandbytes (whose weights take no merge).",
+        json_schema_extra=_group("lora"),
+    )
+    lora_allow_partial: bool = Field(
+        False,
+        description="Load a LoRA whose keys are not all understood or whose modules are not all in the model "
+        "(the load says what it skipped); off: that is an error.",
+        json_schema_extra=_group("lora"),
+    )
+    lora_dir: Path = Field(
+        Path("loras"),
+        description="The web app's LoRA folder (its dropdown lists the .safetensors there).",
+        json_schema_extra=_group("lora"),
     )
 
     # ---- quantization and precision ----------------------------------------------------------
@@ -530,6 +558,24 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _split_loras(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_files(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        specs = [parse_lora(text) for text in value]  # raises ValueError naming the bad one
+        for spec in specs:
+            if spec.path.suffix != ".safetensors":
+                raise ValueError(f"{spec.path}: only .safetensors LoRA files are read (no pickle)")
+            if not spec.path.is_file():
+                raise ValueError(f"{spec.path}: no such file")
+        return tuple(f"{spec.path}:{spec.weight:g}" for spec in specs)
+
     @field_validator("onnx_components")
     @classmethod
     def _onnx_components(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -675,6 +721,42 @@ class Settings(BaseSettings):
 # ---- names, flags and the environment --------------------------------------------------------------
 
 
+class LoraSpec(NamedTuple):
+    path: Path
+    weight: float
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """PATH[:WEIGHT] (a weight only when what follows the last colon is a number, so C:\\x.safetensors works)."""
+    path, sep, tail = text.rpartition(":")
+    weight = 1.0
+    if sep:
+        try:
+            weight = float(tail)
+        except ValueError:
+            path, weight = text, 1.0
+    else:
+        path = text
+    if not math.isfinite(weight) or not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
+        raise ValueError(f"{text}: the weight must be a number from -{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}")
+    if not path:
+        raise ValueError(f"{text}: no file before the weight")
+    return LoraSpec(Path(path), weight)
+
+
+def lora_specs(settings: Settings) -> tuple[LoraSpec, ...]:
+    return tuple(parse_lora(text) for text in settings.loras)
+
+
+def resolved_lora_mode(settings: Settings) -> Literal["merged", "unmerged"] | None:
+    """How this run's LoRAs go on (None: no LoRA): auto merges unless bitsandbytes quantizes at load."""
+    if not settings.loras:
+        return None
+    if settings.lora_mode == "auto":
+        return "unmerged" if settings.use_bnb else "merged"
+    return settings.lora_mode
+
+
 def setting_names(settings_cls: type[Settings] | None = None) -> list[str]:
     return list((settings_cls or Settings).model_fields)
 
@@ -734,6 +816,8 @@ def allowed(name: str, settings_cls: type[Settings] | None = None) -> str:
     elif annotation in (int, float) or (args and args[0] in (int, float)):
         kind = "an integer" if int in (annotation, *args) else "a number"
         text = kind + _range_text(field)
+    elif name == "loras":
+        text = "a comma-separated list of PATH[:WEIGHT] (.safetensors files)"
     elif name in ("fp8_target_keys", "fp8_exclude_keys"):
         text = "a comma-separated list of module-name parts"
     elif name == "model_dir":

@@ -389,6 +389,18 @@ def transformer_config(preset: str, model_dir: str | None = None) -> dict[str, A
     return _transformer_source(preset, model_dir)[3]
 
 
+def empty_transformer(preset: str, model_dir: str | None = None) -> torch.nn.Module | None:
+    """The transformer's modules on the meta device (shapes, no weights: a second even for 13B), from its
+    config; None where the config is not on this machine. For checks before the weights load (LoRA keys)."""
+    config = transformer_config(preset, model_dir)
+    if not config:
+        return None
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return _component_class("transformer").from_config(config)
+
+
 def _transformer_source(preset: str, model_dir: str | None):
     import hashlib
     import json

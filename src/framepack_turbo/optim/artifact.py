@@ -18,6 +18,7 @@ layerwise casting) are not state: the manifest lists them and loading re-install
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 from datetime import datetime, timezone
@@ -68,6 +69,10 @@ def shaping_settings(settings: Settings, device_kind: str) -> dict[str, Any]:
     Anything else (caches, compile, attention) does not change the saved weights."""
     values = {k: getattr(settings, k) for k in registry.shaping_settings()}
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    for spec in registry.passes():
+        if spec.shapes_weights and spec.identity:  # file contents, not paths (a LoRA's hash and weight)
+            module_name, _, function = spec.identity.partition(":")
+            values[spec.name] = getattr(importlib.import_module(module_name), function)(settings)
     values["device_kind"] = device_kind  # kernels and packing differ between CPU and CUDA
     return values
 

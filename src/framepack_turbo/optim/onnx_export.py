@@ -290,13 +290,17 @@ def module_fingerprint(module: torch.nn.Module) -> dict[str, Any]:
     values = {k: v for k, v in values.items() if not k.startswith("_") and k not in _CONFIG_METADATA}
     config_text = json.dumps(values, sort_keys=True, default=str)
     from framepack_turbo.models.loading import weights_fingerprint
+    from framepack_turbo.optim.lora import MERGED_ATTR
 
-    return {
+    fingerprint = {
         "class": type(module).__name__,
         "config": hashlib.sha256(config_text.encode()).hexdigest()[:16],
         "parameters": sum(p.numel() for p in module.parameters()),
         "weights": weights_fingerprint(module),
     }
+    if getattr(module, MERGED_ATTR, None):  # the sampled weights may miss a LoRA's modules: its hash does not
+        fingerprint["loras"] = [{"sha256": e["sha256"], "weight": e["weight"]} for e in getattr(module, MERGED_ATTR)]
+    return fingerprint
 
 
 def component_identity(bundle: Any, component: str) -> dict[str, Any]:

@@ -42,6 +42,8 @@ class PassSpec:
     loaded bundle, so jobs that differ only in it reuse the models. `impl`: "module:Class" of the
     implementation; None where the loader or the API does the work (parallel loading, the artifact).
     `housekeeping`: not a change to the computation (left out of the plan's summary line).
+    `identity`: "module:function" of settings -> what keys the artifact in place of the pass's settings,
+    where a setting names files whose contents count (LoRA files: their hashes, not their paths).
     """
 
     name: str
@@ -56,6 +58,7 @@ class PassSpec:
     family: str = ""
     impl: str | None = None
     housekeeping: bool = False
+    identity: str | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -100,6 +103,17 @@ _PASSES: list[PassSpec] = [
     ),
     # ---- weights ---------------------------------------------------------------------------------
     PassSpec(
+        "lora.merge",
+        "LoRA merged into the weights",
+        "weights",
+        {"loras": ()},
+        ("lora_mode", "lora_allow_partial"),
+        lossy=True,
+        shapes_weights=True,
+        impl="framepack_turbo.optim.lora:LoraMergePass",
+        identity="framepack_turbo.optim.lora:merged_identity",
+    ),
+    PassSpec(
         "precision",
         "low precision (bf16/fp16)",
         "weights",
@@ -140,6 +154,16 @@ _PASSES: list[PassSpec] = [
         impl="framepack_turbo.optim.fp8:Fp8Pass",
     ),
     # ---- runtime ---------------------------------------------------------------------------------
+    PassSpec(
+        "lora.adapters",
+        "LoRA adapters (PEFT, unmerged)",
+        "runtime",
+        {"loras": ()},
+        ("lora_mode", "lora_allow_partial"),
+        lossy=True,
+        removable=True,
+        impl="framepack_turbo.optim.lora:LoraAdaptersPass",
+    ),
     PassSpec(
         "attention",
         "transformer attention backend",
@@ -331,17 +355,23 @@ def readers(setting: str) -> tuple[PassSpec, ...]:
 
 
 def shaping_settings() -> tuple[str, ...]:
-    """The settings that change the optimized transformer's saved weights (the artifact's key)."""
-    return tuple(dict.fromkeys(s for p in passes() if p.shapes_weights for s in p.reads()))
+    """The settings that change the optimized transformer's saved weights (the artifact's key), but those of
+    passes with an `identity` function (it keys the artifact for them)."""
+    return tuple(dict.fromkeys(s for p in passes() if p.shapes_weights and not p.identity for s in p.reads()))
 
 
 def switched_off_for_export(settings: Settings) -> dict[str, Any]:
     """Setting values that turn off every pass an exported graph must not record: every pass but the
-    weight passes (an export holds the weights as they are) and housekeeping."""
-    return {
+    weight passes (an export holds the weights as they are) and housekeeping. A switch a weight pass shares
+    stays on (the LoRA list: merged, the LoRAs are in the weights an export holds; `lora_mode` merged so)."""
+    weights = {k for p in passes() if p.phase == "weights" for k in p.switch}
+    off = {
         k: off
         for p in passes()
         if p.phase != "weights" and not p.housekeeping
         for k, off in p.switch.items()
-        if getattr(settings, k) != off
+        if k not in weights and getattr(settings, k) != off
     }
+    if settings.loras:  # adapters would not be in the graph's identity (no hash): an export merges them
+        off["lora_mode"] = "merged"
+    return off

@@ -503,7 +503,7 @@ class Generator:
                 if not vae.is_out_of_memory(exc):
                     raise
                 change = self._recover(exc) if attempt == 1 else None
-                self._record_placement(record)
+                self._record_extensions(record)
                 if change is None:
                     mode = (record.placement or {}).get("mode", "none")
                     raise OutOfMemory(
@@ -595,10 +595,12 @@ class Generator:
                 engines.update(extension.stats())
         return caches, engines
 
-    def _record_placement(self, record: RunRecord) -> None:
+    def _record_extensions(self, record: RunRecord) -> None:
         for extension in self.extensions:
             if extension.kind == "placement":
                 record.placement = extension.record()
+            elif extension.kind == "lora":
+                record.lora = extension.record()
 
     def _encode_prompt(self, prompt: str) -> encode.PromptEmbeddings:
         b = self.bundle
@@ -644,7 +646,7 @@ class Generator:
             hardware=Hardware.detect().to_dict(),
             versions=library_versions(),
         )
-        self._record_placement(record)
+        self._record_extensions(record)
         return record
 
 

@@ -57,6 +57,7 @@ class RunRecord:
     sections_done: int = 0
     frames: int = 0
     placement: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None  # merged or unmerged, and each file's name, hash, weight, modules
     timeline: dict[str, Any] | None = None  # timed prompts as snapped, keyframes, end image
     step_caches: dict[str, CacheRecord] = field(default_factory=dict)
     job_caches: dict[str, dict[str, Any]] = field(default_factory=dict)  # per job (the encoder output cache)
@@ -112,6 +113,8 @@ class RunRecord:
         caches = {**self.job_caches, **{name: c.to_dict() for name, c in self.step_caches.items()}}
         if caches:
             out["caches"] = caches
+        if self.lora is not None:
+            out["lora"] = self.lora
         if self.engines:
             out["engines"] = self.engines
         if self.timings is not None:
