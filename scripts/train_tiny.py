@@ -4,7 +4,10 @@ Stages: `vae` (the procedural world's clips -> AutoencoderKLHunyuanVideo, small 
 `transformer` (flow matching on FramePack's packed sections, with OUT/vae's encoder) and, at the same
 time if you like, `decoder` (more training of OUT/vae's decoder alone, the encoder frozen, so the
 transformer's latents stay valid). `timeline` fine-tunes a trained transformer (default: the shipped
-one) on changing prompts, end frames and keyframes (train/timeline.py). Seeded and resumable:
+one) on changing prompts, end frames and keyframes (train/timeline.py). `lora` trains the shipped LoRA on
+the shipped transformer (a motion it never saw, train/lora.py) into OUT/lora.safetensors, and `lora-gate`
+measures it (OUT/lora.safetensors, else the shipped one) and, with `--ship`, copies it into the package
+with its record and gate. Seeded and resumable:
 re-running a stage continues from its last checkpoint in OUT/checkpoints/. `ship` copies the result
 into the package (src/framepack_turbo/models/weights/tiny/) with a manifest and runs the quality gates.
 """
@@ -32,7 +35,9 @@ def _save_record(out: Path, stage: str, record: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "decoder", "transformer", "timeline", "ship", "gates"])
+    parser.add_argument(
+        "stage", choices=["vae", "decoder", "transformer", "timeline", "ship", "gates", "lora", "lora-gate"]
+    )
     parser.add_argument("--out", type=Path, default=Path("training/tiny"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--save-every", type=int, default=None)
@@ -49,6 +54,10 @@ def main() -> None:
         help="timeline: the share of batches that are a section next to a prompt change (default 0)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--clips", type=int, default=None, help="lora: diagonal clips to encode (default 240)")
+    parser.add_argument("--scenes", type=int, default=None, help="lora-gate: held-out scenes (default 20)")
+    parser.add_argument("--seed", type=int, default=None, help="lora-gate: the scenes' seed (default: held out)")
+    parser.add_argument("--ship", action="store_true", help="lora-gate: copy the LoRA and its gate into the package")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -94,6 +103,35 @@ def main() -> None:
         cfg = _with_overrides(timeline.TimelineTraining(), args)
         start = args.start_from or ship.SHIPPED / "transformer"
         _save_record(args.out, "timeline", timeline.finetune(args.out, conditioning, vae, start, cfg))
+    if args.stage == "lora":
+        from diffusers import AutoencoderKLHunyuanVideo
+
+        from framepack_turbo.models.random import build_models
+        from framepack_turbo.train import lora, ship
+
+        conditioning = build_models("tiny", skip=frozenset({"transformer", "vae"}))
+        vae = AutoencoderKLHunyuanVideo.from_pretrained(ship.SHIPPED / "vae").eval()
+        cfg = _with_overrides(lora.LoraTraining(), args)
+        if args.clips:
+            cfg = replace(cfg, clips=args.clips)
+        args.out.mkdir(parents=True, exist_ok=True)
+        _save_record(args.out, "lora", lora.train(args.out, conditioning, vae, ship.SHIPPED / "transformer", cfg))
+    if args.stage == "lora-gate":
+        from framepack_turbo.api import FramePack
+        from framepack_turbo.train import lora
+
+        path = args.out / "lora.safetensors"
+        path = path if path.is_file() else lora.SHIPPED_LORA
+        without = FramePack.load("tiny", device="cpu")
+        with_lora = FramePack.load("tiny", device="cpu", loras=(str(path),))
+        gate = lora.lora_gate(
+            with_lora, without, seed=args.seed or lora.LORA_SEED, count=args.scenes or lora.GATE_SCENES
+        )
+        record_path = args.out / "lora_record.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+        if args.ship:
+            lora.ship(path, record, gate)
+        print(json.dumps({k: v for k, v in gate.items() if k != "cases"}, indent=2))
     if args.stage == "ship":
         from framepack_turbo.api import FramePack
         from framepack_turbo.train import ship

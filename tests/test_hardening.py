@@ -263,8 +263,8 @@ def page(tmp_path):
 
 # the page's queue_job inputs after the image: prompt, negative, seconds, resolution, seed, random seed, count,
 # steps, gs, window, crf, variant, end image, end strength, prompt blend, prompt change guidance, two keyframe rows
-# (time, image), the video to extend, then the optimization panel (preset, six switches, attention, memory
-# preservation)
+# (time, image), the video to extend, three LoRA rows (name, weight), then the optimization panel (preset, six
+# switches, attention, memory preservation)
 FORM = (
     "a cat",
     "",
@@ -287,6 +287,12 @@ FORM = (
     None,
     None,
     None,
+    "none",
+    1,
+    "none",
+    1,
+    "none",
+    1,
     "default",
     False,
     False,

@@ -250,3 +250,35 @@ def test_the_artifact_key_holds_each_files_hash_and_weight(base, tmp_path):
     assert key(loras=(f"{a}:1",)) == key(loras=(f"{moved}:1",))  # the contents key it, not the path
     assert key(loras=(f"{a}:1",), lora_mode="unmerged")["lora.merge"] is None  # adapters leave the weights alone
     assert "loras" not in key(loras=(f"{a}:1",))
+
+
+def test_a_cached_artifact_built_with_another_lora_is_refused_and_rebuilt(base, picture, tmp_path, caplog):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write(a, "diffusers", base.bundle.transformer, seed=9)
+    write(b, "diffusers", base.bundle.transformer, seed=10)
+    cache = dict(
+        enable_opt_cache=True, enforce_low_precision=True, optimized_transformer=str(tmp_path / "opt.safetensors")
+    )
+    built = FramePack.load("tiny", device="cpu", loras=(f"{a}:1",), **cache)
+    with caplog.at_level(logging.INFO):
+        reused = FramePack.load("tiny", device="cpu", loras=(f"{a}:1",), **cache)
+    assert "cache not used" not in caplog.text
+    assert not any(r.name == "lora.merge" for r in reused.reports)  # the artifact holds the merged weights
+    same = built.generate(picture, PROMPT, out=tmp_path / "x.mp4", **CLIP).frames
+    assert np.array_equal(same, reused.generate(picture, PROMPT, out=tmp_path / "z.mp4", **CLIP).frames)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        other = FramePack.load("tiny", device="cpu", loras=(f"{b}:1",), **cache)
+    assert "Optimized transformer cache not used: built for other settings: lora.merge" in caplog.text
+    assert any(r.name == "lora.merge" for r in other.reports)  # rebuilt, with b merged
+
+
+def test_an_onnx_export_identity_names_the_merged_loras(base, tmp_path):
+    from framepack_turbo.optim.onnx_export import module_fingerprint
+
+    path = tmp_path / "a.safetensors"
+    write(path, "diffusers", base.bundle.transformer, seed=11)
+    merged = FramePack.load("tiny", device="cpu", loras=(f"{path}:0.5",)).bundle.transformer
+    fingerprint = module_fingerprint(merged)
+    assert fingerprint["loras"] == [{"sha256": load_lora(path, base.bundle.transformer).sha256, "weight": 0.5}]
+    assert "loras" not in module_fingerprint(base.bundle.transformer)

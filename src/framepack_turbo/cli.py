@@ -548,6 +548,10 @@ def bench(
     markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Write the tables here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot here.")] = None,
     keep_outputs: Annotated[Optional[Path], typer.Option(help="Keep the compared tensors in this folder.")] = None,
+    lora: Annotated[
+        Optional[list[str]],
+        typer.Option("--lora", help="PATH[:WEIGHT], repeatable: every configuration runs with it (no-lora drops it)."),
+    ] = None,
 ) -> None:
     """Speed, peak memory and fidelity of configurations against the baseline, in one run."""
     console = _console()
@@ -577,6 +581,7 @@ def bench(
             device=device,
             sequential=sequential,
             model_dir=str(model_dir.resolve()) if model_dir else None,
+            loras=tuple(lora or ()),
         )
         from framepack_turbo.settings import Settings
 

@@ -36,12 +36,34 @@ PANEL_SETTINGS = (
 )
 JOB_COLUMNS = ["id", "state", "prompt", "seed", "size", "sections", "frames", "error"]
 MAX_CLIPS_PER_JOB = 16  # the page's count control (the API and CLI take up to constants.MAX_COUNT)
+LORA_ROWS = 3  # LoRAs one job can stack on the page (the CLI and API take any number)
+NO_LORA = "none"
 RESULTS_SHOWN = 6  # finished videos in the results gallery, newest first
 PREVIEW_TILE = 96  # pixels: the latent preview's frames are enlarged to at least this height
 
 
 def panel_settings(values: tuple) -> dict[str, Any]:
     return dict(zip(PANEL_SETTINGS, values))
+
+
+def lora_choices(lora_dir: Path, model: str) -> dict[str, str]:
+    """The page's LoRA dropdown, label -> file: those bundled with the model, then the LoRA folder's."""
+    from framepack_turbo.models.presets import PRESETS
+
+    choices = {f"{p.stem} (bundled with {model})": str(p) for p in PRESETS[model].bundled_loras()}
+    if Path(lora_dir).is_dir():
+        choices.update({p.stem: str(p) for p in sorted(Path(lora_dir).glob("*.safetensors"))})
+    return choices
+
+
+def lora_settings(values: tuple, choices: dict[str, str]) -> dict[str, Any]:
+    """The `loras` setting of the page's LoRA rows (name, weight, name, weight ...); {} without any."""
+    picked = [
+        f"{choices[name]}:{float(weight):g}"
+        for name, weight in zip(values[::2], values[1::2])
+        if name and name != NO_LORA and name in choices
+    ]
+    return {"loras": tuple(picked)} if picked else {}
 
 
 def compat_markdown(base: dict[str, Any], panel: dict[str, Any], hardware) -> str:
@@ -210,6 +232,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
     from framepack_turbo.settings import Settings
 
     start = Settings.load(base, source="api")
+    loras = lora_choices(start.lora_dir, start.model)
 
     def queue_job(
         image_path,
@@ -232,7 +255,8 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         *rest,
     ):
         keyframe_values, video_path = rest[: 2 * KEYFRAME_ROWS], rest[2 * KEYFRAME_ROWS]
-        panel = rest[2 * KEYFRAME_ROWS + 1 :]
+        lora_values = rest[2 * KEYFRAME_ROWS + 1 : 2 * KEYFRAME_ROWS + 1 + 2 * LORA_ROWS]
+        panel = rest[2 * KEYFRAME_ROWS + 1 + 2 * LORA_ROWS :]
         if not image_path and not video_path:
             return "**Upload a start image (or a video to extend) first.**"
         if image_path and video_path:
@@ -252,7 +276,8 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             options["end_strength"] = float(end_strength)
         options["prompt_blend_sections"] = int(blend)
         options["prompt_change_cfg"] = float(change_cfg)
-        request = {"prompt": prompt, "negative_prompt": negative, "options": options, "settings": panel_settings(panel)}
+        job_settings = {**panel_settings(panel), **lora_settings(lora_values, loras)}
+        request = {"prompt": prompt, "negative_prompt": negative, "options": options, "settings": job_settings}
         try:
             critical = critical_findings({**base, **request["settings"], "resolution": int(resolution)}, hardware)
             if critical:
@@ -412,6 +437,22 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                         type="filepath",
                         elem_id="video-in",
                     )
+                with gr.Accordion("LoRA", open=False):
+                    gr.Markdown(
+                        f"From {start.lora_dir}/ (`--lora-dir`) and those bundled with the model; "
+                        f"{'merged into the weights' if start.lora_mode != 'unmerged' else 'PEFT adapters'} "
+                        "(`--lora-mode`: unmerged switches LoRAs between jobs without reloading)."
+                    )
+                    lora_inputs = []
+                    for row in range(LORA_ROWS):
+                        with gr.Row():
+                            name = gr.Dropdown(
+                                [NO_LORA, *loras], value=NO_LORA, label=f"LoRA {row + 1}", elem_id=f"lora-{row}"
+                            )
+                            weight = gr.Slider(
+                                -2, 2, value=1.0, step=0.05, label="Weight", elem_id=f"lora-{row}-weight"
+                            )
+                            lora_inputs += [name, weight]
                 with gr.Accordion("Optimizations", open=True):
                     with gr.Row():
                         preset = gr.Dropdown(list(PRESETS), value=start.preset, label="Preset", elem_id="preset")
@@ -491,7 +532,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         queue_btn.click(
             queue_job,
             [image, prompt, negative, seconds, resolution, seed, random_seed, count, steps, gs, window, crf, variant]
-            + [end_image, end_strength, blend, change_cfg, *keyframe_inputs, video_in]
+            + [end_image, end_strength, blend, change_cfg, *keyframe_inputs, video_in, *lora_inputs]
             + panel,
             status,
             api_name="queue_job",

@@ -63,6 +63,10 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "onnx-all": {"use_onnx_engines": True, "onnx_components": "transformer,text-encoder,image-encoder,vae-decoder"},
     "onnx-trt": {"use_onnx_engines": True, "onnx_trt_enable": True},
     "tensorrt": {"enable_tensorrt": True, "trt_transformer": True},
+    # with `framepack bench --lora FILE`: every row has the LoRA (merged: auto); these change how, or drop it
+    "lora-merged": {"lora_mode": "merged"},
+    "lora-unmerged": {"lora_mode": "unmerged"},
+    "no-lora": {"loras": ()},
 }
 
 

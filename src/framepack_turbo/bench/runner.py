@@ -46,10 +46,12 @@ class BenchSpec:
     device: str | None = None
     sequential: bool = False  # one configuration at a time (when several do not fit in memory together)
     model_dir: str | None = None  # every configuration loads these weights (the layout of --model-dir)
+    loras: tuple[str, ...] = ()  # every configuration runs with these LoRAs (PATH[:WEIGHT]; `no-lora` drops them)
 
     def common_settings(self) -> dict[str, Any]:
         values = dict(
             model=self.model,
+            loras=self.loras or None,
             variant=self.variant,
             seconds=self.seconds,
             steps=self.steps,

@@ -58,6 +58,10 @@ class ModelPreset:
     def is_random(self) -> bool:
         return self.random_size is not None
 
+    def bundled_loras(self) -> list[Path]:
+        """LoRAs shipped with the weights (`loras/*.safetensors` beside them: tiny's diagonal motion)."""
+        return sorted((self.bundled_dir / "loras").glob("*.safetensors")) if self.bundled_dir else []
+
 
 def _encoder_sources() -> dict[str, Source]:
     return {

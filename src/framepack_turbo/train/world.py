@@ -32,6 +32,8 @@ _STEP = {
     "grow": (0, 0, 1),
     "shrink": (0, 0, -1),
     "still": (0, 0, 0),
+    # Not among MOTIONS, so the shipped model never saw it: the motion the shipped LoRA teaches (train/lora.py)
+    "diagonal": (0.7071067811865476, -0.7071067811865476, 0),
 }
 
 
@@ -62,7 +64,9 @@ class Scene:
 
 
 def prompt_of(color: str, shape: str, motion: str) -> str:
-    verb = {"grow": "grows", "shrink": "shrinks", "still": "stays still"}.get(motion, f"moves {motion}")
+    verb = {"grow": "grows", "shrink": "shrinks", "still": "stays still", "diagonal": "moves diagonally"}.get(
+        motion, f"moves {motion}"
+    )
     return f"the {color} {shape} {verb}"
 
 
