@@ -124,14 +124,13 @@ def main() -> None:
         path = path if path.is_file() else lora.SHIPPED_LORA
         without = FramePack.load("tiny", device="cpu")
         with_lora = FramePack.load("tiny", device="cpu", loras=(str(path),))
-        gate = lora.lora_gate(
-            with_lora, without, seed=args.seed or lora.LORA_SEED, count=args.scenes or lora.GATE_SCENES
-        )
+        seed, count = args.seed or lora.LORA_SEED, args.scenes or lora.GATE_SCENES
+        gate = {v: lora.lora_gate(with_lora, without, seed, count, variant=v) for v in ("inverted", "f1")}
         record_path = args.out / "lora_record.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
         if args.ship:
             lora.ship(path, record, gate)
-        print(json.dumps({k: v for k, v in gate.items() if k != "cases"}, indent=2))
+        print(json.dumps({v: {k: x for k, x in g.items() if k != "cases"} for v, g in gate.items()}, indent=2))
     if args.stage == "ship":
         from framepack_turbo.api import FramePack
         from framepack_turbo.train import ship

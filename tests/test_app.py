@@ -78,3 +78,18 @@ def test_the_bucket_shown_is_the_one_the_generator_uses(tmp_path):
     assert "upload an image" in bucket_markdown(None, 640)
     (tmp_path / "bad.png").write_text("no")
     assert "not a readable image" in bucket_markdown(str(tmp_path / "bad.png"), 640)
+
+
+def test_the_lora_rows_list_bundled_and_folder_loras_and_make_the_setting(tmp_path):
+    from framepack_turbo.app.ui import NO_LORA, lora_choices, lora_settings
+    from framepack_turbo.models.presets import PRESETS
+
+    (tmp_path / "mine.safetensors").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a LoRA")
+    choices = lora_choices(tmp_path, "tiny")
+    bundled = {f"{p.stem} (bundled with tiny)": str(p) for p in PRESETS["tiny"].bundled_loras()}
+    assert choices == {**bundled, "mine": str(tmp_path / "mine.safetensors")}
+    assert lora_choices(tmp_path / "missing", "small") == {}
+    rows = ("mine", 0.5, NO_LORA, 1.0, None, 1.0)
+    assert lora_settings(rows, choices) == {"loras": (f"{tmp_path / 'mine.safetensors'}:0.5",)}
+    assert lora_settings((NO_LORA, 1.0) * 3, choices) == {}

@@ -65,7 +65,11 @@ def write_mp4(
         if metadata is not None:
             container.metadata["comment"] = json.dumps({"format": METADATA_TAG, **metadata}, default=str)
             container.metadata["title"] = str(metadata.get("prompt", ""))[:200]
-        stream = container.add_stream(CODEC, rate=fps, options={"crf": str(int(crf))})
+        # cpu-independent: x264's switch for bit-exact output whatever the CPU and its earlier work; without it,
+        # the same frames encoded twice in one process (after a generation) came out different here (x264 in
+        # PyAV 17-18's wheels: decoded frames up to 23 levels apart), and `--from` could not remake a clip.
+        options = {"crf": str(int(crf)), "x264-params": "cpu-independent=1"}
+        stream = container.add_stream(CODEC, rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = w, h, PIX_FMT
         for frame in itertools.chain(before, frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

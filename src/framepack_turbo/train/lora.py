@@ -160,9 +160,12 @@ def _scene(rng: np.random.Generator, frames: int) -> world.Scene:
 
 
 def _moved_diagonally(frames: np.ndarray, color: str) -> tuple[bool, float, float]:
-    track = world.color_centroid(frames, color)
+    track = world.color_centroid(frames, color)[:, :2]
     quarter = max(len(frames) // 4, 1)
-    first, last = np.nanmean(track[:quarter, :2], axis=0), np.nanmean(track[-quarter:, :2], axis=0)
+    head, tail = track[:quarter], track[-quarter:]
+    if not (np.isfinite(head).any() and np.isfinite(tail).any()):  # the object lost: a miss
+        return False, math.nan, math.nan
+    first, last = np.nanmean(head, axis=0), np.nanmean(tail, axis=0)
     dx, dy = float(last[0] - first[0]), float(last[1] - first[1])
     ok = bool(np.isfinite([dx, dy]).all() and dx >= MIN_SHIFT_PX and -dy >= MIN_SHIFT_PX)
     return ok, dx, dy
