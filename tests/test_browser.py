@@ -2,8 +2,9 @@
 
 Starts `framepack serve` on the trained `tiny` model, uploads an image, sets the resolution and sees the
 bucket follow, queues two clips with a random seed and sees both finish with their seeds recorded, queues
-a third with a timestamped prompt (the page shows where the change lands) and an end image, then a long
-fourth one, saves a screenshot of the page while it runs (test-artifacts/app.png; docs/app.png is one of
+a third with a timestamped prompt (the page shows where the change lands) and an end image, a fourth with
+the LoRA shipped with tiny picked from the dropdown at weight 0.8, then a long fifth one, saves a screenshot
+of the page while it runs (test-artifacts/app.png; docs/app.png is one of
 these) and cancels it. Needs Debian's chromium (`apt-get install chromium`; .ci/run installs it):
 without it the test is skipped on a developer machine and fails in CI (CI=true).
 """
@@ -165,25 +166,42 @@ def test_two_clips_with_a_random_seed_then_cancel_a_third_in_the_browser(server)
         ]
         assert record["end_image"] and (data_dir / "inputs") in Path(record["end_image"]).parents
 
-        # A long fourth job (60 s of video): the page while it runs is the screenshot, then it is cancelled.
+        # A fourth job with the LoRA shipped with tiny, picked from the dropdown, at weight 0.8.
+        page.locator("#prompt textarea").fill("the red circle moves diagonally")
+        page.get_by_text("LoRA", exact=True).click()
+        page.locator("#lora-0 input").click()
+        page.get_by_role("option", name="diagonal (bundled with tiny)").click()
+        _set_number(page, "lora-0-weight", 0.8)
+        page.locator("#queue-btn").click()
+        _wait_for(lambda: "Queued job 4 (seed 31337; 64x64)" in status.inner_text(), 30, "job 4 queued", page)
+        _wait_for(lambda: _job_states(page).count("done") == 4, 300, "the LoRA job done", page)
+        lora = json.loads((data_dir / "videos" / "job-00004.json").read_text())["lora"]
+        assert lora["mode"] == "merged" and [(e["name"], e["weight"]) for e in lora["loras"]] == [
+            ("diagonal.safetensors", 0.8)
+        ]
+        page.locator("#lora-0 input").click()
+        page.get_by_role("option", name="none", exact=True).click()
+
+        # A long fifth job (60 s of video): the page while it runs is the screenshot, then it is cancelled.
         _set_number(page, "seconds", 60)
         page.locator("#prompt textarea").fill("the red circle moves up")
         page.locator("#queue-btn").click()
-        _wait_for(lambda: "Queued job 4 (seed 31337; 64x64)" in status.inner_text(), 30, "job 4 queued", page)
+        _wait_for(lambda: "Queued job 5 (seed 31337; 64x64)" in status.inner_text(), 30, "job 5 queued", page)
 
         def late_in_section_2() -> bool:  # the preview is a clear picture by then, for the screenshot
             text = page.locator("#progress").inner_text()
             return "section 2/50" in text and int(text.split("step ")[1].split("/")[0]) >= 18
 
-        _wait_for(late_in_section_2, 120, "job 4's second section, step 18", page)
+        _wait_for(late_in_section_2, 120, "job 5's second section, step 18", page)
         page.locator("#preview img").wait_for(timeout=30_000)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
 
-        page.locator("#cancel-id input").fill("4")
+        page.locator("#cancel-id input").fill("5")
         page.locator("#cancel-btn").click()
-        _wait_for(lambda: "Job 4: cancel" in status.inner_text(), 30, "the cancel answer", page)
-        _wait_for(lambda: "cancelled" in _job_states(page), 120, "job 4 cancelled", page)
-        assert sorted(_job_states(page)) == ["cancelled", "done", "done", "done"]
+        _wait_for(lambda: "Job 5: cancel" in status.inner_text(), 30, "the cancel answer", page)
+        _wait_for(lambda: "cancelled" in _job_states(page), 120, "job 5 cancelled", page)
+        assert sorted(_job_states(page)) == ["cancelled", "done", "done", "done", "done"]
+        assert "lora" not in json.loads((data_dir / "videos" / "job-00005.json").read_text())  # none picked
         browser.close()
     assert (ARTIFACTS / "app.png").stat().st_size > 10_000

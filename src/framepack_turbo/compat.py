@@ -492,7 +492,6 @@ RULES: tuple[Rule, ...] = (
             "step costs what it costs without them; another LoRA or weight loads the model again."
         ),
         "--lora-mode unmerged switches LoRAs and weights between jobs without reloading (each step a little slower).",
-        disables=("lora.adapters",),
     ),
     Rule(
         "lora-unmerged",
@@ -504,7 +503,6 @@ RULES: tuple[Rule, ...] = (
             + ": switching them or their weights between jobs reloads nothing; each step also computes the adapters."
         ),
         "--lora-mode merged for the fastest steps (not with bitsandbytes).",
-        disables=("lora.merge",),
     ),
     Rule(
         "lora-merge-bitsandbytes",

@@ -757,6 +757,14 @@ def resolved_lora_mode(settings: Settings) -> Literal["merged", "unmerged"] | No
     return settings.lora_mode
 
 
+def lora_merged(settings: Settings) -> bool:
+    return resolved_lora_mode(settings) == "merged"
+
+
+def lora_unmerged(settings: Settings) -> bool:
+    return resolved_lora_mode(settings) == "unmerged"
+
+
 def setting_names(settings_cls: type[Settings] | None = None) -> list[str]:
     return list((settings_cls or Settings).model_fields)
 

@@ -8,8 +8,9 @@
   only files not yet on the transformer: a change of weight loads nothing. Taking the pass off disables
   the adapters (PEFT then runs the base layers alone); they stay loaded for the next job that names them.
 
-compat.py decides the mode (rules lora-merged / lora-unmerged disable the other pass) and refuses the
-combinations that cannot work (a merge into bitsandbytes weights, adapters on INT-N/FP8 or in an export).
+The mode picks the pass (settings.resolved_lora_mode, the registry's `only_when`: the other is off);
+compat.py says which runs and why, and refuses the combinations that cannot work (a merge into
+bitsandbytes weights, adapters on INT-N/FP8 or in an export).
 The files are read and mapped onto the model's modules by models/lora.py.
 """
 

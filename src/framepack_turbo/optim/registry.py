@@ -12,6 +12,7 @@ the only "is it wanted" test, and it needs no model and no torch. The implementa
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ class PassSpec:
     `housekeeping`: not a change to the computation (left out of the plan's summary line).
     `identity`: "module:function" of settings -> what keys the artifact in place of the pass's settings,
     where a setting names files whose contents count (LoRA files: their hashes, not their paths).
+    `only_when`: "module:function" of settings -> bool, for passes that share a switch and split its
+    work (LoRA merged or unmerged): where it is False the pass is off, not skipped.
     """
 
     name: str
@@ -59,13 +62,19 @@ class PassSpec:
     impl: str | None = None
     housekeeping: bool = False
     identity: str | None = None
+    only_when: str | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise ValueError(f"pass {self.name}: phase {self.phase!r} is not one of {', '.join(PHASES)}")
 
     def wanted(self, settings: Settings) -> bool:
-        return not self.switch or any(getattr(settings, k) != off for k, off in self.switch.items())
+        if self.switch and all(getattr(settings, k) == off for k, off in self.switch.items()):
+            return False
+        if self.only_when is not None:
+            module_name, _, function = self.only_when.partition(":")
+            return bool(getattr(importlib.import_module(module_name), function)(settings))
+        return True
 
     def reads(self) -> tuple[str, ...]:
         """Every setting the pass reads: its switch and the rest."""
@@ -112,6 +121,7 @@ _PASSES: list[PassSpec] = [
         shapes_weights=True,
         impl="framepack_turbo.optim.lora:LoraMergePass",
         identity="framepack_turbo.optim.lora:merged_identity",
+        only_when="framepack_turbo.settings:lora_merged",
     ),
     PassSpec(
         "precision",
@@ -163,6 +173,7 @@ _PASSES: list[PassSpec] = [
         lossy=True,
         removable=True,
         impl="framepack_turbo.optim.lora:LoraAdaptersPass",
+        only_when="framepack_turbo.settings:lora_unmerged",
     ),
     PassSpec(
         "attention",
