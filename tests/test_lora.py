@@ -260,6 +260,7 @@ def test_a_cached_artifact_built_with_another_lora_is_refused_and_rebuilt(base, 
         enable_opt_cache=True, enforce_low_precision=True, optimized_transformer=str(tmp_path / "opt.safetensors")
     )
     built = FramePack.load("tiny", device="cpu", loras=(f"{a}:1",), **cache)
+    caplog.clear()  # the build's own lines ("no artifact ... building it") where logging is already at INFO
     with caplog.at_level(logging.INFO):
         reused = FramePack.load("tiny", device="cpu", loras=(f"{a}:1",), **cache)
     assert "cache not used" not in caplog.text

@@ -245,4 +245,13 @@ def ship(path: Path, record: dict[str, Any] | None, gate: dict[str, Any]) -> Pat
         "command": "python scripts/train_tiny.py lora && python scripts/train_tiny.py lora-gate --ship",
     }
     SHIPPED_LORA.with_suffix(".json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # the tiny model's manifest lists every shipped file under its budget, the LoRAs included
+    from framepack_turbo.train import ship as model_ship
+
+    root = model_ship.SHIPPED
+    files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    files.pop("manifest.json", None)
+    if sum(files.values()) > model_ship.MAX_SHIPPED_BYTES:
+        raise RuntimeError(f"shipped files are over the {model_ship.MAX_SHIPPED_BYTES >> 20} MB budget")
+    model_ship.update_manifest(files=files, bytes=sum(files.values()))
     return SHIPPED_LORA
