@@ -1,7 +1,9 @@
-"""Atomic file writes: a reader (a player, the web page, the next run) never sees a half-written file."""
+"""Atomic file writes: a reader (a player, the web page, the next run) never sees a half-written file; and
+a file's content hash, read in chunks."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -77,3 +79,12 @@ def write_json(data: Any, path: str | os.PathLike, indent: int | None = 2) -> Pa
         json.dump(data, f, indent=indent, default=str)
         f.write("\n")
     return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's SHA-256, read 1 MB at a time (weights and LoRAs of any size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

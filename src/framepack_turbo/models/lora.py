@@ -26,7 +26,6 @@ projection is split. Loading into modules (unmerged adapters) is diffusers' `loa
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from framepack_turbo.errors import InputError
+from framepack_turbo.files import sha256_file
 
 FORMATS = ("diffusers", "kohya", "hunyuan", "diffusion-pipe")
 SHOWN_KEYS = 3  # how many keys an error names
@@ -87,14 +87,6 @@ class LoadedLora:
         if self.not_understood or self.not_in_model:
             parts.append(f"{len(self.not_understood) + len(self.not_in_model)} keys skipped (partial load allowed)")
         return "; ".join(parts)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -284,7 +276,7 @@ def load_lora(path: Path, transformer: torch.nn.Module, allow_partial: bool = Fa
             up = torch.cat(up.chunk(2, dim=0)[::-1])
         for target, part in zip(targets, up.split(rows, dim=0)):
             deltas.append(LoraDelta(target, down, part, scale))
-    loaded = LoadedLora(path, file_sha256(path), fmt, deltas, text_encoder, unknown, missing)
+    loaded = LoadedLora(path, sha256_file(path), fmt, deltas, text_encoder, unknown, missing)
     if not deltas:
         raise InputError(
             f"LoRA {path.name} ({fmt}): none of its {len(pairs)} pairs names a module of this model "

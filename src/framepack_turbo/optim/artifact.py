@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from framepack_turbo.files import atomic_path
+from framepack_turbo.files import atomic_path, sha256_file
 from framepack_turbo.hardware import library_versions
 from framepack_turbo.optim import registry
 from framepack_turbo.optim.backends import torchao_quantization
@@ -50,14 +50,6 @@ class ArtifactRefused(Exception):
 
 def manifest_path(path: Path) -> Path:
     return path.with_suffix(".json")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _canonical_sha(data: Any) -> str:
@@ -131,7 +123,7 @@ def save(
         "config": dict(transformer.config),
         "hooks": _hooks(transformer),
         "passes": [{"name": r.name, "outcome": r.outcome, "detail": r.detail} for r in reports],
-        "file_sha256": _sha256_file(path),
+        "file_sha256": sha256_file(path),
         "file_bytes": path.stat().st_size,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -173,7 +165,7 @@ def check(
         wrong = config_mismatches(manifest.get("config", {}), source_config, settings_values)
         if wrong:
             raise ArtifactRefused("its config is not this model's: " + ", ".join(wrong))
-    if path.stat().st_size != manifest.get("file_bytes") or _sha256_file(path) != manifest.get("file_sha256"):
+    if path.stat().st_size != manifest.get("file_bytes") or sha256_file(path) != manifest.get("file_sha256"):
         raise ArtifactRefused("weights file does not match its manifest (truncated or modified)")
     return manifest
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from framepack_turbo.models.lora import LoadedLora, file_sha256, load_lora, merge_into, peft_config, peft_state_dict
+from framepack_turbo.files import sha256_file
+from framepack_turbo.models.lora import LoadedLora, load_lora, merge_into, peft_config, peft_state_dict
 from framepack_turbo.optim.base import Extension, PassContext, PassReport
 from framepack_turbo.settings import lora_specs, resolved_lora_mode
 
@@ -48,7 +49,7 @@ def merged_identity(settings: Settings) -> list[dict[str, Any]] | None:
     """What keys an optimized-model artifact built with these LoRAs merged: each file's hash and weight."""
     if resolved_lora_mode(settings) != "merged":
         return None
-    return [{"sha256": file_sha256(s.path), "weight": s.weight} for s in lora_specs(settings)]
+    return [{"sha256": sha256_file(s.path), "weight": s.weight} for s in lora_specs(settings)]
 
 
 def _entry(lora: LoadedLora, weight: float) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from framepack_turbo.train import loop, world
-from framepack_turbo.train.transformer import TransformerTraining, flow_loss, section_example
+from framepack_turbo.train.transformer import TransformerTraining, encode_texts, flow_loss, section_example
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +112,12 @@ def train(
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from framepack_turbo.pipeline.encode import encode_prompt
     from framepack_turbo.pipeline.sampler import flux_mu
 
     out_dir = Path(out_dir)
     base = TransformerTraining()
     data = build_dataset(vae, conditioning, cfg, out_dir / "checkpoints" / "lora-latents.safetensors")
-    texts = [
-        encode_prompt(p, *(conditioning[k] for k in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")))
-        for p in prompts()
-    ]
+    texts = encode_texts(conditioning, prompts())
     by_prompt: dict[int, list[int]] = {}
     for index, pid in enumerate(data["prompt_ids"].tolist()):
         by_prompt.setdefault(pid, []).append(index)

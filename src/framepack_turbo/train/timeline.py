@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from framepack_turbo.train import loop, world
-from framepack_turbo.train.transformer import TransformerTraining, flow_loss, prompts, section_example
+from framepack_turbo.train.transformer import TransformerTraining, encode_texts, flow_loss, prompts, section_example
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +109,12 @@ def finetune(
     """Fine-tune the transformer at `start_from` and write `out_dir/transformer/`; returns the record."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    from framepack_turbo.pipeline.encode import encode_prompt
     from framepack_turbo.pipeline.sampler import flux_mu
 
     out_dir = Path(out_dir)
     base = TransformerTraining()
     data = build_dataset(vae, conditioning, cfg, out_dir / "checkpoints" / "timeline-latents.safetensors")
-    texts = [
-        encode_prompt(
-            p,
-            conditioning["tokenizer"],
-            conditioning["text_encoder"],
-            conditioning["tokenizer_2"],
-            conditioning["text_encoder_2"],
-        )
-        for p in prompts()
-    ]
+    texts = encode_texts(conditioning, prompts())
     section_prompts = data["prompt_ids"].numpy()  # (N, S)
     changed = section_prompts[:, 1:] != section_prompts[:, :-1]
     boundary_of = np.where(changed.any(axis=1), changed.argmax(axis=1) + 1, 0)  # 0: the clip never changes

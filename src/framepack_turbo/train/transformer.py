@@ -108,6 +108,14 @@ def prompts() -> list[str]:
     ]
 
 
+def encode_texts(conditioning: dict[str, Any], texts: list[str]) -> list:
+    """The frozen text encoders' embeddings of each prompt (computed once per training run)."""
+    from framepack_turbo.pipeline.encode import encode_prompt
+
+    names = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    return [encode_prompt(text, *(conditioning[k] for k in names)) for text in texts]
+
+
 @torch.no_grad()
 def build_dataset(
     vae, conditioning: dict[str, Any], cfg: TransformerTraining, path: Path, chunk: int = 50
@@ -223,21 +231,11 @@ def train(
     """Train (or resume) and write `out_dir/transformer/`; returns the training record."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    from framepack_turbo.pipeline.encode import encode_prompt
     from framepack_turbo.pipeline.sampler import flux_mu
 
     out_dir = Path(out_dir)
     data = build_dataset(vae, conditioning, cfg, out_dir / "checkpoints" / "latents.safetensors")
-    texts = [
-        encode_prompt(
-            p,
-            conditioning["tokenizer"],
-            conditioning["text_encoder"],
-            conditioning["tokenizer_2"],
-            conditioning["text_encoder_2"],
-        )
-        for p in prompts()
-    ]
+    texts = encode_texts(conditioning, prompts())
     by_prompt: dict[int, np.ndarray] = {}
     for index, pid in enumerate(data["prompt_ids"].tolist()):
         by_prompt.setdefault(pid, []).append(index)
