@@ -419,7 +419,7 @@ def test_teacache_makes_framepacks_decisions_on_recorded_inputs():
     for i, modulated in enumerate(inputs):
         hook.state_manager.set_context(CacheContext("cond", step_index=i, num_inference_steps=steps))
         state = hook.state_manager.get_state()
-        state.tail_block_residuals = (torch.zeros(1), torch.zeros(1))  # a computed step has left its residual
+        state.residual = torch.zeros(1)  # a computed step has left its residual
         ours.append(hook._should_compute(state, modulated))
         state.previous_modulated = modulated
     assert ours == _framepack_teacache_decisions(inputs, 0.15)

@@ -22,7 +22,7 @@ from diffusers.hooks.first_block_cache import FBCHeadBlockHook, FBCSharedBlockSt
 from diffusers.hooks.hooks import StateManager
 
 from framepack_turbo.optim.base import PassContext, PassReport
-from framepack_turbo.optim.stepcache import HookedCache, blocks, hook_whole_stack, is_boundary_step, relative_l1
+from framepack_turbo.optim.stepcache import HookedCache, blocks, hook_first_block_stack, is_boundary_step, relative_l1
 
 if TYPE_CHECKING:
     from framepack_turbo.models.loading import ModelBundle
@@ -94,7 +94,7 @@ def apply_first_block_cache(transformer: torch.nn.Module, config: FirstBlockCach
     """Hook the transformer's blocks; returns the controller the generator resets and reads."""
     controller = FirstBlockCache(transformer, config.verbose)
     state_manager = StateManager(_State)
-    hook_whole_stack(
+    hook_first_block_stack(
         transformer, StepAwareHeadHook(state_manager, config, controller), state_manager, HEAD_HOOK, BLOCK_HOOK
     )
     return controller

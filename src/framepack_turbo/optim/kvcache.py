@@ -43,7 +43,9 @@ BLOCK_HOOK = "framepack_kvcache_block"
 ROPE_ARG = 4  # blocks are called (hidden_states, encoder_hidden_states, temb, attention_mask, rope)
 ROPE_NAMES = ("freqs_cis", "image_rotary_emb")
 
-Mode = Literal["full", "record", "reuse"]
+# "pending": the transformer was called and the stack has not started; the first block decides, so a step
+# a whole-step cache (TeaCache, MagCache) skips before any block runs costs the KV cache nothing
+Mode = Literal["pending", "full", "record", "reuse"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class _CallState(BaseState):
 
     mode: Mode = "full"
     noisy_tokens: int = 0
+    batch: int = 1
     refreshed_at: int | None = None
     too_long: bool = False
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -178,7 +181,8 @@ class ContextKVAttnProcessor:
 
 
 class TransformerModeHook(ModelHook):
-    """Per call: picks full / record / reuse from the step, and notes how many tokens are noisy."""
+    """Per call: notes how many tokens are noisy; the first block's hook then picks full / record / reuse
+    from the step (`decide`), when the stack runs at all."""
 
     _is_stateful = True
 
@@ -194,12 +198,12 @@ class TransformerModeHook(ModelHook):
         c = module.config
         state: _CallState = self.state_manager.get_state()
         state.noisy_tokens = (frames // c.patch_size_t) * (height // c.patch_size) * (width // c.patch_size)
-        state.mode = self._decide(state, latents.shape[0])
+        state.mode, state.batch = "pending", latents.shape[0]
         return args, kwargs
 
     @torch.compiler.disable
-    def _decide(self, state: _CallState, batch: int) -> Mode:
-        context = self.state_manager.context
+    def decide(self, state: _CallState) -> Mode:
+        context, batch = self.state_manager.context, state.batch
         step, _ = step_position(context)
         record = self.controller.record
         if batch != 1:
@@ -221,7 +225,7 @@ class TransformerModeHook(ModelHook):
 
     def post_forward(self, module, output):
         state: _CallState = self.state_manager.get_state()
-        if state.mode == "record":
+        if state.mode == "record":  # (still "pending": a whole-step cache skipped the stack)
             context_tokens = next(iter(state.kv.values()))[0].shape[1] if state.kv else 0
             if context_tokens > self.config.max_tokens:
                 state.too_long, state.kv, state.refreshed_at = True, {}, None
@@ -236,15 +240,19 @@ class TransformerModeHook(ModelHook):
 
 
 class ReuseBlockHook(ModelHook):
-    """On reuse calls: the block sees only the noisy tokens (and their slice of the rotary embedding)."""
+    """On reuse calls: the block sees only the noisy tokens (and their slice of the rotary embedding).
+    The first block's (`mode`: the transformer's hook) makes the call's decision as the stack starts."""
 
-    def __init__(self, state_manager: StateManager, single: bool) -> None:
+    def __init__(self, state_manager: StateManager, single: bool, mode: TransformerModeHook | None = None) -> None:
         super().__init__()
         self.state_manager = state_manager
         self.single = single
+        self.mode = mode
 
     def new_forward(self, module, *args, **kwargs):
         state: _CallState = self.state_manager.get_state()
+        if self.mode is not None and state.mode == "pending":
+            state.mode = self.mode.decide(state)
         if state.mode != "reuse":
             return self.fn_ref.original_forward(*args, **kwargs)
         n = state.noisy_tokens
@@ -303,11 +311,14 @@ class ContextKVCache(HookedCache):
 def apply_context_kv_cache(transformer: torch.nn.Module, config: ContextKVCacheConfig) -> ContextKVCache:
     controller = ContextKVCache(transformer, config)
     state_manager = StateManager(_CallState)
+    mode = TransformerModeHook(state_manager, config, controller)
     for layer, (_, block) in enumerate(blocks(transformer)):
         block.attn.set_processor(ContextKVAttnProcessor(layer, state_manager, controller, block.attn.processor))
         single = not hasattr(block, "norm1_context")
-        register_hook(transformer, block, ReuseBlockHook(state_manager, single), BLOCK_HOOK)
-    register_hook(transformer, transformer, TransformerModeHook(state_manager, config, controller), TRANSFORMER_HOOK)
+        register_hook(
+            transformer, block, ReuseBlockHook(state_manager, single, mode if layer == 0 else None), BLOCK_HOOK
+        )
+    register_hook(transformer, transformer, mode, TRANSFORMER_HOOK)
     return controller
 
 

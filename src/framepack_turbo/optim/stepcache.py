@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry
 from diffusers.hooks._helpers import TransformerBlockRegistry
-from diffusers.hooks.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
 from framepack_turbo.optim.base import Extension, Scope
 from framepack_turbo.optim.select import block_stacks
@@ -64,10 +64,92 @@ def remove_hooks(transformer: torch.nn.Module, names: Iterable[str]) -> None:
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
 
-def hook_whole_stack(transformer: torch.nn.Module, head_hook, state_manager, head_name: str, block_name: str) -> None:
-    """A cache that skips all blocks at once: `head_hook` on the first block decides, and diffusers'
-    `FBCBlockHook` on every other block passes its input through on a skipped step (the last one
-    records the stack's residual on a computed step), all sharing `state_manager`."""
+class BlockArgsHook(ModelHook):
+    """A hook on a transformer block that reads the block's call arguments by name, wherever the caller put
+    them (diffusers' block registry knows each block class's signature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._metadata = None
+
+    def initialize_hook(self, module):
+        self._metadata = TransformerBlockRegistry.get(type(module))
+        return module
+
+    def block_args(self, args: tuple, kwargs: dict, *names: str) -> tuple:
+        return tuple(self._metadata._get_parameter_from_args_kwargs(name, args, kwargs) for name in names)
+
+
+class StackState(BaseState):
+    """What a whole-step cache's hooks share within one prediction (cond / uncond) of a section: whether the
+    blocks run this step, the hidden states entering the stack on a computed step, and the stack's residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.should_compute = True
+        self.stack_input: torch.Tensor | None = None
+        self.residual: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.should_compute, self.stack_input, self.residual = True, None, None
+
+
+def stack_residual(output: torch.Tensor, stack_input: torch.Tensor) -> torch.Tensor:
+    """The block stack's residual. With the context KV cache reusing, the stack computed only the last
+    (noisy) tokens, so the output is shorter than the input: the residual is that of the last tokens."""
+    return output - stack_input[:, stack_input.shape[1] - output.shape[1] :]
+
+
+def add_residual(hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`hidden` with the cached residual added to its last tokens (all of them, unless the residual came from
+    a step the KV cache shortened: the context tokens then pass through, and the transformer's output,
+    which is the last tokens only, does not read them)."""
+    if residual.shape[1] == hidden.shape[1]:
+        return hidden + residual
+    keep = hidden.shape[1] - residual.shape[1]
+    return torch.cat([hidden[:, :keep], hidden[:, keep:] + residual], dim=1)
+
+
+class StackTailHook(BlockArgsHook):
+    """On the last block: on a computed step, records the whole stack's residual (and hands it to
+    `on_residual`, for calibration); on a skipped step, passes its input through like the other blocks."""
+
+    def __init__(self, state_manager: StateManager, on_residual=None) -> None:
+        super().__init__()
+        self.state_manager = state_manager
+        self.on_residual = on_residual
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state: StackState = self.state_manager.get_state()
+        if not state.should_compute:
+            return self.block_args(args, kwargs, "hidden_states", "encoder_hidden_states")
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        residual = stack_residual(output[self._metadata.return_hidden_states_index], state.stack_input)
+        if self.on_residual is not None:
+            self.on_residual(state, residual)
+        state.residual = residual
+        return output
+
+
+def hook_whole_stack(
+    transformer: torch.nn.Module, head_hook, state_manager, head_name: str, block_name: str, on_residual=None
+) -> None:
+    """A cache that skips all blocks at once: `head_hook` on the first block decides (and, on a computed step,
+    keeps the stack's input in `state.stack_input`); diffusers' `FBCBlockHook` on the blocks between passes
+    their input through on a skipped step; `StackTailHook` on the last records the stack's residual. Only the
+    image stream's residual is kept: the transformer's output reads the image stream alone."""
+    from diffusers.hooks.first_block_cache import FBCBlockHook
+
+    (_, head), *middle, (_, tail) = blocks(transformer)
+    register_hook(transformer, head, head_hook, head_name)
+    for _, block in middle:
+        register_hook(transformer, block, FBCBlockHook(state_manager, is_tail=False), block_name)
+    register_hook(transformer, tail, StackTailHook(state_manager, on_residual), block_name)
+
+
+def hook_first_block_stack(transformer: torch.nn.Module, head_hook, state_manager, head_name: str, block_name: str):
+    """diffusers' first-block cache layout: `head_hook` (an `FBCHeadBlockHook`) on the first block and
+    `FBCBlockHook` on the others, the last one recording the residuals its head hook reads."""
     from diffusers.hooks.first_block_cache import FBCBlockHook
 
     (_, head), *rest = blocks(transformer)
@@ -151,22 +233,6 @@ class HookedCache(Extension):
 
     def remove(self) -> None:
         remove_hooks(self.transformer, self.hooks)
-
-
-class BlockArgsHook(ModelHook):
-    """A hook on a transformer block that reads the block's call arguments by name, wherever the caller put
-    them (diffusers' block registry knows each block class's signature)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._metadata = None
-
-    def initialize_hook(self, module):
-        self._metadata = TransformerBlockRegistry.get(type(module))
-        return module
-
-    def block_args(self, args: tuple, kwargs: dict, *names: str) -> tuple:
-        return tuple(self._metadata._get_parameter_from_args_kwargs(name, args, kwargs) for name in names)
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:

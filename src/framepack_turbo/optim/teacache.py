@@ -10,8 +10,9 @@ always computed; the state restarts every section (FramePack re-initialises it p
 Unlike FramePack's, the state is kept per prediction (positive / negative), so real CFG does not
 make the two predictions count each other's steps.
 
-Built on diffusers' hook machinery: the head hook decides, diffusers' `FBCBlockHook`s pass the other
-blocks through on a skipped step and record the stack's residual on a computed one.
+Built on diffusers' hook machinery (stepcache.hook_whole_stack): the head hook decides, the other
+blocks pass through on a skipped step, the last records the stack's residual on a computed one. It
+stacks with the context KV cache, which then shortens the computed steps (docs/optimizations.md).
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers.hooks.first_block_cache import FBCSharedBlockState
 from diffusers.hooks.hooks import StateManager
 
 from framepack_turbo.optim.base import PassContext, PassReport
-from framepack_turbo.optim.stepcache import BlockArgsHook, HookedCache, hook_whole_stack, is_boundary_step
+from framepack_turbo.optim.stepcache import (
+    BlockArgsHook,
+    HookedCache,
+    StackState,
+    add_residual,
+    hook_whole_stack,
+    is_boundary_step,
+)
 
 if TYPE_CHECKING:
     from framepack_turbo.models.loading import ModelBundle
@@ -47,7 +54,7 @@ class TeaCacheConfig:
     verbose: bool = False
 
 
-class _State(FBCSharedBlockState):
+class _State(StackState):
     def __init__(self) -> None:
         super().__init__()
         self.previous_modulated: torch.Tensor | None = None
@@ -55,7 +62,6 @@ class _State(FBCSharedBlockState):
 
     def reset(self) -> None:
         super().reset()
-        self.head_block_output = None
         self.previous_modulated = None
         self.accumulated = 0.0
 
@@ -95,15 +101,14 @@ class TeaCacheHeadHook(BlockArgsHook):
         state.previous_modulated = modulated
         state.should_compute = compute
         if not compute:
-            residual_hidden, residual_encoder = state.tail_block_residuals
-            return hidden + residual_hidden, encoder + residual_encoder
-        state.head_block_output = (hidden, encoder)  # the tail hook's residual is then the whole stack's
+            return add_residual(hidden, state.residual), encoder
+        state.stack_input = hidden  # the tail hook's residual is then the whole stack's
         return self.fn_ref.original_forward(*args, **kwargs)
 
     @torch.compiler.disable
     def _should_compute(self, state: _State, modulated: torch.Tensor) -> bool:
         context = self.state_manager.context
-        first_or_last = is_boundary_step(context) or state.tail_block_residuals is None
+        first_or_last = is_boundary_step(context) or state.residual is None
         change = (
             None if first_or_last or state.previous_modulated is None else rel_l1(modulated, state.previous_modulated)
         )
