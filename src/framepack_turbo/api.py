@@ -191,6 +191,22 @@ def _changed_runtime_passes(old: Settings, old_plan: Plan, new: Settings, new_pl
     return changed
 
 
+def _with_later_hooks(changed: list[str], old_plan: Plan, new_plan: Plan) -> list[str]:
+    """`changed` and every removable pass active in both runs that the registry orders after the first of
+    them: taken off and put back, so hooks always wrap each other in the registry's order (the whole-step
+    caches' around the KV cache's, whatever was switched)."""
+    if not changed:
+        return changed
+    order = registry.names()
+    first = min(order.index(n) for n in changed)
+    later = [
+        n
+        for n in order[first + 1 :]
+        if n not in changed and registry.get(n).removable and old_plan.is_active(n) and new_plan.is_active(n)
+    ]
+    return [*changed, *later]
+
+
 class FramePack:
     """Loaded models plus the generation entry point. One instance can run many jobs, one at a time."""
 
@@ -333,6 +349,7 @@ class FramePack:
         if changed is None:
             return False
         _log_findings(report, ignore_incompatible=False)
+        changed = _with_later_hooks(changed, self.plan, plan)
         kept = remove_passes(self.reports, {n for n in changed if self.plan.is_active(n)})
         added = apply_plan(plan, self.bundle, settings, hardware, only=frozenset(changed))
         order = {name: i for i, name in enumerate(registry.names())}

@@ -604,6 +604,75 @@ def bench(
     typer.echo(report.markdown(results, command))
 
 
+calibrate_app = typer.Typer(help="Measure what a pass needs measured on this model.", no_args_is_help=True)
+app.add_typer(calibrate_app, name="calibrate")
+
+# one generation with nothing skipped: MagCache records, every other cache that changes the computation is off
+CALIBRATION = dict(
+    enable_magcache=True,
+    magcache_calibrate=True,
+    enable_teacache=False,
+    enable_fbcache=False,
+    enable_sim_cache=False,
+    enable_kv_cache=False,
+)
+
+
+@calibrate_app.command("magcache", context_settings=SETTINGS_CONTEXT, epilog=_settings_epilog())
+def calibrate_magcache(
+    ctx: typer.Context,
+    image: Annotated[
+        Optional[Path], typer.Option(help="Start image; default: the bench's (a scene of tiny's world for tiny).")
+    ] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt; default: the bench's.")] = None,
+    negative: Annotated[str, typer.Option(help="Negative prompt (with --cfg > 1).")] = "",
+    preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Library messages and debug lines too.")] = False,
+) -> None:
+    """MagCache's magnitude ratios for this model, variant, step count and resolution (and for the negative
+    prediction when --cfg > 1): one generation with nothing skipped, the mean over its sections, written to
+    --magcache-ratios or the runtime cache, where MagCache finds them."""
+    import tempfile
+
+    from framepack_turbo.settings import Settings, parse_flags
+
+    console = _console()
+    _configure_logging(verbose, console)
+    try:
+        from framepack_turbo.api import FramePack, options_from_settings
+        from framepack_turbo.bench.runner import BenchSpec, bench_input
+        from framepack_turbo.pipeline.events import CancelToken
+        from framepack_turbo.pipeline.options import load_image
+
+        overrides = {**parse_flags(list(ctx.args)), **CALIBRATION}
+        if preset is not None:
+            overrides["preset"] = preset
+        settings = Settings.load(overrides, source="cli")
+        _check_device(settings.device)
+        with tempfile.TemporaryDirectory(prefix="framepack-calibrate-") as tmp:
+            spec = BenchSpec([], model=settings.model, resolution=settings.resolution, model_dir=settings.model_dir)
+            default_image, default_prompt, _ = bench_input(spec, Path(tmp))
+            picture = load_image(image or default_image)
+            options = options_from_settings(settings, prompt or default_prompt, negative)
+            fp = FramePack.load(settings=settings)
+            token = CancelToken()
+            job = {k: v for k, v in options.to_dict().items() if k not in ("prompt", "negative_prompt")}
+            with _InterruptToCancel(token), _ProgressView(console) as view:
+                fp.generate(picture, options.prompt, Path(tmp) / "calibration.mp4", view, token, negative, **job)
+        cache = fp.extension("magcache")
+        if cache is None or not cache.saved:
+            raise InputError("MagCache did not run, so nothing was calibrated (see the compatibility findings above)")
+        for key, entry in cache.calibration.latest().items():
+            typer.echo(
+                f"{key.describe()}, mean of {entry.sections} section(s): {' '.join(f'{r:.5f}' for r in entry.ratios)}"
+            )
+            typer.echo(f"  saved to {cache.saved[key]}")
+    except FramePackError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("aborted", 130) from None
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 

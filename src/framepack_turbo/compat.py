@@ -138,16 +138,41 @@ def _quant_methods(s: Settings) -> list[str]:
 
 
 def _step_cache_passes(s: Settings) -> list[registry.PassSpec]:
-    """The step caches turned on, in the order of precedence (the first one runs)."""
+    """The whole-step caches turned on, in the order of precedence (the first one runs)."""
     return [p for p in registry.family(registry.STEP_CACHE) if p.wanted(s)]
 
 
+def _switches(passes: list[registry.PassSpec]) -> list[str]:
+    return [", ".join(env_name(k) for k in p.switch) for p in passes]
+
+
 def _step_caches(s: Settings) -> list[str]:
-    return [", ".join(env_name(k) for k in p.switch) for p in _step_cache_passes(s)]
+    return _switches(_step_cache_passes(s))
 
 
-def _all_step_caches(s: Settings, h: Hardware) -> tuple[str, ...]:
-    return tuple(p.name for p in registry.family(registry.STEP_CACHE))
+# the caches whose hooks decide per step in Python: the whole-step family and the context KV cache
+def _hooked_cache_passes(s: Settings) -> list[registry.PassSpec]:
+    kv = registry.get("kvcache")
+    return _step_cache_passes(s) + ([kv] if kv.wanted(s) else [])
+
+
+def _hooked_caches(s: Settings) -> list[str]:
+    return _switches(_hooked_cache_passes(s))
+
+
+def _all_hooked_caches(s: Settings, h: Hardware) -> tuple[str, ...]:
+    return (*(p.name for p in registry.family(registry.STEP_CACHE)), "kvcache")
+
+
+# whole-step caches that compare or reuse per block what the KV cache shortens to the noisy tokens
+KV_EXCLUSIVE = ("fbcache", "simcache")
+KV_STACKS = ("teacache", "magcache")  # decide before the blocks run and keep the residual of the noisy tokens
+
+
+def _kv_with(s: Settings, names: tuple[str, ...]) -> list[str]:
+    if not registry.get("kvcache").wanted(s):
+        return []
+    return [p.name for p in _step_cache_passes(s)[:1] if p.name in names]
 
 
 def _idle(s: Settings, name: str) -> bool:
@@ -376,31 +401,53 @@ RULES: tuple[Rule, ...] = (
             f"residual, a token set that changes between steps). Only {_step_caches(s)[0]} runs; the others are "
             "skipped."
         ),
-        "Keep one step cache; `framepack bench --configs fbcache,teacache,simcache,kvcache` compares them.",
+        "Keep one step cache; `framepack bench --sweep` draws each one's speed against its fidelity.",
         disables=lambda s, h: tuple(p.name for p in _step_cache_passes(s)[1:]),
+    ),
+    Rule(
+        "kvcache-step-cache",
+        Severity.WARNING,
+        lambda s, h: bool(_kv_with(s, KV_EXCLUSIVE)),
+        lambda s, h: (
+            f"The context KV cache shortens computed steps to the noisy tokens; {_switches([registry.get(n) for n in _kv_with(s, KV_EXCLUSIVE)])[0]} "
+            "compares or reuses per-block results over the whole token set, which then changes between steps. The KV "
+            "cache is skipped."
+        ),
+        "Stack the KV cache with TeaCache or MagCache instead (FRAMEPACK_ENABLE_TEACACHE=1 or FRAMEPACK_ENABLE_MAGCACHE=1).",
+        disables=lambda s, h: ("kvcache",),
+    ),
+    Rule(
+        "kvcache-stacked",
+        Severity.INFO,
+        lambda s, h: bool(_kv_with(s, KV_STACKS)),
+        lambda s, h: (
+            f"{_switches([registry.get(n) for n in _kv_with(s, KV_STACKS)])[0]} skips whole steps and the context KV cache "
+            "shortens the steps it computes: both run (docs/optimizations.md has what the pair measures)."
+        ),
+        "Nothing to fix; FRAMEPACK_ENABLE_KV_CACHE=0 runs the whole-step cache alone.",
     ),
     Rule(
         "step-caches-torchscript",
         Severity.WARNING,
-        lambda s, h: bool(_step_caches(s)) and s.jit_mode != "off",
+        lambda s, h: bool(_hooked_caches(s)) and s.jit_mode != "off",
         lambda s, h: (
-            f"TorchScript records one pass through the Python code; {', '.join(_step_caches(s))} decide per step in "
+            f"TorchScript records one pass through the Python code; {', '.join(_hooked_caches(s))} decide per step in "
             "Python, so the trace would freeze the first step's decision: the cache is skipped."
         ),
         "Use torch.compile (FRAMEPACK_ENABLE_COMPILE=1) with a step cache, or --jit-mode off.",
-        disables=_all_step_caches,
+        disables=_all_hooked_caches,
     ),
     Rule(
         "onnx-step-caches",
         Severity.WARNING,
-        lambda s, h: bool(_step_caches(s)) and _onnx_transformer(s),
+        lambda s, h: bool(_hooked_caches(s)) and _onnx_transformer(s),
         lambda s, h: (
-            f"The ONNX transformer is one graph: {', '.join(_step_caches(s))} decide per block and per step in "
+            f"The ONNX transformer is one graph: {', '.join(_hooked_caches(s))} decide per block and per step in "
             "Python hooks, which an onnxruntime session does not run; the cache is skipped."
         ),
         "Keep the transformer in PyTorch for a step cache (FRAMEPACK_ONNX_COMPONENTS without transformer), or "
         "turn the cache off.",
-        disables=_all_step_caches,
+        disables=_all_hooked_caches,
     ),
     Rule(
         "onnx-compiled-transformer",

@@ -417,6 +417,42 @@ class Settings(BaseSettings):
         json_schema_extra=_group("caches"),
     )
     kv_cache_verbose: bool = Field(False, description="Log KV cache use.", json_schema_extra=_group("caches"))
+    enable_magcache: bool = Field(
+        False,
+        description="MagCache: skip steps whose calibrated magnitude ratio says the residual barely changes.",
+        json_schema_extra=_group("caches"),
+    )
+    magcache_threshold: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="Accumulated ratio error up to which MagCache skips (published: 0.1; 0.15 faster).",
+        json_schema_extra=_group("caches"),
+    )
+    magcache_k: int = Field(
+        2, ge=1, le=100, description="Steps in a row MagCache may skip (K).", json_schema_extra=_group("caches")
+    )
+    magcache_retention: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Fraction of each section's first steps MagCache always computes.",
+        json_schema_extra=_group("caches"),
+    )
+    magcache_ratios: Path | None = Field(
+        None,
+        description="MagCache ratios file (JSON) searched first and written by calibration; "
+        "default: the runtime cache, then the shipped ratios.",
+        json_schema_extra=_group("caches"),
+    )
+    magcache_calibrate: bool = Field(
+        False,
+        description="Skip nothing and record this model's MagCache ratios (`framepack calibrate magcache`).",
+        json_schema_extra=_group("caches"),
+    )
+    magcache_verbose: bool = Field(
+        False, description="Log every MagCache decision.", json_schema_extra=_group("caches")
+    )
 
     # ---- memory and loading ------------------------------------------------------------------
     use_memory_v2: bool = Field(

@@ -44,7 +44,7 @@ class Extension:
 
     `reset(scope)`: before every job and every section (the generator calls it; state never leaks).
     `around(component, **where)`: a context around each call of a component ("text_encoder", "vae",
-    "image_encoder", "transformer" with label/step/steps).
+    "image_encoder", "transformer" with label/step/steps and the job's variant/resolution).
     `lookup(kind, key, compute)`: answer a deterministic computation ("prompt", "image") from a cache, or
     compute it.
     `stats()`: numbers since the last section reset, for `SectionDone` and the run record; `kind` says where

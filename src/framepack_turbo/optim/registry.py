@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 Phase = Literal["loading", "weights", "runtime", "compilation"]
 PHASES: tuple[Phase, ...] = ("loading", "weights", "runtime", "compilation")
-STEP_CACHE = "step cache"  # the family of caches that decide per step what the blocks compute: one at a time
+STEP_CACHE = "step cache"  # the caches that decide per step whether the blocks run at all: one at a time
 
 
 def on(*names: str) -> dict[str, Any]:
@@ -201,6 +201,17 @@ _PASSES: list[PassSpec] = [
         removable=True,
         impl="framepack_turbo.optim.modulecache:ModuleCachePass",
     ),
+    # before the whole-step caches, whose hooks must wrap its own: a skipped step never reaches it
+    PassSpec(
+        "kvcache",
+        "context KV cache",
+        "runtime",
+        on("enable_kv_cache"),
+        ("kv_cache_len", "kv_cache_verbose", "kv_cache_refresh"),
+        lossy=True,
+        removable=True,
+        impl="framepack_turbo.optim.kvcache:ContextKVCachePass",
+    ),
     PassSpec(
         "fbcache",
         "first-block cache",
@@ -243,15 +254,24 @@ _PASSES: list[PassSpec] = [
         impl="framepack_turbo.optim.simcache:SimilarityCachePass",
     ),
     PassSpec(
-        "kvcache",
-        "context KV cache",
+        "magcache",
+        "MagCache",
         "runtime",
-        on("enable_kv_cache"),
-        ("kv_cache_len", "kv_cache_verbose", "kv_cache_refresh"),
+        on("enable_magcache"),
+        (
+            "magcache_threshold",
+            "magcache_k",
+            "magcache_retention",
+            "magcache_ratios",
+            "magcache_calibrate",
+            "magcache_verbose",
+            "runtime_cache",
+            "runtime_cache_dir",
+        ),
         lossy=True,
         removable=True,
         family=STEP_CACHE,
-        impl="framepack_turbo.optim.kvcache:ContextKVCachePass",
+        impl="framepack_turbo.optim.magcache:MagCachePass",
     ),
     PassSpec(
         "placement",

@@ -112,7 +112,8 @@ def add_residual(hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
 
 class StackTailHook(BlockArgsHook):
     """On the last block: on a computed step, records the whole stack's residual (and hands it to
-    `on_residual`, for calibration); on a skipped step, passes its input through like the other blocks."""
+    `on_residual(state, residual, context)` first, for calibration); on a skipped step, passes its input
+    through like the other blocks."""
 
     def __init__(self, state_manager: StateManager, on_residual=None) -> None:
         super().__init__()
@@ -126,7 +127,7 @@ class StackTailHook(BlockArgsHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         residual = stack_residual(output[self._metadata.return_hidden_states_index], state.stack_input)
         if self.on_residual is not None:
-            self.on_residual(state, residual)
+            self.on_residual(state, residual, self.state_manager.context)
         state.residual = residual
         return output
 

@@ -424,7 +424,8 @@ class Generator:
         step_index = iter(range(options.steps))  # the sampler evaluates the model once per step
 
         def predict(hidden: torch.Tensor, timestep: torch.Tensor, p: encode.PromptEmbeddings, label: str, step: int):
-            with self._around("transformer", label=label, step=step, steps=options.steps):
+            where = dict(label=label, step=step, steps=options.steps, variant=variant, resolution=options.resolution)
+            with self._around("transformer", **where):
                 return b.transformer(
                     hidden_states=hidden,
                     timestep=timestep,
