@@ -130,6 +130,13 @@ CASES = [
     ("step-caches-exclusive", dict(enable_fbcache=True, enable_teacache=True), CPU, dict(enable_fbcache=True)),
     ("step-caches-torchscript", dict(enable_kv_cache=True, jit_mode="trace"), CPU, dict(enable_kv_cache=True)),
     (
+        "kvcache-step-cache",
+        dict(enable_kv_cache=True, enable_fbcache=True),
+        CPU,
+        dict(enable_kv_cache=True, enable_teacache=True),
+    ),
+    ("kvcache-stacked", dict(enable_kv_cache=True, enable_magcache=True), CPU, dict(enable_magcache=True)),
+    (
         "bettertransformer-with-offload",
         dict(enable_bettertransformer=True, use_memory_v2=True),
         H100,

@@ -552,6 +552,13 @@ def bench(
         Optional[list[str]],
         typer.Option("--lora", help="PATH[:WEIGHT], repeatable: every configuration runs with it (no-lora drops it)."),
     ] = None,
+    sweep: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Step-cache threshold series, comma list (teacache,magcache,fbcache,kvcache,kvcache+magcache,"
+            "kvcache+teacache) or all: paired runs, the frontier table, --plot draws the frontier."
+        ),
+    ] = None,
 ) -> None:
     """Speed, peak memory and fidelity of configurations against the baseline, in one run."""
     console = _console()
@@ -569,6 +576,10 @@ def bench(
             raise InputError(f"--repeats {repeats}: must be >= 1")
         extra = bench_configs.load_config_file(config_file) if config_file else None
         resolved = bench_configs.resolve(configs.split(","), preset or [], extra)
+        if sweep is not None:
+            from framepack_turbo.bench import sweep as sweeps
+
+            resolved += sweeps.configs([n.strip() for n in sweep.split(",") if n.strip()])
         spec = runner.BenchSpec(
             resolved,
             model=model,
@@ -582,6 +593,7 @@ def bench(
             sequential=sequential,
             model_dir=str(model_dir.resolve()) if model_dir else None,
             loras=tuple(lora or ()),
+            paired=sweep is not None,
         )
         from framepack_turbo.settings import Settings
 
@@ -599,7 +611,11 @@ def bench(
         report.write_json(results, json_path, command)
     if markdown_path:
         report.write_markdown(results, markdown_path, command)
-    if plot:
+    if plot and sweep is not None:
+        from framepack_turbo.bench.sweep import write_frontier_plot
+
+        write_frontier_plot(results, plot)
+    elif plot:
         report.write_plot(results, plot)
     typer.echo(report.markdown(results, command))
 

@@ -43,7 +43,8 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
     spec, machine = results["spec"], results["machine"]
     lines = [
         f"Model `{spec['model']}`, {spec['seconds']} s at resolution {spec['resolution']}, {spec['steps']} steps, "
-        f"variant {spec['variant'] or 'default'}, {spec['repeats']} timed repeats after a warm-up, interleaved.",
+        f"variant {spec['variant'] or 'default'}, {spec['repeats']} timed repeats after a warm-up, "
+        + ("each after a baseline run (paired)." if spec.get("paired") else "interleaved."),
         f"Machine: {machine['gpu'] or machine['cpu']} ({machine['cpu_count']} CPUs), torch {machine['versions'].get('torch')}, "
         f"diffusers {machine['versions'].get('diffusers')}, {machine['date']}.",
     ]
@@ -130,7 +131,10 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
                 f"| {row['config']} | {fid['first_step_rel_l2']:.2e} | {fid['first_step_cosine']:.6f} | "
                 f"{fid['latents_rel_l2']:.2e} | {_fmt_db(min(fid['psnr_per_frame']))} |"
             )
-    return "\n".join(lines) + "\n"
+    from framepack_turbo.bench.sweep import frontier_markdown
+
+    frontier = frontier_markdown(results)  # sweep configurations (SERIES@KNOB) only
+    return "\n".join(lines) + "\n" + ("\n" + frontier if frontier else "")
 
 
 def _json_safe(value: Any) -> Any:

@@ -47,6 +47,9 @@ class BenchSpec:
     sequential: bool = False  # one configuration at a time (when several do not fit in memory together)
     model_dir: str | None = None  # every configuration loads these weights (the layout of --model-dir)
     loras: tuple[str, ...] = ()  # every configuration runs with these LoRAs (PATH[:WEIGHT]; `no-lora` drops them)
+    # two processes at a time: the baseline's, kept through the run, and one configuration's, each of whose
+    # timed runs follows a baseline run (sweeps of many configurations in bounded memory, drift spread alike)
+    paired: bool = False
 
     def common_settings(self) -> dict[str, Any]:
         values = dict(
@@ -163,7 +166,9 @@ def run(spec: BenchSpec, work_dir: Path | None = None, on_progress: Callable[[st
     started = time.time()
     runs = {c.name: ConfigRun(c) for c in spec.configs}
     try:
-        if spec.sequential:
+        if spec.paired:
+            _run_paired(ctx, spec.configs, runs, spec, common, (image, prompt, track), out_dir, on_progress)
+        elif spec.sequential:
             for config in spec.configs:
                 _run_configs(ctx, [config], runs, spec, common, (image, prompt, track), out_dir, on_progress)
         else:
@@ -217,6 +222,71 @@ def _run_configs(ctx, configs, runs, spec, common, inputs, out_dir, on_progress)
     finally:
         for worker in workers.values():
             worker.stop()
+
+
+def _start(ctx, config, common, inputs, out_dir, runs, on_progress) -> _Worker | None:
+    """A configuration's worker, loaded and warmed up; None (its row says why) when it cannot run."""
+    settings = {**common, "runtime_cache_dir": str(out_dir / "runtime_caches"), **config.settings}
+    image, prompt, track = inputs
+    worker = _Worker(ctx, WorkerJob(config.name, settings, str(image), prompt, str(out_dir), track))
+    status = worker.receive()
+    r = runs[config.name]
+    r.status, r.reason = status["status"], status.get("reason", "")
+    r.load_s, r.plan = status.get("load_s"), status.get("plan", [])
+    on_progress(f"{config.name}: {r.status}{': ' + r.reason if r.reason else ''}")
+    if r.status == "ready":
+        r.warmup = worker.request(-1, keep=False)
+        if r.warmup["status"] != "ok":
+            r.status, r.reason = "failed", r.warmup["reason"]
+    if r.status != "ready":
+        worker.stop()
+        return None
+    return worker
+
+
+def _run_paired(ctx, configs, runs, spec, common, inputs, out_dir, on_progress) -> None:
+    baseline, *others = configs
+    base = _start(ctx, baseline, common, inputs, out_dir, runs, on_progress)
+    if base is None:
+        return
+    try:
+        count = 0
+        for config in others:
+            worker = _start(ctx, config, common, inputs, out_dir, runs, on_progress)
+            if worker is None:
+                continue
+            r = runs[config.name]
+            try:
+                for index in range(spec.repeats):
+                    for name, w in (("baseline", base), (config.name, worker)):
+                        run_index = count if name == "baseline" else index
+                        keep = run_index < 2 if name == "baseline" else index == 0
+                        record = w.request(run_index, keep=keep)
+                        target = runs[name]
+                        if record["status"] != "ok":
+                            target.status, target.reason = "failed", record["reason"]
+                            break
+                        target.runs.append(record)
+                        count += name == "baseline"
+                    if r.status == "failed" or runs["baseline"].status == "failed":
+                        break
+                if r.runs:
+                    median = statistics.median(_step_seconds(x) for x in r.runs)
+                    on_progress(f"{config.name}: {median:.4f} s/step over {len(r.runs)} runs")
+            finally:
+                worker.stop()
+            if r.status == "ready":
+                r.status = "ok"
+            if runs["baseline"].status == "failed":
+                return
+        if len(runs["baseline"].runs) < 2:  # the noise floor needs two baseline runs
+            record = base.request(count, keep=True)
+            if record["status"] == "ok":
+                runs["baseline"].runs.append(record)
+        if runs["baseline"].status == "ready":
+            runs["baseline"].status = "ok"
+    finally:
+        base.stop()
 
 
 def _median_range(values: list[float]) -> dict[str, float] | None:
@@ -275,7 +345,8 @@ def _summarise(spec: BenchSpec, runs: dict[str, ConfigRun]) -> dict[str, Any]:
     from framepack_turbo.hardware import Hardware, library_versions
 
     baseline = runs["baseline"]
-    timed = {name: r.runs[: spec.repeats] for name, r in runs.items()}
+    # paired: every baseline run counts (one before each of every configuration's)
+    timed = {name: r.runs if spec.paired and name == "baseline" else r.runs[: spec.repeats] for name, r in runs.items()}
     base_step = _median_range([_step_seconds(x) for x in timed["baseline"]])
     base_outputs = [_load(x["outputs"]) for x in baseline.runs if "outputs" in x]
     rows, kept = [], {}

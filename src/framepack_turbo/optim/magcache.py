@@ -66,9 +66,6 @@ class MagCacheConfig:
     verbose: bool = False
     ratios_file: str | None = None
     runtime_dir: str | None = None  # where calibrated ratios are kept (None: this process only)
-    model: str = ""
-    variant: str = "inverted"
-    resolution: int = 640
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 10:
@@ -171,22 +168,23 @@ class MagCache(HookedCache):
     name = "magcache"
     hooks = (HEAD_HOOK, BLOCK_HOOK)
 
-    def __init__(self, transformer: torch.nn.Module, config: MagCacheConfig) -> None:
+    def __init__(self, transformer: torch.nn.Module, config: MagCacheConfig, model: str, variant: str) -> None:
         super().__init__(transformer, config.verbose)
         self.config = config
-        self.where = (config.variant, config.resolution)
+        self.model = model
+        self.where = (variant, 640)  # the generator's calls bring the job's (`around`)
         self._found: dict[tuple, ratio_store.Found | None] = {}
         self.calibration = ratio_store.Calibration()
         self.saved: dict[ratio_store.Key, str] = {}  # where each calibrated key went
 
     def around(self, component: str, label=None, step=None, steps=None, variant=None, resolution=None, **_):
         if component == "transformer" and variant is not None:
-            self.where = (variant, resolution or self.config.resolution)
+            self.where = (variant, resolution or self.where[1])
         return super().around(component, label=label, step=step, steps=steps)
 
     def key(self, prediction: str, steps: int) -> ratio_store.Key:
         variant, resolution = self.where
-        return ratio_store.Key(self.config.model, variant, int(steps), int(resolution), prediction)
+        return ratio_store.Key(self.model, variant, int(steps), int(resolution), prediction)
 
     def ratios_for(self, prediction: str | None, steps: int) -> tuple[float, ...] | None:
         """The ratios for this call, or None: calibrating (asked for, or none exist: calibrate on first use)."""
@@ -228,8 +226,11 @@ class MagCache(HookedCache):
             self.calibration = ratio_store.Calibration()
 
 
-def apply_magcache(transformer: torch.nn.Module, config: MagCacheConfig) -> MagCache:
-    controller = MagCache(transformer, config)
+def apply_magcache(
+    transformer: torch.nn.Module, config: MagCacheConfig, model: str = "", variant: str = "inverted"
+) -> MagCache:
+    """Hook the transformer; `model` names whose ratios these are (ratios.model_identity)."""
+    controller = MagCache(transformer, config, model, variant)
     state_manager = StateManager(_State)
     hook_whole_stack(
         transformer,
@@ -246,9 +247,6 @@ class MagCachePass:
     name = "magcache"
 
     def config(self, settings: Settings) -> MagCacheConfig:
-        from framepack_turbo.models.presets import get_preset
-
-        preset = get_preset(settings.model)
         return MagCacheConfig(
             threshold=settings.magcache_threshold,
             max_skips=settings.magcache_k,
@@ -257,16 +255,14 @@ class MagCachePass:
             verbose=settings.magcache_verbose,
             ratios_file=str(settings.magcache_ratios) if settings.magcache_ratios else None,
             runtime_dir=str(settings.runtime_cache_dir) if settings.runtime_cache else None,
-            model=ratio_store.model_identity(settings),
-            variant=settings.variant or preset.default_variant,
-            resolution=settings.resolution,
         )
 
     def apply(self, bundle: ModelBundle, config: MagCacheConfig, context: PassContext) -> PassReport:
-        cache = apply_magcache(bundle.transformer, config)
+        model = ratio_store.model_identity(bundle)
+        cache = apply_magcache(bundle.transformer, config, model, bundle.preset.default_variant)
         what = (
             "calibrating: nothing skipped, the ratios recorded"
             if config.calibrate
             else f"threshold {config.threshold}, K {config.max_skips}, retention {config.retention}"
         )
-        return PassReport(self.name, "applied", f"{what} (ratios for {config.model})", extension=cache)
+        return PassReport(self.name, "applied", f"{what} (ratios for {model})", extension=cache)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from framepack_turbo.files import write_json
 
 if TYPE_CHECKING:
-    from framepack_turbo.settings import Settings
+    from framepack_turbo.models.loading import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,15 @@ class Found:
     note: str  # why these ratios stand in for the exact key ("" when they are its own)
 
 
-def model_identity(settings: Settings) -> str:
-    """What the ratios belong to: the model preset's name for its own weights, else the folder's path
-    (other weights in the same architecture have other magnitudes)."""
-    if settings.model_dir is None:
-        return settings.model
-    return f"{settings.model}:{Path(settings.model_dir).resolve()}"
+def model_identity(bundle: ModelBundle) -> str:
+    """What the ratios belong to: the model preset's name for its own weights (hub repos, the bundled
+    folder, random weights), else the preset's name and the folder the weights came from (other weights
+    in the same architecture have other magnitudes)."""
+    preset = bundle.preset
+    own = {f"random:{preset.random_size}", ", ".join(sorted({s.repo for s in preset.sources.values()}))}
+    if preset.bundled_dir is not None:
+        own.add(str(Path(preset.bundled_dir).resolve()))
+    return preset.name if bundle.source in own else f"{preset.name}:{bundle.source}"
 
 
 def _valid(raw: Any) -> Entry:
