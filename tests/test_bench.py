@@ -277,3 +277,93 @@ def test_the_flop_formula_matches_torchs_count_of_a_real_call(tiny, example_imag
         shape = call_shape(transformer.config, kwargs)
         assert shape.noisy > 0 and shape.llama > 0 and shape.siglip > 0
         assert transformer_flops(transformer.config, shape) == pytest.approx(counter.get_total_flops(), rel=1e-3)
+
+
+# ---- sweeps and the frontier --------------------------------------------------------------------------------
+
+
+def test_sweep_series_are_valid_configurations_named_series_at_knob():
+    from framepack_turbo.bench import sweep
+    from framepack_turbo.settings import Settings
+
+    every = sweep.configs(["all"])
+    assert {sweep.series_of(c.name) for c in every} == set(sweep.SERIES)
+    for config in every:
+        Settings.load(config.settings, source="cli", environ={})
+        assert config.lossy
+    assert [c.name for c in sweep.configs(["kvcache"])] == [f"kvcache@r{r}" for r in (2, 3, 4, 6, 12)]
+    with pytest.raises(InputError, match="--sweep warpcache: the series are"):
+        sweep.configs(["warpcache"])
+
+
+def _sweep_results():
+    results = _results()
+    base = results["rows"][0]
+    rows = [base]
+    for name, speedup, psnr, hit_rate in [
+        ("teacache@0.1", 1.5, 44.0, 0.4),
+        ("teacache@0.25", 2.2, 36.0, 0.7),
+        ("magcache@0.1/K2", 1.4, 51.0, 0.36),
+        ("magcache@0.4/K6", 1.8, 45.0, 0.48),
+    ]:
+        cache = name.split("@")[0]
+        total = {"median": 1.0 / speedup, "min": 0.0, "max": 1.0}
+        rows.append(
+            {
+                **base,
+                "config": name,
+                "lossy": True,
+                "speedup": speedup,
+                "settings": {},
+                "fidelity": {**base["fidelity"], "psnr_db": psnr, "ssim": 0.99},
+                "caches": {cache: {"hit": 1, "miss": 1, "forced": 0, "hit_rate": hit_rate}},
+                "stages_s": {**base["stages_s"], "total": total},
+            }
+        )
+    return {**results, "rows": rows}
+
+
+def test_frontier_table_ranks_the_points_and_picks_the_fastest_above_each_floor(tmp_path):
+    from framepack_turbo.bench import sweep
+
+    results = _sweep_results()
+    md = report.markdown(results, "framepack bench --sweep teacache,magcache")
+    assert "## Frontier" in md
+    assert "| magcache | 0.4/K6 | 52% | 1.80x | 0.90x | 45.00 | 0.9900 | - |" in md  # total 0.5 s / (1 / 1.8 s)
+    assert "| 45 dB | magcache@0.4/K6 | 1.80x | 45.00 |" in md
+    assert "| 40 dB | magcache@0.4/K6 | 1.80x | 45.00 |" in md
+    assert "| 35 dB | teacache@0.25 | 2.20x | 36.00 |" in md
+    assert sweep.best_at(sweep.points(results), 60) is None
+    sweep.write_frontier_plot(results, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Frontier" not in report.markdown(_results())  # no sweep configurations, no frontier
+
+
+@pytest.mark.slow
+def test_a_paired_sweep_runs_every_point_after_a_baseline_run(tmp_path):
+    args = ["bench", "--model", "tiny-random", "--sweep", "kvcache+magcache", "--steps", "4", "--seconds", "1"]
+    args += [
+        "--resolution",
+        "64",
+        "--repeats",
+        "1",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "f.png"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    rows = {r["config"]: r for r in data["rows"]}
+    assert list(rows) == [
+        "baseline",
+        "kvcache+magcache@0.1/K2/r2",
+        "kvcache+magcache@0.1/K2/r4",
+        "kvcache+magcache@0.1/K2/r8",
+    ]
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert data["spec"]["paired"] is True
+    assert data["noise_floor"]["psnr_db_identical"] is True  # two baseline runs kept
+    assert "## Frontier" in result.output and "kvcache+magcache | 0.1/K2/r4" in result.output
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

@@ -272,3 +272,39 @@ def test_calibrate_command_refuses_bad_input(tmp_path):
 
     result = CliRunner().invoke(app, ["calibrate", "magcache", "--model", "tiny-random", "--steps", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+# ---- the trained model --------------------------------------------------------------------------------
+
+
+def test_on_the_trained_model_the_shipped_ratios_skip_steps_and_keep_the_motion(trained, tmp_path, caplog):
+    """MagCache's published default (0.1, K 2, retention 0.2) on tiny at 25 steps, with the ratios shipped for
+    it: steps are skipped, the object still moves as prompted, and the clip stays near the uncached one."""
+    from PIL import Image
+
+    from framepack_turbo.bench import metrics
+    from framepack_turbo.train import world
+
+    scene = world.DEMO_SCENE
+    image = tmp_path / "start.png"
+    Image.fromarray(world.render(scene, 1, 64)[0]).save(image)
+    opts = dict(seconds=3.6, steps=25, resolution=64, seed=31337)
+    reference = trained.generate(image, scene.prompt, out=tmp_path / "ref.mp4", **opts)
+    settings = Settings.load(
+        dict(model="tiny", device="cpu", enable_magcache=True, runtime_cache=False), source="cli", environ={}
+    )
+    cached = FramePack(trained.bundle, settings=trained.settings)  # the session's models, MagCache on and off again
+    assert cached.reconfigure(settings)
+    try:
+        with caplog.at_level(logging.WARNING):
+            result = cached.generate(image, scene.prompt, out=tmp_path / "mag.mp4", **opts)
+    finally:
+        assert cached.reconfigure(trained.settings)
+    assert "no ratios" not in caplog.text  # the shipped ones, exactly
+    shipped = ratios.find(ratios.Key("tiny", "inverted", 25, 64)).ratios
+    acc, config = Accumulator(), MagCacheConfig()
+    per_section = sum(decide(acc, t, 25, shipped[t], config) == "hit" for t in range(25))
+    assert result.sidecar["caches"]["magcache"]["hit"] == 3 * per_section > 0
+    assert world.observed_motion(result.frames, scene.color) == scene.motion
+    psnr = metrics.mean_psnr(metrics.psnr_per_frame(result.frames, reference.frames))
+    assert psnr > 30, psnr

@@ -129,7 +129,7 @@ def test_artifact_key_export_list_and_lossy_labels_come_from_the_registry(tmp_pa
     assert artifact.stored_passes() == {"lora.merge", "prune", "quant", "fp8"}  # low precision also casts the encoders
     everything = Settings.load({"preset": "max-performance", "jit_mode": "trace", "enable_tensorrt": True}, environ={})
     off = registry.switched_off_for_export(everything)
-    assert off["enable_compile"] is False and off["enable_fbcache"] is False and off["jit_mode"] == "off"
+    assert off["enable_compile"] is False and off["enable_teacache"] is False and off["jit_mode"] == "off"
     assert "enable_quant" not in off  # the weights are what an export holds
     lora = str(stub(tmp_path))
     with_lora = registry.switched_off_for_export(Settings.load({"loras": (lora,), "lora_mode": "unmerged"}, environ={}))

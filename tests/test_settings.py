@@ -95,7 +95,7 @@ def test_spec_defaults():
 
 
 def test_precedence_cli_over_env_over_preset_over_default(monkeypatch):
-    monkeypatch.setenv("FRAMEPACK_PRESET", "max-performance")  # sets enable_quant, quant_bits 8, fbcache ...
+    monkeypatch.setenv("FRAMEPACK_PRESET", "max-performance")  # sets enable_quant, quant_bits 8, teacache ...
     monkeypatch.setenv("FRAMEPACK_QUANT_BITS", "4")
     monkeypatch.setenv("FRAMEPACK_FBCACHE_THRESHOLD", "0.05")
     s = Settings.load({"fbcache_threshold": "0.1"})
@@ -126,7 +126,7 @@ def test_presets_load_and_match_their_table(name):
 
 
 def test_spec_example_presets_exist():
-    assert set(PRESETS) == {"default", "max-performance", "tensorrt", "fp8-quality", "low-vram"}
+    assert set(PRESETS) == {"default", "max-performance", "fast", "tensorrt", "fp8-quality", "low-vram"}
     assert PRESETS["tensorrt"]["use_bnb"] is False  # "Don't use BitsAndBytes with TensorRT!"
 
 
