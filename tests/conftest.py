@@ -18,6 +18,22 @@ def clean_env(monkeypatch):
             monkeypatch.delenv(key)
 
 
+@pytest.fixture
+def decisions(monkeypatch):
+    """Every step-cache decision as (cache, prediction, step, kind, detail), in order."""
+    from framepack_turbo.optim.stepcache import HookedCache
+
+    seen = []
+    original = HookedCache.record
+
+    def spy(self, kind, context, detail=""):
+        seen.append((self.name, context.name, context.step_index, kind, str(detail)))
+        original(self, kind, context, detail)
+
+    monkeypatch.setattr(HookedCache, "record", spy)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def example_image() -> Path:
     return EXAMPLE_IMAGE

@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 
 from framepack_turbo.api import FramePack
 from framepack_turbo.optim import modulecache, simcache
-from framepack_turbo.optim.stepcache import HookedCache
 
 OPTS = dict(seconds=2, steps=6, resolution=64, seed=3)  # 2 sections of 6 steps
 ONE_SECTION = dict(OPTS, seconds=1)
@@ -40,20 +39,6 @@ def generate(fp, image, tmp_path, name="out", prompt="a cat", **options):
 
 def load(**settings) -> FramePack:
     return FramePack.load("tiny-random", device="cpu", **settings)
-
-
-@pytest.fixture
-def decisions(monkeypatch):
-    """Every cache decision as (cache, prediction, step, kind, detail), in order."""
-    seen = []
-    original = HookedCache.record
-
-    def spy(self, kind, context, detail=""):
-        seen.append((self.name, context.name, context.step_index, kind, str(detail)))
-        original(self, kind, context, detail)
-
-    monkeypatch.setattr(HookedCache, "record", spy)
-    return seen
 
 
 def runs_of(kinds: list[str], kind: str) -> int:

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from framepack_turbo.api import FramePack
 from framepack_turbo.optim import ratios
 from framepack_turbo.optim.magcache import Accumulator, MagCacheConfig, decide, retained_steps
-from framepack_turbo.optim.stepcache import HookedCache
 from framepack_turbo.settings import Settings
 
 OPTS = dict(seconds=2, steps=8, resolution=64, seed=3)  # 2 sections of 8 steps
@@ -26,20 +25,6 @@ def load(tmp_path, **settings) -> FramePack:
 
 def generate(fp, image, tmp_path, name="out", **options):
     return fp.generate(image, "a cat", out=tmp_path / f"{name}.mp4", **{**OPTS, **options})
-
-
-@pytest.fixture
-def decisions(monkeypatch):
-    """Every cache decision as (cache, prediction, step, kind, detail), in order."""
-    seen = []
-    original = HookedCache.record
-
-    def spy(self, kind, context, detail=""):
-        seen.append((self.name, context.name, context.step_index, kind, str(detail)))
-        original(self, kind, context, detail)
-
-    monkeypatch.setattr(HookedCache, "record", spy)
-    return seen
 
 
 def published_rule(ratios_: list[float], steps: int, threshold: float, k: int, retention: float) -> str:
