@@ -300,6 +300,7 @@ FORM = (
     False,
     False,
     False,
+    False,
     "standard",
     6,
 )

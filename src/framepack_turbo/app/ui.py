@@ -27,6 +27,7 @@ PANEL_SETTINGS = (
     "preset",
     "enable_teacache",
     "enable_fbcache",
+    "enable_magcache",
     "enable_quant",
     "enable_compile",
     "enable_module_cache",
@@ -461,10 +462,12 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                     with gr.Row():
                         teacache = gr.Checkbox(start.enable_teacache, label="TeaCache", elem_id="teacache")
                         fbcache = gr.Checkbox(start.enable_fbcache, label="First-block cache", elem_id="fbcache")
-                        quant = gr.Checkbox(start.enable_quant, label="INT-N quantization", elem_id="quant")
+                        magcache = gr.Checkbox(start.enable_magcache, label="MagCache", elem_id="magcache")
                     with gr.Row():
+                        quant = gr.Checkbox(start.enable_quant, label="INT-N quantization", elem_id="quant")
                         compile_ = gr.Checkbox(start.enable_compile, label="torch.compile", elem_id="compile")
                         module_cache = gr.Checkbox(start.enable_module_cache, label="Encoder cache")
+                    with gr.Row():
                         onnx = gr.Checkbox(start.use_onnx_engines, label="ONNX engines")
                     preservation = gr.Slider(
                         0,
@@ -474,7 +477,10 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                         label="GPU memory preservation (GB)",
                         elem_id="preservation",
                     )
-                    panel = [preset, teacache, fbcache, quant, compile_, module_cache, onnx, attention, preservation]
+                    panel = [
+                        *(preset, teacache, fbcache, magcache, quant, compile_),
+                        *(module_cache, onnx, attention, preservation),
+                    ]
                     report = gr.Markdown(
                         compat_markdown(
                             base,
