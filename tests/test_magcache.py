@@ -60,7 +60,7 @@ def test_decisions_follow_the_published_rule_on_the_published_ratios(threshold, 
 
 def test_decisions_pinned_at_the_published_defaults():
     """E010K2R02 on FramePack's ratios: the retained start, skips where the ratio is near 1, the last
-    step computed (its ratio, 0.789, is past the per-step guard): 8 of 25 steps skipped."""
+    step computed (its ratio, 0.789, is past the per-step guard): 12 of 25 steps skipped."""
     config = MagCacheConfig()
     acc = Accumulator()
     pinned = "".join("-" if decide(acc, t, 25, FRAMEPACK[t], config) == "hit" else "C" for t in range(25))
