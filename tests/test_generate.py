@@ -67,7 +67,9 @@ def test_step_and_section_events(runs):
     steps = [(e.section, e.step) for e in events if isinstance(e, StepProgress)]
     assert steps == [(1, 1), (1, 2), (2, 1), (2, 2)]
     sections = [(e.section, e.frames) for e in events if isinstance(e, SectionDone)]
-    assert sections == [(1, 37), (2, 73)]  # F1: 1 + 9 latents -> 37 frames, then +36
+    # frames in the file: F1's 1 + 9 latents decode to 37 frames, of which the last 33 wait for the next
+    # section's cross-fade; the last section makes them all final: 73
+    assert sections == [(1, 4), (2, 73)]
     assert isinstance(events[-1], JobDone) and events[-1].status == "complete"
     progress = [e for e in events if isinstance(e, StepProgress)]
     assert [e.fraction for e in progress] == [0.25, 0.5, 0.75, 1.0]
@@ -75,9 +77,11 @@ def test_step_and_section_events(runs):
     assert preview.dtype == np.uint8 and preview.shape == (112 // 8, 9 * 144 // 8, 3)
 
 
-def test_inverted_first_section_is_33_frames(runs):
+def test_inverted_first_section_is_33_frames_all_held_for_the_blend(runs):
+    """Inverted: the first section (the clip's end) decodes to 33 frames, all of them the overlap the next
+    section cross-fades into: none is final, none is in the file yet."""
     _, events = runs["inverted"]
-    assert [(e.section, e.frames) for e in events if isinstance(e, SectionDone)] == [(1, 33), (2, 73)]
+    assert [(e.section, e.frames) for e in events if isinstance(e, SectionDone)] == [(1, 0), (2, 73)]
 
 
 def test_same_seed_same_video_other_seed_differs(tiny, example_image, tmp_path, runs):
@@ -164,7 +168,7 @@ def test_cancel_keeps_finished_sections(tiny, example_image, tmp_path):
     out = tmp_path / "c.mp4"
 
     def on_event(e):
-        if isinstance(e, SectionDone):
+        if isinstance(e, StepProgress) and e.section == 2:
             token.cancel()
 
     with pytest.raises(Cancelled, match="after 1 of 2 sections; 33 frames kept") as stopped:
@@ -177,7 +181,7 @@ def test_cancel_keeps_finished_sections(tiny, example_image, tmp_path):
 
 @pytest.mark.parametrize("seconds", [1, 2])
 def test_a_cancel_in_a_batch_stops_it_and_keeps_the_clips_before(tiny, example_image, tmp_path, seconds):
-    """2 s: cancelled in clip 2's first of two sections; 1 s: after clip 2's only section (clip 2 complete),
+    """2 s: cancelled in clip 2's second of two sections; 1 s: after clip 2's only section (clip 2 complete),
     and clip 3 never starts."""
     from framepack_turbo.pipeline.events import Notice
 
@@ -187,7 +191,9 @@ def test_a_cancel_in_a_batch_stops_it_and_keeps_the_clips_before(tiny, example_i
     def on_event(e):
         if isinstance(e, Notice) and e.message.startswith("clip "):
             notices.append(e.message)
-        if isinstance(e, SectionDone) and len(notices) == 2:
+        # 2 s: a step of clip 2's second section; 1 s: once clip 2's only section is in its file
+        stop_at = isinstance(e, SectionDone) if seconds == 1 else isinstance(e, StepProgress) and e.section == 2
+        if stop_at and len(notices) == 2:
             token.cancel()
 
     with pytest.raises(Cancelled):

@@ -286,12 +286,17 @@ class FramePack:
         on_event: EventSink | None = None,
         cancel: CancelToken | None = None,
         negative_prompt: str = "",
+        keep_frames: bool = False,
+        resume: bool = False,
         **options: Any,
     ) -> Result:
         """Generate a clip from `image` (path, PIL image or uint8 array).
 
         `options` are GenerateOptions fields (seconds, steps, window, seed, distilled_guidance, cfg,
         guidance_rescale, resolution, crf, variant); unset ones come from the settings.
+        `keep_frames`: hold the frames as encoded for `Result.frames` (else it reads them back from the
+        file; the job itself holds only the overlap window). `resume`: go on from where a stopped job
+        writing to `out` left off (its state beside the video); other options or settings are refused.
         """
         opts = options_from_settings(self.settings, prompt, negative_prompt, **options)
         record = {"values": self.settings.to_json_dict(), "plan": self.plan.to_list(), "compat": self.report.to_list()}
@@ -303,7 +308,7 @@ class FramePack:
             settings=record,
             decode=ChunkedDecode.from_settings(self.settings),
         )
-        return generator.run(image, opts, out or default_output_path())
+        return generator.run(image, opts, out or default_output_path(), keep_frames=keep_frames, resume=resume)
 
     def generate_batch(
         self,

@@ -219,11 +219,19 @@ def generate(
     ignore_incompatible: Annotated[
         bool, typer.Option("--ignore-incompatible", help="Run despite critical compatibility findings (after 5 s).")
     ] = False,
+    resume: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--resume",
+            help="Go on with a job that stopped (Ctrl-C, a crash, out of memory): the .mp4 it was writing.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Library messages and debug lines too.")] = False,
 ) -> None:
     """Generate a video from one image and a prompt. Settings flags (--seconds, --steps, --quant-bits ...) below.
 
-    --seed random draws a seed; the outputs record the one drawn."""
+    --seed random draws a seed; the outputs record the one drawn. --resume FILE.mp4 continues a stopped job
+    from its last finished section, with the settings it was started with (changes to them are refused)."""
     console = _console()
     _configure_logging(verbose, console)
     try:
@@ -237,7 +245,18 @@ def generate(
         )
         from framepack_turbo.pipeline.options import load_image
 
-        recorded = _recorded(from_video) if from_video is not None else {}
+        if resume is not None:
+            if from_video is not None or image is not None or video_in is not None or count != 1:
+                raise InputError("--resume takes the job's own inputs: drop --from, --image, --video and --count")
+            if out is not None and out.resolve() != resume.resolve():
+                raise InputError(f"--resume {resume} goes on writing that file: drop --out")
+            from framepack_turbo.pipeline import resume as resume_state
+
+            saved = resume_state.peek(resume)
+            recorded = _recorded_meta(saved["record"]["rerun"])
+            out = resume
+        else:
+            recorded = _recorded(from_video) if from_video is not None else {}
         if prompt is None:
             if not recorded:
                 raise InputError("--prompt is needed (or --from FILE.mp4 to take the prompt of a clip made here)")
@@ -298,6 +317,12 @@ def generate(
         base_out = out or default_output_path()
         for path in batch_outputs(base_out, seeds):
             check_writable(path)
+        if resume is not None:  # what would change the video so far is refused before any model loads
+            record = {"values": settings.to_json_dict()}
+            resume_state.refuse_changes(
+                saved["fingerprint"], resume_state.fingerprint(record, options.to_dict()), resume
+            )
+            picture = None  # the state holds the start image
         _check_device(settings.device)
         from framepack_turbo.optim.lora import preflight
 
@@ -310,7 +335,12 @@ def generate(
         token = CancelToken()
         job = {k: v for k, v in options.to_dict().items() if k not in ("prompt", "negative_prompt", "seed")}
         with _InterruptToCancel(token), _ProgressView(console) as view:
-            results = fp.generate_batch(picture, prompt, count, base_out, view, token, negative, seed=seeds[0], **job)
+            if resume is not None:
+                results = [fp.generate(None, prompt, resume, view, token, negative, resume=True, seed=seeds[0], **job)]
+            else:
+                results = fp.generate_batch(
+                    picture, prompt, count, base_out, view, token, negative, seed=seeds[0], **job
+                )
         for result in results:
             _report(result)
     except FramePackError as exc:
@@ -420,6 +450,11 @@ def _recorded(path: Path) -> dict:
         raise InputError(f"--from {path}: not a readable video ({type(exc).__name__})") from None
     if meta is None:
         raise InputError(f"--from {path}: no FramePack Turbo record in this video (it was made elsewhere)")
+    return _recorded_meta(meta)
+
+
+def _recorded_meta(meta: dict) -> dict:
+    """A clip's record (its container metadata, or a resume state's copy of it) as settings for a re-run."""
     from framepack_turbo.settings import setting_names
 
     names = {"distilled_guidance": "gs", "guidance_rescale": "rs"}

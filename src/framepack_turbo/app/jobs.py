@@ -134,6 +134,20 @@ class JobStore:
             )
         return cur.rowcount == 1
 
+    def requeue_to_resume(self, job_id: int) -> bool:
+        """failed/cancelled -> queued, to go on from its last finished section (the runner resumes it)."""
+        job = self.get(job_id)
+        if job is None or job.state not in ("failed", "cancelled"):
+            return False
+        request = {**job.request, "resume": True}
+        with self._db() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'queued', finished = NULL, error = '', request = ? "
+                "WHERE id = ? AND state IN ('failed', 'cancelled')",
+                (json.dumps(request), job_id),
+            )
+        return cur.rowcount == 1
+
     def cancel_queued(self, job_id: int) -> bool:
         with self._db() as db:
             cur = db.execute(

@@ -223,6 +223,21 @@ class JobQueue:
             return "cancelling"
         return job.state
 
+    def resume(self, job_id: int) -> str:
+        """Queue a failed or cancelled job again, to go on from its last finished section."""
+        from framepack_turbo.pipeline.resume import state_path
+
+        job = self.store.get(job_id)
+        if job is None:
+            raise InputError(f"no job {job_id}")
+        if job.state not in ("failed", "cancelled"):
+            raise InputError(f"job {job_id} is {job.state}: only a failed or cancelled job resumes")
+        if not state_path(job.video).is_file():
+            raise InputError(f"job {job_id} left no resume state (it stopped before its first section was written)")
+        self.store.requeue_to_resume(job_id)
+        self._wake.set()
+        return "queued to resume"
+
     # ---- the worker ----------------------------------------------------------------------------
 
     def start(self) -> JobQueue:
@@ -334,12 +349,15 @@ class GenerationRunner:
         # Called only from the queue's one worker: one job at a time needs no lock here.
         fp = self._framepack(job.request.get("settings", {}))
         options = job.request.get("options", {})
+        resume = bool(job.request.get("resume"))
         fp.generate(
-            None if options.get("video") else job.image,  # an extension starts from its video's last frame
+            # an extension starts from its video's last frame; a resume from the image its state holds
+            None if options.get("video") or resume else job.image,
             job.prompt,
             out=job.video,
             on_event=on_event,
             cancel=cancel,
             negative_prompt=job.request.get("negative_prompt", ""),
+            resume=resume,
             **options,
         )

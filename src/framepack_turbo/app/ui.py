@@ -307,6 +307,14 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         except FramePackError as exc:
             return f"**{exc}**"
 
+    def resume_job(job_id):
+        if job_id is None:
+            return "**Enter the id of a failed or cancelled job to resume.**"
+        try:
+            return f"Job {int(job_id)}: {queue.resume(int(job_id))}."
+        except FramePackError as exc:
+            return f"**{exc}**"
+
     def on_preset(name):
         values = Settings.load({**base, "preset": name}, source="api")
         return [getattr(values, n) for n in PANEL_SETTINGS[1:]]
@@ -343,7 +351,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         # The video of the running job once a section is written, else the newest finished one.
         current = (
             running
-            if running is not None and running.sections_done
+            if running is not None and running.frames  # inverted: the first section's frames all wait
             else next((j for j in jobs if j.state == "done"), None)
         )
         key = (current.id, current.sections_done) if current is not None else None
@@ -522,6 +530,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         with gr.Row():
             cancel_id = gr.Number(label="Job id", precision=0, elem_id="cancel-id")
             cancel_btn = gr.Button("Cancel job", elem_id="cancel-btn")
+            resume_btn = gr.Button("Resume job", elem_id="resume-btn")
         shown = gr.State(None)
 
         preset.change(on_preset, preset, panel[1:])
@@ -544,6 +553,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             api_name="queue_job",
         )
         cancel_btn.click(cancel_job, cancel_id, status, api_name="cancel_job")
+        resume_btn.click(resume_job, cancel_id, status, api_name="resume_job")
         outputs = [jobs, summary, progress, preview, caches, video, results, shown]
         gr.Timer(1.0).tick(refresh, shown, outputs)
         page.load(refresh, shown, outputs)

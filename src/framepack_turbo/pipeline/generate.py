@@ -14,7 +14,9 @@ pass.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -31,6 +33,7 @@ from framepack_turbo.files import write_json
 from framepack_turbo.hardware import Hardware, library_versions
 from framepack_turbo.models.loading import ModelBundle
 from framepack_turbo.pipeline import encode, extend, vae, video
+from framepack_turbo.pipeline import resume as resume_state
 from framepack_turbo.pipeline.events import (
     CancelToken,
     EventSink,
@@ -52,6 +55,7 @@ from framepack_turbo.pipeline.sections import (
     plan_sections,
 )
 from framepack_turbo.pipeline.timeline import TimelinePlan, keyframe_for, plan_timeline, time_position
+from framepack_turbo.pipeline.writer import ClipWriter
 
 if TYPE_CHECKING:
     from framepack_turbo.optim.base import Extension
@@ -68,17 +72,51 @@ class OutOfMemory(FramePackError):
 
 @dataclass
 class Result:
-    frames: np.ndarray  # (T, H, W, 3) uint8, what the mp4 holds
     video_path: Path
     sidecar_path: Path
     sidecar: dict[str, Any]
     latents: torch.Tensor | None = None  # (1, 16, T, h, w) float32: the clip's latents, in time order
     record: RunRecord | None = None  # the sidecar, typed
     frames_before: int = 0  # a video extension: the mp4's frames before `frames`, copied from the input
+    kept_frames: np.ndarray | None = field(default=None, repr=False)  # run(keep_frames=True): as encoded
 
     @property
     def status(self) -> str:
         return self.sidecar["status"]
+
+    @property
+    def frames(self) -> np.ndarray:
+        """(T, H, W, 3) uint8, the clip's frames after `frames_before`: as they went to the encoder when the
+        job kept them (keep_frames), else decoded from the file (once, on first use)."""
+        if self.kept_frames is None:
+            path = Path(self.video_path)
+            self.kept_frames = (
+                video.read_frames(path)[self.frames_before :] if path.exists() else np.zeros((0, 0, 0, 3), np.uint8)
+            )
+        return self.kept_frames
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux and macOS; 0 where unknown)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
+def _split_final(
+    variant: str, is_last: bool, pixels: torch.Tensor, overlap: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the frames no later section blends into, the overlap window it will): F1 blends into the end,
+    inverted into the front; after the last section everything is final. The window is a copy, so the
+    section's decode can be freed."""
+    if is_last:
+        return pixels, None
+    if variant == "inverted":
+        return pixels[:, :, overlap:], pixels[:, :, :overlap].clone()
+    return pixels[:, :, :-overlap], pixels[:, :, -overlap:].clone()
 
 
 @dataclass
@@ -144,17 +182,30 @@ class Generator:
         self.cancel = cancel or CancelToken()
         self.extensions = list(extensions)
         self.settings = settings or {}  # recorded in the sidecar as given
+        self._writer: ClipWriter | None = None
         self.decode_config = decode or vae.ChunkedDecode()
 
     # ---- public -------------------------------------------------------------------------------
 
-    def run(self, image, options: GenerateOptions, out_path: str | Path) -> Result:
-        """Generate the clip. Raises `Cancelled` (after writing what finished) if the token is set."""
+    def run(
+        self, image, options: GenerateOptions, out_path: str | Path, keep_frames: bool = False, resume: bool = False
+    ) -> Result:
+        """Generate the clip. Raises `Cancelled` (after writing what finished) if the token is set.
+
+        `keep_frames`: hold the clip's uint8 frames for `Result.frames` (otherwise they are read back from the
+        file when asked for: the job holds only the overlap window). `resume`: go on from the state a stopped
+        job left beside `out_path` (pipeline/resume.py); its options and settings must be the same."""
         job_started = time.perf_counter()
         out_path = Path(out_path)
         variant = options.variant or self.bundle.preset.default_variant
         sections = plan_sections(variant, options.seconds, options.window)
         plan = timeline_of(options, variant)  # every timed input checked before any model runs
+        state = None
+        if resume:
+            state = resume_state.load(out_path)
+            resume_state.refuse_changes(state.fingerprint, self._fingerprint(options), out_path)
+            if state.picture is not None:
+                image = state.picture
         source = extend.probe_video(options.video) if options.video else None
         tail = None
         if source is not None:  # a continuation: the input's last frame is the start image
@@ -194,8 +245,9 @@ class Generator:
         history = self._initial_history(variant, cond)
         if cond.end_latent is not None:  # the slot the first section reads as its "post" context
             history[:, :, :1] = cond.end_latent
-        pixels: torch.Tensor | None = None
+        pixels: torch.Tensor | None = None  # the overlap window: the frames a later section blends into
         generated = 1 if variant == "f1" else 0  # latent frames of the clip so far (F1 starts with the image)
+        clip = [cond.start_latent.cpu()] if variant == "f1" else []  # the clip's latents, in time order
         before = 0  # output frames copied from an input video ahead of `frames`
         if tail is not None and variant == "f1":
             # F1 continues the input itself: its last latents are the history the context comes from, and
@@ -203,14 +255,31 @@ class Generator:
             tail_latents = self._encode_clip(tail.frames, options.seed)
             history = torch.cat([history[:, :, : extend.CONTEXT_LATENTS], tail_latents], dim=2)
             generated, before = tail_latents.shape[2], tail.before
+            clip = [tail_latents]
             pixels = extend.to_pixels(tail.frames, self.bundle.vae.dtype)
         elif tail is not None:
             before = tail.total
-        frames = np.zeros((0, cond.height, cond.width, 3), np.uint8)
+        written = 0  # final frames handed to the writer (after `before`)
+        kept: list[np.ndarray] = []  # keep_frames: the final frames, in time order
+        done = 0
+        if state is not None:
+            done, generated, history, pixels = state.sections_done, state.generated, state.history, state.window
+            written = state.frames - before
+            rng.set_state(state.rng)
+            sampled = resume_state.load_latents(out_path, done)
+            clip = [clip[0], *sampled] if variant == "f1" else list(reversed(sampled))
+            record.restore(state.record, done)
+            self.on_event(Notice(f"resuming {out_path} after section {done} of {len(sections)}"))
+        writer = ClipWriter(out_path, options.crf, backward=variant == "inverted", sections=done)
+        if source is not None and before:
+            writer.head(extend.head(source, cond.height, cond.width, before), cond.height, cond.width)
+        self._writer = writer
+        overlap = pixel_frames_per_window(options.window)
+        keep = max(CONTEXT_1X + CONTEXT_2X + CONTEXT_4X, 2 * options.window + 1)  # history latents kept
         status = "complete"
         self.on_event(StageStarted("sampling"))
         try:
-            for section in sections:
+            for section in sections[done:]:
                 latents = self._sample_with_step_down(
                     section, variant, history, cond, options, rng, timings, job_started, len(sections), record
                 )
@@ -220,21 +289,48 @@ class Generator:
                     if section.is_last:
                         latents = torch.cat([cond.start_latent, latents], dim=2)
                     history = torch.cat([latents, history], dim=2)
+                    clip.insert(0, latents)
                 else:
                     history = torch.cat([history, latents], dim=2)
+                    clip.append(latents)
                 generated += latents.shape[2]
-                pixels = self._decode_append(variant, section, history, generated, pixels, options.window, timings)
-                frames = video.to_uint8_frames(pixels)
+                out = self._decode_append(variant, section, history, generated, pixels, options.window, timings)
+                # what later sections read: the context and the next decode's span, not the whole clip
+                history = history[:, :, :keep] if variant == "inverted" else history[:, :, -keep:]
+                final, pixels = _split_final(variant, section.is_last, out, overlap)
+                frames = video.to_uint8_frames(final)
                 if tail is not None and variant == "inverted" and section.is_last:
-                    frames = extend.join_after(tail.frames[-1], frames, pixel_frames_per_window(options.window))
-                t0 = time.perf_counter()
-                copied = extend.head(source, cond.height, cond.width, before) if source is not None else ()
-                video.write_mp4(frames, out_path, crf=options.crf, metadata=record.reproduction(), before=copied)
-                timings.add("write", time.perf_counter() - t0)
+                    frames = extend.join_after(tail.frames[-1], frames, overlap)
+                if keep_frames:
+                    kept.insert(0, frames) if variant == "inverted" else kept.append(frames)
+                written += len(frames)
                 record.sections_done, record.timings = section.number + 1, timings.to_dict()
-                record.frames = before + len(frames)
-                write_json(record.to_dict(), sidecar)
-                self.on_event(SectionDone(section.number + 1, len(sections), record.frames, out_path, caches, engines))
+                record.frames = before + written
+                record.host_memory = {"peak_rss_mb": peak_rss_mb()}
+                record.writer = self._writer_record(writer)
+                then = self._after_write(
+                    section,
+                    out_path,
+                    record,
+                    latents,
+                    caches,
+                    engines,
+                    picture=None if image is None else picture,
+                    state=None
+                    if section.is_last
+                    else resume_state.ResumeState(
+                        section.number + 1,
+                        generated,
+                        before + written,
+                        history.clone(),
+                        None if pixels is None else pixels.clone(),
+                        rng.get_state(),
+                        None,
+                        self._fingerprint(options),
+                    ),
+                )
+                writer.add(frames, record.reproduction(), then, join=not section.is_last)
+                self._announce(writer, len(sections))
         except Cancelled:
             status = "cancelled"
         except KeyboardInterrupt:  # a second Ctrl-C: no step finishes, but the record must not stay "running"
@@ -242,29 +338,107 @@ class Generator:
             write_json(record.to_dict(), sidecar)
             raise
         except Exception as exc:
-            # Keep the record of what finished; the mp4 of finished sections is already on disk.
+            # Keep the record of what finished; the mp4 of finished sections is on disk, the overlap joins it.
             record.status, record.error, record.timings = "failed", f"{type(exc).__name__}: {exc}", timings.to_dict()
+            with contextlib.suppress(Exception):
+                self._stop(writer, pixels, record, len(sections))
+            writer.close()
+            record.frames = before + written + (0 if pixels is None else pixels.shape[2])
             write_json(record.to_dict(), sidecar)
             raise
         finally:
             self._reset("section")
+            self._writer = None
 
+        t0 = time.perf_counter()
+        try:
+            if status == "complete":
+                record.frames = writer.finish(record.reproduction())  # the input's copied head included
+                self._announce(writer, len(sections))
+            else:
+                if pixels is not None and record.sections_done:
+                    written += pixels.shape[2]
+                    if keep_frames:
+                        edge = video.to_uint8_frames(pixels)
+                        kept.insert(0, edge) if variant == "inverted" else kept.append(edge)
+                self._stop(writer, pixels, record, len(sections))
+                record.frames = before + written
+        finally:
+            writer.close()
+        timings.add("write", time.perf_counter() - t0 + writer.waited)
         timings.add("total", time.perf_counter() - job_started)
-        video_path = out_path if record.sections_done else None
-        record.status, record.frames, record.timings = status, before + len(frames), timings.to_dict()
+        video_path = out_path if record.sections_done and out_path.exists() else None
+        record.status, record.timings = status, timings.to_dict()
+        record.writer, record.host_memory = self._writer_record(writer), {"peak_rss_mb": peak_rss_mb()}
         record.video["path"] = str(video_path) if video_path else None
         write_json(record.to_dict(), sidecar)
         self.on_event(JobDone(status, video_path, record.frames))
-        clip = history[:, :, :generated] if variant == "inverted" else history[:, :, -generated:]
-        result = Result(frames, out_path, sidecar, record.to_dict(), clip, record, frames_before=before)
+        frames_kept = np.concatenate(kept) if keep_frames and kept else None
+        latents_clip = torch.cat(clip, dim=2) if clip else None
+        result = Result(
+            out_path, sidecar, record.to_dict(), latents_clip, record, frames_before=before, kept_frames=frames_kept
+        )
+        if keep_frames and frames_kept is None:
+            result.kept_frames = np.zeros((0, cond.height, cond.width, 3), np.uint8)
         if status == "cancelled":
             stopped = Cancelled(
                 f"stopped by the user after {record.sections_done} of {len(sections)} sections"
-                + (f"; {len(frames)} frames kept in {out_path}" if record.sections_done else "; nothing written")
+                + (f"; {record.frames - before} frames kept in {out_path}" if video_path else "; nothing written")
             )
             stopped.result = result  # what finished, for callers that want to show it
             raise stopped
         return result
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def _fingerprint(self, options: GenerateOptions) -> dict[str, Any]:
+        return resume_state.fingerprint(self.settings, options.to_dict())
+
+    def _after_write(self, section, out_path, record, latents, caches, engines, picture, state):
+        """What the writer's thread does once the section's frames are in the file: the resume state (the
+        section's latents, then the state that points past them), then the sidecar, in that order, so no
+        file ever says more than what is on disk."""
+        sidecar_json = json.loads(json.dumps(record.to_dict(), default=str))  # as of now: the loop goes on
+        rerun = json.loads(json.dumps(record.reproduction(), default=str))  # what `--resume` loads settings from
+        latents = latents.clone()
+
+        def then():
+            if state is not None:
+                resume_state.save_latents(out_path, section.number, latents)
+                state.picture = picture
+                state.record = {**record.resumable(sidecar_json), "rerun": rerun}
+                state.save(out_path)
+            write_json(sidecar_json, video.sidecar_path(out_path))
+            return section.number, caches, engines
+
+        return then
+
+    def _announce(self, writer: ClipWriter, total: int, wait: bool = False) -> None:
+        """SectionDone for each section the writer has put in the file (events stay on this thread)."""
+        if wait:
+            writer.wait()
+        writer.check()
+        for item in writer.done():
+            number, caches, engines = item.payload
+            self.on_event(SectionDone(number + 1, total, item.frames, writer.path, caches, engines))
+
+    def _stop(self, writer: ClipWriter, pixels, record: RunRecord, total: int) -> None:
+        """A stop (cancel, failure): the overlap window joins the file as its edge, and the sections
+        written are announced."""
+        edge = video.to_uint8_frames(pixels) if pixels is not None and record.sections_done else None
+        writer.stop(edge, record.reproduction())
+        self._announce(writer, total, wait=True)
+
+    @staticmethod
+    def _writer_record(writer: ClipWriter | None = None) -> dict[str, Any] | None:
+        if writer is None:
+            return None
+        seconds = [s["encode_s"] + s["join_s"] for s in writer.seconds]
+        return {
+            "sections": [{k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()} for s in writer.seconds],
+            "median_s": round(sorted(seconds)[len(seconds) // 2], 4) if seconds else None,
+            "waited_s": round(writer.waited, 4),
+        }
 
     # ---- stages -------------------------------------------------------------------------------
 
@@ -478,6 +652,8 @@ class Generator:
                     preview_factors=self.bundle.preset.latent_preview,
                 )
             )
+            if self._writer is not None:  # the sections the writer finished meanwhile
+                self._announce(self._writer, n_sections)
             if self.cancel.cancelled:
                 raise Cancelled("cancelled")
 
@@ -531,7 +707,8 @@ class Generator:
         """Decode the new section (with enough earlier frames to overlap) and cross-fade it in."""
         self.on_event(StageStarted("vae_decode"))
         t0 = time.perf_counter()
-        real = history[:, :, :generated] if variant == "inverted" else history[:, :, -generated:]
+        real = history[:, :, :generated] if variant == "inverted" else history[:, :, -generated:]  # history may be
+        # trimmed to its last sections: the slices below never reach past what is kept
         overlap = pixel_frames_per_window(window)
         with self._around("vae"):
             if pixels is None:

@@ -64,6 +64,26 @@ class RunRecord:
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, Any] | None = None
     error: str | None = None
+    writer: dict[str, Any] | None = None  # the video writer: encode and join seconds per section, its waits
+    host_memory: dict[str, Any] | None = None  # peak resident memory of the process
+    resumed: list[int] = field(default_factory=list)  # sections done when the job was resumed, per resume
+
+    def resumable(self, sidecar: dict[str, Any]) -> dict[str, Any]:
+        """What a resume carries over of the sidecar: per-section numbers and what was given."""
+        return {k: sidecar.get(k) for k in ("caches", "engines", "image", "resumed", "created", "writer")}
+
+    def restore(self, saved: Mapping[str, Any], sections_done: int) -> None:
+        """A resume: the stopped job's per-section numbers, so the sidecar covers the whole clip."""
+        for name, cache in (saved.get("caches") or {}).items():
+            if "sections" not in cache:  # a job cache (the encoder outputs): this run counts its own
+                continue
+            self.step_caches[name] = CacheRecord(list(cache.get("sections", []))[:sections_done])
+        self.engines.update(saved.get("engines") or {})
+        if saved.get("image"):
+            self.image = dict(saved["image"])
+        self.created = saved.get("created") or self.created
+        self.resumed = [*(saved.get("resumed") or []), sections_done]
+        self.sections_done = sections_done
 
     def add_section(self, caches: Mapping[str, Mapping[str, Any]], engines: Mapping[str, Mapping[str, Any]]) -> None:
         for name, stats in caches.items():
@@ -121,4 +141,10 @@ class RunRecord:
             out["timings"] = self.timings
         if self.error is not None:
             out["error"] = self.error
+        if self.writer is not None:
+            out["writer"] = self.writer
+        if self.host_memory is not None:
+            out["host_memory"] = self.host_memory
+        if self.resumed:
+            out["resumed"] = self.resumed
         return out

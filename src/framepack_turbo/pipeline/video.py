@@ -1,7 +1,9 @@
 """The outputs: an h264/yuv420p mp4 at 30 fps and a JSON sidecar, both written atomically.
 
-The mp4 is rewritten after every section, so a job that stops leaves a playable file of the sections
-that finished. PyAV (FFmpeg with libx264 in its wheels) does the encoding: no system ffmpeg needed.
+Frames are encoded once, in segments (`write_mp4`), as they become final; `join` makes the playable
+file from the segments by copying their packets (no re-encoding), so a job that stops leaves a
+playable file of the sections that finished (pipeline/writer.py drives this beside the sampler).
+PyAV (FFmpeg with libx264 in its wheels) does the encoding: no system ffmpeg needed.
 """
 
 from __future__ import annotations
@@ -62,9 +64,7 @@ def write_mp4(
     if h % 2 or w % 2:
         raise ValueError(f"yuv420p needs even sides, got {w}x{h}")
     with atomic_path(path) as tmp, av.open(tmp, mode="w", format="mp4") as container:
-        if metadata is not None:
-            container.metadata["comment"] = json.dumps({"format": METADATA_TAG, **metadata}, default=str)
-            container.metadata["title"] = str(metadata.get("prompt", ""))[:200]
+        _set_metadata(container, metadata)
         # cpu-independent: x264's switch for bit-exact output whatever the CPU and its earlier work; without it,
         # the same frames encoded twice in one process (after a generation) came out different here (x264 in
         # PyAV 17-18's wheels: decoded frames up to 23 levels apart), and `--from` could not remake a clip.
@@ -77,6 +77,55 @@ def write_mp4(
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def _set_metadata(container, metadata: dict | None) -> None:
+    if metadata is not None:
+        container.metadata["comment"] = json.dumps({"format": METADATA_TAG, **metadata}, default=str)
+        container.metadata["title"] = str(metadata.get("prompt", ""))[:200]
+
+
+def join(
+    segments: Iterable[str | os.PathLike],
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+    index_first: bool = False,
+    fps: int = FPS,
+) -> int:
+    """One mp4 from segments `write_mp4` made with the same size and crf, by copying their packets: each
+    segment starts with an IDR frame and carries the same SPS/PPS, so the joined stream decodes to exactly
+    the segments' frames. Replaces `path` only once complete; returns the frames it holds.
+
+    `index_first`: the index (moov) at the front (FFmpeg's faststart, a second pass over the file), for
+    the finished clip; the partial files skip it. The cost is per packet (tens of microseconds here),
+    three orders of magnitude below encoding the frames again."""
+    import av
+
+    path = Path(path)
+    frames = 0
+    options = {"movflags": "faststart"} if index_first else {}
+    with atomic_path(path) as tmp, av.open(tmp, mode="w", format="mp4", options=options) as out:
+        _set_metadata(out, metadata)
+        stream = None
+        for segment in segments:
+            with av.open(str(segment)) as source:
+                video = source.streams.video[0]
+                if stream is None:
+                    stream = out.add_stream_from_template(video)
+                offset = round(frames / (fps * video.time_base))  # this segment starts after the frames so far
+                count = 0
+                for packet in source.demux(video):
+                    if packet.dts is None:  # the demuxer's empty flush packet
+                        continue
+                    packet.pts += offset
+                    packet.dts += offset
+                    packet.stream = stream
+                    out.mux(packet)
+                    count += 1
+                frames += count
+        if stream is None:
+            raise ValueError("join: no segments")
+    return frames
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,204 @@
+"""The video as it becomes final: each frame encoded once, beside the sampler, the file playable throughout.
+
+A frame is final once no later section can blend into it (F1: all but the overlap at the end; inverted:
+all but the overlap at the front). The generator hands each section's final frames to a `ClipWriter`,
+which on its own thread encodes them as one segment in the parts folder beside the video
+(`clip.parts/seg-0007.mp4`), then joins the segments into the playable `clip.mp4` by copying packets
+(video.join: no re-encoding), then runs the section's `then` (the resume state, the sidecar). Every file
+is replaced atomically, so a process killed at any moment leaves the last good `clip.mp4`.
+
+Why a thread: PyAV and x264 do their work outside the GIL, so on a GPU machine the encoder runs on the
+host's cores while the transformer runs on the device. The queue holds at most `depth` sections: a writer
+slower than the sampler makes the sampler wait (counted as `write_wait`) instead of holding the clip in
+memory. The finished clip is joined once more with its index at the front, and the parts are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from framepack_turbo.errors import FramePackError
+from framepack_turbo.pipeline import video
+
+log = logging.getLogger(__name__)
+
+HEAD = "head.mp4"  # a video extension's copied input, first in time
+STOP = "stop.mp4"  # the overlap frames at a stop (cancel, failure): final for this run, not for a resume
+
+
+def parts_dir(video_path: str | Path) -> Path:
+    """The folder beside the video that holds its segments and resume state while the job runs."""
+    path = Path(video_path)
+    return path.with_name(path.stem + ".parts")
+
+
+def segment_name(index: int) -> str:
+    return f"seg-{index:04d}.mp4"
+
+
+class WriterError(FramePackError):
+    """The video writer failed; what it wrote before stays playable."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Written:
+    """A section on disk: its frames are in the playable file (the generator turns it into SectionDone)."""
+
+    section: int  # 0-based generation order
+    frames: int  # frames in the playable file now
+    encode_s: float
+    join_s: float
+    payload: Any = None
+
+
+class ClipWriter:
+    """Segments in time order: `backward` (the inverted variant) adds each new section before the ones
+    written, F1 after them. `sections` segments exist already when a job resumes."""
+
+    def __init__(
+        self, path: str | Path, crf: int, backward: bool, sections: int = 0, depth: int = 2, fps: int = video.FPS
+    ) -> None:
+        self.path = Path(path)
+        self.parts = parts_dir(self.path)
+        self.crf, self.backward, self.fps = crf, backward, fps
+        self.sections = sections  # segments in the parts folder, by generation index
+        self.written: queue.Queue[Written] = queue.Queue()
+        self.seconds: list[dict[str, float]] = []  # per section: encode and join time
+        self.waited = 0.0  # seconds the sampler spent waiting for a full queue
+        self._tasks: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._frames = 0  # in the playable file after the last join
+        if sections == 0:  # a new job: nothing of an earlier one under this name counts
+            shutil.rmtree(self.parts, ignore_errors=True)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        (self.parts / STOP).unlink(missing_ok=True)  # a resume continues past the overlap it stopped on
+        for stale in self.parts.glob("seg-*.mp4"):  # written after the state a resume starts from
+            if int(stale.stem.removeprefix("seg-")) >= sections:
+                stale.unlink()
+        self._thread = threading.Thread(target=self._work, name="framepack-writer", daemon=True)
+        self._thread.start()
+
+    # ---- the generator's side ---------------------------------------------------------------
+
+    def head(self, frames: Iterable[np.ndarray], height: int, width: int) -> None:
+        """A video extension's copied input, first in time (kept from the first run when resuming)."""
+        if not (self.parts / HEAD).exists():
+            empty = np.empty((0, height, width, 3), np.uint8)
+            self._put(lambda: video.write_mp4(empty, self.parts / HEAD, self.crf, fps=self.fps, before=frames))
+
+    def add(self, frames: np.ndarray, metadata: dict, then: Callable[[], Any] | None = None, join: bool = True) -> None:
+        """Section `self.sections`'s final frames (possibly none): encode, join (not for the last section:
+        `finish` joins), then `then()`."""
+        index = self.sections
+        self.sections += 1
+
+        def task() -> None:
+            t0 = time.perf_counter()
+            if len(frames):
+                video.write_mp4(frames, self.parts / segment_name(index), crf=self.crf, fps=self.fps)
+            t1 = time.perf_counter()
+            count = self._join(metadata) if join else self._frames + len(frames)
+            t2 = time.perf_counter()
+            payload = then() if then is not None else None
+            self.seconds.append({"section": index + 1, "frames": len(frames), "encode_s": t1 - t0, "join_s": t2 - t1})
+            self.written.put(Written(index, count, t1 - t0, t2 - t1, payload))
+
+        self._put(task)
+
+    def stop(self, frames: np.ndarray | None, metadata: dict) -> None:
+        """A stop: the overlap frames become the clip's edge for this run (the next run, a resume, drops them)."""
+
+        def task() -> None:
+            if frames is not None and len(frames):
+                video.write_mp4(frames, self.parts / STOP, crf=self.crf, fps=self.fps)
+            if self._segments():
+                self._join(metadata)
+
+        self._put(task)
+
+    def finish(self, metadata: dict) -> int:
+        """The finished clip: joined with its index at the front; the parts folder removed. Returns frames."""
+        done: list[int] = []
+        self._put(
+            lambda: done.append(video.join(self._segments(), self.path, metadata, index_first=True, fps=self.fps))
+        )
+        self.wait()
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return done[0]
+
+    def wait(self) -> None:
+        """Until every queued section is on disk; raises the writer's error if it failed."""
+        t0 = time.perf_counter()
+        self._tasks.join()
+        self.waited += time.perf_counter() - t0
+        self.check()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise WriterError(
+                f"writing {self.path} failed: {type(self._error).__name__}: {self._error}"
+            ) from self._error
+
+    def done(self) -> list[Written]:
+        """The sections written since the last call, in order."""
+        out = []
+        while True:
+            try:
+                out.append(self.written.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        """Stop the thread after what is queued (a job's end, whatever its status)."""
+        if self._thread.is_alive():
+            self._tasks.put(None)
+            self._thread.join()
+
+    # ---- the writer's side ------------------------------------------------------------------------
+
+    def _put(self, task: Callable[[], None]) -> None:
+        self.check()
+        t0 = time.perf_counter()
+        self._tasks.put(task)  # blocks while `depth` sections wait: the sampler waits, memory stays bounded
+        self.waited += time.perf_counter() - t0
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            try:
+                if task is None:
+                    return
+                if self._error is None:  # after a failure the rest is dropped: the file keeps what was joined
+                    task()
+            except BaseException as exc:  # noqa: BLE001 - handed to the generator's thread by check()
+                log.error("video writer: %s: %s", type(exc).__name__, exc)
+                self._error = exc
+            finally:
+                self._tasks.task_done()
+
+    def _segments(self) -> list[Path]:
+        """The segments that exist, in time order: the input's head, then the generated clip (with the stop
+        overlap at its open edge: the front for inverted, the end for F1)."""
+        generated = [self.parts / segment_name(i) for i in range(self.sections)]
+        if self.backward:
+            generated.reverse()
+        stop = [self.parts / STOP]
+        ordered = [self.parts / HEAD] + (stop + generated if self.backward else generated + stop)
+        return [p for p in ordered if p.exists()]
+
+    def _join(self, metadata: dict) -> int:
+        segments = self._segments()
+        self._frames = video.join(segments, self.path, metadata, fps=self.fps) if segments else 0
+        return self._frames
