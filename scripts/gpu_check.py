@@ -124,6 +124,7 @@ class Context:
                 seconds=self.seconds,
                 steps=self.steps,
                 resolution=self.resolution,
+                keep_frames=True,  # fidelity against the baseline on the frames as made, not their encode
                 **options,
             )
         finally:

@@ -36,11 +36,13 @@ def run_one(seconds: float, args: argparse.Namespace, folder: Path, label: str, 
     if code is not None:  # another checkout (the code before this change, for the same-run baseline)
         env["PYTHONPATH"] = str(code / "src")
     started = time.perf_counter()
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(job.pid, 0)  # this child's own peak RSS, measured from outside
+    log = out.with_suffix(".log")
+    with open(log, "w") as stderr:  # a file, not a pipe: a long clip's progress lines would fill a pipe
+        job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(job.pid, 0)  # this child's own peak RSS, measured from outside
     wall = time.perf_counter() - started
     if status != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{job.stderr.read().decode()[-2000:]}")
+        raise SystemExit(f"{' '.join(command)} failed:\n{log.read_text()[-2000:]}")
     record = json.loads(out.with_suffix(".json").read_text())
     timings, sections = record["timings"], record["sections_done"]
     writes = (record.get("writer") or {}).get("sections")

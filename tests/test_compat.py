@@ -1,6 +1,7 @@
 """Every compatibility rule: it fires on the case it describes and stays quiet on the baseline; the plan obeys."""
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,11 @@ A100 = Hardware(
     "cuda", "NVIDIA A100", 16, 80.0, 79.0, (8, 0), True, ALL_BACKENDS, ("CUDAExecutionProvider", "CPUExecutionProvider")
 )
 BARE_GPU = Hardware("cuda", "NVIDIA RTX 4090", 16, 24.0, 23.0, (8, 9), True, {}, ())
+# host RAM and disk (tests/test_host_memory.py has the rules' numbers)
+SMALL_HOST = replace(BARE_GPU, ram_total_gb=16.0, ram_available_gb=16.0, swap_free_gb=0.0)
+BIG_HOST = replace(SMALL_HOST, ram_total_gb=128.0, ram_available_gb=128.0)
+FULL_DISK = replace(BARE_GPU, disk_path="/data", disk_free_gb=0.1)
+ROOMY_DISK = replace(FULL_DISK, disk_free_gb=100.0)
 
 
 def s(**values) -> Settings:
@@ -161,6 +167,8 @@ CASES = [
         H100,
         dict(use_onnx_engines=True, enable_tensorrt=True, trt_text_encoders=True),
     ),
+    ("host-ram-short", dict(model="full"), SMALL_HOST, dict(model="tiny-random")),
+    ("disk-space-short", dict(seconds=60), FULL_DISK, dict(seconds=60)),
 ]
 # Where the quiet case needs other hardware than the firing case.
 QUIET_HARDWARE = {
@@ -175,6 +183,7 @@ QUIET_HARDWARE = {
     "quant-needs-torchao": H100,
     "aggressive-attention-missing": H100,
     "faiss-missing": H100,
+    "disk-space-short": ROOMY_DISK,
 }
 
 
@@ -292,3 +301,10 @@ def test_the_lora_mode_picks_one_pass():
     assert unmerged.is_active("lora.adapters") and not unmerged.is_active("lora.merge")
     none = make_plan(s(), check(s(), CPU), CPU)
     assert not none.is_active("lora.merge") and not none.is_active("lora.adapters")
+
+
+def test_host_rules_quiet_where_the_machine_has_room_or_is_unknown():
+    assert "host-ram-short" not in check(s(model="full"), BIG_HOST).ids()
+    assert "host-ram-short" in check(s(model="full"), SMALL_HOST).ids()
+    for hardware in (CPU, H100):  # no host figures: no finding
+        assert not {"host-ram-short", "disk-space-short"} & set(check(s(model="full"), hardware).ids())

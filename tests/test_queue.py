@@ -194,3 +194,39 @@ def _short(tmp_path) -> bytes:
     path = tmp_path / "short.mp4"
     video.write_mp4(np.zeros((20, 64, 64, 3), np.uint8), path)
     return path.read_bytes()
+
+
+def test_a_failed_job_resumes_from_its_last_section_to_the_same_video(tmp_path):
+    """The page's "Resume job": a job that failed in section 2 goes on from section 1's state, and its
+    video is the one a job that never failed makes."""
+    from framepack_turbo.pipeline import video
+    from framepack_turbo.pipeline.events import StepProgress
+
+    class CrashOnce(GenerationRunner):
+        crashed = False
+
+        def __call__(self, job, cancel, on_event):
+            def crash_in_section_2(event):
+                if isinstance(event, StepProgress) and event.section == 2 and not self.crashed:
+                    CrashOnce.crashed = True
+                    raise RuntimeError("the GPU fell off the bus")
+                on_event(event)
+
+            super().__call__(job, cancel, crash_in_section_2)
+
+    q = make_queue(tmp_path, CrashOnce({"model": "tiny-random"}))
+    request = {"prompt": "a cat", "options": {"seconds": 3.6, "steps": 2, "resolution": 64}}
+    job = q.submit(png(), request)
+    with pytest.raises(InputError, match="queued"):
+        q.resume(job.id)  # only a failed or cancelled job resumes
+    q.run_pending()
+    failed = q.store.get(job.id)
+    assert failed.state == "failed" and "fell off the bus" in failed.error
+    assert q.resume(job.id) == "queued to resume" and q.store.get(job.id).state == "queued"
+    reference = q.submit(png(), request)
+    assert q.run_pending() == 2
+    done = q.store.get(job.id)
+    assert done.state == "done" and done.error == "" and done.sections_done == 3
+    assert np.array_equal(video.read_frames(done.video), video.read_frames(q.store.get(reference.id).video))
+    with pytest.raises(InputError, match="done"):
+        q.resume(job.id)

@@ -13,11 +13,11 @@ names a pass the registry does not have fails at import.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from framepack_turbo import placement
-from framepack_turbo.constants import FP8_COMPUTE_CAPABILITY
+from framepack_turbo.constants import FP8_COMPUTE_CAPABILITY, FPS
 from framepack_turbo.hardware import Hardware
 from framepack_turbo.optim import registry
 from framepack_turbo.settings import Settings, env_name, resolved_lora_mode
@@ -195,6 +195,193 @@ def _random_preset(s: Settings) -> bool:
 
 def _idle_settings(s: Settings) -> list[str]:
     return [env_name(n) for n in type(s).model_fields if s.explicitly_set(n) and _idle(s, n)]
+
+
+# ---- host memory and disk, before anything loads ----------------------------------------------------
+
+
+def _host_room(h: Hardware) -> float | None:
+    """GB new allocations can take: available RAM (total where unknown) plus free swap; None: unknown."""
+    ram = h.ram_available_gb if h.ram_available_gb is not None else h.ram_total_gb
+    return None if ram is None else ram + (h.swap_free_gb or 0.0)
+
+
+def _host_ram_short(s: Settings, h: Hardware) -> bool:
+    room = _host_room(h)
+    if room is None:
+        return False
+    need = placement.host_memory(s, h)
+    ram = h.ram_available_gb if h.ram_available_gb is not None else h.ram_total_gb
+    return need.need_gb > room or need.pinned_gb > ram  # page-locked memory cannot go to swap
+
+
+def _host_ram_message(s: Settings, h: Hardware) -> str:
+    need = placement.host_memory(s, h)
+    size = placement.size_text
+    has = f"{size(h.ram_total_gb)} total" if h.ram_total_gb is not None else "unknown total"
+    if h.ram_available_gb is not None:
+        has += f" / {size(h.ram_available_gb)} available"
+    if h.swap_free_gb:
+        has += f" (+ {size(h.swap_free_gb)} free swap)"
+    text = f"This run needs {placement.about(need.need_gb)} of host RAM ({need.detail()}); the machine has {has}."
+    if need.notes:
+        text += " " + "; ".join(need.notes) + "."
+    return text
+
+
+def _is_random(s: Settings) -> bool:
+    return s.model_dir is None and _random_preset(s)
+
+
+def _host_ram_fix(s: Settings, h: Hardware) -> str:
+    """The changes that lower this run's host RAM, each with what it would need (the estimate run again)."""
+    current = placement.host_memory(s, h)
+    room = _host_room(h) or 0.0
+    mode = current.mode
+    with_torchao = replace(h, backends={**h.backends, "torchao": True})
+    with_bnb = replace(h, backends={**h.backends, "bitsandbytes": True})
+    quantized = s.enable_quant or s.enable_fp8 or s.use_bnb
+    cached = {"enable_opt_cache": True} if (s.enable_quant or s.enable_fp8) else {}
+    # (label, settings changed, machine assumed, transformer from the optimized-model cache, why)
+    candidates = []
+    if mode == "v2":
+        candidates.append(
+            (
+                "FRAMEPACK_MEMORY_MODE=v1 without --use-memory-v2",
+                {"use_memory_v2": False, "memory_mode": "v1"},
+                h,
+                None,
+                "--use-memory-v2 saves GPU memory, not host RAM: it pins a second copy of the transformer as it sets up",
+            )
+        )
+    if not quantized:
+        candidates.append(("FRAMEPACK_ENABLE_QUANT=1", {"enable_quant": True, "quant_bits": 8}, with_torchao, None, ""))
+    if not s.use_bnb and not current.load_gb < current.peak_gb:
+        candidates.append(
+            (
+                "FRAMEPACK_ENABLE_QUANT=1 FRAMEPACK_ENABLE_OPT_CACHE=1"
+                if not cached
+                else "FRAMEPACK_ENABLE_OPT_CACHE=1",
+                cached or {"enable_quant": True, "quant_bits": 8, "enable_opt_cache": True},
+                with_torchao,
+                True,
+                "from the second run, which loads the stored quantized transformer instead of the full one",
+            )
+        )
+    if mode != "cpu" and not _is_random(s) and not s.use_bnb:
+        bnb = {"use_bnb": True, "enable_quant": False, "enable_fp8": False, "enable_opt_cache": False}
+        why = "bitsandbytes quantizes the transformer and text encoders while they load" + (
+            "; pip install bitsandbytes" if not h.has("bitsandbytes") else ""
+        )
+        candidates.append(("FRAMEPACK_USE_BNB=1", bnb, with_bnb, False, why))
+        candidates.append(
+            (
+                "FRAMEPACK_USE_BNB=1 FRAMEPACK_BNB_LOAD_IN_4BIT=1",
+                {**bnb, "bnb_load_in_4bit": True},
+                with_bnb,
+                False,
+                why,
+            )
+        )
+    options, quant_alone_helps = [], True
+    for label, update, machine, from_cache, why in candidates:
+        need = placement.host_memory(s.model_copy(update=update), machine, from_cache).need_gb
+        if label == "FRAMEPACK_ENABLE_QUANT=1":
+            quant_alone_helps = need < current.need_gb - 0.5
+        if need < current.need_gb - 0.5:
+            fits = "fits" if need <= room else "still short"
+            options.append(f"{label} ({placement.about(need)}, {fits}{': ' + why if why else ''})")
+    text = (
+        "; ".join(options)
+        + ("; or " if options else "")
+        + "a machine with more RAM, or swap (slow; pinned memory cannot use it)."
+    )
+    if not quant_alone_helps and not quantized:
+        text += " ENABLE_QUANT / ENABLE_FP8 alone do not lower the peak: the transformer loads at full size before it is quantized."
+    return text[0].upper() + text[1:]
+
+
+# The output video's size at a CRF, a stated rough estimate: h264 at crf 16 spends about 0.1 bit per pixel per
+# frame on FramePack's clips (smooth motion), and every 6 CRF steps halve (or double) the bitrate (x264's scale).
+MP4_BITS_PER_PIXEL_CRF16 = 0.1
+CRF_HALVING_STEPS = 6
+# Beside the video while it runs (pipeline/resume.py, writer.py): its segments and the joined copy (about twice
+# the final video), every section's latents (float32) and the resume state (one section's pixel overlap).
+RESUME_FACTOR = 2.0
+DISK_HEADROOM_GB = 0.5  # left free beside: the encoder's temporary files, logs, the sidecar
+
+
+@dataclass(frozen=True)
+class DiskNeed:
+    """Disk (GB) a run writes: the video, the resume parts and state beside it, the caches it may fill."""
+
+    video_gb: float
+    resume_gb: float
+    cache_gb: float
+
+    @property
+    def need_gb(self) -> float:
+        return self.video_gb + self.resume_gb + self.cache_gb
+
+    def detail(self) -> str:
+        about = placement.about
+        text = f"video {about(self.video_gb)}, resume parts and state beside it {about(self.resume_gb)}"
+        return text + (f", encoder output cache up to {placement.size_text(self.cache_gb)}" if self.cache_gb else "")
+
+    def to_dict(self) -> dict:
+        return {
+            "need_gb": round(self.need_gb, 4),
+            "video_gb": round(self.video_gb, 4),
+            "resume_gb": round(self.resume_gb, 4),
+            "cache_gb": round(self.cache_gb, 4),
+            "headroom_gb": DISK_HEADROOM_GB,
+            "detail": self.detail(),
+        }
+
+
+def video_gb(resolution: int, seconds: float, crf: int) -> float:
+    """The mp4's rough size: about resolution^2 pixels (the buckets keep that area) per frame at FPS."""
+    bits_per_pixel = MP4_BITS_PER_PIXEL_CRF16 * 2 ** ((16 - crf) / CRF_HALVING_STEPS)
+    frames = seconds * FPS + 1
+    return resolution * resolution * frames * bits_per_pixel / 8 / 2**30
+
+
+def resume_parts_gb(resolution: int, seconds: float, window: int, crf: int) -> float:
+    """The parts folder at its largest: RESUME_FACTOR x the video, the clip's latents, one section's pixels."""
+    from framepack_turbo.constants import LATENT_CHANNELS, LATENT_FRAMES_TO_PIXELS, VAE_SPATIAL_SCALE
+
+    latent_frames = seconds * FPS / LATENT_FRAMES_TO_PIXELS + 1
+    latents = LATENT_CHANNELS * latent_frames * (resolution / VAE_SPATIAL_SCALE) ** 2 * 4
+    overlap = (window * LATENT_FRAMES_TO_PIXELS - 3) * 3 * resolution * resolution * 4
+    return RESUME_FACTOR * video_gb(resolution, seconds, crf) + (latents + overlap) / 2**30
+
+
+def disk_need(s: Settings) -> DiskNeed:
+    cache = s.module_cache_max_mb / 1024 if s.enable_module_cache else 0.0
+    return DiskNeed(
+        video_gb(s.resolution, s.seconds, s.crf), resume_parts_gb(s.resolution, s.seconds, s.window, s.crf), cache
+    )
+
+
+def _disk_short(s: Settings, h: Hardware) -> bool:
+    return h.disk_free_gb is not None and disk_need(s).need_gb + DISK_HEADROOM_GB > h.disk_free_gb
+
+
+def _disk_message(s: Settings, h: Hardware) -> str:
+    need, size = disk_need(s), placement.size_text
+    return (
+        f"A {s.seconds:g} s clip at {s.resolution} px, crf {s.crf} needs {placement.about(need.need_gb)} of disk "
+        f"({need.detail()}) "
+        f"and {size(DISK_HEADROOM_GB)} to spare; {h.disk_path or 'the output folder'} has {size(h.disk_free_gb)} free."
+    )
+
+
+def _disk_fix(s: Settings, h: Hardware) -> str:
+    short = disk_need(s).need_gb + DISK_HEADROOM_GB - (h.disk_free_gb or 0.0)
+    text = f"Free at least {placement.size_text(short)} at {h.disk_path or 'the output folder'}, or write the video to another disk (--out)"
+    if s.enable_module_cache:
+        text += ", or a smaller FRAMEPACK_MODULE_CACHE_MAX_MB"
+    return text + ", or a shorter clip (--seconds), a lower --resolution or a higher --crf."
 
 
 RULES: tuple[Rule, ...] = (
@@ -587,6 +774,9 @@ RULES: tuple[Rule, ...] = (
         ),
         lambda s, h: f"--resolution {_native_resolution(s)}.",
     ),
+    # ---- host memory and disk: before anything loads (placement.host_memory, disk_need) ---------------------
+    Rule("host-ram-short", Severity.WARNING, _host_ram_short, _host_ram_message, _host_ram_fix),
+    Rule("disk-space-short", Severity.WARNING, _disk_short, _disk_message, _disk_fix),
     Rule(
         "setting-without-switch",
         Severity.WARNING,

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from framepack_turbo import compat
+from framepack_turbo import compat, placement
 from framepack_turbo.hardware import OPTIONAL_BACKENDS, Hardware, library_versions
 from framepack_turbo.optim.plan import make_plan
 from framepack_turbo.settings import Settings, known_env, unknown_env_warnings
@@ -15,7 +15,8 @@ from framepack_turbo.settings import Settings, known_env, unknown_env_warnings
 def diagnose(
     settings: Settings, hardware: Hardware | None = None, environ: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """The doctor report as data: keys settings, known_env, plan, placement, compat, hardware (+ versions, warnings).
+    """The doctor report as data: keys settings, known_env, plan, placement, compat, hardware (+ versions, warnings,
+    host_memory and disk: what the run needs against what the machine has, before anything loads).
 
     The plan and placement are exactly what `FramePack.load` would apply with these settings on this machine
     (the sidecar records the same plan)."""
@@ -31,7 +32,50 @@ def diagnose(
         "placement": plan.placement.to_dict(),
         "compat": report.to_list(),
         "warnings": unknown_env_warnings(os.environ if environ is None else environ, type(settings)),
+        "host_memory": host_memory(settings, hardware),
+        "disk": disk(settings, hardware),
     }
+
+
+def host_memory(settings: Settings, hardware: Hardware) -> dict[str, Any]:
+    """The run's host RAM estimate (placement.host_memory) with the machine's RAM and the rule's verdict."""
+    return {
+        **placement.host_memory(settings, hardware).to_dict(),
+        "ram_total_gb": hardware.ram_total_gb,
+        "ram_available_gb": hardware.ram_available_gb,
+        "swap_free_gb": hardware.swap_free_gb,
+        "short": compat.RULES_BY_ID["host-ram-short"].when(settings, hardware),
+    }
+
+
+def disk(settings: Settings, hardware: Hardware) -> dict[str, Any]:
+    """The disk the run writes (compat.disk_need) against the free space where it writes."""
+    return {
+        **compat.disk_need(settings).to_dict(),
+        "path": hardware.disk_path,
+        "free_gb": hardware.disk_free_gb,
+        "short": compat.RULES_BY_ID["disk-space-short"].when(settings, hardware),
+    }
+
+
+def host_lines(data: dict[str, Any]) -> list[str]:
+    """The host-RAM and disk lines of the text report."""
+    mem, dsk, size = data["host_memory"], data["disk"], placement.size_text
+    if mem["ram_total_gb"] is None:
+        has = "machine's RAM unknown"
+    else:
+        has = f"machine has {size(mem['ram_total_gb'])} total"
+        if mem["ram_available_gb"] is not None:
+            has += f" / {size(mem['ram_available_gb'])} available"
+        if mem["swap_free_gb"]:
+            has += f" (+ {size(mem['swap_free_gb'])} free swap)"
+    flag = "  [short: see host-ram-short]" if mem["short"] else ""
+    lines = [f"  host RAM: needs {placement.about(mem['need_gb'])} ({mem['detail']}), {has}{flag}"]
+    free = "free space unknown" if dsk["free_gb"] is None else f"{size(dsk['free_gb'])} free"
+    where = f" at {dsk['path']}" if dsk["path"] else ""
+    flag = "  [short: see disk-space-short]" if dsk["short"] else ""
+    lines.append(f"  disk: needs {placement.about(dsk['need_gb'])}{where} ({dsk['detail']}), {free}{flag}")
+    return lines
 
 
 def render_text(data: dict[str, Any]) -> str:
@@ -71,6 +115,7 @@ def render_text(data: dict[str, Any]) -> str:
 
     lines.append("")
     lines.append(f"Memory placement: {data['placement']['mode']} ({data['placement']['reason']})")
+    lines += host_lines(data)
 
     lines.append("")
     lines.append("Compatibility")

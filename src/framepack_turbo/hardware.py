@@ -1,7 +1,9 @@
-"""What the machine has: device, memory, compute capability, which optional backends are installed.
+"""What the machine has: device, memory (GPU and host), free disk, compute capability, which optional
+backends are installed.
 
 Queried when asked (`Hardware.detect()`), never at import. Tests build `Hardware(...)` by hand to
-check rules for machines we do not have.
+check rules for machines we do not have. Host memory and disk are read without torch (/proc/meminfo,
+os.sysconf, shutil.disk_usage); a field left None is unknown, and no rule fires on an unknown.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import shutil
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 VERSIONED_PACKAGES = ("framepack-turbo", "torch", "diffusers", "transformers", "accelerate", "torchao", "av", "numpy")
 
@@ -67,6 +71,11 @@ class Hardware:
     bf16: bool = False
     backends: dict[str, bool] = field(default_factory=dict)
     onnx_providers: tuple[str, ...] = ()
+    ram_total_gb: float | None = None  # host RAM
+    ram_available_gb: float | None = None  # MemAvailable: what new allocations can take without swapping
+    swap_free_gb: float | None = None
+    disk_path: str | None = None  # where the free disk space was measured (outputs and caches go there)
+    disk_free_gb: float | None = None
 
     @property
     def cuda(self) -> bool:
@@ -79,9 +88,10 @@ class Hardware:
         return self.compute_capability is not None and self.compute_capability >= (major, minor)
 
     @staticmethod
-    def detect(import_backends: bool = False) -> Hardware:
+    def detect(import_backends: bool = False, disk_path: str | os.PathLike | None = None) -> Hardware:
         """The machine. `import_backends` (doctor) imports each installed backend to prove it loads;
-        otherwise presence is checked without importing."""
+        otherwise presence is checked without importing. `disk_path`: the folder whose free space counts
+        (the output folder; unset: the current directory, where outputs/ and Cache/ go by default)."""
         import torch
 
         backends = {name: _installed(name) for name in OPTIONAL_BACKENDS}
@@ -96,6 +106,7 @@ class Hardware:
             except ImportError:  # installed but broken: say so through the backends table
                 backends["onnxruntime"] = False
         cpus = os.cpu_count() or 1
+        host = {**host_memory_gb(), **disk_free(disk_path)}
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             free, total = cuda_free_bytes(0), torch.cuda.mem_get_info(0)[1]
@@ -109,12 +120,59 @@ class Hardware:
                 torch.cuda.is_bf16_supported(),
                 backends,
                 providers,
+                **host,
             )
         name = platform.processor() or platform.machine()
-        return Hardware("cpu", name, cpus, None, None, None, True, backends, providers)
+        return Hardware("cpu", name, cpus, None, None, None, True, backends, providers, **host)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MEMINFO = Path("/proc/meminfo")
+
+
+def host_memory_gb(meminfo: Path = MEMINFO) -> dict[str, float | None]:
+    """Host RAM in GB: ram_total_gb, ram_available_gb, swap_free_gb (None where unknown), torch-free.
+
+    /proc/meminfo (Linux: MemAvailable counts the reclaimable page cache as available) when it is
+    there, else os.sysconf (total and free pages; no swap figure)."""
+    fields: dict[str, float] = {}
+    try:
+        for line in meminfo.read_text().splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                fields[key] = int(parts[0]) * 1024 / 2**30  # kB
+    except OSError:
+        pass
+    if "MemTotal" in fields:
+        total = fields["MemTotal"]
+        return {
+            "ram_total_gb": round(total, 2),
+            "ram_available_gb": round(fields.get("MemAvailable", fields.get("MemFree", total)), 2),
+            "swap_free_gb": round(fields["SwapFree"], 2) if "SwapFree" in fields else None,
+        }
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page / 2**30
+        available = os.sysconf("SC_AVPHYS_PAGES") * page / 2**30
+    except (AttributeError, ValueError, OSError):
+        return {"ram_total_gb": None, "ram_available_gb": None, "swap_free_gb": None}
+    return {"ram_total_gb": round(total, 2), "ram_available_gb": round(available, 2), "swap_free_gb": None}
+
+
+def disk_free(path: str | os.PathLike | None = None) -> dict[str, str | float | None]:
+    """disk_path and disk_free_gb: free space on the file system that holds `path` (its nearest folder
+    that exists: the output folder may not be made yet; unset: the current directory)."""
+    folder = Path(path if path is not None else ".").absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return {"disk_path": str(folder), "disk_free_gb": None}
+    return {"disk_path": str(folder), "disk_free_gb": round(free / 2**30, 2)}
 
 
 def cuda_free_bytes(device=0) -> int:

@@ -92,15 +92,15 @@ def run_once(fp, job: WorkerJob, index: int, keep: bool) -> dict[str, Any]:
     graphs_before = _graph_count(fp)
     try:
         out = Path(job.out_dir) / f"{job.config_name.replace(':', '_').replace('+', '_')}_{index}.mp4"
-        result = fp.generate(job.image_path, job.prompt, out=out)
+        result = fp.generate(job.image_path, job.prompt, out=out, keep_frames=keep)  # fidelity: frames as made
     finally:
         hook.remove()
     record: dict[str, Any] = {
         "status": "ok",
         "index": index,
         "timings": result.sidecar["timings"],
-        "frames": int(result.frames.shape[0]),
-        "video_seconds": result.frames.shape[0] / FPS,
+        "frames": int(result.sidecar["frames"]),
+        "video_seconds": result.sidecar["frames"] / FPS,
         "peak_host_gb": _peak_host_gb(),
     }
     if job.track:

@@ -8,6 +8,9 @@ replaces every repo by one local folder laid out like the repos (see `local_dir_
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +112,74 @@ PRESETS: dict[str, ModelPreset] = {
     "small": ModelPreset("small", "inverted", random_size="small"),
     "full": ModelPreset("full", "inverted", random_size="full"),  # real size, random weights, CUDA only
 }
+
+
+# ---- sizes: parameters (and buffers) per component, read without loading anything --------------------
+# The host-memory estimate (placement.host_memory) reads these. HunyuanVideo FramePack: the transformer and
+# the VAE counted from their configs (the `full` random preset builds FramePackI2V_HY's transformer config
+# and HunyuanVideo's VAE: the same numbers); the encoders from their published sizes: HunyuanVideo's
+# text_encoder (llava-llama-3-8b's LlamaModel, no lm_head, ~15 GB in fp16), CLIP-L's text model, and
+# flux_redux_bfl's SigLIP so400m vision tower. Random presets: counted on the meta device
+# (tests/test_host_memory.py counts them again).
+WEIGHT_COMPONENTS: tuple[str, ...] = ("transformer", "text_encoder", "text_encoder_2", "image_encoder", "vae")
+HUNYUAN_PARAMS: dict[str, int] = {
+    "transformer": 12_874_314_816,
+    "text_encoder": 7_504_924_672,
+    "text_encoder_2": 123_060_480,
+    "image_encoder": 428_225_600,
+    "vae": 246_478_803,
+}
+RANDOM_PARAMS: dict[str, dict[str, int]] = {
+    "tiny": {
+        "transformer": 263_744,
+        "text_encoder": 34_160,
+        "text_encoder_2": 17_421,
+        "image_encoder": 23_824,
+        "vae": 289_075,
+    },
+    "small": {
+        "transformer": 28_778_560,
+        "text_encoder": 505_280,
+        "text_encoder_2": 51_149,
+        "image_encoder": 80_400,
+        "vae": 289_075,
+    },
+    "full": {
+        "transformer": 12_874_314_816,  # real size
+        "text_encoder": 654_749_824,  # encoders at real width, a few layers deep
+        "text_encoder_2": 4_938_317,
+        "image_encoder": 31_999_225,
+        "vae": 246_478_803,
+    },
+}
+
+
+def safetensors_params(path: Path) -> int:
+    """Elements stored in one .safetensors file, from its header (8-byte length, then JSON): no tensor is read."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return sum(math.prod(entry["shape"]) for entry in header.values())
+
+
+def component_params(preset: str, model_dir: str | Path | None = None) -> dict[str, int]:
+    """Parameters per weight component (WEIGHT_COMPONENTS) of a run's models, without loading them: the
+    safetensors headers of a local folder (`--model-dir`, or the weights shipped with `tiny`), the counts
+    above for the hub and random presets. A local component without .safetensors files counts as
+    HunyuanVideo FramePack's (the layout those folders copy)."""
+    spec = get_preset(preset)
+    folder = Path(model_dir) if model_dir is not None else spec.bundled_dir
+    if folder is None:
+        return dict(RANDOM_PARAMS[spec.random_size] if spec.is_random else HUNYUAN_PARAMS)
+    out = {}
+    for name in WEIGHT_COMPONENTS:
+        files = sorted((folder / name).glob("*.safetensors")) if (folder / name).is_dir() else []
+        try:
+            out[name] = sum(safetensors_params(f) for f in files) if files else HUNYUAN_PARAMS[name]
+        except (OSError, ValueError, KeyError, struct.error):  # unreadable header: assume the real size
+            out[name] = HUNYUAN_PARAMS[name]
+    return out
 
 
 def get_preset(name: str) -> ModelPreset:

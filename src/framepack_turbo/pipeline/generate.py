@@ -272,7 +272,8 @@ class Generator:
             self.on_event(Notice(f"resuming {out_path} after section {done} of {len(sections)}"))
         writer = ClipWriter(out_path, options.crf, backward=variant == "inverted", sections=done)
         if source is not None and before:
-            writer.head(extend.head(source, cond.height, cond.width, before), cond.height, cond.width)
+            copied = extend.head(source, cond.height, cond.width, before)
+            writer.head(copied, cond.height, cond.width, record.reproduction())
         self._writer = writer
         overlap = pixel_frames_per_window(options.window)
         keep = max(CONTEXT_1X + CONTEXT_2X + CONTEXT_4X, 2 * options.window + 1)  # history latents kept

@@ -148,7 +148,9 @@ def _near(prompt: str, errors: dict[str, float]) -> dict[str, Any]:
 
 def _clip(fp, start: np.ndarray, prompt: str, out: Path, seconds: float, steps: int, seed: int, **options):
     """One gate clip: 64 px (the size tiny knows), the scene's index as the seed."""
-    return fp.generate(start, prompt, out=out, seconds=seconds, steps=steps, seed=seed, resolution=64, **options)
+    return fp.generate(
+        start, prompt, out=out, seconds=seconds, steps=steps, seed=seed, resolution=64, keep_frames=True, **options
+    )
 
 
 def _save(frame: np.ndarray, path: Path) -> None:

@@ -204,6 +204,7 @@ def lora_gate(
                     seed=i,
                     resolution=64,
                     variant=variant,
+                    keep_frames=True,  # the gate measures the frames as made, not their encode
                 )
                 ok, dx, dy = _moved_diagonally(r.frames, scene.color)
                 case[name] = {

@@ -60,7 +60,15 @@ def direction_accuracy(
             start = world.render(scene, 1, 64)[0]
             out = Path(out_dir or tmp) / f"gate-{variant}-{i:02d}.mp4"
             result = fp.generate(
-                start, scene.prompt, out=out, seconds=seconds, steps=steps, variant=variant, resolution=64, seed=i
+                start,
+                scene.prompt,
+                out=out,
+                seconds=seconds,
+                steps=steps,
+                variant=variant,
+                resolution=64,
+                seed=i,
+                keep_frames=True,
             )
             seen = world.observed_motion(result.frames, scene.color)
             ok = seen == scene.motion
