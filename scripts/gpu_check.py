@@ -497,12 +497,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 def _keep_frames_without_pyav() -> str | None:
     """The GPU machine has no PyAV, and its 36 MB wheel does not fit the carry limit beside the others. The
     check measures the transformer and the VAE, not the mp4 encoder: without PyAV the clips stay in memory
-    (the generator's Result) and the mp4 writes become no-ops. Returns the note, or None with PyAV."""
+    (the generator's Result, keep_frames) and the segment writes become no-ops, so the writer finds no
+    segment to join and never imports PyAV. Returns the note, or None with PyAV."""
     if importlib.util.find_spec("av") is not None:
         return None
     from framepack_turbo.pipeline import generate, video
 
-    def keep(frames, path, **kwargs):
+    def keep(frames, path, *args, **kwargs):
         return None
 
     video.write_mp4 = keep

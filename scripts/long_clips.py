@@ -81,8 +81,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, command: str) -> str:
         "thread; `before`: the code before it (every section re-encodes the whole clip on the sampler's thread).",
         "",
         "| code | clip s | sections | frames | write/section s (x its 5 s) | join median s | writer busy s | "
-        "sampler waited s | transformer share | peak RSS MB (x its 30 s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "sampler waited s (of wall) | transformer s/step | transformer share | peak RSS MB (x its 30 s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for code in ("this", "before"):
         mine = [r for r in rows if r["code"] == code]
@@ -95,14 +95,19 @@ def markdown(rows: list[dict], args: argparse.Namespace, command: str) -> str:
             lines.append(
                 f"| {code} | {r['seconds']:g} | {r['sections']} | {r['frames']} | {r['write_median_s']:.4f} "
                 f"({r['write_median_s'] / base['write_median_s']:.2f}x) | {join} | "
-                f"{r['writer_busy_s']:.2f} | {r['sampler_waited_s']:.2f} | {r['transformer_share']:.3f} | "
+                f"{r['writer_busy_s']:.2f} | {r['sampler_waited_s']:.2f} "
+                f"({r['sampler_waited_s'] / r['total_s'] * 100:.1f}%) | "
+                f"{r['transformer_s'] / (r['sections'] * args.steps):.4f} | {r['transformer_share']:.3f} | "
                 f"{r['peak_rss_mb']:.0f} ({r['peak_rss_mb'] / thirty['peak_rss_mb']:.2f}x) |"
             )
     lines += [
         "",
         "`write/section`: this code's median of encode + join per section (on the writer's thread); before, "
         "the mean (it recorded only the total, all of it on the sampler's thread). `sampler waited`: time the "
-        "sampler spent on writing (this: waiting for a full queue and the final join).",
+        "sampler spent on writing (this: waiting for a full queue and the final join). On this 2-core machine "
+        "the writer's thread and torch share the cores, so a transformer step is slower beside the writer "
+        "(the transformer s/step column); on a GPU the transformer runs on the device while the writer uses "
+        "the host's cores.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -121,10 +126,10 @@ def plot(rows: list[dict], path: Path) -> None:
         xs = [r["seconds"] for r in mine]
         axes[0].plot(xs, [r["write_median_s"] for r in mine], style, label=code)
         axes[1].plot(xs, [r["peak_rss_mb"] for r in mine], style, label=code)
-        axes[2].plot(xs, [r["transformer_share"] for r in mine], style, label=code)
+        axes[2].plot(xs, [100 * r["sampler_waited_s"] / r["total_s"] for r in mine], style, label=code)
     axes[0].set(title="write time per section", xlabel="clip seconds", ylabel="s", yscale="log")
     axes[1].set(title="peak host RSS", xlabel="clip seconds", ylabel="MB", ylim=(0, None))
-    axes[2].set(title="transformer share of wall time", xlabel="clip seconds", ylim=(0, None))
+    axes[2].set(title="wall time the sampler lost to writing", xlabel="clip seconds", ylabel="%", ylim=(0, None))
     for ax in axes:
         ax.legend()
     fig.tight_layout()
@@ -141,7 +146,10 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="a checkout of the code to compare with (git worktree)")
     parser.add_argument("--baseline-seconds", type=float, nargs="+", default=[5, 30, 60])
     parser.add_argument("--out", type=Path, required=True, help="path without suffix: OUT.json, OUT.md, OUT.png")
+    parser.add_argument("--rerender", action="store_true", help="OUT.md and OUT.png again from OUT.json")
     args = parser.parse_args()
+    if args.rerender:
+        return rerender(args.out, args)
     command = "python scripts/long_clips.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory() as folder:
         rows = []
@@ -156,6 +164,13 @@ def main() -> None:
     args.out.with_suffix(".md").write_text(markdown(rows, args, command))
     plot(rows, args.out.with_suffix(".png"))
     print(markdown(rows, args, command))
+
+
+def rerender(path: Path, args: argparse.Namespace) -> None:
+    """OUT.md and OUT.png again from OUT.json (a change to the table, not to the numbers)."""
+    data = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".md").write_text(markdown(data["rows"], args, data["command"]))
+    plot(data["rows"], path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -220,3 +220,16 @@ def test_resume_cli_refuses_a_changed_flag(example_image, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: --resume")
     assert "steps was 3, now 7" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_without_segment_writes_nothing_is_joined(tiny, example_image, tmp_path, monkeypatch):
+    """The GPU check's machine has no PyAV: it makes the segment writes no-ops. The writer then finds no
+    segment and never joins (join imports PyAV), and the frames come from keep_frames."""
+
+    def joined(*args, **kwargs):
+        raise AssertionError("joined without segments")
+
+    monkeypatch.setattr(video, "write_mp4", lambda frames, path, *args, **kwargs: None)
+    monkeypatch.setattr(video, "join", joined)
+    result = tiny.generate(example_image, "a cat", out=tmp_path / "clip.mp4", keep_frames=True, **LONG)
+    assert len(result.kept_frames) == 145 and not result.video_path.exists()
