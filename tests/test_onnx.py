@@ -134,8 +134,10 @@ def test_generation_with_onnx_engines_end_to_end(tmp_path, example_image, export
     )
     fp = FramePack.load(settings=settings)
     assert any(r.name == "onnx" and r.outcome == "applied" for r in fp.reports)
-    result = fp.generate(example_image, "a cat", out=tmp_path / "onnx.mp4", seed=3, **FAST)
-    reference = tiny.generate(example_image, "a cat", out=tmp_path / "eager.mp4", seed=3, **FAST)
+    # the frames as made (keep_frames), not their encodes: tiny-random's noisy frames lose more to x264 than
+    # ONNX's float rounding changes them
+    result = fp.generate(example_image, "a cat", out=tmp_path / "onnx.mp4", seed=3, keep_frames=True, **FAST)
+    reference = tiny.generate(example_image, "a cat", out=tmp_path / "eager.mp4", seed=3, keep_frames=True, **FAST)
     assert len(result.frames) == len(reference.frames) == 73
     mse = np.mean((result.frames.astype(np.float64) - reference.frames.astype(np.float64)) ** 2)
     assert 10 * np.log10(255**2 / max(mse, 1e-12)) > 40
