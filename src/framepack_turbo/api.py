@@ -15,6 +15,7 @@ caches, the encoder output cache, the attention backend) or per-job values.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import datetime
@@ -189,6 +190,25 @@ def _changed_runtime_passes(old: Settings, old_plan: Plan, new: Settings, new_pl
             return None
         changed.append(name)
     return changed
+
+
+def load_key(settings: Settings, hardware: Hardware | None = None) -> str:
+    """What a run's loaded models depend on, as one string: two runs with equal keys can share the models
+    (`reconfigure` switches the rest). The same split as `_changed_runtime_passes`, for one run alone; the
+    Ray workers route a job to the worker whose models have its key. A compiled or exported transformer
+    never shares (reconfigure reloads it), so its key is unique."""
+    hardware = hardware or Hardware.detect()
+    plan = make_plan(settings, compat.check(settings, hardware), hardware)
+    active = [p.name for p in plan.active()]
+    if any(registry.get(n).phase == "compilation" for n in active):
+        return f"compiled:{id(plan)}"
+    only_runtime = {s for p in registry.passes() if p.removable for s in p.reads()} - {
+        s for p in registry.passes() if not p.removable and p.name in active for s in p.reads()
+    }
+    ignore = only_runtime | set(_JOB_SETTINGS) | {"preset"}
+    shaping = {k: getattr(settings, k) for k in settings.values() if k not in ignore}
+    weights = {n: _pass_config(n, settings) for n in active if not registry.get(n).removable}
+    return json.dumps({"settings": shaping, "passes": weights}, sort_keys=True, default=repr)
 
 
 def _with_later_hooks(changed: list[str], old_plan: Plan, new_plan: Plan) -> list[str]:

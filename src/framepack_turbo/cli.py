@@ -736,11 +736,38 @@ def serve(
     share: Annotated[str, typer.Option(help="yes: a public Gradio share link (needs --auth).")] = "no",
     data_dir: Annotated[Path, typer.Option(help="Jobs database, uploaded images and videos.")] = Path("outputs/app"),
     preset: Annotated[Optional[str], typer.Option(help="Optimization preset (also FRAMEPACK_PRESET).")] = None,
+    ray: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray",
+            envvar="FRAMEPACK_RAY_ADDRESS",
+            help="Run jobs on Ray workers: bare --ray (or 'local') starts a Ray cluster on this machine; 'auto' "
+            "joins the one `ray start` runs here; host:port or ray://host:port another. Needs "
+            "framepack-turbo[ray].",
+        ),
+    ] = None,
+    ray_workers: Annotated[
+        Optional[int], typer.Option(help="Ray workers: default one per GPU in the cluster (CPU-only: 1).")
+    ] = None,
+    ray_cpus_per_worker: Annotated[
+        Optional[int], typer.Option(help="CPUs each Ray worker reserves (default: the cluster's, shared out).")
+    ] = None,
+    ray_shared_dir: Annotated[
+        bool,
+        typer.Option(
+            help="DATA_DIR is one folder every Ray node sees at the same path: the workers write there and "
+            "nothing is copied back."
+        ),
+    ] = False,
+    ray_dashboard: Annotated[
+        bool, typer.Option(help="Start Ray's dashboard with the local cluster (on 127.0.0.1:8265).")
+    ] = False,
 ) -> None:
     """The web page and its job queue. Settings flags (--model, --resolution ...) are the page's defaults.
 
     Jobs, their states and videos persist in DATA_DIR/jobs.sqlite and DATA_DIR/videos/: a restarted
-    server shows them again and goes on with the queued ones.
+    server shows them again and goes on with the queued ones. With --ray the jobs run on Ray actors,
+    one per GPU, several at once (docs/scale.md).
     """
     console = _console()
     _configure_logging(False, console)
@@ -766,8 +793,15 @@ def serve(
         if preset is not None:
             base["preset"] = preset
         settings = Settings.load(base, source="cli")  # bad flags fail here, before the page starts
-        _check_device(settings.device)
+        if ray is None:
+            _check_device(settings.device)  # Ray workers check their own device
+        elif ray_workers is not None and ray_workers < 1 or ray_cpus_per_worker is not None and ray_cpus_per_worker < 1:
+            raise InputError("--ray-workers and --ray-cpus-per-worker count from 1")
         _check_writable_file(data_dir / "jobs.sqlite")
+        if ray is not None:
+            from framepack_turbo.app.cluster import require_ray
+
+            require_ray()
     except FramePackError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     from framepack_turbo.app.jobs import DataDirLock, JobStore
@@ -781,8 +815,22 @@ def serve(
     from framepack_turbo.app.ui import build, launch_options
     from framepack_turbo.hardware import Hardware
 
-    queue = JobQueue(JobStore(data_dir / "jobs.sqlite"), GenerationRunner(base), data_dir, base=base).start()
-    page = build(queue, base, Hardware.detect())
+    hardware = Hardware.detect()
+    workers = GenerationRunner(base)
+    if ray is not None:
+        from framepack_turbo.app.cluster import start_workers
+
+        try:
+            workers = start_workers(
+                ray, base, data_dir, ray_workers, ray_cpus_per_worker, shared=ray_shared_dir, dashboard=ray_dashboard
+            )
+        except FramePackError as exc:
+            lock.release()
+            raise _fail(str(exc), exc.exit_code) from None
+        hardware = workers[0].hardware  # the page's compatibility report is the workers'
+        console.print(f"[bold]Ray:[/bold] {len(workers)} worker(s) on {hardware.device_name}; `framepack worker-info`")
+    queue = JobQueue(JobStore(data_dir / "jobs.sqlite"), workers, data_dir, base=base).start()
+    page = build(queue, base, hardware)
     try:
         page.launch(
             server_name=host,
@@ -795,6 +843,41 @@ def serve(
     finally:
         queue.stop()
         lock.release()
+
+
+@app.command("worker-info")
+def worker_info(
+    data_dir: Annotated[Path, typer.Option(help="The server's data dir.")] = Path("outputs/app"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+) -> None:
+    """The Ray workers of the `serve --ray` running on DATA_DIR: device, loaded model, current job."""
+    import json as json_module
+
+    from framepack_turbo.app.cluster import read_board
+    from framepack_turbo.app.jobs import DataDirInUse, DataDirLock
+
+    try:
+        board = read_board(data_dir)
+        try:  # a lock we can take means no server holds the data dir: the record is its last word
+            DataDirLock(data_dir).acquire().release()
+            running = False
+        except DataDirInUse:
+            running = True
+    except FramePackError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    if json_out:
+        typer.echo(json_module.dumps({**board, "server_running": running}, indent=2))
+        return
+    if not running:
+        typer.echo(f"No server is running on {data_dir}; as its server (pid {board.get('pid')}) last recorded them:")
+    for row in board["workers"]:
+        loaded = row.get("model") or "no model loaded"
+        job = f"job {row['job']}" if row.get("job") else "no job"
+        where = f"{row.get('host', '?')} pid {row.get('pid', '?')}"
+        typer.echo(
+            f"{row['name']}: {row.get('state', '?')}, {row.get('device', '?')} ({where}), {loaded}, "
+            f"{row.get('loads', 0)} load(s), {job}"
+        )
 
 
 def _check_writable_file(path: Path, label: str = "") -> None:
@@ -822,9 +905,18 @@ def _root() -> None:
     """FramePack Turbo."""
 
 
+def _bare_ray(argv: list[str]) -> list[str]:
+    """`serve --ray` with no address means a local cluster (click options take a value, so one is put in)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--ray" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = "--ray=local"
+    return out
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    app(args=_bare_ray(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     frames INTEGER NOT NULL DEFAULT 0
 )
 """
+# Added after the first release: a store made before them gains them on open (ALTER TABLE keeps its rows).
+_ADDED_COLUMNS = {
+    "worker": "TEXT NOT NULL DEFAULT ''",  # the worker running (or that last ran) the job
+    "attempts": "INTEGER NOT NULL DEFAULT 0",  # how many times a worker took it
+    "retries": "TEXT NOT NULL DEFAULT '[]'",  # [{worker, reason, at, sections_done}] per lost worker
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,9 @@ class Job:
     sections_done: int = 0
     sections: int = 0
     frames: int = 0
+    worker: str = ""
+    attempts: int = 0
+    retries: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -69,6 +78,10 @@ class JobStore:
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")  # readers (the page) never wait on the worker's writes
             db.execute(_SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in _ADDED_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -103,19 +116,41 @@ class JobStore:
             rows = db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [_job(r) for r in rows]
 
-    def claim_next(self) -> Job | None:
+    def claim_next(self, worker: str = "") -> Job | None:
         """The oldest queued job, now running; None when nothing waits."""
+        queued = self.queued(limit=1)
+        return self.claim(queued[0].id, worker) if queued else None
+
+    def queued(self, limit: int = 1000) -> list[Job]:
+        """The jobs waiting, oldest first."""
         with self._db() as db:
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
-            if row is None:
-                return None
+            rows = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def claim(self, job_id: int, worker: str = "") -> Job | None:
+        """queued -> running on `worker`; None when another worker (or a cancel) took it first."""
+        with self._db() as db:
             cur = db.execute(
-                "UPDATE jobs SET state = 'running', started = ? WHERE id = ? AND state = 'queued'",
-                (time.time(), row["id"]),
+                "UPDATE jobs SET state = 'running', started = ?, worker = ?, attempts = attempts + 1 "
+                "WHERE id = ? AND state = 'queued'",
+                (time.time(), worker, job_id),
             )
-            if cur.rowcount == 0:
-                return None
-        return self.get(row["id"])
+        return self.get(job_id) if cur.rowcount == 1 else None
+
+    def retry(self, job_id: int, reason: str, resume: bool) -> bool:
+        """running -> queued again after its worker was lost, the loss recorded in `retries`; `resume`: go on
+        from its last finished section (its resume state is on this disk)."""
+        job = self.get(job_id)
+        if job is None or job.state != "running":
+            return False
+        lost = {"worker": job.worker, "reason": reason, "at": time.time(), "sections_done": job.sections_done}
+        request = {**job.request, "resume": True} if resume else job.request
+        with self._db() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'queued', request = ?, retries = ? WHERE id = ? AND state = 'running'",
+                (json.dumps(request), json.dumps([*job.retries, lost]), job_id),
+            )
+        return cur.rowcount == 1
 
     def progress(self, job_id: int, sections_done: int, sections: int, frames: int) -> None:
         with self._db() as db:
@@ -185,6 +220,9 @@ def _job(row: sqlite3.Row) -> Job:
         sections_done=row["sections_done"],
         sections=row["sections"],
         frames=row["frames"],
+        worker=row["worker"],
+        attempts=row["attempts"],
+        retries=json.loads(row["retries"]),
     )
 
 

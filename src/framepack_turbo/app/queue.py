@@ -1,10 +1,13 @@
-"""The job queue: jobs from the page or the API run one at a time on one worker thread (one GPU).
+"""The job queue: jobs from the page or the API run on workers, one job at a time each, one thread per
+worker: one in-process worker by default (one GPU), or Ray actors (`app/cluster.py`, `serve --ray`).
 
 `JobQueue.submit` checks the start image and the request before anything is queued, stores its own
-PNG copy of the image and names the output after the job id. The worker claims the oldest queued
-job, runs it through a `Runner`, and records the outcome; an exception fails that job only, and the
-queue goes on. What a running job is doing (step, section, ETA, latent preview, cache hit rates) is
-kept in memory for the page; the states are in the SQLite store.
+PNG copy of the image and names the output after the job id. A free worker claims the oldest queued
+job it should take (one whose models it holds, unless another free worker holds them), runs it through
+its `Runner`, and records the outcome; an exception fails that job only, and the queue goes on. A worker
+lost mid-job (`WorkerLost`: its process or node died) gets the job retried once on another worker, from
+its last finished section. What each running job is doing (step, section, ETA, latent preview, cache
+hit rates) is kept in memory for the page; the states are in the SQLite store.
 """
 
 from __future__ import annotations
@@ -33,8 +36,23 @@ MAX_VIDEO_UPLOAD_BYTES = 500 << 20
 MAX_VIDEO_UPLOAD_SECONDS = 10 * 60.0
 
 
+MAX_ATTEMPTS = 2  # a job whose worker is lost is retried once; lost again, it fails
+
+
 class Runner(Protocol):
+    """Runs one job. A worker may also have `name`, `holds(job)` (its loaded models serve the job without a
+    reload: routing prefers it), `refusal(settings)` (why it cannot run these settings, or None) and
+    `alive`; plain callables run anything."""
+
     def __call__(self, job: Job, cancel: CancelToken, on_event: Callable[[Any], None]) -> None: ...
+
+
+class WorkerLost(RuntimeError):
+    """The worker's process (or its machine) went away mid-job: not the job's fault, so it is retried."""
+
+
+def worker_name(worker: Any) -> str:
+    return getattr(worker, "name", "local")
 
 
 @dataclass
@@ -86,23 +104,28 @@ class JobQueue:
     def __init__(
         self,
         store: JobStore,
-        runner: Runner,
+        runner: Runner | list[Runner],
         data_dir: str | Path,
         poll_s: float = 0.25,
         base: dict[str, Any] | None = None,
     ) -> None:
-        """`base`: the server's settings (its flags), under each request's."""
-        self.store, self.runner, self.poll_s = store, runner, poll_s
+        """`runner`: one worker, or several (each runs one job at a time, on its own thread). `base`: the
+        server's settings (its flags), under each request's."""
+        self.workers: list[Runner] = list(runner) if isinstance(runner, list | tuple) else [runner]
+        self.store, self.runner, self.poll_s = store, self.workers[0], poll_s
         self.base = dict(base or {})
         self.data_dir = Path(data_dir)
         self.inputs, self.videos = self.data_dir / "inputs", self.data_dir / "videos"
         self.inputs.mkdir(parents=True, exist_ok=True)
         self.videos.mkdir(parents=True, exist_ok=True)
-        self.live: Live | None = None
+        self.lives: dict[int, Live] = {}  # running job id -> what it is doing
+        self._last: Live | None = None  # the last finished job's (its cache timeline stays readable)
         self._tokens: dict[int, CancelToken] = {}
+        self._busy: set[int] = set()  # indices of the workers running a job
+        self._route = threading.Lock()  # one claim at a time: routing looks at which workers are free
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         recovered = store.recover()
         if recovered:
             log.warning("Jobs %s were running when the server stopped: marked failed", recovered)
@@ -152,6 +175,7 @@ class JobQueue:
         # The job's options in full (the server's defaults under the request's), so the seeds and the
         # bucket are known now and a queued job runs what it showed whatever the server restarts with.
         settings = Settings.load({**self.base, **request.get("settings", {})}, source="api")
+        self._check_servable(settings)
         asked = dict(request.get("options", {}))
         seeds = batch_seeds(asked.pop("seed", settings.seed), count)
         negative = request.get("negative_prompt", "")
@@ -210,6 +234,23 @@ class JobQueue:
             if frames < least:
                 raise InputError(f"the video has {frames} frames; F1 continues from at least {least}: pick inverted")
 
+    def _check_servable(self, settings) -> None:
+        """Refuse, before it queues, a job no worker could run (it needs CUDA and no worker has it, ...)."""
+        alive = [w for w in self.workers if getattr(w, "alive", True)]
+        if not alive:
+            raise InputError("no worker is running: every worker was lost; restart the server")
+        reasons = [(worker_name(w), getattr(w, "refusal", lambda s: None)(settings)) for w in alive]
+        if all(reason for _, reason in reasons):
+            name, reason = reasons[0]
+            others = f" (and the {len(reasons) - 1} other worker(s) alike)" if len(reasons) > 1 else ""
+            raise InputError(f"no worker can run this job: {name}: {reason}{others}")
+
+    @property
+    def live(self) -> Live | None:
+        """The oldest running job's progress (the page shows each), else the last finished job's."""
+        lives = dict(self.lives)
+        return lives[min(lives)] if lives else self._last
+
     def cancel(self, job_id: int) -> str:
         """Cancel a queued job at once, or ask a running one to stop after its current step."""
         if self.store.cancel_queued(job_id):
@@ -241,8 +282,11 @@ class JobQueue:
     # ---- the worker ----------------------------------------------------------------------------
 
     def start(self) -> JobQueue:
-        self._thread = threading.Thread(target=self._loop, name="framepack-jobs", daemon=True)
-        self._thread.start()
+        for index in range(len(self.workers)):
+            name = f"framepack-jobs-{worker_name(self.workers[index])}"
+            thread = threading.Thread(target=self._loop, args=(index,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def stop(self, timeout: float = 30) -> None:
@@ -250,8 +294,9 @@ class JobQueue:
         self._wake.set()
         for token in list(self._tokens.values()):
             token.cancel()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def run_pending(self) -> int:
         """Run queued jobs in this thread until none is left (tests, scripts); returns how many ran."""
@@ -260,36 +305,88 @@ class JobQueue:
             count += 1
         return count
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if not self.run_one():
+    def _loop(self, index: int) -> None:
+        worker = self.workers[index]
+        while not self._stop.is_set() and getattr(worker, "alive", True):
+            if not self.run_one(index):
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
+        if not getattr(worker, "alive", True):
+            log.warning("Worker %s is gone: its thread stops", worker_name(worker))
 
-    def run_one(self) -> bool:
-        job = self.store.claim_next()
+    def _claim_for(self, index: int) -> Job | None:
+        """The oldest queued job this worker should take: one whose models it holds, or one no other free
+        worker holds the models for (that one takes it instead, without a reload)."""
+        worker = self.workers[index]
+        holds = getattr(worker, "holds", None)
+        with self._route:
+            free = [
+                w
+                for i, w in enumerate(self.workers)
+                if i != index and i not in self._busy and getattr(w, "alive", True) and hasattr(w, "holds")
+            ]
+            for job in self.store.queued():
+                if job.retries and job.retries[-1]["worker"] == worker_name(worker) and self._others_alive(index):
+                    continue  # a retry goes to another worker
+                if holds is None or holds(job) or not any(w.holds(job) for w in free):
+                    claimed = self.store.claim(job.id, worker_name(worker))
+                    if claimed is not None:
+                        self._busy.add(index)
+                        return claimed
+        return None
+
+    def _others_alive(self, index: int) -> bool:
+        return any(getattr(w, "alive", True) for i, w in enumerate(self.workers) if i != index)
+
+    def run_one(self, index: int = 0) -> bool:
+        job = self._claim_for(index)
         if job is None:
             return False
+        worker = self.workers[index]
         token = CancelToken()
         self._tokens[job.id] = token
-        self.live = Live(job.id)
-        log.info("Running job %d", job.id)
+        self.lives[job.id] = Live(job.id)
+        log.info("Running job %d on %s", job.id, worker_name(worker))
         try:
-            self.runner(job, token, lambda event: self._on_event(job, event))
+            worker(job, token, lambda event: self._on_event(job, event))
         except Cancelled:
             self.store.finish(job.id, "cancelled")
+        except WorkerLost as exc:
+            self._lost(job, worker, exc)
         except Exception as exc:  # one job's failure is its own: record it, keep the queue going
             log.exception("Job %d failed", job.id)
-            self.store.finish(job.id, "failed", f"{type(exc).__name__}: {exc}")
+            self.store.finish(job.id, "failed", getattr(exc, "description", None) or f"{type(exc).__name__}: {exc}")
         else:  # it finished: a cancel that came after the last step changed nothing (the sidecar says complete)
             self.store.finish(job.id, "done")
         finally:
             self._tokens.pop(job.id, None)
+            self._last = self.lives.pop(job.id, None)
+            self._busy.discard(index)
+            self._wake.set()  # a routed-away job may now be this worker's, or a free one's
         return True
 
+    def _lost(self, job: Job, worker: Runner, exc: WorkerLost) -> None:
+        """Retry once on another worker, from the last finished section when its state is on this disk."""
+        from framepack_turbo.pipeline.resume import state_path
+
+        current = self.store.get(job.id)
+        reason = f"worker {worker_name(worker)} lost: {exc}"
+        alive = [w for w in self.workers if getattr(w, "alive", True)]  # the lost one again, if it restarted
+        cancelled = self._tokens[job.id].cancelled
+        if current is not None and current.attempts < MAX_ATTEMPTS and alive and not cancelled:
+            resume = state_path(job.video).is_file()
+            self.store.retry(job.id, reason, resume=resume)
+            log.warning("Job %d: %s; retried%s", job.id, reason, " from its last section" if resume else "")
+            return
+        kept = (
+            f"; its {current.sections_done} finished section(s) are in its video" if current and current.frames else ""
+        )
+        self.store.finish(job.id, "failed", reason + kept)
+        log.error("Job %d failed: %s", job.id, reason)
+
     def _on_event(self, job: Job, event: Any) -> None:
-        live = self.live
-        if live is None or live.job_id != job.id:
+        live = self.lives.get(job.id)
+        if live is None:
             return
         if isinstance(event, StepProgress):
             live.step, live.steps, live.section, live.sections = event.step, event.steps, event.section, event.sections

@@ -204,6 +204,33 @@ def _upload_path(payload, gradio_preprocess):
     return payload.path
 
 
+def progress_line(job, live) -> str:
+    """One running job's bar and numbers (several run at once on Ray workers)."""
+    where = f" on {job.worker}" if job.worker and job.worker != "local" else ""
+    if live is None or not live.steps:
+        return f"Job {job.id}{where}: loading models..."
+    return (
+        f"<progress value='{live.fraction:.3f}' max='1' style='width:100%'></progress><br>"
+        f"Job {job.id}{where} (seed {job.request.get('options', {}).get('seed', '?')}, "
+        f"{size_text(job.request.get('bucket'))}): section {live.section}/{live.sections}, "
+        f"step {live.step}/{live.steps}, {live.fraction * 100:.0f}%, ETA {_eta(live.eta_s)}"
+    )
+
+
+def workers_markdown(queue: JobQueue) -> str:
+    """The Ray workers (device, loaded model, current job); nothing for the one in-process worker."""
+    rows = [w.describe() for w in queue.workers if hasattr(w, "describe")]
+    if not rows:
+        return ""
+    lines = [
+        f"- **{r.get('name')}** ({r.get('state', '?')}): {r.get('device', '?')} on {r.get('host', '?')}, "
+        f"{r.get('model') or 'no model loaded'}, {r.get('loads', 0)} load(s)"
+        + (f", job {r['job']}" if r.get("job") else "")
+        for r in rows
+    ]
+    return "**Workers (Ray)**\n" + "\n".join(lines)
+
+
 def _eta(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -323,23 +350,13 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         shown_video, shown_results = shown or (None, None)
         jobs = queue.store.list()
         table = [job_row(j) for j in jobs]
-        live = queue.live
-        running = next((j for j in jobs if j.state == "running"), None)
-        if running is not None and live is not None and live.job_id == running.id:
-            progress = (
-                f"<progress value='{live.fraction:.3f}' max='1' style='width:100%'></progress><br>"
-                f"Job {running.id} (seed {running.request.get('options', {}).get('seed', '?')}, "
-                f"{size_text(running.request.get('bucket'))}): section {live.section}/{live.sections}, "
-                f"step {live.step}/{live.steps}, {live.fraction * 100:.0f}%, ETA {_eta(live.eta_s)}"
-            )
-            preview = preview_grid(live.preview)
-            timeline = live.cache_timeline
-        else:
-            progress, preview, timeline = (
-                ("Idle." if running is None else f"Job {running.id}: loading models..."),
-                None,
-                [],
-            )
+        lives = dict(queue.lives)
+        runs = sorted((j for j in jobs if j.state == "running"), key=lambda j: j.id)
+        running = runs[0] if runs else None
+        live = lives.get(running.id) if running is not None else None
+        progress = "<br>".join(progress_line(j, lives.get(j.id)) for j in runs) or "Idle."
+        preview = preview_grid(live.preview) if live is not None else None
+        timeline = live.cache_timeline if live is not None else []
         caches = (
             "\n".join(
                 f"- section {i + 1}: "
@@ -365,10 +382,17 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         )
         summary = " · ".join(f"job {j.id}: {j.state}" for j in reversed(jobs[:12])) or "No jobs yet."
         preview = preview if preview is not None else gr.skip()
-        return table, summary, progress, preview, caches, video, results, (key, results_key)
+        return table, summary, progress, preview, caches, video, results, (key, results_key), workers_markdown(queue)
 
     with gr.Blocks(title="FramePack Turbo") as page:
-        gr.Markdown("# FramePack Turbo\nOne image and a prompt; jobs run one at a time on this machine's GPU (or CPU).")
+        gr.Markdown(
+            "# FramePack Turbo\nOne image and a prompt; "
+            + (
+                f"jobs run on {len(queue.workers)} Ray workers, one job each at a time."
+                if len(queue.workers) > 1 or hasattr(queue.runner, "describe")
+                else "jobs run one at a time on this machine's GPU (or CPU)."
+            )
+        )
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="filepath", label="Start image", elem_id="start-image", sources=["upload"])
@@ -531,6 +555,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             cancel_id = gr.Number(label="Job id", precision=0, elem_id="cancel-id")
             cancel_btn = gr.Button("Cancel job", elem_id="cancel-btn")
             resume_btn = gr.Button("Resume job", elem_id="resume-btn")
+        workers = gr.Markdown(workers_markdown(queue), elem_id="workers")
         shown = gr.State(None)
 
         preset.change(on_preset, preset, panel[1:])
@@ -554,7 +579,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         )
         cancel_btn.click(cancel_job, cancel_id, status, api_name="cancel_job")
         resume_btn.click(resume_job, cancel_id, status, api_name="resume_job")
-        outputs = [jobs, summary, progress, preview, caches, video, results, shown]
+        outputs = [jobs, summary, progress, preview, caches, video, results, shown, workers]
         gr.Timer(1.0).tick(refresh, shown, outputs)
         page.load(refresh, shown, outputs)
     return page

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,11 @@ class StepProgress:
     eta_s: float  # seconds left: measured step and decode times times what remains
     denoised: torch.Tensor | None = field(default=None, repr=False, compare=False)
     preview_factors: Any = field(default=None, repr=False, compare=False)  # the model's latent -> RGB map
+    rendered: np.ndarray | None = field(default=None, repr=False, compare=False)  # preview_frames, made already
+
+    def detached(self) -> StepProgress:
+        """This event as plain data for another process: the preview rendered, no tensors (a Ray worker sends it)."""
+        return replace(self, denoised=None, preview_factors=None, rendered=self.preview_frames())
 
     @property
     def fraction(self) -> float:
@@ -34,6 +39,8 @@ class StepProgress:
 
     def preview_frames(self) -> np.ndarray | None:
         """The current x0 estimate as rough RGB frames (T, h, w, 3) uint8 at latent size, without the VAE."""
+        if self.rendered is not None:
+            return self.rendered
         if self.denoised is None:
             return None
         from framepack_turbo.pipeline.vae import preview
@@ -93,3 +100,7 @@ class CancelToken:
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until cancelled (True) or `timeout` seconds pass (False)."""
+        return self._event.wait(timeout)
