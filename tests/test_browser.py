@@ -11,6 +11,7 @@ without it the test is skipped on a developer machine and fails in CI (CI=true).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -40,8 +41,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
+@pytest.fixture(params=["embedded", "ray"])
+def server(request, tmp_path):
+    """`framepack serve` with its one in-process worker, and with `--ray` (a local Ray cluster, one CPU worker)."""
+    if request.param == "ray" and importlib.util.find_spec("ray") is None:
+        assert not os.environ.get("CI"), "CI installs Ray with the test extra"
+        pytest.skip("Ray is not installed")
     assert CHROMIUM, "CI needs the system chromium: .ci/run installs it with apt-get"
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -61,6 +66,7 @@ def server(tmp_path):
         "96",  # the page sets 64, what tiny was trained at
         "--seconds",
         "2.4",
+        *(["--ray"] if request.param == "ray" else []),
     ]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)

@@ -126,7 +126,7 @@ def test_file_updates_send_changed_blocks_and_rebuild_the_files(tmp_path, monkey
     assert sorted(second["blocks"]["videos/job-00001.mp4"][1]) == [1, 2, 3]  # block 0 is not sent again
     cluster.apply_files(server, "videos/job-00001.mp4", second)
     assert (server / "videos/job-00001.mp4").read_bytes() == video.read_bytes()
-    assert (server / "videos/job-00001.json").read_text() == "{}"
+    assert json.loads((server / "videos/job-00001.json").read_text()) == {}
     video.write_bytes(b"D" * 10)  # shorter; the parts go (the finished clip)
     (parts / "state.safetensors").unlink()
     parts.rmdir()
@@ -220,7 +220,7 @@ def _wait(queue, ids, timeout=600):
 
 def test_six_jobs_on_two_actors_each_loading_once(ray_queue, tmp_path):
     from framepack_turbo.app.queue import GenerationRunner
-    from framepack_turbo.pipeline.video import read_frames
+    from framepack_turbo.pipeline.video import read_frames, read_metadata
 
     jobs = ray_queue.submit_batch(png(), {"prompt": "a ball moves right", "options": {**RAY_JOB, "seed": 11}}, 6)
     done = _wait(ray_queue, [j.id for j in jobs])
@@ -234,9 +234,12 @@ def test_six_jobs_on_two_actors_each_loading_once(ray_queue, tmp_path):
     for job in done:
         assert job.frames == 73 and job.sections_done == 2
         sidecar = json.loads(Path(job.video).with_suffix(".json").read_text())
-        assert (
-            sidecar["status"] == "complete" and not Path(job.video).with_name(Path(job.video).stem + ".parts").exists()
-        )
+        assert sidecar["status"] == "complete" and not Path(job.video).with_suffix(".parts").exists()
+        worker_root = cluster.actor_root(ray_queue.data_dir)
+        assert worker_root not in json.dumps(sidecar)  # the record names this server's files
+        assert sidecar["image"]["source"] == str(Path(job.image).resolve())
+        assert sidecar["video"]["path"] == str(Path(job.video).resolve())
+        assert worker_root not in json.dumps(read_metadata(job.video))
     # the video that came back is the one this process makes of the same job (same code; 1 torch thread each)
     local = done[0]
     import torch

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import queue as queue_module
@@ -110,14 +111,18 @@ class FileSync:
     """The actor's side: what the server has of a job's files (block digests), and what changed since."""
 
     def __init__(self, root: Path, video_rel: str) -> None:
+        from framepack_turbo.pipeline.video import sidecar_path
+
         self.root, self.video_rel = root, video_rel
+        self.sidecar_rel = str(sidecar_path(video_rel))
         self.sent: dict[str, tuple[int, list[str]]] = {}
         for rel in job_files(root, video_rel):  # a retry starts from the files the server sent
             data = (root / rel).read_bytes()
             self.sent[rel] = (len(data), _blocks(data))
 
-    def changes(self) -> dict[str, Any]:
-        """{"present": every file now, "blocks": {file: (size, {block index: bytes})}} for what differs."""
+    def changes(self, final: bool = False) -> dict[str, Any]:
+        """{"present": every file now, "blocks": {file: (size, {block index: bytes})}} for what differs; the
+        sidecar whole when it changed (the server puts its own paths in it). `final`: the job's last update."""
         present = job_files(self.root, self.video_rel)
         blocks: dict[str, tuple[int, dict[int, bytes]]] = {}
         for rel in present:
@@ -132,19 +137,50 @@ class FileSync:
                 for i, d in enumerate(digests)
                 if i >= len(before) or before[i] != d
             }
+            if changed and rel == self.sidecar_rel:
+                changed = {i: data[i * BLOCK : (i + 1) * BLOCK] for i in range(len(digests))}
             if changed or size != len(data):
                 blocks[rel] = (len(data), changed)
                 self.sent[rel] = (len(data), digests)
         for rel in set(self.sent) - set(present):
             del self.sent[rel]
-        return {"present": present, "blocks": blocks}
+        return {"present": present, "blocks": blocks, "root": str(self.root), "final": final}
+
+
+def _remap(value: Any, old: str, new: str) -> Any:
+    """`value` with every path under `old` moved under `new` (strings, in lists and dicts)."""
+    if isinstance(value, str):
+        return new + value[len(old) :] if value == old or value.startswith(old + os.sep) else value
+    if isinstance(value, list):
+        return [_remap(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _remap(v, old, new) for k, v in value.items()}
+    return value
+
+
+def _server_paths(root: Path, video_rel: str, worker_root: str, final: bool) -> None:
+    """The record names the server's files, not the worker's: the sidecar after every update, and the
+    finished mp4's metadata once (a packet copy of the file; during the job its metadata names the worker's)."""
+    from framepack_turbo.files import write_json
+    from framepack_turbo.pipeline import video
+
+    here = str(Path(root).resolve())
+    sidecar = video.sidecar_path(root / video_rel)
+    if sidecar.is_file():
+        write_json(_remap(json.loads(sidecar.read_text()), worker_root, here), sidecar)
+    mp4 = root / video_rel
+    if final and mp4.is_file() and worker_root != here:
+        meta = video.read_metadata(mp4)
+        if meta is not None:
+            meta.pop("format", None)
+            video.join([mp4], mp4, metadata=_remap(meta, worker_root, here), index_first=True)
 
 
 def apply_files(root: Path, video_rel: str, update: dict[str, Any]) -> int:
     """The server's side: each changed file rebuilt from its copy here and the new blocks, written
     atomically (the resume state and segments first, the mp4 and then the sidecar last, so a file here
     never names a section whose state is not here yet); the job's files the worker no longer has are
-    removed. Returns the bytes received."""
+    removed; the record's paths made this server's. Returns the bytes received."""
     from framepack_turbo.files import atomic_path
 
     def order(rel: str) -> int:
@@ -179,6 +215,8 @@ def apply_files(root: Path, video_rel: str, update: dict[str, Any]) -> int:
     parts = parts_dir(root / video_rel)
     if parts.is_dir() and not any(parts.iterdir()):
         parts.rmdir()
+    if update.get("root"):
+        _server_paths(root, video_rel, update["root"], update.get("final", False))
     return received
 
 
@@ -288,7 +326,7 @@ class FramePackActor:
                     if self.runner._loaded is not None:
                         self.key = load_key(self.runner._loaded.settings, self.hardware)
                     if sync is not None:
-                        yield ("files", sync.changes())
+                        yield ("files", sync.changes(final=True))
                     yield message
                     return
                 event = message[1]
@@ -536,8 +574,6 @@ def start_workers(
 
 def read_board(data_dir: Path) -> dict[str, Any]:
     """DATA_DIR/workers.json as the server last wrote it; InputError when there is none."""
-    import json
-
     path = Path(data_dir) / WORKERS_FILE
     try:
         return json.loads(path.read_text())
