@@ -163,6 +163,16 @@ def _pass_config(name: str, settings: Settings) -> Any:
     return implementation(name).config(settings)
 
 
+def _not_model_shaping(running: set[str]) -> set[str]:
+    """The settings the loaded models do not depend on, given the passes that run: those only removable
+    passes read (a setting a non-removable pass reads counts only where that pass runs: LoRA files switch
+    without reloading in unmerged mode, where the merge pass is skipped), the per-job values, the preset."""
+    only_runtime = {s for p in registry.passes() if p.removable for s in p.reads()} - {
+        s for p in registry.passes() if not p.removable and p.name in running for s in p.reads()
+    }
+    return only_runtime | set(_JOB_SETTINGS) | {"preset"}
+
+
 def _changed_runtime_passes(old: Settings, old_plan: Plan, new: Settings, new_plan: Plan) -> list[str] | None:
     """The removable passes whose status or config differ between two runs, when that is all that differs
     (besides per-job values); None when the models must be loaded again."""
@@ -170,13 +180,7 @@ def _changed_runtime_passes(old: Settings, old_plan: Plan, new: Settings, new_pl
     compiled = [p.name for p in (*old_plan.active(), *new_plan.active()) if registry.get(p.name).phase == "compilation"]
     if compiled:  # compiled or exported modules stand in for the ones the hooks would go on
         return None
-    # a setting a non-removable pass reads forces a reload only where that pass runs in one of the two runs
-    # (LoRA files switch without reloading in unmerged mode, where the merge pass is skipped in both)
-    running = {p.name for p in (*old_plan.active(), *new_plan.active())}
-    only_runtime = {s for p in registry.passes() if p.removable for s in p.reads()} - {
-        s for p in registry.passes() if not p.removable and p.name in running for s in p.reads()
-    }
-    ignore = only_runtime | set(_JOB_SETTINGS) | {"preset"}
+    ignore = _not_model_shaping({p.name for p in (*old_plan.active(), *new_plan.active())})
     if any(getattr(old, k) != getattr(new, k) for k in old.values() if k not in ignore):
         return None
     old_status = {p.name: p.status for p in old_plan.passes}
@@ -202,10 +206,7 @@ def load_key(settings: Settings, hardware: Hardware | None = None) -> str:
     active = [p.name for p in plan.active()]
     if any(registry.get(n).phase == "compilation" for n in active):
         return f"compiled:{id(plan)}"
-    only_runtime = {s for p in registry.passes() if p.removable for s in p.reads()} - {
-        s for p in registry.passes() if not p.removable and p.name in active for s in p.reads()
-    }
-    ignore = only_runtime | set(_JOB_SETTINGS) | {"preset"}
+    ignore = _not_model_shaping(set(active))
     shaping = {k: getattr(settings, k) for k in settings.values() if k not in ignore}
     weights = {n: _pass_config(n, settings) for n in active if not registry.get(n).removable}
     return json.dumps({"settings": shaping, "passes": weights}, sort_keys=True, default=repr)
