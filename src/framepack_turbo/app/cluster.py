@@ -258,6 +258,8 @@ class FramePackActor:
         self.job: int | None = None
         self.key: str | None = None
         self._tokens: dict[int, CancelToken] = {}
+        self._steps: dict[int, int] = {}  # steps the running job made so far
+        self._steps_at_cancel: dict[int, int] = {}
 
     def info(self) -> dict[str, Any]:
         loaded = self.runner._loaded
@@ -281,6 +283,7 @@ class FramePackActor:
     def cancel(self, job_id: int) -> bool:
         token = self._tokens.get(job_id)
         if token is not None:
+            self._steps_at_cancel.setdefault(job_id, self._steps.get(job_id, 0))
             token.cancel()
         return token is not None
 
@@ -306,12 +309,18 @@ class FramePackActor:
         self._tokens[job.id], self.job = token, job.id
         messages: queue_module.Queue = queue_module.Queue()
 
+        def on_event(event: Any) -> None:
+            if isinstance(event, StepProgress):
+                self._steps[job.id] = self._steps.get(job.id, 0) + 1
+            messages.put(("event", event))
+
         def work() -> None:
             try:
-                self.runner(job, token, lambda event: messages.put(("event", event)))
+                self.runner(job, token, on_event)
                 messages.put(("end", "done", ""))
-            except Cancelled:
-                messages.put(("end", "cancelled", ""))
+            except Cancelled:  # the message: how many steps ran after the cancel reached this actor
+                after = self._steps.get(job.id, 0) - self._steps_at_cancel.get(job.id, 0)
+                messages.put(("end", "cancelled", f"{after} step(s) after the cancel arrived"))
             except BaseException as exc:  # every failure goes back to the server as the job's
                 log.exception("Job %d failed on %s", job.id, self.name)
                 messages.put(("end", "failed", f"{type(exc).__name__}: {exc}"))
@@ -338,6 +347,8 @@ class FramePackActor:
                 yield ("event", event)
         finally:
             self._tokens.pop(job.id, None)
+            self._steps.pop(job.id, None)
+            self._steps_at_cancel.pop(job.id, None)
             self.job = None
 
 
@@ -377,6 +388,7 @@ class RayWorker:
         self.key: str | None = None
         self._keys: dict[int, str] = {}
         self.received_bytes = 0
+        self.last_cancel = ""  # the actor's word on the last cancelled job ("1 step(s) after the cancel arrived")
 
     # ---- routing and admission
     def _settings(self, job_settings: dict[str, Any]):
@@ -400,8 +412,7 @@ class RayWorker:
         device = settings.device or ""
         if device.startswith("cuda") and not self.hardware.cuda:
             return f"--device {device} needs CUDA, and this worker runs on {self.hardware.device_name}"
-        report = compat.check(settings, self.hardware)
-        critical = [f for f in report.findings if f.severity is compat.Severity.CRITICAL]
+        critical = compat.check(settings, self.hardware).critical
         return f"{critical[0].id}: {critical[0].message}" if critical else None
 
     # ---- one job
@@ -458,6 +469,8 @@ class RayWorker:
         self._refresh()
         state, message = end if end else ("failed", "the worker ended the job without a result")
         if state == "cancelled":
+            self.last_cancel = message
+            log.info("Job %d cancelled on %s: %s", job.id, self.name, message)
             raise Cancelled("cancelled")
         if state == "failed":
             raise RemoteJobFailed(message)
