@@ -4,7 +4,7 @@ Layers, bottom to top (docs/architecture.md):
 
     0 basics      errors, constants, files, logs, hardware          torch-free
     1 decisions   settings, presets, compat, placement, models.presets, optim.registry, optim.plan   torch-free
-    2 core        models, pipeline
+    2 core        models, pipeline, distributed
     3 passes      optim (the pass modules)
     4 api         api
     5 front ends  cli, doctor, app, bench, train, the package's __init__
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("basics", ("errors", "constants", "files", "logs", "hardware")),
     ("decisions", ("settings", "presets", "compat", "placement", "models.presets", "optim.registry", "optim.plan")),
-    ("core", ("models", "pipeline")),
+    ("core", ("models", "pipeline", "distributed")),
     ("passes", ("optim",)),
     ("api", ("api",)),
     ("front ends", ("cli", "doctor", "app", "bench", "train", "__init__", "__main__")),

@@ -15,6 +15,7 @@ caches, the encoder output cache, the attention backend) or per-job values.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from framepack_turbo import compat
+from framepack_turbo import compat, distributed
 from framepack_turbo.constants import MAX_COUNT
 from framepack_turbo.errors import Cancelled, FramePackError, InputError
 from framepack_turbo.hardware import Hardware
@@ -279,6 +280,8 @@ class FramePack:
         # Offloading modes load on the host and let the placement pass move what fits: loading a 13B model
         # straight to a 6 GB GPU would fail before any pass ran.
         load_device = torch.device("cpu") if plan.placement.offloads else device
+        if plan.is_active("parallel"):  # join the other ranks before loading: each loads the whole model
+            distributed.start(device.type, settings.parallel_degree)
         cached = _cached_transformer(plan, settings, model_dir, device, load_device)
         bundle = load_bundle(
             settings.model,
@@ -320,6 +323,11 @@ class FramePack:
         writing to `out` left off (its state beside the video); other options or settings are refused.
         """
         opts = options_from_settings(self.settings, prompt, negative_prompt, **options)
+        ranks = distributed.current()
+        if distributed.active():  # one seed and one cancel for every rank; rank 0 alone reports
+            opts = dataclasses.replace(opts, seed=distributed.primary_int(opts.seed))
+            cancel = cancel if isinstance(cancel, distributed.SharedCancel) else distributed.SharedCancel(cancel)
+            on_event = on_event if ranks.primary else None
         record = {"values": self.settings.to_json_dict(), "plan": self.plan.to_list(), "compat": self.report.to_list()}
         generator = Generator(
             self.bundle,
@@ -328,6 +336,7 @@ class FramePack:
             extensions=self.extensions,
             settings=record,
             decode=ChunkedDecode.from_settings(self.settings),
+            primary=ranks.primary,
         )
         return generator.run(image, opts, out or default_output_path(), keep_frames=keep_frames, resume=resume)
 
@@ -349,6 +358,9 @@ class FramePack:
         batch: the clips before it are complete on disk.
         """
         seeds = batch_seeds(options.pop("seed", self.settings.seed), count)
+        if distributed.active():  # a drawn seed is rank 0's; a cancel between clips reaches every rank
+            seeds = batch_seeds(distributed.primary_int(seeds[0]), count)
+            cancel = distributed.SharedCancel(cancel)
         paths = batch_outputs(out or default_output_path(), seeds)
         results = []
         for index, (seed, path) in enumerate(zip(seeds, paths), start=1):

@@ -454,6 +454,20 @@ class Settings(BaseSettings):
         False, description="Log every MagCache decision.", json_schema_extra=_group("caches")
     )
 
+    # ---- one video on several GPUs -------------------------------------------------------------
+    parallel_degree: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Context parallelism: ranks (GPUs; CPU processes with --device cpu) sharing each step of one video (1: off; --gpus).",
+        json_schema_extra=_group("parallel"),
+    )
+    parallel_mode: Literal["ulysses", "ring"] = Field(
+        "ulysses",
+        description="How attention is split: ulysses (all-to-all of heads; heads must divide by the degree) or ring (K/V passed around; CUDA; --parallel).",
+        json_schema_extra=_group("parallel"),
+    )
+
     # ---- memory and loading ------------------------------------------------------------------
     use_memory_v2: bool = Field(
         False,
@@ -989,6 +1003,7 @@ GROUP_TITLES = {
     "compilation": "Compilation",
     "attention": "Attention",
     "caches": "Caches",
+    "parallel": "One video on several GPUs",
     "memory": "Memory and loading",
     "tensorrt": "TensorRT and ONNX",
     "presets": "Preset",

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers.hooks.hooks import StateManager
 
+from framepack_turbo import distributed
 from framepack_turbo.optim import ratios as ratio_store
 from framepack_turbo.optim.base import PassContext, PassReport, Scope
 from framepack_turbo.optim.stepcache import (
@@ -110,7 +111,11 @@ def magnitude_ratio(residual: torch.Tensor, previous: torch.Tensor) -> float:
     shortened one)."""
     n = min(residual.shape[1], previous.shape[1])
     current, before = residual[:, -n:].float(), previous[:, -n:].float()
-    return float((torch.linalg.vector_norm(current, dim=-1) / torch.linalg.vector_norm(before, dim=-1)).mean())
+    ratios = torch.linalg.vector_norm(current, dim=-1) / torch.linalg.vector_norm(before, dim=-1)
+    if distributed.active():  # each rank has a share of the tokens: the mean over all of them
+        total, count = distributed.sum_over_ranks(torch.tensor([float(ratios.sum()), float(ratios.numel())]))
+        return float(total / count)
+    return float(ratios.mean())
 
 
 class _State(StackState):

@@ -273,6 +273,17 @@ _PASSES: list[PassSpec] = [
         family=STEP_CACHE,
         impl="framepack_turbo.optim.magcache:MagCachePass",
     ),
+    # after every hooked cache: its split and gather hooks must be the outermost on the first and last blocks,
+    # so the caches' hooks see each rank's share of the sequence (and reduce their decisions over the ranks)
+    PassSpec(
+        "parallel",
+        "context parallelism (one video on several GPUs)",
+        "runtime",
+        {"parallel_degree": 1},
+        ("parallel_mode",),
+        removable=True,
+        impl="framepack_turbo.optim.parallel:ContextParallelPass",
+    ),
     PassSpec(
         "placement",
         "memory placement (high-VRAM / v1 / v2)",

@@ -26,6 +26,7 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
+from framepack_turbo import distributed
 from framepack_turbo.optim.base import Extension, Scope
 from framepack_turbo.optim.select import block_stacks
 from framepack_turbo.pipeline.record import hit_rate
@@ -237,6 +238,13 @@ class HookedCache(Extension):
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """mean|a - b| / mean|b| in float32 (one host sync: the decision is made on the host)."""
+    """mean|a - b| / mean|b| in float32 (one host sync: the decision is made on the host). Under context
+    parallelism each rank holds a share of the tokens: the two sums are added over the ranks first, so every
+    rank decides on the whole sequence, and the same."""
     current, previous = current.float(), previous.float()
+    if distributed.active():
+        change, scale = distributed.sum_over_ranks(
+            torch.stack([(current - previous).abs().sum(), previous.abs().sum()])
+        )
+        return float(change / scale.clamp_min(1e-12))
     return float((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))

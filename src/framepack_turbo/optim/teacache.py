@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from diffusers.hooks.hooks import StateManager
 
+from framepack_turbo import distributed
 from framepack_turbo.optim.base import PassContext, PassReport
 from framepack_turbo.optim.stepcache import (
     BlockArgsHook,
@@ -67,7 +68,13 @@ class _State(StackState):
 
 
 def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """FramePack's measure, in the tensors' own dtype (bf16 on a GPU), as FramePack computes it."""
+    """FramePack's measure, in the tensors' own dtype (bf16 on a GPU), as FramePack computes it. Under context
+    parallelism the sums of each rank's share are added over the ranks (every rank decides the same)."""
+    if distributed.active():
+        change, scale = distributed.sum_over_ranks(
+            torch.stack([(current - previous).abs().float().sum(), previous.abs().float().sum()])
+        )
+        return float(change / scale)
     return float((current - previous).abs().mean() / previous.abs().mean())
 
 

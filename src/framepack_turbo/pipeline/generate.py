@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
+from framepack_turbo import distributed
 from framepack_turbo.constants import FPS, LATENT_CHANNELS, TIME_SCALE, VAE_SPATIAL_SCALE
 from framepack_turbo.errors import Cancelled, FramePackError, InputError
 from framepack_turbo.files import write_json
@@ -176,8 +177,12 @@ class Generator:
         extensions: Iterable[Extension] = (),
         settings: dict[str, Any] | None = None,
         decode: vae.ChunkedDecode | None = None,
+        primary: bool = True,
     ) -> None:
         self.bundle = bundle
+        # False on the other ranks of a context-parallel job: they sample with rank 0 (every transformer call
+        # is split over the ranks) and hold the same latents, but rank 0 alone decodes, writes and reports.
+        self.primary = primary
         self.on_event = on_event or (lambda event: None)
         self.cancel = cancel or CancelToken()
         self.extensions = list(extensions)
@@ -197,6 +202,7 @@ class Generator:
         job left beside `out_path` (pipeline/resume.py); its options and settings must be the same."""
         job_started = time.perf_counter()
         out_path = Path(out_path)
+        self._out_path = out_path
         variant = options.variant or self.bundle.preset.default_variant
         sections = plan_sections(variant, options.seconds, options.window)
         plan = timeline_of(options, variant)  # every timed input checked before any model runs
@@ -236,6 +242,7 @@ class Generator:
         self._reset("job")
 
         cond = self._condition(picture, options, timings, plan, text_to_video=image is None and source is None)
+        distributed.check_same("inputs", _job_fingerprint(options, cond, len(sections)))
         record.job_caches = {e.name: e.stats() for e in self.extensions if e.kind == "job_cache"}
         record.image["bucket"] = [cond.height, cond.width]
         if source is not None:
@@ -262,6 +269,10 @@ class Generator:
         written = 0  # final frames handed to the writer (after `before`)
         kept: list[np.ndarray] = []  # keep_frames: the final frames, in time order
         done = 0
+        if not self.primary:
+            return self._follow(
+                sections, done, variant, history, cond, options, rng, timings, job_started, clip, state, record
+            )
         if state is not None:
             done, generated, history, pixels = state.sections_done, state.generated, state.history, state.window
             written = state.frames - before
@@ -286,14 +297,7 @@ class Generator:
                 )
                 caches, engines = self._section_stats(section)
                 record.add_section(caches, engines)
-                if variant == "inverted":
-                    if section.is_last:
-                        latents = torch.cat([cond.start_latent, latents], dim=2)
-                    history = torch.cat([latents, history], dim=2)
-                    clip.insert(0, latents)
-                else:
-                    history = torch.cat([history, latents], dim=2)
-                    clip.append(latents)
+                latents, history = _extend_history(variant, section, latents, history, clip, cond)
                 generated += latents.shape[2]
                 out = self._decode_append(variant, section, history, generated, pixels, options.window, timings)
                 # what later sections read: the context and the next decode's span, not the whole clip
@@ -388,6 +392,31 @@ class Generator:
             )
             stopped.result = result  # what finished, for callers that want to show it
             raise stopped
+        return result
+
+    def _follow(self, sections, done, variant, history, cond, options, rng, timings, job_started, clip, state, record):
+        """A follower rank's job: the same sampling as rank 0, nothing decoded, written or reported."""
+        if state is not None:
+            done, history = state.sections_done, state.history
+            rng.set_state(state.rng)
+            sampled = resume_state.load_latents(self._out_path, done)
+            clip = [clip[0], *sampled] if variant == "f1" else list(reversed(sampled))
+        keep = max(CONTEXT_1X + CONTEXT_2X + CONTEXT_4X, 2 * options.window + 1)
+        try:
+            for section in sections[done:]:
+                latents = self._sample_with_step_down(
+                    section, variant, history, cond, options, rng, timings, job_started, len(sections), record
+                )
+                self._section_stats(section)
+                _, history = _extend_history(variant, section, latents, history, clip, cond)
+                history = history[:, :, :keep] if variant == "inverted" else history[:, :, -keep:]
+        except Cancelled:
+            pass  # rank 0 reports it; the cancel came to every rank after the same step
+        finally:
+            self._reset("section")
+        result = Result(
+            self._out_path, video.sidecar_path(self._out_path), {}, torch.cat(clip, dim=2) if clip else None
+        )
         return result
 
     # ---- writing -------------------------------------------------------------------------------
@@ -780,6 +809,8 @@ class Generator:
                 record.placement = extension.record()
             elif extension.kind == "lora":
                 record.lora = extension.record()
+            elif extension.kind == "parallel":
+                record.parallel = extension.record()
 
     def _encode_prompt(self, prompt: str) -> encode.PromptEmbeddings:
         b = self.bundle
@@ -827,6 +858,25 @@ class Generator:
         )
         self._record_extensions(record)
         return record
+
+
+def _job_fingerprint(options: GenerateOptions, cond: _Conditioning, sections: int) -> torch.Tensor:
+    """A few numbers every rank of a context-parallel job must share: seed, length, steps, what was encoded."""
+    numbers = [options.seed % 2**52, sections, options.steps, options.window, cond.height, cond.width]
+    tensors = [cond.start_latent, cond.positive.llama, cond.positive.clip_pooled, cond.image_embeds]
+    return torch.tensor(numbers + [float(t.double().sum()) for t in tensors], dtype=torch.float64)
+
+
+def _extend_history(variant: str, section: Section, latents, history, clip: list, cond: _Conditioning):
+    """The section's latents (inverted's last one with the start latent before it) joined to the history and
+    to the clip, in time order: (latents, history)."""
+    if variant == "inverted":
+        if section.is_last:
+            latents = torch.cat([cond.start_latent, latents], dim=2)
+        clip.insert(0, latents)
+        return latents, torch.cat([latents, history], dim=2)
+    clip.append(latents)
+    return latents, torch.cat([history, latents], dim=2)
 
 
 def timeline_of(options: GenerateOptions, variant: str) -> TimelinePlan:

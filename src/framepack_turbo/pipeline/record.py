@@ -58,6 +58,7 @@ class RunRecord:
     frames: int = 0
     placement: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None  # merged or unmerged, and each file's name, hash, weight, modules
+    parallel: dict[str, Any] | None = None  # context parallelism: mode, ranks, where the sequence is split
     timeline: dict[str, Any] | None = None  # timed prompts as snapped, keyframes, end image
     step_caches: dict[str, CacheRecord] = field(default_factory=dict)
     job_caches: dict[str, dict[str, Any]] = field(default_factory=dict)  # per job (the encoder output cache)
@@ -135,6 +136,8 @@ class RunRecord:
             out["caches"] = caches
         if self.lora is not None:
             out["lora"] = self.lora
+        if self.parallel is not None:
+            out["parallel"] = self.parallel
         if self.engines:
             out["engines"] = self.engines
         if self.timings is not None:
