@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("models", "pipeline", "distributed")),
     ("passes", ("optim",)),
     ("api", ("api",)),
-    ("front ends", ("cli", "doctor", "app", "bench", "train", "__init__", "__main__")),
+    ("front ends", ("cli", "doctor", "app", "bench", "train", "launch", "__init__", "__main__")),
 )
 TORCH_FREE = ("basics", "decisions")
 HEAVY = ("torch", "diffusers", "transformers", "torchao", "numpy")

@@ -5,6 +5,8 @@ Errors a user can cause end with exit code 2 and one line on stderr, never a tra
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -153,9 +155,16 @@ def _settings_epilog() -> str:
     return "\b\nSettings (every FRAMEPACK_* variable is also a flag; booleans take --no-NAME):\n" + flags_help()
 
 
-def _settings_from(ctx: typer.Context, preset: str | None, below: dict | None = None, loras: list[str] | None = None):
+def _settings_from(
+    ctx: typer.Context,
+    preset: str | None,
+    below: dict | None = None,
+    loras: list[str] | None = None,
+    above: dict | None = None,
+):
     """Flags left over after the command's own options are settings flags; parse and validate them.
-    `below`: values under the flags (a recorded clip's settings, for --from); `loras`: the --lora flags."""
+    `below`: values under the flags (a recorded clip's settings, for --from); `loras`: the --lora flags;
+    `above`: the command's own options that are settings (--gpus, --parallel)."""
     from framepack_turbo.settings import Settings, parse_flags
 
     overrides = {**(below or {}), **parse_flags(list(ctx.args))}
@@ -163,6 +172,7 @@ def _settings_from(ctx: typer.Context, preset: str | None, below: dict | None = 
         overrides["preset"] = preset
     if loras:
         overrides["loras"] = tuple(loras)
+    overrides.update(above or {})
     return Settings.load(overrides, source="cli")
 
 
@@ -226,6 +236,15 @@ def generate(
             help="Go on with a job that stopped (Ctrl-C, a crash, out of memory): the .mp4 it was writing.",
         ),
     ] = None,
+    gpus: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Split each step of the video over N GPUs (context parallelism; N CPU processes with --device cpu)."
+        ),
+    ] = None,
+    parallel: Annotated[
+        Optional[str], typer.Option(help="With --gpus: ulysses (default; heads divide by N) or ring (CUDA).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Library messages and debug lines too.")] = False,
 ) -> None:
     """Generate a video from one image and a prompt. Settings flags (--seconds, --steps, --quant-bits ...) below.
@@ -262,7 +281,17 @@ def generate(
                 raise InputError("--prompt is needed (or --from FILE.mp4 to take the prompt of a clip made here)")
             prompt = recorded["prompt"]
         negative = recorded.get("negative_prompt", "") if negative is None else negative
-        settings = _settings_from(ctx, preset, recorded.get("settings", {}), loras=lora)
+        from framepack_turbo import distributed
+
+        launched = distributed.launched()  # torchrun, or the ranks `--gpus` starts: this process is one of them
+        above = {"parallel_degree": gpus, "parallel_mode": parallel}
+        if gpus is None and launched is not None and launched.world > 1:
+            above["parallel_degree"] = launched.world  # `torchrun --nproc-per-node N` alone means N ranks
+        above = {k: v for k, v in above.items() if v is not None}
+        settings = _settings_from(ctx, preset, recorded.get("settings", {}), loras=lora, above=above)
+        follower = launched is not None and launched.rank != 0  # rank 0 alone reports
+        if follower:
+            logging.getLogger("framepack_turbo").setLevel(logging.WARNING)
         from framepack_turbo.models.presets import get_preset
         from framepack_turbo.pipeline.generate import timeline_of
         from framepack_turbo.pipeline.options import GenerateOptions
@@ -327,21 +356,27 @@ def generate(
         from framepack_turbo.optim.lora import preflight
 
         for line in preflight(settings):  # every LoRA key mapped onto the model before its weights load
-            typer.echo(f"note: {line}", err=True)
+            if not follower:
+                typer.echo(f"note: {line}", err=True)
+        if settings.parallel_degree > 1 and launched is None:  # start the ranks; each runs this command
+            _check_parallel(settings, ignore_incompatible)
+            from framepack_turbo import launch
+
+            raise typer.Exit(launch.run_ranks(sys.argv[1:], settings.parallel_degree, cpu=_runs_on_cpu(settings)))
 
         from framepack_turbo.pipeline.events import CancelToken
 
         fp = FramePack.load(settings=settings, ignore_incompatible=ignore_incompatible)
         token = CancelToken()
         job = {k: v for k, v in options.to_dict().items() if k not in ("prompt", "negative_prompt", "seed")}
-        with _InterruptToCancel(token), _ProgressView(console) as view:
+        with _InterruptToCancel(token), contextlib.nullcontext(None) if follower else _ProgressView(console) as view:
             if resume is not None:
                 results = [fp.generate(None, prompt, resume, view, token, negative, resume=True, seed=seeds[0], **job)]
             else:
                 results = fp.generate_batch(
                     picture, prompt, count, base_out, view, token, negative, seed=seeds[0], **job
                 )
-        for result in results:
+        for result in results if not follower else []:
             _report(result)
     except FramePackError as exc:
         raise _fail(str(exc), exc.exit_code) from None
@@ -708,7 +743,10 @@ def calibrate_magcache(
             fp = FramePack.load(settings=settings)
             token = CancelToken()
             job = {k: v for k, v in options.to_dict().items() if k not in ("prompt", "negative_prompt")}
-            with _InterruptToCancel(token), _ProgressView(console) as view:
+            with (
+                _InterruptToCancel(token),
+                _ProgressView(console) as view,
+            ):
                 fp.generate(picture, options.prompt, Path(tmp) / "calibration.mp4", view, token, negative, **job)
         cache = fp.extension("magcache")
         if cache is None or not cache.saved:
@@ -889,6 +927,30 @@ def _check_writable_file(path: Path, label: str = "") -> None:
             pass
     except OSError as exc:
         raise InputError(f"{label}{path}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _runs_on_cpu(settings) -> bool:
+    import torch
+
+    return (settings.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+
+
+def _check_parallel(settings, ignore_incompatible: bool) -> None:
+    """Before any rank starts: a context-parallel job the machine cannot run is bad input (one line, exit 2);
+    other critical findings stop it as they would one process."""
+    from framepack_turbo import compat
+    from framepack_turbo.api import IncompatibleSettings
+    from framepack_turbo.hardware import Hardware
+
+    hardware = Hardware.detect()
+    if _runs_on_cpu(settings) and hardware.cuda:  # --device cpu on a GPU machine: the ranks are CPU processes
+        hardware = dataclasses.replace(hardware, device="cpu", gpu_count=0)
+    report = compat.check(settings, hardware)
+    for finding in report.critical:
+        if finding.id.startswith("parallel-"):
+            raise InputError(f"{finding.message} Fix: {finding.fix}")
+    if report.has_critical and not ignore_incompatible:
+        raise IncompatibleSettings(report)
 
 
 def _check_device(device: str | None) -> None:

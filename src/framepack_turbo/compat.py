@@ -18,6 +18,7 @@ from enum import Enum
 
 from framepack_turbo import placement
 from framepack_turbo.constants import FP8_COMPUTE_CAPABILITY, FPS
+from framepack_turbo.errors import FramePackError
 from framepack_turbo.hardware import Hardware
 from framepack_turbo.optim import registry
 from framepack_turbo.settings import Settings, env_name, resolved_lora_mode
@@ -382,6 +383,42 @@ def _disk_fix(s: Settings, h: Hardware) -> str:
     if s.enable_module_cache:
         text += ", or a smaller FRAMEPACK_MODULE_CACHE_MAX_MB"
     return text + ", or a shorter clip (--seconds), a lower --resolution or a higher --crf."
+
+
+# ---- context parallelism -------------------------------------------------------------------------
+
+
+def _parallel(s: Settings) -> bool:
+    return s.parallel_degree > 1
+
+
+def _heads(s: Settings) -> int | None:
+    from framepack_turbo.models.presets import transformer_heads
+
+    try:
+        return transformer_heads(s.model, s.model_dir)
+    except FramePackError:  # an unknown preset is the loader's message to give
+        return None
+
+
+def _heads_do_not_divide(s: Settings, h: Hardware) -> bool:
+    heads = _heads(s)
+    return _parallel(s) and s.parallel_mode == "ulysses" and heads is not None and heads % s.parallel_degree != 0
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(2, n + 1) if n % d == 0)
+
+
+def _exported_transformer(s: Settings) -> list[str]:
+    found = []
+    if _onnx_transformer(s):
+        found.append("ONNX engines (USE_ONNX_ENGINES)")
+    if s.enable_tensorrt and s.trt_transformer:
+        found.append("TensorRT (ENABLE_TENSORRT)")
+    if s.jit_mode != "off":
+        found.append(f"TorchScript (--jit-mode {s.jit_mode})")
+    return found
 
 
 RULES: tuple[Rule, ...] = (
@@ -775,6 +812,93 @@ RULES: tuple[Rule, ...] = (
         lambda s, h: f"--resolution {_native_resolution(s)}.",
     ),
     # ---- host memory and disk: before anything loads (placement.host_memory, disk_need) ---------------------
+    # ---- context parallelism (one video on several GPUs) -------------------------------------------
+    Rule(
+        "parallel-ranks-exceed-gpus",
+        Severity.CRITICAL,
+        lambda s, h: _parallel(s) and h.cuda and s.parallel_degree > h.gpu_count,
+        lambda s, h: f"--gpus {s.parallel_degree} puts one rank on each GPU; this machine has {h.gpu_count}.",
+        lambda s, h: f"--gpus {max(h.gpu_count, 1)} or fewer.",
+    ),
+    Rule(
+        "parallel-heads-not-divisible",
+        Severity.CRITICAL,
+        _heads_do_not_divide,
+        lambda s, h: (
+            f"Ulysses gives each rank whole attention heads; the transformer has {_heads(s)}, which "
+            f"{s.parallel_degree} ranks do not divide."
+        ),
+        lambda s, h: f"--gpus one of {_divisors(_heads(s) or 1)}, or --parallel ring (any number of ranks).",
+    ),
+    # Not reproducible in CI: the ring needs the log-sum-exp of each partial attention to merge them, which
+    # diffusers takes from torch's flash kernel (CUDA, bf16/fp16); PyTorch SDPA on a CPU does not return it.
+    Rule(
+        "parallel-ring-needs-cuda",
+        Severity.CRITICAL,
+        lambda s, h: _parallel(s) and s.parallel_mode == "ring" and not h.cuda,
+        "Ring attention merges each rank's partial attention by its softmax log-sum-exp, which diffusers gets "
+        "from torch's flash kernel on CUDA only; there is no CUDA device here.",
+        "--parallel ulysses (runs on CPU processes too), or run on GPUs.",
+    ),
+    Rule(
+        "parallel-attention-backend",
+        Severity.CRITICAL,
+        lambda s, h: _parallel(s) and s.xformers_mode != "standard",
+        lambda s, h: (
+            f"--xformers-mode {s.xformers_mode} picks an attention kernel the ranks cannot share; with context "
+            "parallelism the kernel follows the mode (Ulysses: PyTorch SDPA, ring: torch's flash kernel)."
+        ),
+        "--xformers-mode standard.",
+    ),
+    Rule(
+        "parallel-offload",
+        Severity.CRITICAL,
+        lambda s, h: _parallel(s) and (_moves_weights(s) or (h.cuda and placement.decide(s, h).offloads)),
+        "Context parallelism keeps the whole model resident on every rank's GPU; offloading moves weights per "
+        "block and steps down on out-of-memory on one rank alone, which the others would wait for forever.",
+        "FRAMEPACK_MEMORY_MODE=high-vram on GPUs that hold the model (bf16 ~26 GB for the transformer; "
+        "FRAMEPACK_ENABLE_FP8=1 or ENABLE_QUANT=1 halve it), or fewer, larger GPUs.",
+    ),
+    Rule(
+        "parallel-exported-transformer",
+        Severity.CRITICAL,
+        lambda s, h: _parallel(s) and bool(_exported_transformer(s)),
+        lambda s, h: (
+            f"{', '.join(_exported_transformer(s))} run the transformer as an exported graph; the split and "
+            "gather of context parallelism are hooks on the PyTorch blocks, which an exported graph does not run."
+        ),
+        "Turn the transformer's engine off (FRAMEPACK_ONNX_COMPONENTS without transformer, "
+        "FRAMEPACK_TRT_TRANSFORMER=0, --jit-mode off), or --gpus 1.",
+    ),
+    Rule(
+        "parallel-kv-cache",
+        Severity.WARNING,
+        lambda s, h: _parallel(s) and s.enable_kv_cache,
+        "The context KV cache shortens the sequence to the noisy tokens on reuse steps, which the ranks' split "
+        "does not follow; it is skipped under context parallelism.",
+        "FRAMEPACK_ENABLE_KV_CACHE=0 to silence this; the step caches (TeaCache, MagCache, first-block) work "
+        "across ranks.",
+        disables=("kvcache",),
+    ),
+    Rule(
+        "parallel-similarity-cache",
+        Severity.WARNING,
+        lambda s, h: _parallel(s) and s.enable_sim_cache,
+        "The similarity cache looks up each block's input among cached ones; a rank holds a share of it, and "
+        "the ranks could pick different entries. It is skipped under context parallelism.",
+        "Use TeaCache, MagCache or the first-block cache, whose decisions are summed over the ranks.",
+        disables=("simcache",),
+    ),
+    Rule(
+        "parallel-cpu-processes",
+        Severity.INFO,
+        lambda s, h: _parallel(s) and not h.cuda,
+        lambda s, h: (
+            f"{s.parallel_degree} CPU processes (gloo) share this machine's {h.cpu_count} cores: a check that the "
+            "split is right, not a speed-up."
+        ),
+        "Nothing to do; on GPUs each rank gets its own.",
+    ),
     Rule("host-ram-short", Severity.WARNING, _host_ram_short, _host_ram_message, _host_ram_fix),
     Rule("disk-space-short", Severity.WARNING, _disk_short, _disk_message, _disk_fix),
     Rule(

@@ -76,6 +76,7 @@ class Hardware:
     swap_free_gb: float | None = None
     disk_path: str | None = None  # where the free disk space was measured (outputs and caches go there)
     disk_free_gb: float | None = None
+    gpu_count: int = 0  # CUDA devices this process sees (context parallelism puts one rank on each)
 
     @property
     def cuda(self) -> bool:
@@ -121,6 +122,7 @@ class Hardware:
                 backends,
                 providers,
                 **host,
+                gpu_count=torch.cuda.device_count(),
             )
         name = platform.processor() or platform.machine()
         return Hardware("cpu", name, cpus, None, None, None, True, backends, providers, **host)

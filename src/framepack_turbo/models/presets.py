@@ -198,3 +198,26 @@ def local_dir_sources(model_dir: str) -> dict[str, Source]:
     tokenizer_2/ (from HunyuanVideo), image_encoder/, feature_extractor/ (from flux_redux_bfl).
     """
     return {name: Source(model_dir, name) for name in COMPONENTS}
+
+
+# Attention heads of the random presets' transformers (models/random.py builds them; a test keeps the two equal)
+# and of FramePack's released transformers (both variants: HunyuanVideo's 24 heads of 128).
+RANDOM_HEADS = {"tiny": 2, "small": 4, "full": 24}
+RELEASED_HEADS = 24
+
+
+def transformer_heads(model: str, model_dir: str | Path | None = None) -> int | None:
+    """The transformer's attention heads, without loading it (None where its config cannot be read)."""
+    if model_dir is not None:
+        config = Path(model_dir) / "transformer" / "config.json"
+    else:
+        preset = get_preset(model)
+        if preset.random_size is not None:
+            return RANDOM_HEADS.get(preset.random_size)
+        if preset.name != "tiny":
+            return RELEASED_HEADS
+        config = TINY_WEIGHTS / "transformer" / "config.json"
+    try:
+        return int(json.loads(config.read_text())["num_attention_heads"])
+    except (OSError, ValueError, KeyError):
+        return None
