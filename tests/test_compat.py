@@ -51,6 +51,7 @@ SMALL_HOST = replace(BARE_GPU, ram_total_gb=16.0, ram_available_gb=16.0, swap_fr
 BIG_HOST = replace(SMALL_HOST, ram_total_gb=128.0, ram_available_gb=128.0)
 FULL_DISK = replace(BARE_GPU, disk_path="/data", disk_free_gb=0.1)
 ROOMY_DISK = replace(FULL_DISK, disk_free_gb=100.0)
+H100x2, H100x8 = replace(H100, gpu_count=2), replace(H100, gpu_count=8)
 
 
 def s(**values) -> Settings:
@@ -169,6 +170,26 @@ CASES = [
     ),
     ("host-ram-short", dict(model="full"), SMALL_HOST, dict(model="tiny-random")),
     ("disk-space-short", dict(seconds=60), FULL_DISK, dict(seconds=60)),
+    # context parallelism
+    ("parallel-ranks-exceed-gpus", dict(parallel_degree=4), H100x2, dict(parallel_degree=2)),
+    (
+        "parallel-heads-not-divisible",
+        dict(parallel_degree=3, model="small"),
+        CPU,
+        dict(parallel_degree=4, model="small"),
+    ),
+    (
+        "parallel-ring-needs-cuda",
+        dict(parallel_degree=2, parallel_mode="ring"),
+        CPU,
+        dict(parallel_degree=2, parallel_mode="ring"),
+    ),
+    ("parallel-attention-backend", dict(parallel_degree=2, xformers_mode="off"), CPU, dict(parallel_degree=2)),
+    ("parallel-offload", dict(parallel_degree=2, use_memory_v2=True), H100x8, dict(parallel_degree=2)),
+    ("parallel-exported-transformer", dict(parallel_degree=2, jit_mode="trace"), CPU, dict(parallel_degree=2)),
+    ("parallel-kv-cache", dict(parallel_degree=2, enable_kv_cache=True), CPU, dict(enable_kv_cache=True)),
+    ("parallel-similarity-cache", dict(parallel_degree=2, enable_sim_cache=True), CPU, dict(enable_sim_cache=True)),
+    ("parallel-cpu-processes", dict(parallel_degree=2), CPU, dict(parallel_degree=2)),
 ]
 # Where the quiet case needs other hardware than the firing case.
 QUIET_HARDWARE = {
@@ -184,6 +205,8 @@ QUIET_HARDWARE = {
     "aggressive-attention-missing": H100,
     "faiss-missing": H100,
     "disk-space-short": ROOMY_DISK,
+    "parallel-ring-needs-cuda": H100x8,
+    "parallel-cpu-processes": H100x8,
 }
 
 
@@ -308,3 +331,27 @@ def test_host_rules_quiet_where_the_machine_has_room_or_is_unknown():
     assert "host-ram-short" in check(s(model="full"), SMALL_HOST).ids()
     for hardware in (CPU, H100):  # no host figures: no finding
         assert not {"host-ram-short", "disk-space-short"} & set(check(s(model="full"), hardware).ids())
+
+
+def test_parallel_rules_against_the_machine_and_the_model():
+    """A fresh GPU box: 24 GB cards put the 13B transformer in offloading mode, which context parallelism
+    refuses; 80 GB cards keep it resident. The released model's 24 heads split over 2, 3, 4, 6, 8 ranks, not 5."""
+    small_cards = replace(BARE_GPU, gpu_count=4)
+    assert "parallel-offload" in check(s(parallel_degree=4, model="framepack"), small_cards).ids()
+    roomy = check(s(parallel_degree=8, model="framepack"), H100x8)
+    assert [f.id for f in roomy.critical] == []
+    assert "parallel-heads-not-divisible" in check(s(parallel_degree=5, model="framepack"), H100x8).ids()
+    assert (
+        "parallel-heads-not-divisible"
+        not in check(s(parallel_degree=5, model="framepack", parallel_mode="ring"), H100x8).ids()
+    )
+    # what composes: quantization, compile, LoRA, the step caches (decisions summed over ranks)
+    stacked = s(parallel_degree=2, enable_quant=True, enable_compile=True, enable_teacache=True, loras=LORA)
+    assert not [f.id for f in check(stacked, H100x8).findings if f.id.startswith("parallel-")]
+
+
+def test_random_presets_heads_match_their_models():
+    from framepack_turbo.models.presets import RANDOM_HEADS
+    from framepack_turbo.models.random import SIZES
+
+    assert RANDOM_HEADS == {name: size.heads for name, size in SIZES.items()}

@@ -944,7 +944,7 @@ def _check_parallel(settings, ignore_incompatible: bool) -> None:
 
     hardware = Hardware.detect()
     if _runs_on_cpu(settings) and hardware.cuda:  # --device cpu on a GPU machine: the ranks are CPU processes
-        hardware = dataclasses.replace(hardware, device="cpu", gpu_count=0)
+        hardware = dataclasses.replace(hardware, device="cpu", gpu_count=None)
     report = compat.check(settings, hardware)
     for finding in report.critical:
         if finding.id.startswith("parallel-"):

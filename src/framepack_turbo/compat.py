@@ -816,9 +816,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "parallel-ranks-exceed-gpus",
         Severity.CRITICAL,
-        lambda s, h: _parallel(s) and h.cuda and s.parallel_degree > h.gpu_count,
+        lambda s, h: _parallel(s) and h.cuda and h.gpu_count is not None and s.parallel_degree > h.gpu_count,
         lambda s, h: f"--gpus {s.parallel_degree} puts one rank on each GPU; this machine has {h.gpu_count}.",
-        lambda s, h: f"--gpus {max(h.gpu_count, 1)} or fewer.",
+        lambda s, h: f"--gpus {max(h.gpu_count or 1, 1)} or fewer.",
     ),
     Rule(
         "parallel-heads-not-divisible",

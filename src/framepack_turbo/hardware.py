@@ -76,7 +76,7 @@ class Hardware:
     swap_free_gb: float | None = None
     disk_path: str | None = None  # where the free disk space was measured (outputs and caches go there)
     disk_free_gb: float | None = None
-    gpu_count: int = 0  # CUDA devices this process sees (context parallelism puts one rank on each)
+    gpu_count: int | None = None  # CUDA devices this process sees (context parallelism: a rank on each)
 
     @property
     def cuda(self) -> bool:

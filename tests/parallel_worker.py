@@ -1,0 +1,75 @@
+"""One rank of the context-parallel tests (tests/test_parallel.py starts two, as `--gpus 2` would).
+
+    python tests/parallel_worker.py JOBS.json OUT_DIR
+
+Runs every job of JOBS.json on this rank (one FramePack per model, `reconfigure` between step caches, as the
+web app's worker does) and writes, per job, the clip's latents (safetensors), the step caches' decisions and
+what was written, into OUT_DIR/rank{RANK}/. Ring jobs on a CPU need a stand-in for torch's CUDA flash kernel
+(the one that returns the log-sum-exp ring merges by): torch's CPU flash op returns the same two tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "red-circle.png"
+
+
+def cpu_flash_stand_in() -> None:
+    from diffusers.models import attention_dispatch
+
+    def forward_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, **_):
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, scale=scale
+        )[:2]
+        out, lse = out.transpose(1, 2).contiguous(), lse.transpose(1, 2).contiguous()
+        return (out, lse) if return_lse else out
+
+    attention_dispatch._native_flash_attention_forward_op = forward_op
+
+
+def main() -> None:
+    jobs = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2]) / f"rank{os.environ['RANK']}"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+
+    from framepack_turbo import api
+    from framepack_turbo.optim.stepcache import HookedCache
+    from framepack_turbo.settings import Settings
+
+    seen: list = []
+    original = HookedCache.record
+
+    def spy(self, kind, context, detail=""):
+        seen.append([self.name, context.name, context.step_index, kind])
+        original(self, kind, context, detail)
+
+    HookedCache.record = spy
+    api.INCOMPATIBLE_PAUSE_S = 0.0  # ring on a CPU is refused for users; here it runs on the stand-in
+    loaded: dict[str, api.FramePack] = {}
+    for job in jobs:
+        values = {"model": job["model"], "device": "cpu", "parallel_degree": 2, **job.get("settings", {})}
+        if values.get("parallel_mode") == "ring":
+            cpu_flash_stand_in()
+        settings = Settings.load(values, source="api")
+        fp = loaded.get(job["model"])
+        if fp is None or not fp.reconfigure(settings, ignore_incompatible=True):
+            fp = loaded[job["model"]] = api.FramePack.load(settings=settings, ignore_incompatible=True)
+        seen.clear()
+        video = out / f"{job['name']}.mp4"
+        result = fp.generate(EXAMPLE, job["prompt"], video, **job["options"])
+        save_file({"latents": result.latents.contiguous()}, out / f"{job['name']}.safetensors")
+        facts = {"decisions": seen, "video": video.exists(), "parallel": result.sidecar.get("parallel")}
+        (out / f"{job['name']}.json").write_text(json.dumps(facts))
+
+
+if __name__ == "__main__":
+    main()

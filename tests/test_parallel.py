@@ -1,0 +1,194 @@
+"""Context parallelism on the CPU: two gloo ranks (as `framepack generate --gpus 2` starts them) against one
+process, on `tiny-random` and `small`, both variants, Ulysses and ring (ring on a stand-in for the CUDA kernel).
+
+Tolerance: the ranks change only the order of float32 sums (attention over keys in another order, the other
+rank's share gathered), so the clip's latents must equal the single process's within 1e-4 absolute (measured
+here: at most ~2e-6, against latents of magnitude ~4). The step caches' decisions must be the same on both
+ranks, step by step. One launch runs every job (a rank's start-up is most of the cost).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from framepack_turbo import distributed, launch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "red-circle.png"
+PROMPT = "the red circle moves right"
+OPTIONS = dict(seconds=1.2, window=3, steps=4, resolution=64, seed=7)  # 3 sections of 3 latent frames
+TOLERANCE = 1e-4
+CACHES = {
+    "teacache": dict(enable_teacache=True, teacache_threshold=0.2),
+    "fbcache": dict(enable_fbcache=True, fbcache_threshold=0.545),  # near the changes measured (0.53-0.56)
+    "magcache": dict(enable_magcache=True, magcache_threshold=0.5, magcache_k=3, magcache_retention=0.0),
+}
+JOBS = [
+    *(
+        dict(name=f"{model}-{variant}", model=model, prompt=PROMPT, options={**OPTIONS, "variant": variant})
+        for model in ("tiny-random", "small")
+        for variant in ("inverted", "f1")
+    ),
+    *(
+        dict(name=f"small-{cache}", model="small", prompt=PROMPT, options=OPTIONS, settings=values)
+        for cache, values in CACHES.items()
+    ),
+    dict(
+        name="tiny-random-ring",
+        model="tiny-random",
+        prompt=PROMPT,
+        options=OPTIONS,
+        settings={"parallel_mode": "ring"},
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> Path:
+    """Both ranks' outputs of every job (OUT/rank0, OUT/rank1)."""
+    out = tmp_path_factory.mktemp("parallel")
+    jobs = out / "jobs.json"
+    jobs.write_text(json.dumps(JOBS))
+    port = launch.free_port()
+    command = [sys.executable, str(ROOT / "tests" / "parallel_worker.py"), str(jobs), str(out)]
+    procs = [subprocess.Popen(command, env=launch.rank_environment(r, 2, port, 1)) for r in range(2)]
+    codes = [p.wait(timeout=900) for p in procs]
+    assert codes == [0, 0]
+    return out
+
+
+def single_process(job: dict) -> torch.Tensor:
+    from framepack_turbo.api import FramePack
+
+    fp = FramePack.load(job["model"], device="cpu", **job.get("settings", {}))
+    return fp.generate(EXAMPLE, job["prompt"], keep_frames=False, out=None, **job["options"]).latents
+
+
+def rank_output(root: Path, rank: int, name: str) -> tuple[torch.Tensor, dict]:
+    folder = root / f"rank{rank}"
+    return load_file(folder / f"{name}.safetensors")["latents"], json.loads((folder / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("model", ["tiny-random", "small"])
+@pytest.mark.parametrize("variant", ["inverted", "f1"])
+def test_two_ranks_match_one_process(ranks, model, variant, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the reference's default output folder
+    job = next(j for j in JOBS if j["name"] == f"{model}-{variant}")
+    reference = single_process(job)
+    latents0, facts0 = rank_output(ranks, 0, job["name"])
+    latents1, facts1 = rank_output(ranks, 1, job["name"])
+    assert latents0.shape == reference.shape == latents1.shape
+    assert torch.equal(latents0, latents1)  # the gathered output is the same on every rank
+    assert (latents0 - reference).abs().max().item() <= TOLERANCE
+    assert reference.abs().max().item() > 1.0  # a real clip, not zeros
+    # rank 0 alone writes; the record says how the job was split
+    assert facts0["video"] and not facts1["video"]
+    assert facts0["parallel"]["mode"] == "ulysses" and facts0["parallel"]["degree"] == 2
+
+
+def test_ring_on_the_cpu_stand_in_matches_one_process(ranks, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = next(j for j in JOBS if j["name"] == "tiny-random-ring")
+    reference = single_process({**job, "settings": {}})
+    latents0, facts0 = rank_output(ranks, 0, job["name"])
+    assert facts0["parallel"]["mode"] == "ring" and facts0["parallel"]["attention"] == "_native_flash"
+    assert (latents0 - reference).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_step_cache_decisions_agree_on_every_rank(ranks, cache):
+    _, facts0 = rank_output(ranks, 0, f"small-{cache}")
+    _, facts1 = rank_output(ranks, 1, f"small-{cache}")
+    decisions = facts0["decisions"]
+    assert decisions == facts1["decisions"]
+    kinds = {d[3] for d in decisions}
+    assert {"hit", "forced"} <= kinds, kinds  # the cache reused steps (and the boundaries were computed)
+    if cache != "magcache":  # its decisions come from calibrated ratios; the others measure the rank's share
+        assert "miss" in kinds, kinds
+    assert len(decisions) == 3 * OPTIONS["steps"]
+
+
+def test_cache_decision_numbers_are_summed_over_ranks(monkeypatch):
+    """The sums a rank contributes are added up: on two halves the measure is the whole's."""
+    from framepack_turbo.optim import stepcache
+
+    a, b = torch.randn(2, 10, 4), torch.randn(2, 10, 4)
+    whole = stepcache.relative_l1(a, b)
+    halves = [(a[:, :5], b[:, :5]), (a[:, 5:], b[:, 5:])]
+    calls = iter(halves)
+
+    def fake_sum(values):  # the other rank's sums, as all_reduce would add them
+        other_a, other_b = next(calls)
+        return values + torch.stack([(other_a - other_b).abs().sum(), other_b.abs().sum()])
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "sum_over_ranks", fake_sum)
+    local = stepcache.relative_l1(a[:, 5:], b[:, 5:])  # this rank: the second half; the fake adds the first
+    assert local == pytest.approx(whole, rel=1e-6)
+
+
+def test_launched_reads_the_torchrun_variables():
+    assert distributed.launched({}) is None
+    ranks = distributed.launched({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert ranks == distributed.Ranks(1, 2, 1) and not ranks.primary
+    env = launch.rank_environment(1, 2, 1234, 1, base={"PATH": "/bin", "RANK": "7"})
+    assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2" and env["MASTER_PORT"] == "1234"
+    assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == "/bin"
+
+
+def test_degree_without_a_launch_says_how_to_start_it():
+    with pytest.raises(Exception, match="--gpus 2"):
+        distributed.start("cpu", 2, environ={})
+    with pytest.raises(Exception, match="must be equal"):
+        distributed.start("cpu", 2, environ={"RANK": "0", "WORLD_SIZE": "3"})
+
+
+def test_cp_plan_splits_first_block_and_every_rotary_table_and_gathers_the_last(tiny_bundle):
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    from framepack_turbo.optim.parallel import bytes_per_call, cp_plan
+
+    plan = cp_plan(tiny_bundle.transformer)
+    assert list(plan) == [
+        "transformer_blocks.0",
+        "transformer_blocks.*",
+        "single_transformer_blocks.*",
+        "single_transformer_blocks.0",
+    ]
+    assert set(plan["transformer_blocks.0"]) == {"hidden_states", "encoder_hidden_states"}
+    assert all(isinstance(x, ContextParallelInput) for x in plan["transformer_blocks.*"]["freqs_cis"])
+    assert all(isinstance(x, ContextParallelOutput) for x in plan["single_transformer_blocks.0"])
+    # FramePack at 640 (a 544x704 bucket): 9 noisy + 2 clean latent frames of 34x44 tokens, plus the 2x and
+    # 4x history, 729 SigLIP tokens and ~30 of text; bf16, 60 blocks, 3072 wide: Ulysses over 2 ranks moves
+    # about twice what ring does per call, (N-1)/N of 4 vs 2 copies of the sequence per block
+    ulysses = bytes_per_call("ulysses", 2, 3072, 60, 17_000, 760, 2)
+    ring = bytes_per_call("ring", 2, 3072, 60, 17_000, 760, 2)
+    assert ulysses["attention"] == pytest.approx(2 * ring["attention"])
+    assert ulysses["total"] > 12 * 2**30 and ring["gather"] == ulysses["gather"]
+
+
+def test_cli_refuses_bad_parallel_input_in_one_line(tmp_path):
+    cases = [
+        (["--model", "small", "--gpus", "3"], "do not divide"),
+        (["--model", "tiny-random", "--gpus", "2", "--parallel", "ring"], "CUDA only"),
+        (["--model", "tiny-random", "--gpus", "2", "--xformers-mode", "off"], "xformers-mode"),
+    ]
+    for flags, words in cases:
+        run = subprocess.run(
+            [sys.executable, "-m", "framepack_turbo", "generate", *flags, "--device", "cpu", "--prompt", "x"]
+            + ["--image", str(EXAMPLE), "--out", str(tmp_path / "x.mp4")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 2, run.stderr
+        lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and words in lines[0], run.stderr
+        assert "Traceback" not in run.stderr
