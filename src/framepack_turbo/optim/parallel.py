@@ -99,11 +99,13 @@ def bytes_per_call(
     """What one transformer call sends between ranks, per rank, from the shapes (received bytes).
 
     Ulysses: per block, Q, K and V all-to-all into the head split and the output back: 4 x (S/N) x C, of which
-    (N-1)/N leaves the rank. Ring (all-gather rotation): per block, every other rank's K and V: 2 x S x C x
-    (N-1)/N. Then the gather of the last block's output: S x C x (N-1)/N."""
+    (N-1)/N leaves the rank, so it shrinks as N grows. Ring (all-gather rotation): per block, every other rank's
+    K and V: 2 x S x C x (N-1)/N, about the same whatever N. Then the gather of the last block's output:
+    S x C x (N-1)/N."""
     tokens = latent_tokens + condition_tokens
     share = (degree - 1) / degree
-    per_block = (4 if mode == "ulysses" else 2) * tokens * inner_dim * element_bytes * share
+    copies = 4 / degree if mode == "ulysses" else 2
+    per_block = copies * tokens * inner_dim * element_bytes * share
     gather = tokens * inner_dim * element_bytes * share
     return {"attention": int(per_block * blocks), "gather": int(gather), "total": int(per_block * blocks + gather)}
 
