@@ -147,7 +147,7 @@ def main() -> None:
         f"`python scripts/parallel_bench.py --out {args.out} --model {args.model} --repeats {args.repeats}`",
         f"on this machine ({os.cpu_count()} cores, no GPU, gloo), one section of 8 steps, runs alternating.",
         "",
-        "| processes | threads each | step median (s) | x 1 process | job median (s) |",
+        "| processes | threads each | step median (s) | step time vs 1 process | job median (s) |",
         "|---:|---:|---:|---:|---:|",
         f"| 1 | {os.cpu_count()} | {step1:.3f} | 1.00x | {statistics.median(walls[1]):.2f} |",
         f"| 2 | {max(1, (os.cpu_count() or 1) // 2)} | {step2:.3f} | {step2 / step1:.2f}x | "

@@ -242,7 +242,8 @@ class Generator:
         self._reset("job")
 
         cond = self._condition(picture, options, timings, plan, text_to_video=image is None and source is None)
-        distributed.check_same("inputs", _job_fingerprint(options, cond, len(sections)))
+        if distributed.active():
+            distributed.check_same("inputs", _job_fingerprint(options, cond, len(sections)))
         record.job_caches = {e.name: e.stats() for e in self.extensions if e.kind == "job_cache"}
         record.image["bucket"] = [cond.height, cond.width]
         if source is not None:
