@@ -42,7 +42,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from framepack_turbo import api
+    from framepack_turbo.errors import Cancelled
     from framepack_turbo.optim.stepcache import HookedCache
+    from framepack_turbo.pipeline.events import CancelToken, StepProgress
     from framepack_turbo.settings import Settings
 
     seen: list = []
@@ -65,9 +67,26 @@ def main() -> None:
             fp = loaded[job["model"]] = api.FramePack.load(settings=settings, ignore_incompatible=True)
         seen.clear()
         video = out / f"{job['name']}.mp4"
-        result = fp.generate(EXAMPLE, job["prompt"], video, **job["options"])
-        save_file({"latents": result.latents.contiguous()}, out / f"{job['name']}.safetensors")
-        facts = {"decisions": seen, "video": video.exists(), "parallel": result.sidecar.get("parallel")}
+        token, on_event = CancelToken(), None
+        if job.get("cancel_in_section") and os.environ["RANK"] == "0":  # the user's cancel reaches rank 0 alone
+
+            def on_event(event, at=job["cancel_in_section"], token=token):
+                if isinstance(event, StepProgress) and event.section == at:
+                    token.cancel()
+
+        try:
+            result = fp.generate(EXAMPLE, job["prompt"], video, on_event=on_event, cancel=token, **job["options"])
+        except Cancelled as stopped:
+            result = stopped.result
+        if result.latents is not None:
+            save_file({"latents": result.latents.contiguous()}, out / f"{job['name']}.safetensors")
+        facts = {
+            "decisions": seen,
+            "video": video.exists(),
+            "parallel": result.sidecar.get("parallel"),
+            "sections_done": result.sidecar.get("sections_done"),
+            "latent_frames": 0 if result.latents is None else result.latents.shape[2],
+        }
         (out / f"{job['name']}.json").write_text(json.dumps(facts))
 
 

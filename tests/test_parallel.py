@@ -40,6 +40,7 @@ JOBS = [
         dict(name=f"small-{cache}", model="small", prompt=PROMPT, options=OPTIONS, settings=values)
         for cache, values in CACHES.items()
     ),
+    dict(name="tiny-random-cancel", model="tiny-random", prompt=PROMPT, options=OPTIONS, cancel_in_section=2),
     dict(
         name="tiny-random-ring",
         model="tiny-random",
@@ -113,6 +114,15 @@ def test_step_cache_decisions_agree_on_every_rank(ranks, cache):
     if cache != "magcache":  # its decisions come from calibrated ratios; the others measure the rank's share
         assert "miss" in kinds, kinds
     assert len(decisions) == 3 * OPTIONS["steps"]
+
+
+def test_a_cancel_on_rank_0_stops_every_rank_after_the_same_step(ranks):
+    """The page's cancel reaches rank 0 alone; rank 1 learns it in the same step's broadcast, nobody hangs
+    (the fixture's two processes exited 0), and both keep the section that finished."""
+    _, facts0 = rank_output(ranks, 0, "tiny-random-cancel")
+    _, facts1 = rank_output(ranks, 1, "tiny-random-cancel")
+    assert facts0["sections_done"] == 1 and facts0["video"]
+    assert facts0["latent_frames"] == facts1["latent_frames"] == OPTIONS["window"]
 
 
 def test_cache_decision_numbers_are_summed_over_ranks(monkeypatch):
