@@ -61,7 +61,6 @@ def probe(model: str, resolution: int, out: Path) -> None:
             return original(*args, **kwargs)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             result = original(*args, **kwargs)
-        calls.append({e.name: [] for e in prof.events()})
         a2a = gathers = exchanges = 0
         for e in prof.events():
             if e.name == "_c10d_functional::all_to_all_single":
@@ -70,7 +69,7 @@ def probe(model: str, resolution: int, out: Path) -> None:
                 gathers += torch.Size(e.input_shapes[0]).numel()
             elif e.name == "gloo:all_gather" and e.input_shapes and e.input_shapes[0] == [1]:
                 exchanges += 1
-        calls[0] = {"a2a_elements": a2a, "gather_elements": gathers, "size_exchanges": exchanges}
+        calls.append({"a2a_elements": a2a, "gather_elements": gathers, "size_exchanges": exchanges})
         return result
 
     transformer.forward = profiled

@@ -59,7 +59,8 @@ def ranks(tmp_path_factory) -> Path:
     jobs.write_text(json.dumps(JOBS))
     port = launch.free_port()
     command = [sys.executable, str(ROOT / "tests" / "parallel_worker.py"), str(jobs), str(out)]
-    procs = [subprocess.Popen(command, env=launch.rank_environment(r, 2, port, 1)) for r in range(2)]
+    # in the test's folder: a rank's default outputs and runtime cache (MagCache's ratios) stay out of the checkout
+    procs = [subprocess.Popen(command, env=launch.rank_environment(r, 2, port, 1), cwd=out) for r in range(2)]
     codes = [p.wait(timeout=900) for p in procs]
     assert codes == [0, 0]
     return out
@@ -134,9 +135,10 @@ def test_cache_decision_numbers_are_summed_over_ranks(monkeypatch):
     halves = [(a[:, :5], b[:, :5]), (a[:, 5:], b[:, 5:])]
     calls = iter(halves)
 
-    def fake_sum(values):  # the other rank's sums, as all_reduce would add them
+    def fake_sum(values):  # the other rank's sums and counts, as all_reduce would add them
         other_a, other_b = next(calls)
-        return values + torch.stack([(other_a - other_b).abs().sum(), other_b.abs().sum()])
+        change, scale = (other_a - other_b).abs(), other_b.abs()
+        return values + torch.tensor([change.sum(), scale.sum(), change.numel(), scale.numel()], dtype=torch.float64)
 
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "sum_over_ranks", fake_sum)

@@ -743,10 +743,7 @@ def calibrate_magcache(
             fp = FramePack.load(settings=settings)
             token = CancelToken()
             job = {k: v for k, v in options.to_dict().items() if k not in ("prompt", "negative_prompt")}
-            with (
-                _InterruptToCancel(token),
-                _ProgressView(console) as view,
-            ):
+            with _InterruptToCancel(token), _ProgressView(console) as view:
                 fp.generate(picture, options.prompt, Path(tmp) / "calibration.mp4", view, token, negative, **job)
         cache = fp.extension("magcache")
         if cache is None or not cache.saved:
@@ -930,9 +927,9 @@ def _check_writable_file(path: Path, label: str = "") -> None:
 
 
 def _runs_on_cpu(settings) -> bool:
-    import torch
+    from framepack_turbo.models.loading import default_device
 
-    return (settings.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    return (settings.device or default_device().type).startswith("cpu")
 
 
 def _check_parallel(settings, ignore_incompatible: bool) -> None:

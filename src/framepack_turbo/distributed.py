@@ -4,8 +4,8 @@ process group starts, and what the ranks must agree on.
 Every rank runs the same job on the same inputs: the same seed, the same conditioning, the same sampler. The
 transformer splits each call's sequence over the ranks (optim/parallel.py) and gathers it back, so every rank
 holds the same latents after every step; rank 0 alone decodes and writes. Anything a rank decides from data
-only it sees must be agreed on, or the ranks stop meeting in the same collective and hang: the step caches sum
-their decision's numbers over the ranks (`sum_over_ranks`), a cancel is rank 0's (`SharedCancel`), a random
+only it sees must be agreed on, or the ranks stop meeting in the same collective and hang: the step caches take
+their decision's means over the ranks (`means_over_ranks`), a cancel is rank 0's (`SharedCancel`), a random
 seed is rank 0's (`primary_int`), and a job whose inputs differ between ranks is refused (`check_same`).
 
 Launchers (torchrun, `framepack generate --gpus N`, a Ray actor group) set the torchrun variables RANK,
@@ -106,15 +106,21 @@ def stop() -> None:
 
 
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """`values` summed over the ranks (a new host tensor; `values` itself outside a launched job).
-
-    A step cache's decision is a ratio of sums over the whole sequence; each rank holds a share of it, so the
-    sums are added up first and every rank then divides the same numbers and decides the same."""
+    """`values` summed over the ranks (a new host tensor; `values` itself outside a launched job)."""
     if not active():
         return values
     total = values.detach().to("cpu", torch.float64).clone()
     torch.distributed.all_reduce(total)
     return total
+
+
+def means_over_ranks(*tensors: torch.Tensor) -> list[float]:
+    """The mean of each tensor over every rank's elements (shares may be uneven): one all-reduce of the sums
+    and the counts. A step cache's decision is a ratio of such means over the whole sequence; every rank gets
+    the same numbers and so decides the same."""
+    local = [float(t.sum()) for t in tensors] + [float(t.numel()) for t in tensors]
+    total = sum_over_ranks(torch.tensor(local, dtype=torch.float64)).tolist()
+    return [sum_ / count for sum_, count in zip(total[: len(tensors)], total[len(tensors) :])]
 
 
 def primary_int(value: int) -> int:

@@ -113,8 +113,7 @@ def magnitude_ratio(residual: torch.Tensor, previous: torch.Tensor) -> float:
     current, before = residual[:, -n:].float(), previous[:, -n:].float()
     ratios = torch.linalg.vector_norm(current, dim=-1) / torch.linalg.vector_norm(before, dim=-1)
     if distributed.active():  # each rank has a share of the tokens: the mean over all of them
-        total, count = distributed.sum_over_ranks(torch.tensor([float(ratios.sum()), float(ratios.numel())]))
-        return float(total / count)
+        return distributed.means_over_ranks(ratios)[0]
     return float(ratios.mean())
 
 

@@ -19,7 +19,7 @@ Shares may be uneven (the text length is the prompt's), so the split is diffuser
 (`tensor_split`, uneven all-to-all); the ranks exchange their share sizes through gloo, beside NCCL on CUDA.
 
 The split and gather hooks are the outermost on those blocks (the pass is declared after the step caches):
-the caches' hooks see a rank's share and sum their decision over the ranks (distributed.sum_over_ranks).
+the caches' hooks see a rank's share and take their decision's means over the ranks (distributed.means_over_ranks).
 `ModelMixin.enable_parallelism` is not called: it derives the device index from the accelerator count, which
 is zero on a CPU, so a gloo mesh (the CI test) could not be built through it; the four things it does are done
 here with diffusers' own pieces (the configs, the mesh setup, the processors' config, `apply_context_parallel`).

@@ -239,12 +239,10 @@ class HookedCache(Extension):
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """mean|a - b| / mean|b| in float32 (one host sync: the decision is made on the host). Under context
-    parallelism each rank holds a share of the tokens: the two sums are added over the ranks first, so every
+    parallelism each rank holds a share of the tokens: the two means are over every rank's tokens, so every
     rank decides on the whole sequence, and the same."""
     current, previous = current.float(), previous.float()
     if distributed.active():
-        change, scale = distributed.sum_over_ranks(
-            torch.stack([(current - previous).abs().sum(), previous.abs().sum()])
-        )
-        return float(change / scale.clamp_min(1e-12))
+        change, scale = distributed.means_over_ranks((current - previous).abs(), previous.abs())
+        return change / max(scale, 1e-12)
     return float((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))

@@ -69,12 +69,10 @@ class _State(StackState):
 
 def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """FramePack's measure, in the tensors' own dtype (bf16 on a GPU), as FramePack computes it. Under context
-    parallelism the sums of each rank's share are added over the ranks (every rank decides the same)."""
+    parallelism the means are over every rank's share (every rank decides the same)."""
     if distributed.active():
-        change, scale = distributed.sum_over_ranks(
-            torch.stack([(current - previous).abs().float().sum(), previous.abs().float().sum()])
-        )
-        return float(change / scale)
+        change, scale = distributed.means_over_ranks((current - previous).abs().float(), previous.abs().float())
+        return change / scale
     return float((current - previous).abs().mean() / previous.abs().mean())
 
 

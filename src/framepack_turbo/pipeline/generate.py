@@ -202,7 +202,6 @@ class Generator:
         job left beside `out_path` (pipeline/resume.py); its options and settings must be the same."""
         job_started = time.perf_counter()
         out_path = Path(out_path)
-        self._out_path = out_path
         variant = options.variant or self.bundle.preset.default_variant
         sections = plan_sections(variant, options.seconds, options.window)
         plan = timeline_of(options, variant)  # every timed input checked before any model runs
@@ -270,16 +269,29 @@ class Generator:
         written = 0  # final frames handed to the writer (after `before`)
         kept: list[np.ndarray] = []  # keep_frames: the final frames, in time order
         done = 0
-        if not self.primary:
-            return self._follow(
-                sections, done, variant, history, cond, options, rng, timings, job_started, clip, state, record
-            )
+        keep = max(CONTEXT_1X + CONTEXT_2X + CONTEXT_4X, 2 * options.window + 1)  # history latents kept
         if state is not None:
-            done, generated, history, pixels = state.sections_done, state.generated, state.history, state.window
-            written = state.frames - before
+            done, generated, history = state.sections_done, state.generated, state.history
             rng.set_state(state.rng)
             sampled = resume_state.load_latents(out_path, done)
             clip = [clip[0], *sampled] if variant == "f1" else list(reversed(sampled))
+        if not self.primary:
+            return self._follow(
+                out_path,
+                sections[done:],
+                variant,
+                history,
+                cond,
+                options,
+                rng,
+                timings,
+                job_started,
+                clip,
+                record,
+                keep,
+            )
+        if state is not None:
+            pixels, written = state.window, state.frames - before
             record.restore(state.record, done)
             self.on_event(Notice(f"resuming {out_path} after section {done} of {len(sections)}"))
         writer = ClipWriter(out_path, options.crf, backward=variant == "inverted", sections=done)
@@ -288,7 +300,6 @@ class Generator:
             writer.head(copied, cond.height, cond.width, record.reproduction())
         self._writer = writer
         overlap = pixel_frames_per_window(options.window)
-        keep = max(CONTEXT_1X + CONTEXT_2X + CONTEXT_4X, 2 * options.window + 1)  # history latents kept
         status = "complete"
         self.on_event(StageStarted("sampling"))
         try:
@@ -395,18 +406,15 @@ class Generator:
             raise stopped
         return result
 
-    def _follow(self, sections, done, variant, history, cond, options, rng, timings, job_started, clip, state, record):
-        """A follower rank's job: the same sampling as rank 0, nothing decoded, written or reported."""
-        if state is not None:
-            done, history = state.sections_done, state.history
-            rng.set_state(state.rng)
-            sampled = resume_state.load_latents(self._out_path, done)
-            clip = [clip[0], *sampled] if variant == "f1" else list(reversed(sampled))
-        keep = max(CONTEXT_1X + CONTEXT_2X + CONTEXT_4X, 2 * options.window + 1)
+    def _follow(
+        self, out_path, sections, variant, history, cond, options, rng, timings, job_started, clip, record, keep
+    ):
+        """A follower rank's job: the same sampling as rank 0 (`sections`: those left to make), nothing decoded,
+        written or reported."""
         try:
-            for section in sections[done:]:
+            for section in sections:
                 latents = self._sample_with_step_down(
-                    section, variant, history, cond, options, rng, timings, job_started, len(sections), record
+                    section, variant, history, cond, options, rng, timings, job_started, section.total, record
                 )
                 self._section_stats(section)
                 _, history = _extend_history(variant, section, latents, history, clip, cond)
@@ -415,10 +423,7 @@ class Generator:
             pass  # rank 0 reports it; the cancel came to every rank after the same step
         finally:
             self._reset("section")
-        result = Result(
-            self._out_path, video.sidecar_path(self._out_path), {}, torch.cat(clip, dim=2) if clip else None
-        )
-        return result
+        return Result(out_path, video.sidecar_path(out_path), {}, torch.cat(clip, dim=2) if clip else None)
 
     # ---- writing -------------------------------------------------------------------------------
 
