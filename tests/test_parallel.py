@@ -207,3 +207,15 @@ def test_cli_refuses_bad_parallel_input_in_one_line(tmp_path):
         lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and words in lines[0], run.stderr
         assert "Traceback" not in run.stderr
+
+
+def test_serve_without_ray_refuses_a_parallel_degree(tmp_path):
+    """The page's jobs run in the server's one process; several ranks per job need --ray (a worker group)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "framepack_turbo", "serve", "--parallel-degree", "2", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "needs --ray" in run.stderr and "Traceback" not in run.stderr

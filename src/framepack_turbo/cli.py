@@ -830,6 +830,11 @@ def serve(
         settings = Settings.load(base, source="cli")  # bad flags fail here, before the page starts
         if ray is None:
             _check_device(settings.device)  # Ray workers check their own device
+            if settings.parallel_degree > 1:
+                raise InputError(
+                    f"--parallel-degree {settings.parallel_degree}: the page's jobs run in this one process; a job "
+                    "on several GPUs needs --ray (each worker a group of that many actors)"
+                )
         elif ray_workers is not None and ray_workers < 1 or ray_cpus_per_worker is not None and ray_cpus_per_worker < 1:
             raise InputError("--ray-workers and --ray-cpus-per-worker count from 1")
         _check_writable_file(data_dir / "jobs.sqlite")
@@ -857,13 +862,23 @@ def serve(
 
         try:
             workers = start_workers(
-                ray, base, data_dir, ray_workers, ray_cpus_per_worker, shared=ray_shared_dir, dashboard=ray_dashboard
+                ray,
+                base,
+                data_dir,
+                ray_workers,
+                ray_cpus_per_worker,
+                shared=ray_shared_dir,
+                dashboard=ray_dashboard,
+                ranks=settings.parallel_degree,
             )
         except FramePackError as exc:
             lock.release()
             raise _fail(str(exc), exc.exit_code) from None
         hardware = workers[0].hardware  # the page's compatibility report is the workers'
-        console.print(f"[bold]Ray:[/bold] {len(workers)} worker(s) on {hardware.device_name}; `framepack worker-info`")
+        group = f" of {settings.parallel_degree} ranks each" if settings.parallel_degree > 1 else ""
+        console.print(
+            f"[bold]Ray:[/bold] {len(workers)} worker(s){group} on {hardware.device_name}; `framepack worker-info`"
+        )
     queue = JobQueue(JobStore(data_dir / "jobs.sqlite"), workers, data_dir, base=base).start()
     page = build(queue, base, hardware)
     try:
@@ -909,6 +924,8 @@ def worker_info(
         loaded = row.get("model") or "no model loaded"
         job = f"job {row['job']}" if row.get("job") else "no job"
         where = f"{row.get('host', '?')} pid {row.get('pid', '?')}"
+        if row.get("ranks", 1) > 1:  # a group: rank 0's host and pid, the others on the same node
+            where += f", {row['ranks']} ranks"
         typer.echo(
             f"{row['name']}: {row.get('state', '?')}, {row.get('device', '?')} ({where}), {loaded}, "
             f"{row.get('loads', 0)} load(s), {job}"

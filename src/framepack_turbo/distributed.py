@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -25,6 +26,9 @@ from framepack_turbo.errors import FramePackError, InputError
 from framepack_turbo.pipeline.events import CancelToken
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# How long a rank waits in a collective for the others: long enough for a slower rank's model load or rank 0's
+# decode, short enough that a job whose rank died fails instead of hanging (torch's default is 30 min).
+COLLECTIVE_TIMEOUT = timedelta(minutes=15)
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,9 @@ def start(device_type: str, degree: int, environ: Mapping[str, str] | None = Non
             )
         torch.cuda.set_device(ranks.local_rank)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend_for(device_type), rank=ranks.rank, world_size=ranks.world)
+        torch.distributed.init_process_group(
+            backend_for(device_type), rank=ranks.rank, world_size=ranks.world, timeout=COLLECTIVE_TIMEOUT
+        )
     return ranks
 
 

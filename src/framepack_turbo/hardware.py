@@ -122,7 +122,9 @@ class Hardware:
                 backends,
                 providers,
                 **host,
-                gpu_count=torch.cuda.device_count(),
+                # a launched rank (torchrun, a Ray group) sees its own GPU, not the job's: the launcher placed
+                # the ranks, and each checks its local GPU as it joins (distributed.start)
+                gpu_count=None if "WORLD_SIZE" in os.environ else torch.cuda.device_count(),
             )
         name = platform.processor() or platform.machine()
         return Hardware("cpu", name, cpus, None, None, None, True, backends, providers, **host)

@@ -280,6 +280,28 @@ class FramePackActor:
     def get_hardware(self):
         return self.hardware
 
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0 of a worker group: where the others meet it (its node's address and a free port there)."""
+        import ray
+
+        from framepack_turbo.launch import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join(self, rank: int, world: int, address: str, port: int):
+        """Become rank `rank` of a worker group before any job: the variables torchrun would set (Ray gives the
+        actor its one GPU, so it is local device 0); the process group starts with the first job's load. A
+        follower keeps its files apart from rank 0's (same node, same job), though it writes none."""
+        from framepack_turbo.hardware import Hardware
+
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=address, MASTER_PORT=str(port)
+        )
+        if rank:
+            self.root = self.root / f"rank{rank}"
+        self.hardware = Hardware.detect()
+        return self.hardware
+
     def cancel(self, job_id: int) -> bool:
         token = self._tokens.get(job_id)
         if token is not None:
@@ -379,10 +401,14 @@ class WorkerBoard:
 
 
 class RayWorker:
-    """A queue worker that runs its jobs on one Ray actor."""
+    """A queue worker that runs its jobs on one Ray actor, or on a group of them (`followers`: ranks 1..N-1 of
+    a context-parallel job; `actor` is rank 0, the one whose messages and files come back)."""
 
-    def __init__(self, actor, name: str, hardware, base: dict[str, Any], data_dir: Path, shared: bool, board) -> None:
+    def __init__(
+        self, actor, name: str, hardware, base: dict[str, Any], data_dir: Path, shared: bool, board, followers=()
+    ) -> None:
         self.actor, self.name, self.hardware = actor, name, hardware
+        self.followers = list(followers)
         self.base, self.data_dir, self.shared, self.board = dict(base), Path(data_dir).resolve(), shared, board
         self.alive = True
         self.key: str | None = None
@@ -439,6 +465,8 @@ class RayWorker:
         payload = self._payload(job)
         video_rel = payload["job"]["video"]
         self.board.update(self.name, {"job": job.id, "state": "running"})
+        # every rank runs the job (they meet in each step's collectives); only rank 0 reports and writes
+        followers = [f.run.options(num_returns="streaming").remote(payload) for f in self.followers]
         stream = self.actor.run.options(num_returns="streaming").remote(payload)
         done = threading.Event()
 
@@ -459,6 +487,11 @@ class RayWorker:
                     on_event(_here(rest[0], job))
                 else:
                     end = rest
+            for follower in followers:  # their end, once rank 0's came: a failed rank fails the job
+                for ref in follower:
+                    kind, *rest = ray.get(ref)
+                    if kind == "end" and rest[0] == "failed" and end and end[0] != "failed":
+                        end = ["failed", f"rank {followers.index(follower) + 1}: {rest[1]}"]
         except _lost_errors() as exc:
             self.alive = self._responds()
             self.key = None  # a restarted actor has no models loaded
@@ -476,7 +509,10 @@ class RayWorker:
             raise RemoteJobFailed(message)
 
     def _responds(self) -> bool:
-        """After a loss: is the actor back (Ray restarted it) or gone for good?"""
+        """After a loss: is the actor back (Ray restarted it) or gone for good? A group is gone with any rank:
+        its process group broke, and a restarted actor would not be one of its ranks."""
+        if self.followers:
+            return False
         ray = require_ray()
         try:
             ray.get(self.actor.info.remote(), timeout=60)
@@ -488,7 +524,7 @@ class RayWorker:
         ray = require_ray()
         info = ray.get(self.actor.info.remote(), timeout=60)
         self.key = info.pop("key")
-        self.board.update(self.name, {**info, "state": "idle"})
+        self.board.update(self.name, {**info, "ranks": 1 + len(self.followers), "state": "idle"})
 
     def describe(self) -> dict[str, Any]:
         return dict(self.board.rows.get(self.name, {"name": self.name}))
@@ -536,49 +572,79 @@ def start_workers(
     shared: bool = False,
     dashboard: bool = False,
     num_cpus: int | None = None,
+    ranks: int = 1,
 ) -> list[RayWorker]:
-    """Join or start the cluster and start the actors: one per GPU (`num_gpus=1`), or on a CPU-only cluster
-    `workers` CPU actors (default 1) with the cluster's CPUs shared out; each reports its hardware."""
+    """Join or start the cluster and start the workers: one actor per GPU (`num_gpus=1`), or on a CPU-only
+    cluster `workers` CPU actors (default 1) with the cluster's CPUs shared out; each reports its hardware.
+
+    `ranks` > 1 (PARALLEL_DEGREE): each worker is a group of that many actors, packed on one node by a placement
+    group (the ranks talk every block: NVLink, not the network), forming one context-parallel process group;
+    `workers` then counts groups, `cpus_per_worker` is per actor."""
     ray = require_ray()
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     where = connect(address, num_cpus=num_cpus, dashboard=dashboard)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    group = "" if ranks == 1 else f" of {ranks} ranks"
     if gpus:
-        count = workers or gpus
-        if count > gpus:
-            raise InputError(f"--ray-workers {count}: the cluster has {gpus} GPU(s); one worker per GPU")
-        per = cpus_per_worker or max(1, cpus // count)
-        options = {"num_gpus": 1, "num_cpus": per}
+        count = workers or max(1, gpus // ranks)
+        if count * ranks > gpus:
+            raise InputError(f"--ray-workers {count}{group}: the cluster has {gpus} GPU(s); one actor per GPU")
+        per = cpus_per_worker or max(1, cpus // (count * ranks))
+        bundle = {"GPU": 1, "CPU": per}
     else:
         count = workers or 1
-        per = cpus_per_worker or max(1, cpus // count)
-        if count * per > cpus:
+        per = cpus_per_worker or max(1, cpus // (count * ranks))
+        if count * ranks * per > cpus:
             raise InputError(
-                f"--ray-workers {count} with {per} CPU(s) each: the cluster has {cpus} CPU(s) and no GPU; "
+                f"--ray-workers {count}{group} with {per} CPU(s) each: the cluster has {cpus} CPU(s) and no GPU; "
                 "ask for fewer workers or CPUs per worker"
             )
-        options = {"num_cpus": per}
-    log.info("Ray: %s, %d GPU(s), %d CPU(s): starting %d worker(s) with %s", where, gpus, cpus, count, options)
+        bundle = {"CPU": per}
+    options = {"num_gpus": bundle.get("GPU", 0), "num_cpus": per}
+    log.info("Ray: %s, %d GPU(s), %d CPU(s): starting %d worker(s)%s with %s", where, gpus, cpus, count, group, options)
     server = hashlib.sha256(f"{socket.gethostname()}:{os.getpid()}".encode()).hexdigest()[:8]
     root, cwd = actor_root(data_dir), os.getcwd()
     remote = ray.remote(FramePackActor)
-    actors = [
-        remote.options(name=f"framepack-{server}-{i}", max_restarts=MAX_RESTARTS, max_concurrency=4, **options).remote(
-            base, f"worker-{i}", root, cwd
+    groups = []
+    for i in range(count):
+        placement = {}
+        if ranks > 1:
+            pg = placement_group([bundle] * ranks, strategy="STRICT_PACK")
+            placement = {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg)}
+        restarts = MAX_RESTARTS if ranks == 1 else 0  # a restarted rank would not rejoin its group
+        groups.append(
+            [
+                remote.options(
+                    name=f"framepack-{server}-{i}" + (f"-rank{r}" if ranks > 1 else ""),
+                    max_restarts=restarts,
+                    max_concurrency=4,
+                    **options,
+                    **placement,
+                ).remote(base, f"worker-{i}", root, cwd)
+                for r in range(ranks)
+            ]
         )
-        for i in range(count)
-    ]
     try:
-        hardware = ray.get([a.get_hardware.remote() for a in actors], timeout=START_TIMEOUT_S)
+        if ranks > 1:
+            meeting = ray.get([g[0].rendezvous.remote() for g in groups], timeout=START_TIMEOUT_S)
+            hardware = [
+                ray.get([a.join.remote(r, ranks, *meet) for r, a in enumerate(g)], timeout=START_TIMEOUT_S)[0]
+                for g, meet in zip(groups, meeting)
+            ]
+        else:
+            hardware = ray.get([g[0].get_hardware.remote() for g in groups], timeout=START_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         raise InputError(
-            f"Ray could not start {count} worker(s) with {options} in {START_TIMEOUT_S:.0f} s: the cluster has "
-            f"{gpus} GPU(s) and {cpus} CPU(s) free at most (`ray status` shows what is used)"
+            f"Ray could not start {count} worker(s){group} with {options} in {START_TIMEOUT_S:.0f} s: the cluster "
+            f"has {gpus} GPU(s) and {cpus} CPU(s) free at most (`ray status` shows what is used)"
         ) from None
     board = WorkerBoard(data_dir)
     made = [
-        RayWorker(a, f"worker-{i}", hw, base, data_dir, shared, board)
-        for i, (a, hw) in enumerate(zip(actors, hardware))
+        RayWorker(g[0], f"worker-{i}", hw, base, data_dir, shared, board, followers=g[1:])
+        for i, (g, hw) in enumerate(zip(groups, hardware))
     ]
     for worker in made:
         worker._refresh()
