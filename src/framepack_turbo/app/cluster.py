@@ -487,11 +487,11 @@ class RayWorker:
                     on_event(_here(rest[0], job))
                 else:
                     end = rest
-            for follower in followers:  # their end, once rank 0's came: a failed rank fails the job
+            for rank, follower in enumerate(followers, start=1):  # their end, after rank 0's: a failed rank fails it
                 for ref in follower:
                     kind, *rest = ray.get(ref)
                     if kind == "end" and rest[0] == "failed" and end and end[0] != "failed":
-                        end = ["failed", f"rank {followers.index(follower) + 1}: {rest[1]}"]
+                        end = ["failed", f"rank {rank}: {rest[1]}"]
         except _lost_errors() as exc:
             self.alive = self._responds()
             self.key = None  # a restarted actor has no models loaded
