@@ -2,7 +2,7 @@
 
 Layers, bottom to top (docs/architecture.md):
 
-    0 basics      errors, constants, files, logs, hardware          torch-free
+    0 basics      errors, constants, files, logs, text, hardware          torch-free
     1 decisions   settings, presets, compat, placement, models.presets, optim.registry, optim.plan   torch-free
     2 core        models, pipeline, distributed
     3 passes      optim (the pass modules)
@@ -26,7 +26,7 @@ PACKAGE = "framepack_turbo"
 ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("basics", ("errors", "constants", "files", "logs", "hardware")),
+    ("basics", ("errors", "constants", "files", "logs", "text", "hardware")),
     ("decisions", ("settings", "presets", "compat", "placement", "models.presets", "optim.registry", "optim.plan")),
     ("core", ("models", "pipeline", "distributed")),
     ("passes", ("optim",)),
