@@ -620,6 +620,13 @@ class Settings(BaseSettings):
     def _lora_files(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         specs = [parse_lora(text) for text in value]  # raises ValueError naming the bad one
         for spec in specs:
+            if spec.path.is_dir():  # PEFT's save_pretrained folder (models/lora.py reads it); no other folder
+                if not (spec.path / "adapter_model.safetensors").is_file():
+                    raise ValueError(
+                        f"{spec.path}: is a folder, not a LoRA file (a folder is read only where it holds "
+                        "PEFT's adapter_model.safetensors)"
+                    )
+                continue
             if spec.path.suffix != ".safetensors":
                 raise ValueError(f"{spec.path}: only .safetensors LoRA files are read (no pickle)")
             if not spec.path.is_file():

@@ -21,8 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from framepack_turbo.files import sha256_file
-from framepack_turbo.models.lora import LoadedLora, load_lora, merge_into, peft_config, peft_state_dict
+from framepack_turbo.models.lora import (
+    LoadedLora,
+    check_weight_sum,
+    load_lora,
+    lora_file,
+    lora_identity,
+    merge_into,
+    merged_weights,
+    peft_config,
+    peft_state_dict,
+    per_file,
+)
 from framepack_turbo.optim.base import Extension, PassContext, PassReport
 from framepack_turbo.settings import lora_specs, resolved_lora_mode
 
@@ -49,13 +59,14 @@ def merged_identity(settings: Settings) -> list[dict[str, Any]] | None:
     """What keys an optimized-model artifact built with these LoRAs merged: each file's hash and weight."""
     if resolved_lora_mode(settings) != "merged":
         return None
-    return [{"sha256": sha256_file(s.path), "weight": s.weight} for s in lora_specs(settings)]
+    return [{**lora_identity(s.path), "weight": s.weight} for s in lora_specs(settings)]
 
 
 def _entry(lora: LoadedLora, weight: float) -> dict[str, Any]:
     return {
         "name": lora.path.name,
         "sha256": lora.sha256,
+        **({"config_sha256": lora.config_sha256} if lora.config_sha256 else {}),
         "weight": weight,
         "format": lora.format,
         "modules": len({d.module for d in lora.deltas}),
@@ -87,12 +98,29 @@ def preflight(settings: Settings) -> list[str]:
 
     model_dir = str(settings.model_dir) if settings.model_dir else None
     transformer = empty_transformer(settings.model, model_dir)
-    if transformer is None:
+    specs = lora_specs(settings)
+    if transformer is None:  # the weight cap per file still holds
+        sums: dict[tuple, tuple[str, list[float]]] = {}
+        for s in specs:
+            identity = lora_identity(s.path)
+            sums.setdefault(tuple(identity.values()), (s.path.name, []))[1].append(s.weight)
+        for name, weights in sums.values():
+            check_weight_sum(name, weights)
         return []
-    return [
-        f"LoRA {load_lora(s.path, transformer, settings.lora_allow_partial).summary()}, weight {s.weight:g}"
-        for s in lora_specs(settings)
-    ]
+    loaded = _load_each(specs, transformer, settings.lora_allow_partial)
+    return [f"LoRA {lora.summary()}, weight {weight:g}" for lora, weight in loaded]
+
+
+def _load_each(specs, transformer, allow_partial: bool) -> list[tuple[LoadedLora, float]]:
+    """Each file read once (a file named twice is one, its weights added: `per_file`, capped)."""
+    read: dict[Path, LoadedLora] = {}
+    loaded = []
+    for path, weight in specs:
+        key = lora_file(path).resolve()
+        if key not in read:
+            read[key] = load_lora(path, transformer, allow_partial)
+        loaded.append((read[key], weight))
+    return per_file(loaded)
 
 
 class LoraRecord(Extension):
@@ -115,7 +143,7 @@ class LoraMergePass:
 
     def apply(self, bundle: ModelBundle, config: LoraConfig, context: PassContext) -> PassReport:
         transformer = bundle.transformer
-        loaded = [(load_lora(path, transformer, config.allow_partial), weight) for path, weight in config.loras]
+        loaded = _load_each(config.loras, transformer, config.allow_partial)
         for lora, _ in loaded:
             _warn_ignored(lora)
         modules = merge_into(transformer, loaded)
@@ -139,8 +167,11 @@ class LoraAdapters(LoraRecord):
 
 
 def _file_key(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+    file = lora_file(path)
+    stat = file.stat()
+    config = file.with_name("adapter_config.json")
+    config_mtime = config.stat().st_mtime_ns if config.is_file() else 0
+    return str(file.resolve()), stat.st_size, stat.st_mtime_ns + config_mtime
 
 
 class LoraAdaptersPass:
@@ -152,24 +183,39 @@ class LoraAdaptersPass:
     def apply(self, bundle: ModelBundle, config: LoraConfig, context: PassContext) -> PassReport:
         transformer = bundle.transformer
         loaded: dict[tuple, tuple[str, dict[str, Any]]] = getattr(transformer, ADAPTERS_ATTR, {})
-        names, weights, entries, fresh = [], [], [], 0
+        files: dict[tuple, float] = {}  # a file named twice is one adapter, its weights added
         for path, weight in config.loras:
             key = _file_key(path)
-            if key not in loaded:
+            files[key] = files.get(key, 0.0) + weight
+        names, weights, entries = [], [], []
+        pending: dict[tuple, tuple[str, dict[str, Any], LoadedLora, float]] = {}  # read now, not on yet
+        by_content: dict[tuple, tuple[str, list[float]]] = {}
+        for (path, _), (key, weight) in zip(_first_paths(config.loras), files.items()):
+            if key in loaded:
+                name, entry = loaded[key]
+            else:
                 lora = load_lora(path, transformer, config.allow_partial)
                 _warn_ignored(lora)
                 count = getattr(transformer, ADAPTERS_ATTR + "_count", 0)
                 setattr(transformer, ADAPTERS_ATTR + "_count", count + 1)
-                name = f"lora{count}_{lora.sha256[:12]}"
-                transformer.load_lora_adapter(
-                    peft_state_dict(lora), prefix=None, adapter_name=name, metadata=peft_config(lora)
-                )
-                loaded[key] = (name, _entry(lora, 1.0))
-                fresh += 1
-            name, entry = loaded[key]
+                name, entry = f"lora{count}_{lora.sha256[:12]}", _entry(lora, 1.0)
+                pending[key] = (name, entry, lora, weight)
+            content = (entry["sha256"], entry.get("config_sha256"))
+            by_content.setdefault(content, (entry["name"], []))[1].append(weight)
             names.append(name)
             weights.append(weight)
             entries.append({**entry, "weight": weight})
+        for shown_name, file_weights in by_content.values():  # copies of one file under two paths
+            check_weight_sum(shown_name, file_weights)
+        # a new file's update must be finite in the weights' dtype (the adapters add it at each step); nothing
+        # goes on before every check passed
+        merged_weights(transformer, [(lora, weight) for _, _, lora, weight in pending.values()], write=False)
+        for key, (name, entry, lora, _) in pending.items():
+            transformer.load_lora_adapter(
+                peft_state_dict(lora), prefix=None, adapter_name=name, metadata=peft_config(lora)
+            )
+            loaded[key] = (name, entry)
+        fresh = len(pending)
         wanted = set(names)
         stale = [(k, n) for k, (n, _) in loaded.items() if n not in wanted]
         if stale:  # files no job names any more: their memory back
@@ -185,3 +231,14 @@ class LoraAdaptersPass:
         return PassReport(
             self.name, "applied", detail, {"loaded": fresh, "loras": entries}, LoraAdapters(transformer, entries)
         )
+
+
+def _first_paths(loras: tuple[tuple[Path, float], ...]) -> list[tuple[Path, float]]:
+    """The first path naming each file, in order (one per `_file_key`)."""
+    seen, out = set(), []
+    for path, weight in loras:
+        key = _file_key(path)
+        if key not in seen:
+            seen.add(key)
+            out.append((path, weight))
+    return out
