@@ -336,11 +336,12 @@ def generate(
             picture = None
         elif image is None:
             picture = None
-            typer.echo(
-                f"note: no --image: text-to-video from a {options.start_color or 'black'} start frame "
-                "(weaker than image-to-video)",
-                err=True,
-            )
+            if resume is None:  # a resume's start image (or its blank frame) is in its state
+                typer.echo(
+                    f"note: no --image: text-to-video from a {options.start_color or 'black'} start frame "
+                    "(weaker than image-to-video)",
+                    err=True,
+                )
         else:
             picture = load_image(image)
         base_out = out or default_output_path()
@@ -351,6 +352,11 @@ def generate(
             resume_state.refuse_changes(
                 saved["fingerprint"], resume_state.fingerprint(record, options.to_dict()), resume
             )
+            if not follower:  # a job writing the clip now (the run takes the lock; rank 0's alone)
+                from framepack_turbo.pipeline.writer import ClipLock
+
+                ClipLock(resume).acquire(resume=True).release()
+            resume_state.check(resume, variant, saved)  # the parts whole, each tensor's shape: files untouched
             picture = None  # the state holds the start image
         _check_device(settings.device)
         from framepack_turbo.optim.lora import preflight

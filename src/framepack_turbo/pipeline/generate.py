@@ -56,7 +56,7 @@ from framepack_turbo.pipeline.sections import (
     plan_sections,
 )
 from framepack_turbo.pipeline.timeline import TimelinePlan, keyframe_for, plan_timeline, time_position
-from framepack_turbo.pipeline.writer import ClipWriter
+from framepack_turbo.pipeline.writer import ClipLock, ClipWriter
 
 if TYPE_CHECKING:
     from framepack_turbo.optim.base import Extension
@@ -199,16 +199,27 @@ class Generator:
 
         `keep_frames`: hold the clip's uint8 frames for `Result.frames` (otherwise they are read back from the
         file when asked for: the job holds only the overlap window). `resume`: go on from the state a stopped
-        job left beside `out_path` (pipeline/resume.py); its options and settings must be the same."""
-        job_started = time.perf_counter()
+        job left beside `out_path` (pipeline/resume.py); its options and settings must be the same, its parts
+        whole. One job writes a clip at a time (writer.ClipLock): another job writing `out_path`, a new one or
+        a resume, is refused (`ClipInUse`)."""
         out_path = Path(out_path)
+        lock = ClipLock(out_path).acquire(resume=resume) if self.primary else None  # the other ranks write nothing
+        try:
+            return self._run(image, options, out_path, keep_frames, resume)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, image, options: GenerateOptions, out_path: Path, keep_frames: bool, resume: bool) -> Result:
+        job_started = time.perf_counter()
         variant = options.variant or self.bundle.preset.default_variant
         sections = plan_sections(variant, options.seconds, options.window)
         plan = timeline_of(options, variant)  # every timed input checked before any model runs
         state = None
         if resume:
-            state = resume_state.load(out_path)
-            resume_state.refuse_changes(state.fingerprint, self._fingerprint(options), out_path)
+            saved = resume_state.peek(out_path)
+            resume_state.refuse_changes(saved["fingerprint"], self._fingerprint(options), out_path)
+            state = resume_state.check(out_path, variant, saved)  # every part the state counts, before any write
             if state.picture is not None:
                 image = state.picture
         source = extend.probe_video(options.video) if options.video else None

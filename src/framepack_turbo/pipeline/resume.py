@@ -10,6 +10,13 @@ sampled from the same state, so the video comes out bit for bit as the run that 
 A resume refuses what would change the result: the saved `fingerprint` is every option and every setting
 except those in RESULT_FREE (where the weights rest, logging, caches of files), and the first that differs
 is named.
+
+A resume must finish the clip or refuse, before any model loads and with every file as it was: `check` holds
+the parts against what the recorded options imply (variant, window, resolution bucket -> latent size, the
+section count): `sections_done` a section a stopped job can stop after (1..sections-1; a finished clip is not
+resumed), each tensor of the state present with its shape and dtype, every `lat-NNNN` and `seg-NNNN.mp4` the
+state counts present and readable, with the frames each section leaves, and the counters agreeing with them.
+The first thing wrong is named. (One job writes a clip at a time: writer.ClipLock.)
 """
 
 from __future__ import annotations
@@ -22,9 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from framepack_turbo.constants import (
+    LATENT_CHANNELS,
+    LATENT_FRAMES_TO_PIXELS,
+    MAX_IMAGE_SIDE,
+    MIN_IMAGE_SIDE,
+    VAE_SPATIAL_SCALE,
+)
 from framepack_turbo.errors import InputError
 from framepack_turbo.files import atomic_path
-from framepack_turbo.pipeline.writer import parts_dir
+from framepack_turbo.pipeline.sections import CONTEXT_1X, CONTEXT_2X, CONTEXT_4X, section_count
+from framepack_turbo.pipeline.writer import HEAD, parts_dir, segment_frames, segment_name
 
 STATE = "state.safetensors"
 
@@ -127,8 +142,30 @@ def state_path(video_path: str | Path) -> Path:
     return parts_dir(video_path) / STATE
 
 
+class DamagedState(InputError):
+    """The parts beside a stopped clip do not add up to what its resume state says: it cannot go on."""
+
+
+def _damaged(video_path: str | Path, what: str) -> DamagedState:
+    return DamagedState(
+        f"--resume {video_path}: {what}; the clip cannot go on from these parts (the video so far is kept "
+        "as it is): make it again without --resume"
+    )
+
+
+# The state's metadata: each key and the type its value must have
+_META = {
+    "sections_done": (int, "an integer"),
+    "generated": (int, "an integer"),
+    "frames": (int, "an integer"),
+    "fingerprint": (dict, "a mapping"),
+    "record": (dict, "a mapping"),
+}
+
+
 def peek(video_path: str | Path) -> dict[str, Any]:
-    """The saved state's metadata (no tensors): for the CLI's checks before any model loads."""
+    """The saved state's metadata (no tensors), each key present with its type: for the CLI's checks before
+    any model loads."""
     from safetensors import safe_open
 
     path = state_path(video_path)
@@ -139,28 +176,190 @@ def peek(video_path: str | Path) -> dict[str, Any]:
         )
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata()["resume"])
+            meta = json.loads((f.metadata() or {})["resume"])
     except Exception as exc:  # a state file from elsewhere, or damaged
         raise InputError(f"--resume {video_path}: unreadable resume state {path} ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(video_path, f"{path.name} holds no resume record")
+    for key, (kind, named) in _META.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing" if key not in meta else f"a {type(value).__name__}"
+            raise _damaged(video_path, f"{path.name}: {key} is {got}, not {named}")
+    for part in ("options", "settings"):
+        if not isinstance(meta["fingerprint"].get(part), dict):
+            raise _damaged(video_path, f"{path.name}: the fingerprint's {part} are missing")
+    if not isinstance(meta["record"].get("rerun"), dict):
+        raise _damaged(video_path, f"{path.name}: the record's rerun is missing")
+    return meta
 
 
-def load(video_path: str | Path) -> ResumeState:
+def _shape(t: torch.Tensor | tuple) -> str:
+    return "x".join(map(str, tuple(t.shape if isinstance(t, torch.Tensor) else t)))
+
+
+def check(video_path: str | Path, variant: str | None = None, meta: dict[str, Any] | None = None) -> ResumeState:
+    """The stopped job's state, every part of it held against what the recorded options imply (module
+    docstring); DamagedState naming the first thing wrong. Reads, writes nothing; loads no model. `variant`:
+    the job's (its preset's default where the options leave it unset); from the state when not given."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    meta = peek(video_path)
-    tensors = load_file(str(state_path(video_path)))
-    picture = tensors.get("picture")
+    meta = peek(video_path) if meta is None else meta
+    path = state_path(video_path)
+    options = meta["fingerprint"]["options"]
+    window, seconds, resolution = options.get("window"), options.get("seconds"), options.get("resolution")
+    if not (isinstance(window, int) and window >= 1 and isinstance(seconds, (int, float)) and seconds > 0):
+        raise _damaged(video_path, f"{path.name}: its options hold no window and length")
+    if not isinstance(resolution, int) or resolution < 16:
+        raise _damaged(video_path, f"{path.name}: its options hold no resolution")
+    variant = variant or options.get("variant") or _default_variant(meta)
+    if variant not in ("inverted", "f1"):
+        raise _damaged(video_path, f"{path.name}: variant {variant!r}")
+    total, done = section_count(seconds, window), meta["sections_done"]
+    if done == total:
+        raise _damaged(video_path, f"its state says all {total} sections are done: a finished clip is not resumed")
+    if not 1 <= done < total:
+        raise _damaged(
+            video_path, f"sections_done {done} is outside 1..{total - 1} (a stopped job of {total} sections)"
+        )
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise _damaged(video_path, f"{path.name} is unreadable ({type(exc).__name__})") from None
+
+    def tensor(name: str, required: bool = True) -> torch.Tensor | None:
+        if name not in tensors and required:
+            raise _damaged(video_path, f"{path.name} has no {name!r} tensor")
+        return tensors.get(name)
+
+    # The frame size: the start image's bucket (text-to-video: the blank square's; an extension: its video's)
+    extension = options.get("video")
+    text_to_video = not extension and "text_to_video" in (meta["record"].get("image") or {})
+    picture = tensor("picture", required=not extension and not text_to_video)
+    if picture is not None:
+        if picture.dtype != torch.uint8 or picture.ndim != 3 or picture.shape[2] != 3:
+            kind = str(picture.dtype).removeprefix("torch.")
+            raise _damaged(video_path, f"{path.name}: picture is {kind} {_shape(picture)}, not uint8 HxWx3")
+        if not all(MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE for side in picture.shape[:2]):
+            raise _damaged(video_path, f"{path.name}: picture is {_shape(picture)}")
+        height, width = _bucket(picture.shape[0], picture.shape[1], resolution)
+    elif extension:
+        from framepack_turbo.pipeline import extend
+
+        height, width = extend.bucket_of(extend.probe_video(extension), resolution)
+    else:
+        height, width = _bucket(resolution, resolution, resolution)
+    h, w = height // VAE_SPATIAL_SCALE, width // VAE_SPATIAL_SCALE
+
+    generated, frames = meta["generated"], meta["frames"]
+    first = 0 if variant == "inverted" else 1  # latent frames before the first section (F1: the start image)
+    if extension and variant == "f1":  # the input's tail latents come first: at least one
+        counted = generated > done * window
+    else:
+        counted = generated == first + done * window
+    if not counted:
+        raise _damaged(video_path, f"{path.name}: generated is {generated} latent frames after {done} sections")
+    context = CONTEXT_1X + CONTEXT_2X + CONTEXT_4X
+    keep = max(context, 2 * window + 1)
+    overlap = window * LATENT_FRAMES_TO_PIXELS - 3
+    expected = {
+        "history": ((1, LATENT_CHANNELS, min(context + generated, keep), h, w), (torch.float32,)),
+        "window": ((1, 3, overlap, height, width), (torch.float32, torch.bfloat16, torch.float16)),
+        "rng": (tuple(torch.Generator("cpu").get_state().shape), (torch.uint8,)),
+    }
+    for name, (shape, dtypes) in expected.items():
+        t = tensor(name)
+        if tuple(t.shape) != shape or t.dtype not in dtypes:
+            want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise _damaged(
+                video_path,
+                f"{path.name}: {name} is {str(t.dtype).removeprefix('torch.')} {_shape(t)}, the job's options imply "
+                f"{want} {_shape(shape)}",
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise _damaged(video_path, f"{path.name}: {name} holds values that are not finite")
+
+    section_shape = (1, LATENT_CHANNELS, window, h, w)
+    for section in range(done):
+        lat = latents_path(video_path, section)
+        if not lat.is_file():
+            raise _damaged(video_path, f"{lat.name} is missing from {lat.parent} (the state counts {done} sections)")
+        try:
+            with safe_open(str(lat), framework="pt") as f:
+                piece = f.get_slice("latents")
+                shape, dtype = tuple(piece.get_shape()), piece.get_dtype()
+        except Exception as exc:
+            raise _damaged(video_path, f"{lat.name} is unreadable ({type(exc).__name__})") from None
+        if shape != section_shape or dtype != "F32":
+            raise _damaged(
+                video_path,
+                f"{lat.name} is {dtype} {_shape(shape)}, a section of this job is F32 {_shape(section_shape)}",
+            )
+
+    parts = parts_dir(video_path)
+    written = 0
+    for section in range(done):
+        seg = parts / segment_name(section)
+        # the frames a section leaves final: inverted's first none (all overlap), F1's first 4 (the start
+        # image's latent and the first section's, less the overlap), then 4*window; an F1 extension's first
+        # depends on its input's tail
+        want = window * LATENT_FRAMES_TO_PIXELS
+        if section == 0:
+            want = 0 if variant == "inverted" else None if extension else LATENT_FRAMES_TO_PIXELS
+        if want == 0 and not seg.exists():
+            continue
+        if not seg.is_file():
+            raise _damaged(video_path, f"{seg.name} is missing from {parts} (the state counts {done} sections)")
+        count = _frames_of(seg, video_path)
+        if want is not None and count != want:
+            raise _damaged(video_path, f"{seg.name} holds {count} frames, section {section + 1} leaves {want}")
+        written += count
+    head = parts / HEAD
+    before = _frames_of(head, video_path) if head.is_file() else 0
+    # an extension whose copied head is gone copies it again from its input: its length is the input's
+    if not (frames >= written if extension and not head.is_file() else frames == before + written):
+        raise _damaged(
+            video_path, f"{path.name}: frames is {frames}, the parts hold {before + written} for {done} sections"
+        )
     return ResumeState(
-        sections_done=int(meta["sections_done"]),
-        generated=int(meta["generated"]),
-        frames=int(meta["frames"]),
+        sections_done=done,
+        generated=generated,
+        frames=frames,
         history=tensors["history"],
-        window=tensors.get("window"),
+        window=tensors["window"],
         rng=tensors["rng"],
         picture=None if picture is None else picture.numpy(),
         fingerprint=meta["fingerprint"],
-        record=meta.get("record", {}),
+        record=meta["record"],
     )
+
+
+def _bucket(height: int, width: int, resolution: int) -> tuple[int, int]:
+    from framepack_turbo.pipeline.encode import nearest_bucket
+
+    return nearest_bucket(height, width, resolution=resolution)
+
+
+def _default_variant(meta: dict[str, Any]) -> str | None:
+    from framepack_turbo.models.presets import get_preset
+
+    try:
+        return get_preset(meta["fingerprint"]["settings"].get("model")).default_variant
+    except Exception:  # an unknown or missing model: named as the variant that is missing
+        return None
+
+
+def _frames_of(segment: Path, video_path: str | Path) -> int:
+    try:
+        return segment_frames(segment)
+    except Exception as exc:
+        raise _damaged(video_path, f"{segment.name} is unreadable ({type(exc).__name__})") from None
+
+
+def load(video_path: str | Path, variant: str | None = None) -> ResumeState:
+    """The state, checked (`check`)."""
+    return check(video_path, variant)
 
 
 def latents_path(video_path: str | Path, section: int) -> Path:

@@ -11,13 +11,21 @@ Why a thread: PyAV and x264 do their work outside the GIL, so on a GPU machine t
 host's cores while the transformer runs on the device. The queue holds at most `depth` sections: a writer
 slower than the sampler makes the sampler wait (counted as `write_wait`) instead of holding the clip in
 memory. The finished clip is joined once more with its index at the front, and the parts are removed.
+
+One job writes a clip at a time: `ClipLock` holds `clip.parts/.lock` (the kernel's lock, so it goes with its
+process however that ends) for as long as a job writes the clip, a new one or a resume; a second job on the
+same file is refused, naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import queue
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,13 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from framepack_turbo.errors import FramePackError
+from framepack_turbo.errors import FramePackError, InputError
 from framepack_turbo.pipeline import video
 
 log = logging.getLogger(__name__)
 
 HEAD = "head.mp4"  # a video extension's copied input, first in time
 STOP = "stop.mp4"  # the overlap frames at a stop (cancel, failure): final for this run, not for a resume
+LOCK = ".lock"  # held by the job writing the clip (a dot file: the Ray workers' file sync leaves it out)
+_HOLDER_AT = 16  # the holder's name is written past the first bytes (the byte range Windows locks)
 
 
 def parts_dir(video_path: str | Path) -> Path:
@@ -44,6 +54,138 @@ def parts_dir(video_path: str | Path) -> Path:
 
 def segment_name(index: int) -> str:
     return f"seg-{index:04d}.mp4"
+
+
+def segment_frames(path: str | Path) -> int:
+    """The frames of a segment, counted by its packets (each x264 packet here is one frame): no decoding."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def clear_parts(parts: Path) -> None:
+    """Everything in the parts folder but the lock of the job holding it, and the folder too when that leaves
+    it empty (no job holds it)."""
+    if not parts.is_dir():
+        return
+    for entry in parts.iterdir():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        parts.rmdir()
+
+
+class ClipInUse(InputError):
+    """Another job is writing this clip (its lock is held)."""
+
+
+class ClipLock:
+    """One job per clip: an exclusive lock on `clip.parts/.lock` for as long as a job writes the clip.
+
+    Two jobs on one file (two `--resume` of a stopped clip, or two jobs with the same `--out`) would each
+    append their sections to the other's: a clip of twice the frames, marked complete. The lock is the
+    kernel's (`flock`; a locked byte on Windows), so it goes with its process however that ends: a killed
+    job never blocks the next, and a stale lock file means nothing. The holder's pid and host are written in
+    the file for the refusal. Released, the file is removed while still locked, so a job that opened it
+    just before finds, once it has the lock, that the file it holds is no longer the one on disk, and takes
+    the new one: the lock is never held twice."""
+
+    def __init__(self, video_path: str | Path) -> None:
+        self.video = Path(video_path)
+        self.path = parts_dir(self.video) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self, resume: bool = False) -> ClipLock:
+        for _ in range(20):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the holder removed the folder as it finished: try again
+                continue
+            if not _try_lock(fd):
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise ClipInUse(_in_use(self.video, holder, resume))
+            try:
+                current = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, _HOLDER_AT, os.SEEK_SET)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+                self._fd = fd
+                return self
+            os.close(fd)  # the job that held it removed it as it ended: lock the file there now
+        raise ClipInUse(_in_use(self.video, "", resume))
+
+    def release(self) -> None:
+        """Drop the lock: its file removed first (while held), then the parts folder if nothing else is in it."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    os.unlink(self.path)
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()  # empty: the clip finished (or the job wrote nothing)
+        finally:
+            os.close(fd)  # closing the last descriptor drops the lock
+
+    def __enter__(self) -> ClipLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _try_lock(fd: int) -> bool:
+    """True: this descriptor holds the lock now; False: another holds it. A filesystem without locks
+    (some network and FUSE mounts) is not a reason to refuse every job: it goes on unlocked, with a warning."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        log.warning("cannot lock the clip (%s): going on without the lock that keeps a second job off it", exc)
+        return True
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        os.lseek(fd, _HOLDER_AT, os.SEEK_SET)
+        return os.read(fd, 200).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _in_use(video_path: Path, holder: str, resume: bool) -> str:
+    who = f"another job ({holder})" if holder else "another job"
+    if resume:
+        return (
+            f"--resume {video_path}: {who} is writing this clip now; wait for it to finish (or stop it, then "
+            "resume again)"
+        )
+    return f"--out {video_path}: {who} is writing this clip now; give this job another --out, or wait for that one"
 
 
 class WriterError(FramePackError):
@@ -82,8 +224,8 @@ class ClipWriter:
         self._frames = 0  # in the playable file after the last join
         self._clean = False  # the file is exactly the head and the sections so far (no stop overlap)
         self._pending: Path | None = None  # the last section's segment, joined by `finish`
-        if sections == 0:  # a new job: nothing of an earlier one under this name counts
-            shutil.rmtree(self.parts, ignore_errors=True)
+        if sections == 0:  # a new job: nothing of an earlier one under this name counts (the job's lock stays)
+            clear_parts(self.parts)
         self.parts.mkdir(parents=True, exist_ok=True)
         (self.parts / STOP).unlink(missing_ok=True)  # a resume continues past the overlap it stopped on
         for stale in self.parts.glob("seg-*.mp4"):  # written after the state a resume starts from
@@ -147,7 +289,7 @@ class ClipWriter:
         done: list[int] = []
         self._put(lambda: done.append(self._join(metadata, self._pending, index_first=True)))
         self.wait()
-        shutil.rmtree(self.parts, ignore_errors=True)
+        clear_parts(self.parts)  # the job's lock goes with its release
         return done[0]
 
     def wait(self) -> None:
