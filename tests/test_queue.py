@@ -230,3 +230,68 @@ def test_a_failed_job_resumes_from_its_last_section_to_the_same_video(tmp_path):
     assert np.array_equal(video.read_frames(done.video), video.read_frames(q.store.get(reference.id).video))
     with pytest.raises(InputError, match="done"):
         q.resume(job.id)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"steps": NAN}, "steps=nan"),
+        ({"steps": INF}, "steps=inf"),
+        ({"steps": 1e308}, "steps=1e+308"),
+        ({"steps": 2.5}, "steps=2.5"),
+        ({"seconds": NAN}, "seconds=nan"),
+        ({"seed": NAN}, "seed=nan"),
+        ({"seed": 1e300}, "seed=1e+300"),
+        ({"window": INF}, "window=inf"),
+        ({"crf": NAN}, "crf=nan"),
+        ({"resolution": NAN}, "resolution=nan"),
+        ({"distilled_guidance": NAN}, "distilled_guidance=nan"),
+        ({"prompt_blend_sections": INF}, "prompt_blend_sections=inf"),
+        ({"end_strength": NAN}, "end_strength=nan"),
+        ({"steps": True}, "steps=True"),
+        ({"steps": "many"}, "steps='many'"),
+    ],
+)
+def test_non_finite_or_huge_numbers_through_the_api_are_refused_naming_the_field(tmp_path, options, field):
+    """What the web API (/queue_job, or JobQueue.submit from Python) is sent is any JSON number: NaN, inf and
+    1e308 were answered "cannot convert float NaN to integer" (or ran), now one line naming the field."""
+    q = make_queue(tmp_path, FakeRunner())
+    with pytest.raises(InputError) as refused:
+        q.submit(png(), {"prompt": "x", "options": options})
+    message = str(refused.value)
+    assert message.startswith(field) and "\n" not in message and len(message) < 200, message
+    assert q.store.list() == []
+
+
+def test_whole_floats_are_taken_as_integers(tmp_path):
+    q = make_queue(tmp_path, FakeRunner())
+    job = q.submit(png(), {"prompt": "x", "options": {"steps": 3.0, "seed": 7.0, "resolution": 64.0}})
+    options = job.request["options"]
+    assert options["steps"] == 3 and isinstance(options["steps"], int) and options["seed"] == 7
+
+
+def test_a_video_refused_after_it_was_stored_leaves_no_upload(tmp_path, monkeypatch):
+    """The video upload is stored to be probed; any refusal after that (bad settings, no worker, a frame that
+    does not decode) removes it: nothing of a refused request stays in inputs/."""
+    from framepack_turbo.pipeline import extend, video
+
+    clip = tmp_path / "clip.mp4"
+    video.write_mp4(np.zeros((12, 64, 64, 3), np.uint8), clip)
+    q = make_queue(tmp_path, FakeRunner())
+    with pytest.raises(InputError, match="steps=nan"):
+        q.submit_batch(None, {"prompt": "x", "options": {"steps": NAN}}, 1, video=clip.read_bytes())
+    with pytest.raises(InputError, match="count=0"):
+        q.submit_batch(None, {"prompt": "x"}, 0, video=clip.read_bytes())
+    with pytest.raises(InputError, match="unknown setting"):
+        q.submit_batch(None, {"prompt": "x", "settings": {"no_such": 1}}, 1, video=clip.read_bytes())
+
+    def broken_tail(*args, **kwargs):
+        raise InputError("the video upload: frame 12 is 24000x24000; the limit is 4096")
+
+    monkeypatch.setattr(extend, "read_tail", broken_tail)
+    with pytest.raises(InputError, match="24000x24000"):
+        q.submit_batch(None, {"prompt": "x"}, 1, video=clip.read_bytes())
+    assert q.store.list() == [] and list((tmp_path / "inputs").iterdir()) == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +70,60 @@ class Live:
     preview: np.ndarray | None = None  # (T, h, w, 3) uint8 latent-size frames of the current x0 estimate
     notices: list[str] = field(default_factory=list)
     cache_timeline: list[dict[str, Any]] = field(default_factory=list)  # per finished section: {cache: hit rate}
+
+
+# Settings whose refusal the CLI already words (its range and type), under the names the job's options use.
+_OPTION_AS_SETTING = {"distilled_guidance": "gs", "guidance_rescale": "rs"}
+_SETTING_OPTIONS = ("seconds", "steps", "window", "distilled_guidance", "cfg", "guidance_rescale", "resolution", "crf")
+LARGEST_NUMBER = 2**63  # no number a job takes is this large (the seed's range ends just below it)
+
+
+def check_number(value: Any, name: str, whole: bool = False) -> int | float:
+    """A number from a form or the web API (any JSON value: NaN, inf, 1e308, "many", true), checked: finite,
+    in the range anything takes, whole where an integer is wanted (then an int). One line naming `name`."""
+    from framepack_turbo.text import shown
+
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"{name}={shown(repr(value))[:40]}: must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{name}={value}: must be a finite number")
+    if abs(value) >= LARGEST_NUMBER:
+        raise InputError(f"{name}={value:g}: out of range (at most 2^63-1)")
+    if whole:
+        if isinstance(value, float) and not value.is_integer():
+            raise InputError(f"{name}={value:g}: must be a whole number")
+        return int(value)
+    return value
+
+
+def check_options(asked: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """A request's options with every number checked (`check_number`: NaN, inf, huge and wrongly typed values
+    refused naming the option) and whole ones made ints; those the settings also hold are checked against the
+    settings' ranges, so the API refuses what the CLI refuses, in its words."""
+    import dataclasses
+
+    from framepack_turbo.pipeline.options import GenerateOptions
+    from framepack_turbo.settings import Settings, SettingsError
+
+    kinds = {f.name: f.type for f in dataclasses.fields(GenerateOptions)}
+    checked = dict(asked)
+    for name, value in asked.items():
+        kind = kinds.get(name)
+        if name == "seed" and value == "random":
+            continue
+        if kind in ("int", "float"):
+            checked[name] = check_number(value, name, whole=kind == "int")
+    as_settings = {_OPTION_AS_SETTING.get(n, n): checked[n] for n in _SETTING_OPTIONS if n in checked}
+    if as_settings:
+        try:
+            Settings.load({**base, **as_settings}, source="api")
+        except SettingsError as exc:
+            text = str(exc)
+            for option, setting in _OPTION_AS_SETTING.items():  # the option's name, as it was sent
+                if option in checked and text.startswith(setting + "="):
+                    text = option + text[len(setting) :]
+            raise InputError(text) from None
+    return checked
 
 
 def check_upload(data: bytes) -> np.ndarray:
@@ -160,15 +215,10 @@ class JobQueue:
         from framepack_turbo.settings import Settings
 
         stamp = f"{time.time_ns():x}"
-        source = None
-        if video is not None:
-            if image is not None:
-                raise InputError("a video to extend starts from its own last frame: give no start image")
-            source = check_video_upload(video, self.inputs / f"input-{stamp}-video")
-        elif image is None:
+        if video is not None and image is not None:
+            raise InputError("a video to extend starts from its own last frame: give no start image")
+        if video is None and image is None:
             raise InputError("a start image (or a video to extend) is needed")
-        else:
-            picture = check_upload(image) if isinstance(image, bytes) else load_image(image)
         prompt = request.get("prompt", "")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("a prompt is needed")
@@ -176,31 +226,37 @@ class JobQueue:
         # bucket are known now and a queued job runs what it showed whatever the server restarts with.
         settings = Settings.load({**self.base, **request.get("settings", {})}, source="api")
         self._check_servable(settings)
-        asked = dict(request.get("options", {}))
+        asked = check_options(dict(request.get("options", {})), {**self.base, **request.get("settings", {})})
         seeds = batch_seeds(asked.pop("seed", settings.seed), count)
-        negative = request.get("negative_prompt", "")
-        full = options_from_settings(settings, prompt, negative, **asked, seed=seeds[-1]).to_dict()
-        options = {k: v for k, v in full.items() if k not in ("prompt", "negative_prompt")}
-        if source is not None:
-            from framepack_turbo.pipeline import extend
-
-            options["video"] = str(source.path)
-            height, width = extend.bucket_of(source, options["resolution"])
-            picture = extend.read_tail(source, height, width, "inverted").frames[-1]  # what the job shows
-        bucket = list(nearest_bucket(*picture.shape[:2], resolution=options["resolution"]))
-        json.dumps(request)  # only plain data is stored
-        image_path = self.inputs / f"input-{stamp}.png"  # our name, our encoding: nothing of the client's kept
-        extra = {}
-        if end_image is not None:
-            extra[self.inputs / f"input-{stamp}-end.png"] = check_upload(end_image)
-            options["end_image"] = str(next(iter(extra)))
-        if keyframes:
-            paths = [self.inputs / f"input-{stamp}-key{i}.png" for i in range(len(keyframes))]
-            extra.update({p: check_upload(data) for p, (_, data) in zip(paths, keyframes)})
-            options["keyframes"] = [[float(t), str(p)] for p, (t, _) in zip(paths, keyframes)]
+        times = [check_number(t, f"keyframe {i + 1} time") for i, (t, _) in enumerate(keyframes)]
+        source = None
+        if video is not None:  # stored to be probed: removed below when anything refuses the request
+            source = check_video_upload(video, self.inputs / f"input-{stamp}-video")
         try:
+            if source is None:
+                picture = check_upload(image) if isinstance(image, bytes) else load_image(image)
+            negative = request.get("negative_prompt", "")
+            full = options_from_settings(settings, prompt, negative, **asked, seed=seeds[-1]).to_dict()
+            options = {k: v for k, v in full.items() if k not in ("prompt", "negative_prompt")}
+            if source is not None:
+                from framepack_turbo.pipeline import extend
+
+                options["video"] = str(source.path)
+                height, width = extend.bucket_of(source, options["resolution"])
+                picture = extend.read_tail(source, height, width, "inverted").frames[-1]  # what the job shows
+            bucket = list(nearest_bucket(*picture.shape[:2], resolution=options["resolution"]))
+            json.dumps(request)  # only plain data is stored
+            image_path = self.inputs / f"input-{stamp}.png"  # our name, our encoding: nothing of the client's kept
+            extra = {}
+            if end_image is not None:
+                extra[self.inputs / f"input-{stamp}-end.png"] = check_upload(end_image)
+                options["end_image"] = str(next(iter(extra)))
+            if keyframes:
+                paths = [self.inputs / f"input-{stamp}-key{i}.png" for i in range(len(keyframes))]
+                extra.update({p: check_upload(data) for p, (_, data) in zip(paths, keyframes)})
+                options["keyframes"] = [[t, str(p)] for p, t in zip(paths, times)]
             self._check_timeline(options, prompt, negative, settings)
-        except InputError:
+        except BaseException:
             if source is not None:
                 source.path.unlink(missing_ok=True)
             raise
