@@ -6,17 +6,21 @@ hit rates per section). The page only reads the queue and the store; it decides 
 from __future__ import annotations
 
 import functools
+import html
 import json
 import logging
 import math
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from framepack_turbo.app.queue import JobQueue
+from framepack_turbo.app.queue import JobQueue, check_number
 from framepack_turbo.errors import FramePackError
+from framepack_turbo.text import shown
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,21 @@ RESULTS_SHOWN = 6  # finished videos in the results gallery, newest first
 PREVIEW_TILE = 96  # pixels: the latent preview's frames are enlarged to at least this height
 
 
+_MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def md_text(value: object) -> str:
+    """Text made from a file or a request (a job's prompt, an error quoting a file, a LoRA or model name) as
+    Markdown that shows it as written: control characters escaped (`text.shown`), then every ASCII punctuation
+    mark backslash-escaped, so nothing in it becomes a link, an image, emphasis, HTML or an autolink."""
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", shown(value))
+
+
+def html_text(value: object) -> str:
+    """The same for the page's HTML (the progress bars)."""
+    return html.escape(shown(value))
+
+
 def panel_settings(values: tuple) -> dict[str, Any]:
     return dict(zip(PANEL_SETTINGS, values))
 
@@ -51,9 +70,9 @@ def lora_choices(lora_dir: Path, model: str) -> dict[str, str]:
     """The page's LoRA dropdown, label -> file: those bundled with the model, then the LoRA folder's."""
     from framepack_turbo.models.presets import PRESETS
 
-    choices = {f"{p.stem} (bundled with {model})": str(p) for p in PRESETS[model].bundled_loras()}
+    choices = {f"{shown(p.stem)} (bundled with {model})": str(p) for p in PRESETS[model].bundled_loras()}
     if Path(lora_dir).is_dir():
-        choices.update({p.stem: str(p) for p in sorted(Path(lora_dir).glob("*.safetensors"))})
+        choices.update({shown(p.stem): str(p) for p in sorted(Path(lora_dir).glob("*.safetensors"))})
     return choices
 
 
@@ -76,16 +95,18 @@ def compat_markdown(base: dict[str, Any], panel: dict[str, Any], hardware) -> st
     try:
         settings = Settings.load({**base, **panel}, source="api")
     except FramePackError as exc:
-        return f"**Settings error:** {exc}"
+        return f"**Settings error:** {md_text(exc)}"
     report = compat.check(settings, hardware)
     plan = make_plan(settings, report, hardware)
     lines = ["**Plan:** " + plan.summary_lines()[0].removeprefix("Active optimizations: ")]
     for p in plan.passes:
         if p.status == "skipped":
-            lines.append(f"- {p.title}: skipped ({p.reason})")
+            lines.append(f"- {p.title}: skipped ({md_text(p.reason)})")
     if report.findings:
         lines.append("")
-        lines += [f"- **{f.severity.value}** `{f.id}`: {f.message} *Fix:* {f.fix}" for f in report.findings]
+        lines += [
+            f"- **{f.severity.value}** `{f.id}`: {md_text(f.message)} *Fix:* {md_text(f.fix)}" for f in report.findings
+        ]
     else:
         lines.append("\nNo compatibility findings.")
     return "\n".join(lines)
@@ -111,7 +132,7 @@ def bucket_markdown(image_path: str | None, resolution: float) -> str:
         with open_checked(image_path, "the upload") as im:
             width, height = im.size
     except (FramePackError, OSError) as exc:
-        return f"Bucket: {exc}"
+        return f"Bucket: {md_text(exc)}"
     bh, bw = nearest_bucket(height, width, resolution=int(resolution))
     return f"Bucket: **{bw}x{bh}** (width x height) for this {width}x{height} image at resolution {int(resolution)}."
 
@@ -134,11 +155,11 @@ def timeline_markdown(prompt: str, seconds: float, window: float, variant: str, 
             return "Timeline: one prompt for the whole clip (tag parts with [1.8s: ...] to change it over time)."
         changes = prompt_changes(default, timed, sections, window, float(seconds))
     except FramePackError as exc:
-        return f"**Timeline:** {exc}"
+        return f"**Timeline:** {md_text(exc)}"
     if variant == VARIANT_CHOICES[0]:
         variant = get_preset(Settings.load(base, source="api").model).default_variant
     parts = [
-        f"{c.starts_s:g} s" + (f" (asked {c.asked_s:g} s)" if c.asked_s != c.starts_s else "") + f": {c.text}"
+        f"{c.starts_s:g} s" + (f" (asked {c.asked_s:g} s)" if c.asked_s != c.starts_s else "") + f": {md_text(c.text)}"
         for c in changes
     ]
     order = "generated last to first" if variant == "inverted" else "generated first to last"
@@ -155,12 +176,12 @@ def job_row(job) -> list:
     return [
         job.id,
         job.state,
-        job.prompt[:60],
+        shown(job.prompt[:60]),
         options.get("seed", "-"),
         size_text(job.request.get("bucket")),
         f"{job.sections_done}/{job.sections or '?'}",
         job.frames,
-        job.error[:80],
+        shown(job.error[:80]),
     ]
 
 
@@ -173,7 +194,7 @@ def result_caption(job) -> str:
         seed, bucket = record["seed"], record["image"]["bucket"]
     except (OSError, ValueError, KeyError, TypeError):
         seed, bucket = job.request.get("options", {}).get("seed", "?"), job.request.get("bucket")
-    return f"job {job.id} · seed {seed} · {size_text(bucket)} · {job.prompt[:40]}"
+    return f"job {job.id} · seed {seed} · {size_text(bucket)} · {shown(job.prompt[:40])}"
 
 
 def preview_grid(frames: np.ndarray | None, tile: int = PREVIEW_TILE) -> np.ndarray | None:
@@ -206,7 +227,7 @@ def _upload_path(payload, gradio_preprocess):
 
 def progress_line(job, live) -> str:
     """One running job's bar and numbers (several run at once on Ray workers)."""
-    where = f" on {job.worker}" if job.worker and job.worker != "local" else ""
+    where = f" on {html_text(job.worker)}" if job.worker and job.worker != "local" else ""
     if live is None or not live.steps:
         return f"Job {job.id}{where}: loading models..."
     return (
@@ -223,9 +244,9 @@ def workers_markdown(queue: JobQueue) -> str:
     if not rows:
         return ""
     lines = [
-        f"- **{r.get('name')}** ({r.get('state', '?')}): {r.get('device', '?')} on {r.get('host', '?')}, "
-        f"{r.get('model') or 'no model loaded'}, {r.get('loads', 0)} load(s)"
-        + (f", job {r['job']}" if r.get("job") else "")
+        f"- **{md_text(r.get('name'))}** ({md_text(r.get('state', '?'))}): {md_text(r.get('device', '?'))} on "
+        f"{md_text(r.get('host', '?'))}, {md_text(r.get('model') or 'no model loaded')}, {r.get('loads', 0)} load(s)"
+        + (f", job {md_text(r['job'])}" if r.get("job") else "")
         for r in rows
     ]
     return "**Workers (Ray)**\n" + "\n".join(lines)
@@ -237,17 +258,63 @@ def _eta(seconds: float | None) -> str:
     return time.strftime("%M:%S", time.gmtime(max(seconds, 0)))
 
 
+SERVED_SUFFIXES = (".mp4", ".json")  # what the videos folder serves: the videos (finished or growing), sidecars
+
+
+def servable(path: str | Path, data_dir: Path) -> bool:
+    """Whether Gradio's file route may answer for `path`: nothing of the data dir (the job database, the
+    inputs, a job's `.parts/` folder with its segments and its resume state, which holds the uploaded image)
+    but the mp4s and sidecars directly in its videos folder. Anything outside the data dir is left to Gradio's
+    own rules (its upload and cache folders)."""
+    # compared case-blind, as Gradio's blocklist is (a case-insensitive file system serves JOBS.SQLITE too)
+    parts = [part.lower() for part in Path(os.path.abspath(path)).resolve().parts]
+    root = [part.lower() for part in Path(data_dir).resolve().parts]
+    if parts[: len(root)] != root:
+        return True
+    name = parts[-1]
+    return (
+        parts[len(root) : -1] == ["videos"]
+        and name.endswith(SERVED_SUFFIXES)
+        and not name.startswith(".")  # an atomic write's temporary file
+    )
+
+
+class ServedFiles:
+    """ASGI middleware before Gradio's routes: a file request (`.../file=PATH`) for a path of the data dir
+    that `servable` refuses is answered 403. Gradio's `allowed_paths` is a folder allowlist (no patterns), and
+    the videos folder must be on it (the page returns its videos to the player); a job's `.parts/` folder lies
+    inside it, so the rule that serves only mp4s and sidecars is kept here."""
+
+    def __init__(self, app, data_dir: str) -> None:
+        self.app, self.data_dir = app, Path(data_dir)
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "") if scope.get("type") == "http" else ""
+        marker = path.find("/file=")
+        if marker >= 0 and not servable(path[marker + len("/file=") :], self.data_dir):
+            from starlette.responses import PlainTextResponse
+
+            await PlainTextResponse("File not allowed.", status_code=403)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def launch_options(queue: JobQueue) -> dict[str, Any]:
-    """How the page is served: only the videos can be fetched through Gradio's file route (not the job
-    database, not the inputs), uploads stop at the queue's size limit, and a refused request's reason
-    reaches the client instead of a bare "error"."""
+    """How the page is served: only the videos and their sidecars can be fetched through Gradio's file route
+    (not the job database, not the inputs, not a job's segments or resume state), uploads stop at the queue's
+    size limit, and a refused request's reason reaches the client instead of a bare "error"."""
+    from starlette.middleware import Middleware
+
     from framepack_turbo.app.queue import MAX_UPLOAD_BYTES, MAX_VIDEO_UPLOAD_BYTES
 
+    data = queue.data_dir.resolve()
     # Gradio's limit is the larger one (a video); check_upload holds images to theirs
     return {
         "allowed_paths": [str(queue.videos.resolve())],
+        "blocked_paths": [str(queue.inputs.resolve()), *(str(data / f"jobs.sqlite{s}") for s in ("", "-wal", "-shm"))],
         "max_file_size": max(MAX_UPLOAD_BYTES, MAX_VIDEO_UPLOAD_BYTES),
         "show_error": True,
+        "app_kwargs": {"middleware": [Middleware(ServedFiles, data_dir=str(data))]},
     }
 
 
@@ -289,38 +356,45 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             return "**Upload a start image (or a video to extend) first.**"
         if image_path and video_path:
             return "**Not queued:** a video to extend starts from its own last frame: remove the start image."
-        options = dict(
-            seconds=float(seconds),
-            resolution=int(resolution),
-            seed="random" if random_seed else int(seed),
-            steps=int(steps),
-            distilled_guidance=float(gs),
-            window=int(window),
-            crf=int(crf),
-        )
-        if variant != VARIANT_CHOICES[0]:
-            options["variant"] = variant
-        if end_path:
-            options["end_strength"] = float(end_strength)
-        options["prompt_blend_sections"] = int(blend)
-        options["prompt_change_cfg"] = float(change_cfg)
-        job_settings = {**panel_settings(panel), **lora_settings(lora_values, loras)}
-        request = {"prompt": prompt, "negative_prompt": negative, "options": options, "settings": job_settings}
         try:
-            critical = critical_findings({**base, **request["settings"], "resolution": int(resolution)}, hardware)
+            # the page's API takes any JSON value for these: NaN, inf or 1e308 is refused naming its field
+            resolution = check_number(resolution, "resolution", whole=True)
+            options = dict(
+                seconds=check_number(seconds, "seconds"),
+                resolution=resolution,
+                seed="random" if random_seed else check_number(seed, "seed", whole=True),
+                steps=check_number(steps, "steps", whole=True),
+                distilled_guidance=check_number(gs, "gs"),
+                window=check_number(window, "window", whole=True),
+                crf=check_number(crf, "crf", whole=True),
+            )
+            if variant != VARIANT_CHOICES[0]:
+                options["variant"] = variant
+            if end_path:
+                options["end_strength"] = check_number(end_strength, "end strength")
+            options["prompt_blend_sections"] = check_number(blend, "prompt blend", whole=True)
+            options["prompt_change_cfg"] = check_number(change_cfg, "prompt change guidance")
+            count = check_number(count, "clips", whole=True)
+            rows = lora_values[::2], lora_values[1::2]
+            for row, (name, weight) in enumerate(zip(*rows)):
+                if name and name != NO_LORA:
+                    check_number(weight, f"LoRA {row + 1} weight")
+            job_settings = {**panel_settings(panel), **lora_settings(lora_values, loras)}
+            request = {"prompt": prompt, "negative_prompt": negative, "options": options, "settings": job_settings}
+            critical = critical_findings({**base, **request["settings"], "resolution": resolution}, hardware)
             if critical:
-                return "**Not queued:** " + " ".join(critical)
+                return "**Not queued:** " + md_text(" ".join(critical))
             keyframes = [
-                (float(at), Path(path).read_bytes())
-                for at, path in zip(keyframe_values[::2], keyframe_values[1::2])
+                (check_number(at, f"keyframe {i + 1} time"), Path(path).read_bytes())
+                for i, (at, path) in enumerate(zip(keyframe_values[::2], keyframe_values[1::2]))
                 if path and at is not None
             ]
             end = Path(end_path).read_bytes() if end_path else None
             picture = Path(image_path).read_bytes() if image_path else None
             clip = Path(video_path).read_bytes() if video_path else None
-            jobs = queue.submit_batch(picture, request, int(count), end, keyframes, clip)
+            jobs = queue.submit_batch(picture, request, count, end, keyframes, clip)
         except (FramePackError, OSError) as exc:
-            return f"**Not queued:** {exc}"
+            return f"**Not queued:** {md_text(exc)}"
         ids = ", ".join(str(j.id) for j in jobs)
         seeds = ", ".join(str(j.request["options"]["seed"]) for j in jobs)
         what = f"job {ids} (seed {seeds}" if len(jobs) == 1 else f"jobs {ids} (seeds {seeds}"
@@ -330,17 +404,19 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         if job_id is None:
             return "**Enter a job id to cancel.**"
         try:
-            return f"Job {int(job_id)}: {queue.cancel(int(job_id))}."
+            job_id = check_number(job_id, "job id", whole=True)
+            return f"Job {job_id}: {queue.cancel(job_id)}."
         except FramePackError as exc:
-            return f"**{exc}**"
+            return f"**{md_text(exc)}**"
 
     def resume_job(job_id):
         if job_id is None:
             return "**Enter the id of a failed or cancelled job to resume.**"
         try:
-            return f"Job {int(job_id)}: {queue.resume(int(job_id))}."
+            job_id = check_number(job_id, "job id", whole=True)
+            return f"Job {job_id}: {queue.resume(job_id)}."
         except FramePackError as exc:
-            return f"**{exc}**"
+            return f"**{md_text(exc)}**"
 
     def on_preset(name):
         values = Settings.load({**base, "preset": name}, source="api")
@@ -411,7 +487,8 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                         elem_id="resolution",
                     )
                 with gr.Row():
-                    seed = gr.Number(value=start.seed, precision=0, label="Seed", elem_id="seed")
+                    # no precision: Gradio's own rounding of a sent inf or NaN failed before the page could name the field
+                    seed = gr.Number(value=start.seed, precision=None, step=1, label="Seed", elem_id="seed")
                     random_seed = gr.Checkbox(False, label="Random seed (recorded)", elem_id="random-seed")
                     count = gr.Slider(
                         1, MAX_CLIPS_PER_JOB, value=1, step=1, label="Clips (seed, seed+1, ...)", elem_id="count"
@@ -472,7 +549,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                     )
                 with gr.Accordion("LoRA", open=False):
                     gr.Markdown(
-                        f"From {start.lora_dir}/ (`--lora-dir`) and those bundled with the model; "
+                        f"From {md_text(start.lora_dir)}/ (`--lora-dir`) and those bundled with the model; "
                         f"{'merged into the weights' if start.lora_mode != 'unmerged' else 'PEFT adapters'} "
                         "(`--lora-mode`: unmerged switches LoRAs between jobs without reloading)."
                     )
@@ -552,7 +629,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             column_widths=["5%", "9%", "36%", "13%", "8%", "8%", "7%", "14%"],
         )
         with gr.Row():
-            cancel_id = gr.Number(label="Job id", precision=0, elem_id="cancel-id")
+            cancel_id = gr.Number(label="Job id", precision=None, step=1, elem_id="cancel-id")
             cancel_btn = gr.Button("Cancel job", elem_id="cancel-btn")
             resume_btn = gr.Button("Resume job", elem_id="resume-btn")
         workers = gr.Markdown(workers_markdown(queue), elem_id="workers")
