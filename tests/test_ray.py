@@ -88,6 +88,94 @@ def test_a_job_no_worker_can_run_is_refused_before_it_queues(tmp_path):
     assert q.store.list() == []
 
 
+class ComesBack(FakeWorker):
+    """A worker Ray restarts: lost on a 'lose' job, back after `after` tries at bringing it back (never when
+    `after` is None: given up after two)."""
+
+    def __init__(self, name, after=2):
+        super().__init__(name)
+        self.after, self.tries, self.recoverable, self.lost_reason = after, 0, True, ""
+        self.lose_next = True
+
+    def __call__(self, job, cancel, on_event):
+        if "lose" in job.prompt and self.lose_next:
+            self.lose_next, self.alive, self.lost_reason = False, False, "ActorDiedError: SIGKILL"
+            self.ran.append(job.id)
+            raise WorkerLost(self.lost_reason)
+        super().__call__(job, cancel, on_event)
+
+    def recover(self):
+        self.tries += 1
+        if self.after is None:
+            self.recoverable = self.tries < 2
+            return False
+        if self.tries < self.after:
+            return False
+        self.alive, self.lost_reason = True, ""
+        return True
+
+
+def _until(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_the_only_worker_lost_comes_back_and_runs_what_waited(tmp_path, monkeypatch):
+    """kill -9 of the only worker's process: its job is queued again, not failed; while no worker can run, new
+    jobs and resumes are refused with the reason and the queued jobs say why they wait; once it is back they run."""
+    from framepack_turbo.app import queue as queue_module
+
+    monkeypatch.setattr(queue_module, "RECOVER_WAIT_S", 0.3, raising=False)
+    worker = ComesBack("worker-0", after=3)
+    q = _queue(tmp_path, [worker])
+    lost = q.submit(png(), {"prompt": "lose it"})
+    waiting = q.submit(png(), {"prompt": "after it"})
+    failed = q.submit(png(), {"prompt": "x"})
+    q.store.claim(failed.id)
+    q.store.finish(failed.id, "failed", "boom")
+    (Path(failed.video).with_suffix(".parts")).mkdir(parents=True)
+    (Path(failed.video).with_suffix(".parts") / "state.safetensors").write_bytes(b"s")
+    q.start()
+    try:
+        _until(lambda: not worker.alive)
+        _until(lambda: q.store.get(waiting.id).error.startswith("waiting: no worker can run jobs now"))
+        assert q.store.get(lost.id).state == "queued"  # retried once it is back, not failed
+        with pytest.raises(InputError, match=r"worker-0 lost \(ActorDiedError: SIGKILL\); it is being brought back"):
+            q.submit(png(), {"prompt": "new"})
+        with pytest.raises(InputError, match="no worker can run jobs now"):
+            q.resume(failed.id)
+        _until(lambda: q.store.get(waiting.id).state == "done")
+        assert q.store.get(lost.id).state == "done" and q.store.get(lost.id).attempts == 2
+        assert q.store.get(waiting.id).error == "" and worker.tries == 3
+        assert q.resume(failed.id) == "queued to resume"
+        assert q.submit(png(), {"prompt": "new"}).state == "queued"
+    finally:
+        q.stop()
+
+
+def test_a_worker_given_up_fails_what_waits_with_the_reason(tmp_path, monkeypatch):
+    from framepack_turbo.app import queue as queue_module
+
+    monkeypatch.setattr(queue_module, "RECOVER_WAIT_S", 0.05, raising=False)
+    worker = ComesBack("worker-0", after=None)
+    q = _queue(tmp_path, [worker])
+    lost = q.submit(png(), {"prompt": "lose it"})
+    waiting = q.submit(png(), {"prompt": "after it"})
+    q.start()
+    try:
+        _until(lambda: q.store.get(waiting.id).state == "failed")
+        for job in (q.store.get(lost.id), q.store.get(waiting.id)):
+            assert job.state == "failed" and "worker-0 lost (ActorDiedError: SIGKILL); restart the server" in job.error
+        with pytest.raises(InputError, match="restart the server"):
+            q.submit(png(), {"prompt": "new"})
+    finally:
+        q.stop()
+
+
 def test_an_old_store_gains_the_worker_columns(tmp_path):
     path = tmp_path / "jobs.sqlite"
     db = sqlite3.connect(path)
@@ -304,4 +392,48 @@ def test_a_killed_actor_gets_its_job_retried_on_the_other(ray_queue):
     sidecar = json.loads(Path(after.video).with_suffix(".json").read_text())
     assert sidecar["status"] == "complete" and sidecar["resumed"]  # it went on from its finished sections
     assert after.sections_done == 3 and after.frames == 109  # the whole clip
-    assert not victim.alive and victim.describe()["state"] == "lost"
+    # killed for good (no restart): a new actor takes its place, its models load on its next job
+    _until(lambda: victim.alive, timeout=300)
+    assert victim.describe()["state"] == "idle" and victim.describe()["loads"] == 0
+
+
+def test_a_worker_whose_process_is_killed_comes_back_into_service(ray_queue):
+    """kill -9 of a worker's process mid-job: Ray restarts the actor and the server takes it back (it was
+    marked lost for good, its queue left waiting); the job finishes, and the worker runs jobs again."""
+    import signal
+
+    job = ray_queue.submit(png(), {"prompt": "a ball moves left", "options": {**RAY_JOB, "seconds": 4, "seed": 5}})
+    _until(lambda: ray_queue.store.get(job.id).sections_done >= 1, timeout=300)
+    running = ray_queue.store.get(job.id)
+    victim = next(w for w in ray_queue.workers if w.name == running.worker)
+    pid, restarts = victim.describe()["pid"], victim.restarts
+    os.kill(pid, signal.SIGKILL)
+    (after,) = _wait(ray_queue, [job.id])
+    assert after.state == "done" and after.attempts == 2, after.error
+    _until(lambda: victim.alive, timeout=300)
+    assert victim.restarts == restarts + 1 and victim.describe()["pid"] != pid
+    again = ray_queue.submit_batch(png(), {"prompt": "a ball moves left", "options": {**RAY_JOB, "seed": 8}}, 2)
+    done = _wait(ray_queue, [j.id for j in again])
+    assert [j.state for j in done] == ["done"] * 2 and {j.worker for j in done} == {"worker-0", "worker-1"}
+
+
+def test_the_local_cluster_listens_on_loopback_only(ray_queue):
+    """Every port the local cluster opened (the GCS, the raylet, the workers, and with Ray's dashboard extra the
+    agent and the metrics endpoint, which has no token) is on 127.0.0.1: none on 0.0.0.0 or ::."""
+    import psutil
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path()).name
+    me = os.getpid()
+    ours = {p.pid for p in psutil.Process(me).children(recursive=True)}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if session in " ".join(proc.info["cmdline"] or []):
+            ours.add(proc.info["pid"])
+    ours.discard(me)  # this test process: its own servers are other tests' (its Ray port is a worker's twin)
+    listening = [
+        (c.laddr.ip, c.laddr.port, c.pid)
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in ours
+    ]
+    assert len({pid for _, _, pid in listening}) >= 3, listening  # the GCS, the raylet, the actors
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for ip, _, _ in listening), listening
+    assert ray.util.get_node_ip_address() == "127.0.0.1"

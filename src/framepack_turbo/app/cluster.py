@@ -43,6 +43,9 @@ BLOCK = 1 << 20  # bytes: the unit of the file updates (a block that did not cha
 WORKERS_FILE = "workers.json"  # DATA_DIR/workers.json: what `framepack worker-info` shows
 START_TIMEOUT_S = 600.0  # an actor that is not up by then could not be placed (or its import failed)
 MAX_RESTARTS = 2  # Ray restarts a crashed actor (a node lost: on another node) this often; a kill is final
+RESTART_WAIT_S = 120.0  # how long a lost actor may take to answer again (Ray restarting it) before a new one
+RECOVER_TRIES = 3  # new actors that failed to start before a lost worker is given up
+LOOPBACK = "127.0.0.1"
 
 
 class RemoteJobFailed(RuntimeError):
@@ -69,13 +72,17 @@ def connect(address: str, num_cpus: int | None = None, dashboard: bool = False) 
     if ray.is_initialized():
         return "the running Ray session"
     if address == "local":
-        ray.init(
-            namespace=NAMESPACE,
-            num_cpus=num_cpus,
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
-        )
+        with _loopback_node():
+            ray.init(
+                namespace=NAMESPACE,
+                num_cpus=num_cpus,
+                include_dashboard=dashboard,
+                dashboard_host=LOOPBACK,
+                log_to_driver=True,
+            )
+        node = ray.util.get_node_ip_address()
+        if node != LOOPBACK:
+            log.warning("The local Ray cluster registered as %s, not %s: its ports face that network", node, LOOPBACK)
         return "a local Ray cluster (this machine)"
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
@@ -84,6 +91,24 @@ def connect(address: str, num_cpus: int | None = None, dashboard: bool = False) 
             f"--ray {address}: could not join the Ray cluster ({exc}); is `ray start` running there?"
         ) from None
     return f"the Ray cluster at {address}"
+
+
+class _loopback_node:
+    """A local cluster's node on 127.0.0.1: every port it opens (the GCS, the raylet, the workers, the
+    dashboard agent and the metrics endpoint, which has no token) then listens there and nowhere else; on
+    its LAN address they face the network. `ray.init` turns a given `_node_ip_address` of 127.0.0.1 into the
+    LAN address; Ray keeps the node on loopback where clusters are off (`ray_constants.ENABLE_RAY_CLUSTER`,
+    macOS and Windows by default), so that is what it reads while this cluster starts."""
+
+    def __enter__(self):
+        from ray._private import ray_constants
+
+        self._constants, self._before = ray_constants, getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._constants.ENABLE_RAY_CLUSTER = self._before
 
 
 # ---- the files of a job, both sides ------------------------------------------------------------------
@@ -98,8 +123,10 @@ def job_files(root: Path, video_rel: str) -> list[str]:
     video = root / video_rel
     found = [p for p in (video, sidecar_path(video)) if p.is_file()]
     parts = parts_dir(video)
-    if parts.is_dir():
+    try:
         found += sorted(p for p in parts.rglob("*") if p.is_file() and not p.name.startswith("."))
+    except FileNotFoundError:  # none, or removed while listed (the writer drops it once the clip is whole)
+        pass
     return [str(p.relative_to(root)) for p in found]
 
 
@@ -405,12 +432,27 @@ class RayWorker:
     a context-parallel job; `actor` is rank 0, the one whose messages and files come back)."""
 
     def __init__(
-        self, actor, name: str, hardware, base: dict[str, Any], data_dir: Path, shared: bool, board, followers=()
+        self,
+        actor,
+        name: str,
+        hardware,
+        base: dict[str, Any],
+        data_dir: Path,
+        shared: bool,
+        board,
+        followers=(),
+        respawn: Callable[[], tuple[Any, list[Any], Any]] | None = None,
     ) -> None:
+        """`respawn`: starts this worker's actors again (rank 0, the followers, rank 0's hardware), for `recover`."""
         self.actor, self.name, self.hardware = actor, name, hardware
         self.followers = list(followers)
         self.base, self.data_dir, self.shared, self.board = dict(base), Path(data_dir).resolve(), shared, board
+        self.respawn = respawn
         self.alive = True
+        self.recoverable = respawn is not None or not self.followers  # it can come back after a loss
+        self.lost_reason = ""
+        self.restarts = 0  # times it came back (re-attached or re-created)
+        self._failed_starts = 0
         self.key: str | None = None
         self._keys: dict[int, str] = {}
         self.received_bytes = 0
@@ -493,10 +535,11 @@ class RayWorker:
                     if kind == "end" and rest[0] == "failed" and end and end[0] != "failed":
                         end = ["failed", f"rank {rank}: {rest[1]}"]
         except _lost_errors() as exc:
-            self.alive = self._responds()
-            self.key = None  # a restarted actor has no models loaded
-            self.board.update(self.name, {"job": None, "state": "running" if self.alive else "lost"})
-            raise WorkerLost(_first_line(exc)) from None
+            # the queue's thread brings it back (`recover`): the actor Ray restarts, or a new one
+            self.alive, self.key = False, None  # a restarted actor has no models loaded
+            self.lost_reason = _first_line(exc)
+            self.board.update(self.name, {"job": None, "state": "lost", "reason": self.lost_reason})
+            raise WorkerLost(self.lost_reason) from None
         finally:
             done.set()
         self._refresh()
@@ -508,17 +551,61 @@ class RayWorker:
         if state == "failed":
             raise RemoteJobFailed(message)
 
-    def _responds(self) -> bool:
-        """After a loss: is the actor back (Ray restarted it) or gone for good? A group is gone with any rank:
-        its process group broke, and a restarted actor would not be one of its ranks."""
-        if self.followers:
+    def recover(self) -> bool:
+        """After a loss, one try at serving again: the actor Ray restarted answers (re-attached), or, dead for
+        good (killed, its restarts spent, no answer in RESTART_WAIT_S), new actors replace it (re-created). A
+        group always starts again whole: its process group broke, and a restarted rank would not be one of its
+        ranks. Models load on the next job. False while it is not back; after RECOVER_TRIES failed starts it is
+        given up (`recoverable` False) and says why."""
+        if self.alive:
+            return True
+        if not self.followers and self._answers():
+            return self._back("Ray restarted its actor")
+        if self.respawn is None:
+            self.recoverable = False
             return False
         ray = require_ray()
+        for actor in (self.actor, *self.followers):  # a rank still running holds a GPU the new group needs
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as exc:  # already gone: nothing to free
+                log.debug("%s: %s", self.name, exc)
+        self.board.update(self.name, {"state": "starting again"})
         try:
-            ray.get(self.actor.info.remote(), timeout=60)
-            return True
-        except Exception:  # any failure to answer means it is not serving
+            self.actor, followers, self.hardware = self.respawn()
+        except Exception as exc:  # it could not be placed or started: try again later, then give up
+            self._failed_starts += 1
+            self.lost_reason = f"{self.lost_reason}; starting it again failed: {_first_line(exc)}"
+            self.recoverable = self._failed_starts < RECOVER_TRIES
+            self.board.update(self.name, {"state": "lost", "reason": self.lost_reason})
+            log.warning("Worker %s could not be started again: %s", self.name, exc)
             return False
+        self.followers = list(followers)
+        return self._back("started again")
+
+    def _answers(self) -> bool:
+        """Whether the actor answers: Ray is restarting it while the calls raise ActorUnavailableError."""
+        ray = require_ray()
+        import ray.exceptions as rex
+
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actor.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return True
+            except getattr(rex, "ActorUnavailableError", ()):  # restarting: ask again
+                time.sleep(1.0)
+            except Exception:  # dead for good, or no answer in time
+                return False
+        return False
+
+    def _back(self, how: str) -> bool:
+        self.alive, self.key, self.lost_reason, self._failed_starts = True, None, "", 0
+        self.restarts += 1
+        self.board.update(self.name, {"reason": None, "restarts": self.restarts})
+        self._refresh()
+        log.warning("Worker %s is back (%s); its models load on its next job", self.name, how)
+        return True
 
     def _refresh(self) -> None:
         ray = require_ray()
@@ -608,42 +695,59 @@ def start_workers(
     server = hashlib.sha256(f"{socket.gethostname()}:{os.getpid()}".encode()).hexdigest()[:8]
     root, cwd = actor_root(data_dir), os.getcwd()
     remote = ray.remote(FramePackActor)
-    groups = []
-    for i in range(count):
+    restarts = MAX_RESTARTS if ranks == 1 else 0  # a restarted rank would not rejoin its group
+    generations = [0] * count  # a worker started again gets new actor names (the dead one's may linger)
+
+    def spawn(i: int, placement: dict[str, Any]) -> list[Any]:
+        again = f"-again{generations[i]}" if generations[i] else ""
+        return [
+            remote.options(
+                name=f"framepack-{server}-{i}" + (f"-rank{r}" if ranks > 1 else "") + again,
+                max_restarts=restarts,
+                max_concurrency=4,
+                **options,
+                **placement,
+            ).remote(base, f"worker-{i}", root, cwd)
+            for r in range(ranks)
+        ]
+
+    def ready(groups: list[list[Any]]) -> list[Any]:
+        """Each group's rank-0 hardware, once every actor is up (and, for a group, has joined its ranks)."""
+        try:
+            if ranks > 1:
+                meeting = ray.get([g[0].rendezvous.remote() for g in groups], timeout=START_TIMEOUT_S)
+                return [
+                    ray.get([a.join.remote(r, ranks, *meet) for r, a in enumerate(g)], timeout=START_TIMEOUT_S)[0]
+                    for g, meet in zip(groups, meeting)
+                ]
+            return ray.get([g[0].get_hardware.remote() for g in groups], timeout=START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise InputError(
+                f"Ray could not start {len(groups)} worker(s){group} with {options} in {START_TIMEOUT_S:.0f} s: the "
+                f"cluster has {gpus} GPU(s) and {cpus} CPU(s) free at most (`ray status` shows what is used)"
+            ) from None
+
+    placements = []
+    for _ in range(count):
         placement = {}
         if ranks > 1:
             pg = placement_group([bundle] * ranks, strategy="STRICT_PACK")
             placement = {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg)}
-        restarts = MAX_RESTARTS if ranks == 1 else 0  # a restarted rank would not rejoin its group
-        groups.append(
-            [
-                remote.options(
-                    name=f"framepack-{server}-{i}" + (f"-rank{r}" if ranks > 1 else ""),
-                    max_restarts=restarts,
-                    max_concurrency=4,
-                    **options,
-                    **placement,
-                ).remote(base, f"worker-{i}", root, cwd)
-                for r in range(ranks)
-            ]
-        )
-    try:
-        if ranks > 1:
-            meeting = ray.get([g[0].rendezvous.remote() for g in groups], timeout=START_TIMEOUT_S)
-            hardware = [
-                ray.get([a.join.remote(r, ranks, *meet) for r, a in enumerate(g)], timeout=START_TIMEOUT_S)[0]
-                for g, meet in zip(groups, meeting)
-            ]
-        else:
-            hardware = ray.get([g[0].get_hardware.remote() for g in groups], timeout=START_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
-        raise InputError(
-            f"Ray could not start {count} worker(s){group} with {options} in {START_TIMEOUT_S:.0f} s: the cluster "
-            f"has {gpus} GPU(s) and {cpus} CPU(s) free at most (`ray status` shows what is used)"
-        ) from None
+        placements.append(placement)
+    groups = [spawn(i, placements[i]) for i in range(count)]
+    hardware = ready(groups)
+
+    def respawner(i: int) -> Callable[[], tuple[Any, list[Any], Any]]:
+        def again() -> tuple[Any, list[Any], Any]:  # the same placement group: the old ranks' bundles are free
+            generations[i] += 1
+            actors = spawn(i, placements[i])
+            return actors[0], actors[1:], ready([actors])[0]
+
+        return again
+
     board = WorkerBoard(data_dir)
     made = [
-        RayWorker(g[0], f"worker-{i}", hw, base, data_dir, shared, board, followers=g[1:])
+        RayWorker(g[0], f"worker-{i}", hw, base, data_dir, shared, board, followers=g[1:], respawn=respawner(i))
         for i, (g, hw) in enumerate(zip(groups, hardware))
     ]
     for worker in made:

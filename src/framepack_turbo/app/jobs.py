@@ -131,7 +131,7 @@ class JobStore:
         """queued -> running on `worker`; None when another worker (or a cancel) took it first."""
         with self._db() as db:
             cur = db.execute(
-                "UPDATE jobs SET state = 'running', started = ?, worker = ?, attempts = attempts + 1 "
+                "UPDATE jobs SET state = 'running', started = ?, worker = ?, attempts = attempts + 1, error = '' "
                 "WHERE id = ? AND state = 'queued'",
                 (time.time(), worker, job_id),
             )
@@ -182,6 +182,22 @@ class JobStore:
                 (json.dumps(request), job_id),
             )
         return cur.rowcount == 1
+
+    def note_queued(self, note: str) -> None:
+        """Why the queued jobs wait (no worker can run them now), in their `error` until one claims them; ""
+        clears it."""
+        with self._db() as db:
+            db.execute("UPDATE jobs SET error = ? WHERE state = 'queued'", (note,))
+
+    def fail_queued(self, reason: str) -> list[int]:
+        """Every queued job -> failed with `reason` (no worker will ever run them)."""
+        with self._db() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state = 'queued'").fetchall()]
+            db.execute(
+                "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE state = 'queued'",
+                (time.time(), reason),
+            )
+        return ids
 
     def cancel_queued(self, job_id: int) -> bool:
         with self._db() as db:

@@ -38,12 +38,14 @@ MAX_VIDEO_UPLOAD_SECONDS = 10 * 60.0
 
 
 MAX_ATTEMPTS = 2  # a job whose worker is lost is retried once; lost again, it fails
+RECOVER_WAIT_S = 5.0  # between two tries at bringing a lost worker back
 
 
 class Runner(Protocol):
     """Runs one job. A worker may also have `name`, `holds(job)` (its loaded models serve the job without a
-    reload: routing prefers it), `refusal(settings)` (why it cannot run these settings, or None) and
-    `alive`; plain callables run anything."""
+    reload: routing prefers it), `refusal(settings)` (why it cannot run these settings, or None), `alive`,
+    and, to come back after a loss, `recover()` (True once it serves again), `recoverable` (False once it is
+    given up) and `lost_reason`; plain callables run anything."""
 
     def __call__(self, job: Job, cancel: CancelToken, on_event: Callable[[Any], None]) -> None: ...
 
@@ -290,11 +292,25 @@ class JobQueue:
             if frames < least:
                 raise InputError(f"the video has {frames} frames; F1 continues from at least {least}: pick inverted")
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why no worker can run a job now (every one lost: being brought back, or given up), else None."""
+        if any(getattr(w, "alive", True) for w in self.workers):
+            return None
+        lost = "; ".join(f"{worker_name(w)} lost ({getattr(w, 'lost_reason', '') or 'gone'})" for w in self.workers)
+        if any(getattr(w, "recoverable", False) for w in self.workers):
+            return f"no worker can run jobs now: {lost}; it is being brought back: try again in a minute"
+        return f"no worker can run jobs: {lost}; restart the server"
+
+    def _check_available(self) -> None:
+        reason = self.unavailable
+        if reason is not None:
+            raise InputError(reason)
+
     def _check_servable(self, settings) -> None:
         """Refuse, before it queues, a job no worker could run (it needs CUDA and no worker has it, ...)."""
+        self._check_available()
         alive = [w for w in self.workers if getattr(w, "alive", True)]
-        if not alive:
-            raise InputError("no worker is running: every worker was lost; restart the server")
         reasons = [(worker_name(w), getattr(w, "refusal", lambda s: None)(settings)) for w in alive]
         if all(reason for _, reason in reasons):
             name, reason = reasons[0]
@@ -331,6 +347,7 @@ class JobQueue:
             raise InputError(f"job {job_id} is {job.state}: only a failed or cancelled job resumes")
         if not state_path(job.video).is_file():
             raise InputError(f"job {job_id} left no resume state (it stopped before its first section was written)")
+        self._check_available()
         self.store.requeue_to_resume(job_id)
         self._wake.set()
         return "queued to resume"
@@ -363,12 +380,43 @@ class JobQueue:
 
     def _loop(self, index: int) -> None:
         worker = self.workers[index]
-        while not self._stop.is_set() and getattr(worker, "alive", True):
+        while not self._stop.is_set():
+            if not getattr(worker, "alive", True):
+                if not self._bring_back(worker):
+                    break
+                continue
             if not self.run_one(index):
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
         if not getattr(worker, "alive", True):
             log.warning("Worker %s is gone: its thread stops", worker_name(worker))
+            self._fail_waiting()
+
+    def _bring_back(self, worker: Runner) -> bool:
+        """One try at bringing a lost worker back (Ray restarted its actor, or a new one is started); False once
+        it is given up. While no worker can run, the queued jobs say why they wait, and run once one is back:
+        a worker Ray restarts is back in seconds, and failing the whole queue for that would lose it."""
+        if not getattr(worker, "recoverable", False):
+            return False
+        reason = self.unavailable
+        if reason is not None:
+            self.store.note_queued(f"waiting: {reason}")
+        if worker.recover():
+            log.warning("Worker %s is back: queued jobs run again", worker_name(worker))
+            self.store.note_queued("")
+            self._wake.set()
+            return True
+        self._stop.wait(RECOVER_WAIT_S)
+        return getattr(worker, "recoverable", False)
+
+    def _fail_waiting(self) -> None:
+        """No worker will run again (every one given up): the queued jobs fail with the reason, not wait forever."""
+        reason = self.unavailable
+        if reason is None or any(getattr(w, "recoverable", False) for w in self.workers):
+            return
+        failed = self.store.fail_queued(reason)
+        if failed:
+            log.error("Jobs %s failed: %s", failed, reason)
 
     def _claim_for(self, index: int) -> Job | None:
         """The oldest queued job this worker should take: one whose models it holds, or one no other free
@@ -427,7 +475,8 @@ class JobQueue:
 
         current = self.store.get(job.id)
         reason = f"worker {worker_name(worker)} lost: {exc}"
-        alive = [w for w in self.workers if getattr(w, "alive", True)]  # the lost one again, if it restarted
+        # the lost one again too, once it is back (Ray restarts it, or it is started again)
+        alive = [w for w in self.workers if getattr(w, "alive", True) or getattr(w, "recoverable", False)]
         cancelled = self._tokens[job.id].cancelled
         if current is not None and current.attempts < MAX_ATTEMPTS and alive and not cancelled:
             resume = state_path(job.video).is_file()
