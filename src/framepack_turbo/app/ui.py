@@ -431,6 +431,8 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         running = runs[0] if runs else None
         live = lives.get(running.id) if running is not None else None
         progress = "<br>".join(progress_line(j, lives.get(j.id)) for j in runs) or "Idle."
+        if queue.unavailable:  # every worker lost: why the queued jobs wait (or failed)
+            progress = f"<b>{html_text(queue.unavailable)}</b><br>{progress}"
         preview = preview_grid(live.preview) if live is not None else None
         timeline = live.cache_timeline if live is not None else []
         caches = (
