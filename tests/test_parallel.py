@@ -153,6 +153,8 @@ def test_launched_reads_the_torchrun_variables():
     env = launch.rank_environment(1, 2, 1234, 1, base={"PATH": "/bin", "RANK": "7"})
     assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2" and env["MASTER_PORT"] == "1234"
     assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == "/bin"
+    env = launch.rank_environment(0, 2, 1234, 1, base={distributed.ERROR_FILE: "/tmp/outer.log"})
+    assert distributed.ERROR_FILE not in env  # a rank's error file is the launcher's to set, not inherited
 
 
 def test_degree_without_a_launch_says_how_to_start_it():
@@ -207,6 +209,141 @@ def test_cli_refuses_bad_parallel_input_in_one_line(tmp_path):
         lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and words in lines[0], run.stderr
         assert "Traceback" not in run.stderr
+
+
+def two_ranks(args: list[str], folder: Path, timeout: float = 600) -> list[int]:
+    """Run tests/parallel_worker.py ARGS as two gloo ranks in `folder`; their exit codes."""
+    port = launch.free_port()
+    command = [sys.executable, str(ROOT / "tests" / "parallel_worker.py"), *args]
+    procs = [subprocess.Popen(command, env=launch.rank_environment(r, 2, port, 1), cwd=folder) for r in range(2)]
+    return [p.wait(timeout=timeout) for p in procs]
+
+
+def test_every_text_length_splits_and_matches_one_process(tmp_path):
+    """Text lengths 1..40 (the conditioning is SigLIP's tokens and the prompt's), on latents of an even and an odd
+    length: the shares are uneven for half of them, and gloo's all-gather takes only equal tensors (issue 40:
+    `--gpus 2` crashed on "x"). Ulysses and ring, each against the same call unsplit in the same process."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from parallel_worker import LATENT_SIZES, MODES, TEXT_LENGTHS
+
+    assert two_ranks(["lengths", str(tmp_path)], tmp_path) == [0, 0]
+    outputs = [load_file(tmp_path / f"rank{r}" / "lengths.safetensors") for r in range(2)]
+    worst = 0.0
+    for mode in MODES:
+        for h, w in LATENT_SIZES:
+            for text in TEXT_LENGTHS:
+                one, split = outputs[0][f"one-{text}-{h}x{w}"], outputs[0][f"{mode}-{text}-{h}x{w}"]
+                assert torch.equal(split, outputs[1][f"{mode}-{text}-{h}x{w}"])  # every rank holds the whole
+                assert split.shape == one.shape
+                worst = max(worst, (split - one).abs().max().item())
+    assert worst <= TOLERANCE, worst
+    assert max(v.abs().max().item() for v in outputs[0].values()) > 1.0  # outputs, not zeros
+
+
+CLI = ["--model", "tiny", "--device", "cpu", "--gpus", "2", "--image", str(EXAMPLE), "--resolution", "64"]
+
+
+@pytest.fixture(scope="module")
+def whole_clip(tmp_path_factory) -> Path:
+    """`framepack generate --gpus 2 --prompt x` on the CPU, run to the end (the issue's command)."""
+    folder = tmp_path_factory.mktemp("whole")
+    run = subprocess.run(
+        [sys.executable, "-m", "framepack_turbo", "generate", *CLI, "--prompt", "x", "--out", "cp.mp4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=folder,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    return folder / "cp.mp4"
+
+
+def test_two_cpu_ranks_make_a_clip_of_a_one_token_prompt(whole_clip):
+    from framepack_turbo.pipeline.resume import state_path
+
+    assert whole_clip.exists() and not state_path(whole_clip).exists()  # finished: no resume state left
+    assert json.loads(whole_clip.with_suffix(".json").read_text())["parallel"]["degree"] == 2
+
+
+def frames(path: Path):
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_a_killed_rank_is_one_line_and_resume_finishes_the_clip_bit_for_bit(whole_clip, tmp_path):
+    """Rank 1 killed (SIGKILL) after the first section: rank 0 fails in its next collective; the launcher says
+    which rank died and how in one line, the ranks' tracebacks go to their logs, and `--resume` finishes the clip
+    with the frames of the run that was not interrupted."""
+    import signal
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    from framepack_turbo.pipeline.resume import state_path
+
+    clip = tmp_path / "cp.mp4"
+    command = [sys.executable, "-m", "framepack_turbo", "generate", *CLI, "--prompt", "x", "--out", str(clip)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 400
+    while not state_path(clip).exists():  # one section done (of 4, ~3 s each)
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    (follower,) = [c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1"]
+    follower.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGKILL, stderr
+    assert "Traceback" not in stderr and "[rank0]" not in stderr, stderr
+    named = [line for line in stderr.splitlines() if "rank 1" in line]
+    assert len(named) == 1 and named[0].startswith("error: rank 1 of 2 was killed by SIGKILL (signal 9)"), stderr
+    assert f"framepack generate --resume {clip}` goes on" in stderr
+    logs = Path(named[0].split("the ranks' logs: ")[1].rstrip(")"))
+    assert "Traceback" in (logs / "rank0.log").read_text()  # rank 0's gloo error, kept for whoever looks
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "framepack_turbo", "generate", "--resume", str(clip)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(clip.with_suffix(".json").read_text())["parallel"]["degree"] == 2  # on two ranks again
+    import numpy as np
+
+    assert np.array_equal(frames(clip), frames(whole_clip))
+
+
+def test_the_launcher_names_the_first_failing_rank_and_its_error(tmp_path, monkeypatch, capsys):
+    """A rank that raised: its exception's line from its log; a signal's death before the errors it causes;
+    rank 0's own one-line refusal is not said twice."""
+
+    class Done:
+        def __init__(self, code):
+            self.returncode = code
+
+        def poll(self):
+            return self.returncode
+
+    assert launch._first_failure([Done(1), Done(-9)]) == (1, -9)
+    assert launch._first_failure([Done(0), Done(1), Done(2)]) == (1, 1)
+    assert launch._first_failure([Done(0), Done(0)]) is None
+    (tmp_path / "rank1.log").write_text(
+        'W1207 noise\nTraceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+        "    boom()\nValueError: boom\n"
+    )
+    launch._report(1, 1, 2, tmp_path, ["generate", "--out", str(tmp_path / "none.mp4")])
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"error: rank 1 of 2 exited with code 1: ValueError: boom; the other ranks stopped (the ranks' "
+        f"logs: {tmp_path})"
+    ]  # no resume state beside none.mp4: no note
+    (tmp_path / "rank1.log").unlink()
+    launch._report(0, 2, 2, tmp_path, ["generate"])
+    assert capsys.readouterr().err == ""
+    assert launch._option(["--out", "a.mp4", "--out=b.mp4"], "--out") == "b.mp4"
 
 
 def test_serve_without_ray_refuses_a_parallel_degree(tmp_path):

@@ -16,9 +16,12 @@ here is a no-op, so single-process code pays nothing.
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -26,6 +29,9 @@ from framepack_turbo.errors import FramePackError, InputError
 from framepack_turbo.pipeline.events import CancelToken
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Set by `--gpus N` (launch.py): where this rank writes the traceback of an error it does not handle, instead of the
+# terminal (the launcher reports the first failing rank in one line and names the file).
+ERROR_FILE = "RANK_ERROR_FILE"
 # How long a rank waits in a collective for the others: long enough for a slower rank's model load or rank 0's
 # decode, short enough that a job whose rank died fails instead of hanging (torch's default is 30 min).
 COLLECTIVE_TIMEOUT = timedelta(minutes=15)
@@ -103,7 +109,23 @@ def start(device_type: str, degree: int, environ: Mapping[str, str] | None = Non
         torch.distributed.init_process_group(
             backend_for(device_type), rank=ranks.rank, world_size=ranks.world, timeout=COLLECTIVE_TIMEOUT
         )
+    environ = os.environ if environ is None else environ
+    if environ.get(ERROR_FILE):  # after init_process_group: torch's own hook (which prints) is replaced, not chained
+        errors_to_file(Path(environ[ERROR_FILE]))
     return ranks
+
+
+def errors_to_file(path: Path) -> None:
+    """An error this process does not handle goes, traceback and all, to `path` (appended), not to stderr.
+
+    For the ranks `--gpus N` starts: when one rank dies, every other fails in its next collective with a gloo or
+    NCCL traceback of its own; the launcher prints the first failure in one line and names the files."""
+
+    def hook(kind, value, tb) -> None:
+        with path.open("a", encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(kind, value, tb)))
+
+    sys.excepthook = hook
 
 
 def stop() -> None:

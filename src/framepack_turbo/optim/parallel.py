@@ -15,14 +15,20 @@ the packed sequence is the first block:
 - every block's rotary table, split the same way (the forward hands each block the whole table);
 - the last block's outputs, gathered (the forward then keeps the last, noisy, tokens).
 
-Shares may be uneven (the text length is the prompt's), so the split is diffusers' "anything" mode
-(`tensor_split`, uneven all-to-all); the ranks exchange their share sizes through gloo, beside NCCL on CUDA.
+Shares may be uneven (the text length is the prompt's, the latent length the frame's), so the split is diffusers'
+"anything" mode (`tensor_split`, uneven all-to-all, ring's K/V padded to the longest share); the ranks exchange
+their share sizes through gloo, beside NCCL on CUDA. The last block's gather is ours (`gather_shares`): diffusers'
+all-gathers the uneven shares as they are, which gloo refuses ("invalid tensor size"), so on a CPU every prompt
+whose conditioning length is not a multiple of the degree crashed. Each share is padded to the longest for the
+collective and cut back after it: the padding never enters a block, so no attention mask is needed and the
+result is the unsplit one's.
 
 The split and gather hooks are the outermost on those blocks (the pass is declared after the step caches):
 the caches' hooks see a rank's share and take their decision's means over the ranks (distributed.means_over_ranks).
 `ModelMixin.enable_parallelism` is not called: it derives the device index from the accelerator count, which
 is zero on a CPU, so a gloo mesh (the CI test) could not be built through it; the four things it does are done
-here with diffusers' own pieces (the configs, the mesh setup, the processors' config, `apply_context_parallel`).
+here with diffusers' own pieces (the configs, the mesh setup, the processors' config, `apply_context_parallel`
+for the splits; `apply_plan`).
 """
 
 from __future__ import annotations
@@ -76,6 +82,64 @@ def cp_plan(transformer) -> dict[str, Any]:
     gathered = ContextParallelOutput(gather_dim=1, expected_dims=3)
     plan[f"{last}.{len(last_blocks) - 1}"] = [gathered, gathered]  # (image stream, conditioning stream)
     return plan
+
+
+def gather_shares(share: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's share of a sequence, joined along `dim` in rank order; the shares may differ in length.
+
+    One exchange of the lengths, then one all-gather of equal buffers (each share zero-padded to the longest:
+    gloo all-gathers only equal tensors) cut back to each rank's length."""
+    from diffusers.models._modeling_parallel import gather_size_by_comm
+
+    share = share.contiguous()
+    lengths = gather_size_by_comm(share.shape[dim], group)
+    longest = max(lengths)
+    if share.shape[dim] < longest:
+        pad = list(share.shape)
+        pad[dim] = longest - share.shape[dim]
+        share = torch.cat([share, share.new_zeros(pad)], dim=dim)
+    buffers = [torch.empty_like(share) for _ in lengths]
+    torch.distributed.all_gather(buffers, share, group=group)
+    return torch.cat([b.narrow(dim, 0, n) for b, n in zip(buffers, lengths)], dim=dim)
+
+
+def _gather_hook(outputs, cp):
+    """diffusers' gather hook with its all-gather replaced by `gather_shares` (any share lengths, any backend)."""
+    from diffusers.hooks.context_parallel import ContextParallelGatherHook
+
+    class GatherShares(ContextParallelGatherHook):
+        def post_forward(self, module, output):
+            single = isinstance(output, torch.Tensor)
+            output = [output] if single else list(output)
+            if len(output) != len(self.metadata):
+                raise FramePackError(f"the gathered block returned {len(output)} tensors, not {len(self.metadata)}")
+            group = self.parallel_config._flattened_mesh.get_group()
+            for i, cpm in enumerate(self.metadata):
+                if cpm is not None:
+                    output[i] = gather_shares(output[i], cpm.gather_dim, group)
+            return output[0] if single else tuple(output)
+
+    return GatherShares(list(outputs), cp)
+
+
+def apply_plan(transformer, cp, plan: dict[str, Any]) -> None:
+    """diffusers' `apply_context_parallel` for the splits; our gather (under diffusers' hook name, so that
+    `remove_context_parallel` takes it off) for the outputs."""
+    from diffusers.hooks.context_parallel import (
+        _CONTEXT_PARALLEL_OUTPUT_HOOK_TEMPLATE,
+        _get_submodule_by_name,
+        apply_context_parallel,
+    )
+    from diffusers.hooks.hooks import HookRegistry
+
+    apply_context_parallel(transformer, cp, {k: v for k, v in plan.items() if isinstance(v, dict)})
+    for module_id, outputs in plan.items():
+        if isinstance(outputs, dict):
+            continue
+        modules = _get_submodule_by_name(transformer, module_id)
+        for module in modules if isinstance(modules, list) else [modules]:
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.register_hook(_gather_hook(outputs, cp), _CONTEXT_PARALLEL_OUTPUT_HOOK_TEMPLATE.format(module_id))
 
 
 def attention_processors(transformer) -> list[Any]:
@@ -153,7 +217,6 @@ class ContextParallelPass:
         return ParallelConfig(settings.parallel_mode, settings.parallel_degree)
 
     def apply(self, bundle: ModelBundle, config: ParallelConfig, context: PassContext) -> PassReport:
-        from diffusers.hooks.context_parallel import apply_context_parallel
         from diffusers.models._modeling_parallel import ContextParallelConfig
         from diffusers.models._modeling_parallel import ParallelConfig as DiffusersParallelConfig
 
@@ -185,7 +248,7 @@ class ContextParallelPass:
             processor._parallel_config = parallel
         transformer._parallel_config = parallel
         plan = cp_plan(transformer)
-        apply_context_parallel(transformer, cp, plan)
+        apply_plan(transformer, cp, plan)
         detail = (
             f"{config.mode} over {config.degree} ranks ({torch.distributed.get_backend()}); "
             f"{len(processors)} attention layers across ranks; split at {next(iter(plan))}, "
