@@ -41,6 +41,56 @@ def test_tags_and_the_default_prompt():
             parse_prompt_at(bad)
 
 
+PLAN = dict(prompt_at=(), keyframes=(), end_image=None, variant="inverted", sections=3, window=9, seconds=3.6)
+
+
+@pytest.mark.parametrize(
+    "time, message",
+    [(" -1s", "outside the clip"), ("1e308s", "outside the clip"), ("nan s", "write"), ("inf s", "write")],
+)
+def test_a_tag_at_a_time_prompt_at_refuses_is_refused_beside_a_valid_one(time, message):
+    """Once left in the default prompt's text (the tag silently gone); now refused as --prompt-at refuses it."""
+    with pytest.raises(InputError, match=message):
+        plan_timeline(prompt=f"[0s: a red circle] [{time}: a blue square]", **PLAN)
+    with pytest.raises(InputError, match=message):  # the same time through --prompt-at: the same rule
+        at = parse_prompt_at(f"{time}:a blue square")
+        plan_timeline(**{**PLAN, "prompt": "[0s: a red circle]", "prompt_at": ((at.seconds, at.text),)})
+
+
+@pytest.mark.parametrize("prompt", ["[0s: right [1.2s: left]", "[0s: right", "calm [1.2s: a [red] ball]"])
+def test_an_unclosed_tag_is_refused_not_absorbed_into_the_text(prompt):
+    with pytest.raises(InputError, match="is not closed"):
+        parse_prompt(prompt)
+
+
+def test_brackets_that_look_like_tags_are_tags_or_refused_and_other_brackets_are_text():
+    assert [(t.seconds, t.text) for t in parse_prompt("[ 1.2 s : x ] [.5S: y]")[1]] == [(0.5, "y"), (1.2, "x")]
+    for bad in ("[0s: a] [1,2s: b]", "[1.2sec: b]", "[1_0s: b]", "[1.2.3s: b]"):
+        with pytest.raises(InputError, match=r"write \[TIMEs: TEXT\]"):
+            parse_prompt(bad)
+    with pytest.raises(InputError, match="has no ':' before its text"):
+        parse_prompt("[0s: a] [1.2s] b")
+    for plain in ("a [red] ball", "[2 cats: playing]", "[nancy: hi]", "a [2] and [4k]", "half [ open", "x ] y"):
+        assert parse_prompt(plain) == (plain, [])  # not tags: the prompt as typed
+    assert parse_prompt("a [red] ball [0s: it rolls]") == ("a [red] ball", [parse_prompt("[0s: it rolls]")[1][0]])
+    assert parse_prompt_at("1.8 S:x").seconds == 1.8  # the one time rule: the tag's and --prompt-at's
+    with pytest.raises(InputError, match="write TIME:TEXT"):
+        parse_prompt_at("1_0:x")
+
+
+def test_a_bad_tag_on_the_command_line_is_one_line_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from framepack_turbo.cli import app
+
+    args = ["generate", "--model", "tiny-random", "--out", str(tmp_path / "o.mp4"), "--seconds", "3.6", "--steps", "1"]
+    args += ["--resolution", "64"]  # on a main that took the prompt, a quick clip: the test fails, not hangs
+    for prompt, message in (("[0s: a] [-1s: b]", "outside the clip"), ("[0s: right [1.2s: left]", "not closed")):
+        result = CliRunner().invoke(app, [*args, "--prompt", prompt])
+        lines = [line for line in result.output.strip().splitlines() if line]
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+
+
 def test_times_snap_to_section_boundaries_and_map_to_generation_order():
     assert section_seconds(9) == pytest.approx(1.2)
     _, timed = parse_prompt("[0s: right] [1.8s: left]")

@@ -6,7 +6,12 @@ variant generates the last section in time first). Section k covers pixel frames
 `[k * window * 4, (k + 1) * window * 4)` at 30 fps, so its span starts at `k * window * 4 / 30` s.
 
 - Timestamped prompts: `"[0s: a red circle moves right] [1.8s: it moves left]"`; text outside the
-  tags is the default prompt (used before the first tag). A tag's time snaps to the nearest section
+  tags is the default prompt (used before the first tag). A bracket whose part before its first colon reads
+  as a time (a number, signed or not, `nan`, `inf`, a decimal comma, a unit after it) is a tag, and its time
+  must be one `--prompt-at` takes (`seconds_of`: the one rule for both; the clip's range is checked where the
+  sections are known): `[-1s: x]`, `[nan s: x]` and `[1,2s: x]` are refused, never left in the text. So is a
+  tag not closed before the next bracket (`[0s: a [1.2s: b]`) and a time in brackets with no colon (`[1.2s]`).
+  Other brackets (`a [red] ball`, `[2 cats: playing]`) are the prompt's text, kept as typed. A tag's time snaps to the nearest section
   boundary: a prompt cannot change inside a section, whose frames are sampled together. A change can
   blend over the next N sections: section j of the blend (0-based) takes (j + 1) / (N + 1) of the new
   prompt's embeddings.
@@ -23,12 +28,23 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from framepack_turbo.constants import FPS, LATENT_FRAMES_TO_PIXELS
 from framepack_turbo.errors import InputError
+from framepack_turbo.text import shown
 
-_TAG = re.compile(r"\[\s*([0-9]*\.?[0-9]+)\s*s?\s*:\s*([^\]]*)\]")
+# A time as --prompt-at and a tag take it: a decimal number (exponent allowed) or nan/inf (refused as not
+# finite), an optional trailing s. Not float()'s whole syntax: no underscores, no non-ASCII digits.
+_SECONDS = re.compile(r"\s*([+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf(?:inity)?))\s*s?\s*", re.I)
+# What a user means as a time, right or wrong (`1,2s`, `1.2 sec`, `- 1s`, `nan s`): inside brackets it makes a tag.
+_TIME_LIKE = re.compile(
+    r"\s*[+-]?\s*(?:[0-9.,_]*[0-9][0-9.,_]*(?:[eE][+-]?[0-9]+)?|\.[0-9]|nan|inf(?:inity)?)\s*"
+    r"(?P<unit>s|secs?|seconds?)?\s*",
+    re.I,
+)
+TAG_FORM = "[TIMEs: TEXT] with TIME in seconds, e.g. [1.8s: the red circle moves left]"
 
 
 @dataclass(frozen=True)
@@ -57,12 +73,55 @@ def time_position(variant: str, number: int, total: int) -> int:
     return total - 1 - number if variant == "inverted" else number
 
 
+def seconds_of(text: str) -> float:
+    """A time in seconds as `--prompt-at`, `--keyframe` and prompt tags write it; NaN where it is not one (or
+    not finite). Whether it lies inside the clip is checked once the sections are known (`prompt_changes`)."""
+    m = _SECONDS.fullmatch(text)
+    seconds = float(m.group(1)) if m else math.nan
+    return seconds if math.isfinite(seconds) else math.nan
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    return repr(shown(text if len(text) <= limit else text[: limit - 3] + "..."))
+
+
+def _tags(text: str) -> Iterator[tuple[int, int, TimedPrompt]]:
+    """Each tag as (start, end, prompt); a bracket that reads as a tag but is not one is refused in one line."""
+    i = text.find("[")
+    while i >= 0:
+        cut = min((j for j in (text.find(c, i + 1) for c in ":[]") if j >= 0), default=len(text))
+        head, stop = text[i + 1 : cut], text[cut : cut + 1]
+        like = _TIME_LIKE.fullmatch(head)
+        if like and stop == ":":
+            close = text.find("]", cut)
+            inner = text.find("[", cut)
+            if close < 0 or 0 <= inner < close:  # `[0s: a [1.2s: b]` or `[0s: a`: one tag, unclosed
+                where = "before the next '['" if inner >= 0 else "(no ']' after it)"
+                shown_to = inner if inner >= 0 else len(text)
+                raise InputError(
+                    f"prompt tag {_excerpt(text[i:shown_to].rstrip())} is not closed {where}: write {TAG_FORM}, "
+                    "with no brackets in its text"
+                )
+            seconds = seconds_of(head)
+            if math.isnan(seconds):
+                raise InputError(f"prompt tag {_excerpt(text[i : close + 1])}: write {TAG_FORM}")
+            yield i, close + 1, TimedPrompt(seconds, text[cut + 1 : close].strip())
+            i = text.find("[", close + 1)
+            continue
+        if like and stop == "]" and like.group("unit"):
+            raise InputError(f"prompt tag {_excerpt(text[i : cut + 1])} has no ':' before its text: write {TAG_FORM}")
+        i = text.find("[", i + 1)
+
+
 def parse_prompt(text: str) -> tuple[str, list[TimedPrompt]]:
     """(default prompt, timed prompts in time order) from a prompt with `[Ns: ...]` tags."""
-    timed = [TimedPrompt(float(m.group(1)), m.group(2).strip()) for m in _TAG.finditer(text)]
-    if not timed:
+    tags = list(_tags(text))
+    if not tags:
         return text, []  # as typed: the encoders see exactly what FramePack's would
-    default = " ".join(_TAG.sub(" ", text).split())
+    starts = [0, *(end for _, end, _ in tags)]
+    ends = [*(start for start, _, _ in tags), len(text)]
+    default = " ".join(" ".join(text[a:b] for a, b in zip(starts, ends)).split())
+    timed = [prompt for _, _, prompt in tags]
     for prompt in timed:
         if not prompt.text:
             raise InputError(f"prompt tag [{prompt.seconds:g}s: ...] has no text")
@@ -72,11 +131,8 @@ def parse_prompt(text: str) -> tuple[str, list[TimedPrompt]]:
 def _parse_timed(value: str, flag: str, form: str, example: str) -> tuple[float, str]:
     """`TIME:REST` (TIME in seconds, an optional trailing s) as (seconds, REST), or one line saying how to write it."""
     time_part, sep, rest = value.partition(":")
-    try:
-        seconds = float(time_part.strip().removesuffix("s"))
-    except ValueError:
-        seconds = math.nan
-    if not sep or not rest.strip() or not math.isfinite(seconds):
+    seconds = seconds_of(time_part)
+    if not sep or not rest.strip() or math.isnan(seconds):
         raise InputError(f"{flag} {value!r}: write {form}, e.g. {example}")
     return seconds, rest.strip()
 
