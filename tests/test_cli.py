@@ -272,7 +272,8 @@ def test_count_makes_clips_with_consecutive_seeds_and_random_is_recorded(tmp_pat
 
 
 def test_from_carries_the_timeline_of_a_clip(tmp_path):
-    """A clip made with a timed prompt, an end image and a keyframe re-runs from its file with all three."""
+    """A clip made with a timed prompt, an end image and a keyframe re-runs from its file with all three: the
+    timed prompt and the blend from the clip, the images (which a clip never supplies) passed again."""
     from framepack_turbo.pipeline import video
 
     first, again = tmp_path / "timed.mp4", tmp_path / "again.mp4"
@@ -302,10 +303,12 @@ def test_from_carries_the_timeline_of_a_clip(tmp_path):
     options = video.read_metadata(first)["options"]
     assert options["end_strength"] == 0.5 and options["keyframes"] == [[1.2, str(EXAMPLE_IMAGE)]]
     assert options["prompt_blend_sections"] == 1 and options["end_image"] == str(EXAMPLE_IMAGE)
+    images = ["--end-image", str(EXAMPLE_IMAGE), "--keyframe", f"1.2:{EXAMPLE_IMAGE}"]
     rerun = CliRunner().invoke(
-        app, ["generate", "--from", str(first), "--image", str(EXAMPLE_IMAGE), "--out", str(again)]
+        app, ["generate", "--from", str(first), "--image", str(EXAMPLE_IMAGE), *images, "--out", str(again)]
     )
     assert rerun.exit_code == 0, rerun.output
+    assert "not used" not in rerun.output  # both passed again: nothing dropped to name
     assert (
         json.loads(again.with_suffix(".json").read_text())["timeline"]
         == json.loads(first.with_suffix(".json").read_text())["timeline"]

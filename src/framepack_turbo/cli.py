@@ -21,6 +21,7 @@ import typer
 
 from framepack_turbo.constants import ENV_PREFIX, FPS
 from framepack_turbo.errors import FramePackError, InputError
+from framepack_turbo.text import shown
 
 app = typer.Typer(
     name="framepack",
@@ -35,7 +36,8 @@ log = logging.getLogger("framepack_turbo.cli")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    # a message may quote a file's contents (a clip's record, a LoRA's keys): no control character acts
+    typer.echo(f"error: {shown(message, newlines=True)}", err=True)
     return typer.Exit(code)
 
 
@@ -133,12 +135,14 @@ class _ProgressView:
             self.fraction = event.fraction
         elif isinstance(event, SectionDone):
             self.progress.console.print(
-                f"section {event.section}/{event.sections} done: {event.frames} frames in {event.video_path}"
+                shown(f"section {event.section}/{event.sections} done: {event.frames} frames in {event.video_path}"),
+                markup=False,
+                highlight=False,
             )
         elif isinstance(event, StageStarted) and event.stage != "sampling":
             log.debug("stage: %s", event.stage)
         elif isinstance(event, Notice):
-            self.progress.console.print(f"note: {event.message}")
+            self.progress.console.print(shown(f"note: {event.message}"), markup=False, highlight=False)
         elif isinstance(event, JobDone):
             pass
 
@@ -288,13 +292,17 @@ def generate(
         if gpus is None and launched is not None and launched.world > 1:
             above["parallel_degree"] = launched.world  # `torchrun --nproc-per-node N` alone means N ranks
         above = {k: v for k, v in above.items() if v is not None}
-        settings = _settings_from(ctx, preset, recorded.get("settings", {}), loras=lora, above=above)
+        given = _given(ctx, lora)
+        below = recorded.get("settings", {})
+        if "rerun" in recorded:  # --from: the clip's recipe below the user's flags, its paths dropped and named
+            mine = _settings_from(ctx, preset, None, loras=lora, above=above)  # the user's own flags, checked first
+            below = _rerun_settings(recorded["rerun"], from_video, mine, given, image, video_in)
+        settings = _settings_from(ctx, preset, below, loras=lora, above=above)
         follower = launched is not None and launched.rank != 0  # rank 0 alone reports
         if follower:
             logging.getLogger("framepack_turbo").setLevel(logging.WARNING)
         from framepack_turbo.models.presets import get_preset
         from framepack_turbo.pipeline.generate import timeline_of
-        from framepack_turbo.pipeline.options import GenerateOptions
         from framepack_turbo.pipeline.timeline import parse_keyframe, parse_prompt_at
 
         timed = {
@@ -309,7 +317,7 @@ def generate(
             "video": str(video_in) if video_in else None,
         }
         for name, value in recorded.get("timed", {}).items():  # --from: the clip's, where no flag was given
-            if timed[name] == GenerateOptions.__dataclass_fields__[name].default:
+            if name not in given:
                 timed[name] = value
         if image is not None and start_color is not None:
             raise InputError("--start-color is for text-to-video: give it without --image")
@@ -329,8 +337,10 @@ def generate(
 
             source = extend.probe_video(options.video)  # container, codec, sides, length: before any model loads
             typer.echo(
-                f"note: continuing {source.path} ({source.frames} frames at 30 fps) by {options.seconds:g} s"
-                + (f"; {source.note()}" if source.note() else ""),
+                shown(
+                    f"note: continuing {source.path} ({source.frames} frames at 30 fps) by {options.seconds:g} s"
+                    + (f"; {source.note()}" if source.note() else "")
+                ),
                 err=True,
             )
             picture = None
@@ -363,7 +373,7 @@ def generate(
 
         for line in preflight(settings):  # every LoRA key mapped onto the model before its weights load
             if not follower:
-                typer.echo(f"note: {line}", err=True)
+                typer.echo(shown(f"note: {line}"), err=True)
         if settings.parallel_degree > 1 and launched is None:  # start the ranks; each runs this command
             _check_parallel(settings, ignore_incompatible)
             from framepack_turbo import launch
@@ -465,42 +475,123 @@ def _report(result) -> None:
         )
 
 
-# GenerateOptions over time (not settings): what --from takes from a clip unless a flag says otherwise
-TIMED_OPTIONS = (
-    "prompt_at",
-    "prompt_blend_sections",
-    "prompt_change_cfg",
-    "end_image",
-    "end_strength",
-    "image_embed_blend",
-    "keyframes",
-    "start_color",
-    "video",
-)
+# The command's own options a user may give beside --from, by the recorded name they override
+_OWN_OPTIONS = {
+    "prompt_at": "prompt_at",
+    "prompt_blend_sections": "prompt_blend_sections",
+    "prompt_change_cfg": "prompt_change_cfg",
+    "end_image": "end_image",
+    "end_strength": "end_strength",
+    "image_embed_blend": "image_embed_blend",
+    "keyframe": "keyframes",
+    "start_color": "start_color",
+    "video_in": "video",
+    "lora": "loras",
+    "preset": "preset",
+    "gpus": "parallel_degree",
+    "parallel": "parallel_mode",
+}
 
 
-def _recorded(path: Path) -> dict:
-    """What a clip made here records of itself (its container metadata), as settings for a re-run."""
+def _given(ctx: typer.Context, lora: list[str] | None) -> set[str]:
+    """The settings and options the user gave on this command line (a value equal to the default counts):
+    what a clip's record must not override."""
+    from framepack_turbo.settings import parse_flags
+
+    given = set(parse_flags(list(ctx.args)))
+    for param, name in _OWN_OPTIONS.items():
+        source = ctx.get_parameter_source(param)  # by name: typer vendors its own click
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given.add(name)
+    if lora:
+        given.add("loras")
+    return given
+
+
+def _note(text: str) -> None:
+    typer.echo(shown(f"note: {text}"), err=True)
+
+
+def _rerun_settings(rerun, clip: Path, mine, given: set[str], image: Path | None, video_in: Path | None) -> dict:
+    """--from: the clip's recorded settings to put below the user's flags. What it does not take (paths,
+    folders, files) is named in a note each, with the flag that passes it again; its LoRAs are taken where
+    the user's LoRA folder holds a file with the recorded SHA-256. `mine`: the settings of the user's own
+    flags and environment (where the LoRA folder is)."""
+    from framepack_turbo.pipeline.recipe import match_loras, quoted
+
+    label = f"--from {clip}"
+    if rerun.video and image is not None and "video" not in given:
+        raise InputError(
+            f"{label}: the clip continued a video (recorded: {quoted(rerun.video)}), so it has no start image: "
+            "drop --image, and pass --video FILE to continue a video again"
+        )
+    for dropped in rerun.dropped:
+        if dropped.key not in given:
+            _note(f"{label}: {dropped.note()}")
+    below = dict(rerun.settings)
+    if not rerun.loras:
+        return below
+    names = ", ".join(quoted(entry.name) for entry in rerun.loras)
+    if "loras" in given or mine.explicitly_set("loras"):
+        _note(f"{label}: its recorded LoRA(s) {names} are not used: the LoRAs given here are")
+        return below
+    folder = Path(mine.lora_dir)
+    found = []
+    for entry, path in match_loras(rerun.loras, folder):
+        what = f"LoRA {quoted(entry.name)} (weight {entry.weight:g})"
+        if path is None:
+            _note(
+                f"{label}: its recorded {what} is not used: no .safetensors in {folder} (--lora-dir) has its SHA-256 "
+                f"{entry.sha256[:16]}...; pass --lora PATH:{entry.weight:g} again, or --lora-dir DIR"
+            )
+        else:
+            found.append(f"{path}:{entry.weight!r}")
+            _note(f"{label}: its recorded {what}: using {path}, whose SHA-256 is the recorded one")
+    if found:
+        below["loras"] = found
+    return below
+
+
+def _clip_metadata(path: Path, label: str) -> dict:
+    """The metadata of a clip made here (its container's comment), or an InputError naming it."""
     from framepack_turbo.pipeline import video
 
     if not path.is_file():
-        raise InputError(f"--from {path}: no such file")
+        raise InputError(f"{label}: no such file")
     try:
         meta = video.read_metadata(path)
     except Exception as exc:  # not a video PyAV can open
-        raise InputError(f"--from {path}: not a readable video ({type(exc).__name__})") from None
+        raise InputError(f"{label}: not a readable video ({type(exc).__name__})") from None
     if meta is None:
-        raise InputError(f"--from {path}: no FramePack Turbo record in this video (it was made elsewhere)")
-    return _recorded_meta(meta)
+        raise InputError(f"{label}: no FramePack Turbo record in this video (it was made elsewhere)")
+    return meta
+
+
+def _recorded(path: Path) -> dict:
+    """--from: what a clip made here records of itself, checked (pipeline/recipe.py), as a re-run's recipe:
+    prompt, settings and timed options, never a path (`rerun` holds what was dropped)."""
+    from framepack_turbo.pipeline import recipe
+
+    record = recipe.read_record(_clip_metadata(path, f"--from {path}"), str(path))
+    recipe.check_values(record, str(path))
+    rerun = recipe.rerun_of(record)
+    return {
+        "prompt": rerun.prompt,
+        "negative_prompt": rerun.negative_prompt,
+        "settings": rerun.settings,
+        "timed": rerun.timed,
+        "rerun": rerun,
+    }
 
 
 def _recorded_meta(meta: dict) -> dict:
-    """A clip's record (its container metadata, or a resume state's copy of it) as settings for a re-run."""
+    """A resume state's copy of its clip's record as settings for the re-run: all of it, paths included (the
+    state was written on this machine, by the job being resumed). A clip's record goes through `_recorded`."""
+    from framepack_turbo.pipeline.recipe import OPTION_SETTING_NAMES, TIMED_OPTIONS
     from framepack_turbo.settings import setting_names
 
-    names = {"distilled_guidance": "gs", "guidance_rescale": "rs"}
     recorded = meta.get("options", {})
-    options = {names.get(k, k): v for k, v in recorded.items() if k not in ("prompt", "negative_prompt")}
+    options = {OPTION_SETTING_NAMES.get(k, k): v for k, v in recorded.items() if k not in ("prompt", "negative_prompt")}
     known = set(setting_names())
     settings = {**meta.get("settings", {}), **{k: v for k, v in options.items() if v is not None and k in known}}
     timed = {k: v for k, v in recorded.items() if k in TIMED_OPTIONS}
@@ -512,31 +603,52 @@ def info(
     video_path: Annotated[Path, typer.Argument(help="An .mp4 this tool made.")],
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """What a clip was made with, read from the file alone (its container metadata): prompt, seed, settings."""
-    from framepack_turbo.pipeline import video
+    """What a clip was made with, read from the file alone (its container metadata): prompt, seed, settings,
+    and the files it names, which `--from` does not use unless they are passed again."""
+    from framepack_turbo.pipeline import recipe, video
 
     try:
-        _recorded(video_path)  # the same checks and messages as --from
-        meta, probe = video.read_metadata(video_path), video.probe(video_path)
+        meta = _clip_metadata(video_path, str(video_path))
+        record = recipe.read_record(meta, str(video_path))
+        probe = video.probe(video_path)
     except FramePackError as exc:
-        raise _fail(str(exc).replace("--from ", ""), exc.exit_code) from None
-    if json_out:
+        raise _fail(str(exc), exc.exit_code) from None
+    if json_out:  # JSON escapes every control character (ensure_ascii)
         typer.echo(json.dumps({**meta, "video": probe.__dict__}, indent=2, default=str))
         return
-    opts = meta.get("options", {})
+    opts = record.options
+    rerun = recipe.rerun_of(record)
+    dropped_keys = {d.key for d in rerun.dropped}
+    from framepack_turbo.settings import path_settings
+
+    recipe_settings = {k: v for k, v in record.settings.items() if k not in {*path_settings(), *dropped_keys}}
     lines = [
-        f"prompt: {meta.get('prompt', '')}",
-        f"negative prompt: {meta.get('negative_prompt', '') or '-'}",
-        f"seed {meta.get('seed')}, variant {meta.get('variant')}, {opts.get('seconds')} s, steps {opts.get('steps')}, "
-        f"window {opts.get('window')}, distilled guidance {opts.get('distilled_guidance')}, cfg {opts.get('cfg')}, "
-        f"rescale {opts.get('guidance_rescale')}, resolution {opts.get('resolution')}, crf {opts.get('crf')}",
-        f"model: {meta.get('model', {}).get('preset')} ({meta.get('model', {}).get('source')})",
-        f"passes: {', '.join(meta.get('passes', [])) or 'none'}",
-        "settings: " + (", ".join(f"{k}={v}" for k, v in sorted(meta.get("settings", {}).items())) or "defaults"),
-        f"video: {probe.frames} frames, {probe.width}x{probe.height}, {probe.fps:g} fps, {probe.codec} {probe.profile}",
-        f"re-run: framepack generate --from {video_path}" + ("" if opts.get("video") else " --image IMAGE"),
+        f"prompt: {record.prompt}",
+        f"negative prompt: {record.negative_prompt or '-'}",
+        f"seed {record.seed}, variant {record.variant}, {opts.seconds:g} s, steps {opts.steps}, window {opts.window}, "
+        f"distilled guidance {opts.distilled_guidance:g}, cfg {opts.cfg:g}, rescale {opts.guidance_rescale:g}, "
+        f"resolution {opts.resolution}, crf {opts.crf}",
+        f"model: {record.model.preset} ({record.model.source})",
+        f"passes: {', '.join(record.passes) or 'none'}",
+        "settings: " + (", ".join(f"{k}={v}" for k, v in sorted(recipe_settings.items())) or "defaults"),
     ]
-    typer.echo("\n".join(lines))
+    for entry in record.lora:
+        lines.append(
+            f"LoRA: {entry.name}, weight {entry.weight:g}, SHA-256 {entry.sha256} (--from takes the file with this "
+            "hash from --lora-dir)"
+        )
+    again = []
+    for dropped in rerun.dropped:
+        why = f"not used by --from unless passed again: {dropped.flag}" if dropped.flag else dropped.reason
+        lines.append(f"{dropped.what}: {dropped.value} ({why})")
+        if dropped.flag and dropped.key != "loras":
+            again.append(dropped.flag)
+    lines.append(
+        f"video: {probe.frames} frames, {probe.width}x{probe.height}, {probe.fps:g} fps, {probe.codec} {probe.profile}"
+    )
+    start = [] if rerun.video else ["--image IMAGE"]
+    lines.append(" ".join([f"re-run: framepack generate --from {video_path}", *start, *dict.fromkeys(again)]))
+    typer.echo("\n".join(shown(line) for line in lines))
 
 
 export_app = typer.Typer(help="Export components for other runtimes.", no_args_is_help=True)

@@ -63,6 +63,11 @@ def _group(name: str) -> dict[str, Any]:
     return {"group": name}
 
 
+# A field whose values name files or folders on this machine but whose type is not `Path` (a list of
+# PATH[:WEIGHT] texts) says so in its json_schema_extra; `path_settings()` adds it to the Path-typed ones.
+PATH_MARK = "path"
+
+
 CsvList = Annotated[tuple[str, ...], NoDecode]  # "attn,mlp" in env and flags, not JSON
 
 
@@ -151,7 +156,7 @@ class Settings(BaseSettings):
         (),
         description="Comma list of LoRA files (.safetensors), each PATH[:WEIGHT] (weight 1 without one); "
         "--lora PATH[:WEIGHT] is the repeatable flag.",
-        json_schema_extra=_group("lora"),
+        json_schema_extra={**_group("lora"), PATH_MARK: True},
     )
     lora_mode: Literal["auto", "merged", "unmerged"] = Field(
         "auto",
@@ -824,6 +829,24 @@ def lora_unmerged(settings: Settings) -> bool:
 
 def setting_names(settings_cls: type[Settings] | None = None) -> list[str]:
     return list((settings_cls or Settings).model_fields)
+
+
+def _mentions_path(annotation: Any) -> bool:
+    if annotation is Path or (isinstance(annotation, type) and issubclass(annotation, Path)):
+        return True
+    return any(_mentions_path(arg) for arg in get_args(annotation))
+
+
+def path_settings(settings_cls: type[Settings] | None = None) -> tuple[str, ...]:
+    """The settings that name a file or folder on this machine (where to read or write): every field whose
+    type holds a `Path`, and those marked `PATH_MARK`. A clip's record is never a source of these
+    (pipeline/recipe.py): a new path setting is covered by its type alone."""
+    out = []
+    for name, field in (settings_cls or Settings).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if _mentions_path(field.annotation) or extra.get(PATH_MARK):
+            out.append(name)
+    return tuple(out)
 
 
 def env_name(name: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,9 @@ from framepack_turbo.constants import (
 )
 from framepack_turbo.errors import InputError
 from framepack_turbo.pipeline.sections import VARIANTS
+
+# The metadata key of the options that name files on this machine (images, a video): `PATH_OPTIONS`.
+PATH = {"path": True}
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,16 @@ class GenerateOptions:
     prompt_at: tuple[tuple[float, str], ...] = ()  # (seconds, text): --prompt-at TIME:TEXT
     prompt_blend_sections: int = 0  # sections a prompt change blends over (0: a hard cut)
     prompt_change_cfg: float = 1.0  # guidance away from the previous prompt where it changes (1: off)
-    end_image: str | None = None  # inverted: the clip ends on this image
+    end_image: str | None = field(default=None, metadata=PATH)  # inverted: the clip ends on this image
     end_strength: float = 1.0  # how much of the end image's latent the first section sees
     image_embed_blend: bool = False  # blend the start and end images' SigLIP embeddings across sections
-    keyframes: tuple[tuple[float, str], ...] = ()  # (seconds, image path): inverted anchors
+    keyframes: tuple[tuple[float, str], ...] = field(
+        default=(), metadata=PATH
+    )  # (seconds, image path): inverted anchors
     start_color: str | None = None  # text-to-video: the blank start frame's colour (or "noise"); no image
-    video: str | None = None  # extension: continue this clip (pipeline/extend.py); `seconds` is the new part
+    video: str | None = field(
+        default=None, metadata=PATH
+    )  # extension: continue this clip (pipeline/extend.py); `seconds` is the new part
 
     def __post_init__(self) -> None:
         # (seconds, text/path) pairs arrive as lists from JSON (a job's stored request, a clip's metadata)
@@ -102,6 +109,10 @@ class GenerateOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# The options that name a file on this machine (a clip's record is never a source of them: pipeline/recipe.py)
+PATH_OPTIONS = frozenset(f.name for f in fields(GenerateOptions) if f.metadata.get("path"))
 
 
 def start_color_rgb(color: str) -> tuple[int, int, int] | None:

@@ -94,7 +94,8 @@ class RunRecord:
     def reproduction(self) -> dict[str, Any]:
         """What the mp4 itself carries (its container metadata): enough to read what made it and run it again.
         `settings`: the values that were not defaults (from the settings record the API passes), `passes`:
-        the optimization passes that ran."""
+        the optimization passes that ran, `lora`: each LoRA's name, SHA-256 and weight. Its schema, and what a
+        re-run takes of it (a recipe, never a path on this machine), are in pipeline/recipe.py."""
         values = self.settings.get("values", {}) if isinstance(self.settings, dict) else {}
         changed = {name: v["value"] for name, v in values.items() if v.get("source") not in (None, "default")}
         plan = self.settings.get("plan", []) if isinstance(self.settings, dict) else []
@@ -107,6 +108,10 @@ class RunRecord:
             "model": {k: self.model.get(k) for k in ("preset", "source")},
             "passes": [p["name"] for p in plan if p.get("status") == "active"],
             "settings": changed,
+            # each LoRA by its contents (name, hash, weight), never by where it was: `--from` finds it by hash
+            "lora": [
+                {k: entry.get(k) for k in ("name", "sha256", "weight")} for entry in (self.lora or {}).get("loras", [])
+            ],
             "created": self.created,
         }
 
