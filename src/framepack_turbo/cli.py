@@ -1045,8 +1045,10 @@ def worker_info(
         if row.get("ranks", 1) > 1:  # a group: rank 0's host and pid, the others on the same node
             where += f", {row['ranks']} ranks"
         typer.echo(
-            f"{row['name']}: {row.get('state', '?')}, {row.get('device', '?')} ({where}), {loaded}, "
-            f"{row.get('loads', 0)} load(s), {job}"
+            shown(  # the board is a file: nothing in it acts on the terminal
+                f"{row['name']}: {row.get('state', '?')}, {row.get('device', '?')} ({where}), {loaded}, "
+                f"{row.get('loads', 0)} load(s), {job}"
+            )
         )
 
 
