@@ -641,7 +641,7 @@ def info(
     for dropped in rerun.dropped:
         why = f"not used by --from unless passed again: {dropped.flag}" if dropped.flag else dropped.reason
         lines.append(f"{dropped.what}: {dropped.value} ({why})")
-        if dropped.flag and dropped.key != "loras":
+        if dropped.flag and dropped.key in ("end_image", "keyframes", "video", "model_dir"):  # what the video shows
             again.append(dropped.flag)
     lines.append(
         f"video: {probe.frames} frames, {probe.width}x{probe.height}, {probe.fps:g} fps, {probe.codec} {probe.profile}"
