@@ -10,6 +10,7 @@ ranks, step by step. One launch runs every job (a rank's start-up is most of the
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -295,12 +296,13 @@ def test_a_killed_rank_is_one_line_and_resume_finishes_the_clip_bit_for_bit(whol
     follower.send_signal(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGKILL, stderr
-    assert "Traceback" not in stderr and "[rank0]" not in stderr, stderr
+    assert "Traceback" not in stderr and "[rank0]" not in stderr, stderr  # nor c10d's warnings as rank 0 ends
     named = [line for line in stderr.splitlines() if "rank 1" in line]
     assert len(named) == 1 and named[0].startswith("error: rank 1 of 2 was killed by SIGKILL (signal 9)"), stderr
     assert f"framepack generate --resume {clip}` goes on" in stderr
     logs = Path(named[0].split("the ranks' logs: ")[1].rstrip(")"))
     assert "Traceback" in (logs / "rank0.log").read_text()  # rank 0's gloo error, kept for whoever looks
+    shutil.rmtree(logs)
 
     resumed = subprocess.run(
         [sys.executable, "-m", "framepack_turbo", "generate", "--resume", str(clip)],

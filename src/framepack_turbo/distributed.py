@@ -124,6 +124,11 @@ def errors_to_file(path: Path) -> None:
     def hook(kind, value, tb) -> None:
         with path.open("a", encoding="utf-8") as f:
             f.write("".join(traceback.format_exception(kind, value, tb)))
+        # What the process says while it ends goes there too: c10d's warnings about the collectives left in flight
+        sys.stderr.flush()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(fd, 2)
+        os.close(fd)
 
     sys.excepthook = hook
 
