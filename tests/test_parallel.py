@@ -336,14 +336,14 @@ def test_the_launcher_names_the_first_failing_rank_and_its_error(tmp_path, monke
         'W1207 noise\nTraceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
         "    boom()\nValueError: boom\n"
     )
-    launch._report(1, 1, 2, tmp_path, ["generate", "--out", str(tmp_path / "none.mp4")])
+    assert launch._report(1, 1, 2, tmp_path, ["generate", "--out", str(tmp_path / "none.mp4")])
     err = capsys.readouterr().err.splitlines()
     assert err == [
         f"error: rank 1 of 2 exited with code 1: ValueError: boom; the other ranks stopped (the ranks' "
         f"logs: {tmp_path})"
     ]  # no resume state beside none.mp4: no note
     (tmp_path / "rank1.log").unlink()
-    launch._report(0, 2, 2, tmp_path, ["generate"])
+    assert not launch._report(0, 2, 2, tmp_path, ["generate"])
     assert capsys.readouterr().err == ""
     assert launch._option(["--out", "a.mp4", "--out=b.mp4"], "--out") == "b.mp4"
 

@@ -89,11 +89,12 @@ def _first_failure(ranks: Sequence[subprocess.Popen]) -> tuple[int, int] | None:
     return min(failed, key=lambda f: (f[1] >= 0, f[0])) if failed else None
 
 
-def _report(rank: int, code: int, world: int, logs: Path, argv: Sequence[str]) -> None:
-    """One line for the first failing rank (its exit and its error), and how the job goes on."""
+def _report(rank: int, code: int, world: int, logs: Path, argv: Sequence[str]) -> bool:
+    """One line for the first failing rank (its exit and its error), and how the job goes on; False when there
+    was nothing to add (rank 0 said its own error in one line)."""
     detail, crashed = _last_error(logs / f"rank{rank}.log")
-    if rank == 0 and code > 0 and not crashed:  # rank 0 said its error on the terminal, in one line
-        return
+    if rank == 0 and code > 0 and not crashed:  # a refused input, an error rank 0 handled: already said
+        return False
     where = f" (the ranks' logs: {logs})" if any(logs.iterdir()) else ""
     print(
         f"error: rank {rank} of {world} {_exit(code)}{': ' + detail if detail else ''}; the other ranks stopped"
@@ -103,11 +104,12 @@ def _report(rank: int, code: int, world: int, logs: Path, argv: Sequence[str]) -
     clip = _option(argv, "--resume") or _option(argv, "--out")
     if clip is None:
         print("note: `framepack generate --resume CLIP.mp4` goes on from its last finished section", file=sys.stderr)
-        return
+        return True
     from framepack_turbo.pipeline.resume import state_path
 
     if state_path(clip).exists():
         print(f"note: `framepack generate --resume {clip}` goes on from its last finished section", file=sys.stderr)
+    return True
 
 
 def run_ranks(argv: Sequence[str], world: int, cpu: bool) -> int:
@@ -149,13 +151,13 @@ def run_ranks(argv: Sequence[str], world: int, cpu: bool) -> int:
                     p.wait(timeout=GRACE_S)
                 except subprocess.TimeoutExpired:
                     p.send_signal(signal.SIGKILL)
+            shutil.rmtree(logs, ignore_errors=True)
             return 130
     first = first or _first_failure(ranks)
     if first is None:
         shutil.rmtree(logs, ignore_errors=True)
         return 0
     rank, code = first
-    _report(rank, code, world, logs, argv)
-    if not any(logs.iterdir()):
-        logs.rmdir()
+    if not _report(rank, code, world, logs, argv) or not any(logs.iterdir()):
+        shutil.rmtree(logs, ignore_errors=True)  # kept only where the line names it
     return 128 - code if code < 0 else code
