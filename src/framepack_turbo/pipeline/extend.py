@@ -7,6 +7,12 @@ the new part. So only that tail is ever held and VAE-encoded; the output's copy 
 again, frame by frame, each time the mp4 is written. A 10-minute input costs the same memory as a
 5-second one.
 
+The container's header is not trusted for what decoding costs: every decoded frame's size is checked against
+the side limits before it becomes an array (an mjpeg stream declared 64x64 may hold a 12000x12000 frame), the
+frames are counted as they decode and refused past the length limit (a Matroska Duration of 1 s may hold 35
+minutes), and a clip that decodes to fewer (or more) frames than its header declares gets a note saying so
+(a file cut short).
+
 Frame rates other than 30 fps are resampled to the nearest frame in time (a 24 fps input repeats every
 fourth frame; a 60 fps one drops every other), with a note, because the output is 30 fps throughout.
 """
@@ -28,6 +34,7 @@ from framepack_turbo.constants import FPS, LATENT_FRAMES_TO_PIXELS, MAX_IMAGE_SI
 from framepack_turbo.errors import InputError
 from framepack_turbo.pipeline import encode
 from framepack_turbo.pipeline.sections import CONTEXT_1X, CONTEXT_2X, CONTEXT_4X
+from framepack_turbo.text import shown
 
 # Codecs PyAV's FFmpeg decodes that cameras, phones and video tools write; anything else is refused by name.
 VIDEO_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "prores", "mjpeg"})
@@ -46,8 +53,9 @@ class InputVideo:
     width: int
     height: int
     fps: float
-    seconds: float
-    frames: int  # at 30 fps, after resampling
+    seconds: float  # as the header declares it
+    frames: int  # at 30 fps, after resampling, as the header declares it (what decodes: `Tail.total`)
+    limit_s: float = MAX_VIDEO_SECONDS  # the longest input taken: decoding stops and refuses past it
 
     @property
     def resampled(self) -> bool:
@@ -59,10 +67,39 @@ class InputVideo:
         return f"input video is {self.fps:g} fps: resampled to {FPS} fps ({self.frames} frames, nearest in time)"
 
 
-def probe_video(path: str | os.PathLike, max_seconds: float = MAX_VIDEO_SECONDS) -> InputVideo:
-    """The input's stream facts, or one line saying why it cannot be extended."""
+def notes(video: InputVideo, tail: Tail) -> list[str]:
+    """What the user should read about the input once it is decoded: its resampling, and a frame count other
+    than the header's (a file cut short: the output copies what decodes, and the new part follows it)."""
+    out = [video.note()] if video.note() else []
+    shortfall = video.frames - tail.total
+    if abs(shortfall) > max(2, video.frames // 100):  # a rounded duration, a resampled last frame: not a note
+        if shortfall > 0:
+            out.append(
+                f"warning: {shown(video.path)}: only {tail.total} of the {video.frames} frames its header declares "
+                f"decode (the file is cut short or damaged): the clip continues from frame {tail.total}"
+            )
+        else:
+            out.append(
+                f"{shown(video.path)}: {tail.total} frames decode ({tail.total / FPS:.1f} s), its header says "
+                f"{video.frames} ({video.seconds:g} s): all {tail.total} are used"
+            )
+    return out
+
+
+def _check_sides(path: Path, width: int, height: int, what: str = "") -> None:
+    """The side limits of an image, for the stream's declared size and each decoded frame's."""
+    if not (MIN_IMAGE_SIDE <= min(width, height) and max(width, height) <= MAX_IMAGE_SIDE):
+        raise InputError(
+            f"{shown(path)}: {what}{width}x{height}; sides must be {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} pixels"
+        )
+
+
+def probe_video(path: str | os.PathLike, max_seconds: float | None = None) -> InputVideo:
+    """The input's stream facts as its header declares them, or one line saying why it cannot be extended.
+    `max_seconds` (default MAX_VIDEO_SECONDS): the longest input, by the header here and by what decodes later."""
     import av
 
+    max_seconds = MAX_VIDEO_SECONDS if max_seconds is None else max_seconds
     path = Path(path)
     if not path.is_file():
         raise InputError(f"video not found: {path}" if not path.exists() else f"video path is not a file: {path}")
@@ -85,12 +122,11 @@ def probe_video(path: str | os.PathLike, max_seconds: float = MAX_VIDEO_SECONDS)
         )
     if not rate or not seconds:
         raise InputError(f"{path}: the video has no frame rate or duration")
-    if not (MIN_IMAGE_SIDE <= min(width, height) and max(width, height) <= MAX_IMAGE_SIDE):
-        raise InputError(f"{path}: {width}x{height}; sides must be {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} pixels")
+    _check_sides(path, width, height)
     if seconds > max_seconds:
         raise InputError(f"{path}: {seconds:.0f} s long; the limit is {max_seconds:.0f} s")
     fps = float(rate)
-    return InputVideo(path, codec, width, height, fps, seconds, max(1, round(seconds * FPS)))
+    return InputVideo(path, codec, width, height, fps, seconds, max(1, round(seconds * FPS)), max_seconds)
 
 
 def _duration(container, stream) -> float:
@@ -105,20 +141,26 @@ def _at_30(video: InputVideo, from_s: float = 0.0) -> Iterator[tuple[int, object
     """The input's decoded frames (PyAV's, not yet converted) resampled to 30 fps, as (index, frame): output
     frame i is the input frame nearest to i / 30 s (a frame repeats or is skipped where the rates differ).
     `from_s`: start at the keyframe before that time instead of the first frame; the indices are still
-    counted from the stream's start (the first ones may be missing)."""
+    counted from the stream's start (the first ones may be missing).
+
+    Whatever the header said: each frame's size is checked before anything converts it (the decoder's own
+    buffer is all it costs), and an output index past the length limit is refused (so are timestamps that
+    leap ahead: the gap would be filled with copies)."""
     import av
 
     step = Fraction(1, FPS)
     emitted = 0
     previous = None  # (time, frame)
     start: float | None = None
+    most = math.floor(video.limit_s * FPS) + 1  # output frames: 0 .. limit_s * 30 inclusive
     with av.open(str(video.path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # FFmpeg's frame threads: decoding is most of what a long input costs
         if from_s > 0 and stream.start_time is not None and stream.time_base:
             start = float(stream.start_time * stream.time_base)
             container.seek(stream.start_time + int(from_s / stream.time_base), stream=stream, backward=True)
-        for frame in container.decode(stream):
+        for frame in _decoded(video, container, stream):
+            _check_sides(video.path, frame.width, frame.height, f"a frame at {frame.time or 0:.2f} s is ")
             t = float(frame.time) if frame.time is not None else (previous[0] + 1 / video.fps if previous else 0.0)
             if start is None:
                 start = t
@@ -129,14 +171,43 @@ def _at_30(video: InputVideo, from_s: float = 0.0) -> Iterator[tuple[int, object
             else:
                 midpoint = (previous[0] + t) / 2  # output times before it are nearer the previous frame
                 while emitted * step < midpoint:
+                    _check_length(video, emitted, most)
                     yield emitted, previous[1]
                     emitted += 1
             previous = (t, frame)
         if previous is None:
             raise InputError(f"{video.path}: no frame could be decoded")
         while emitted * step < previous[0] + 0.5 / video.fps:
+            _check_length(video, emitted, most)
             yield emitted, previous[1]
             emitted += 1
+
+
+def _decoded(video: InputVideo, container, stream) -> Iterator:
+    """The stream's frames; a packet FFmpeg refuses to decode (an impossible frame size, broken data) is one
+    line naming where, not a traceback."""
+    import av
+
+    frames = container.decode(stream)
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except av.error.FFmpegError as exc:
+            raise InputError(
+                f"{shown(video.path)}: a frame does not decode ({type(exc).__name__}): the file is damaged or its "
+                f"frames are larger than {MAX_IMAGE_SIDE} pixels a side"
+            ) from None
+        yield frame
+
+
+def _check_length(video: InputVideo, index: int, most: int) -> None:
+    if index >= most:
+        raise InputError(
+            f"{shown(video.path)}: more than {video.limit_s:g} s of frames decode (its header says "
+            f"{video.seconds:g} s); the limit is {video.limit_s:g} s: stopped there, cut the video shorter"
+        )
 
 
 def _converted(frame, height: int, width: int) -> np.ndarray:

@@ -92,7 +92,7 @@ class Result:
         if self.kept_frames is None:
             path = Path(self.video_path)
             self.kept_frames = (
-                video.read_frames(path)[self.frames_before :] if path.exists() else np.zeros((0, 0, 0, 3), np.uint8)
+                video.read_frames(path, skip=self.frames_before) if path.exists() else np.zeros((0, 0, 0, 3), np.uint8)
             )
         return self.kept_frames
 
@@ -245,7 +245,7 @@ class Generator:
         timings = _Timings()
         record = self._record(options, variant, image, len(sections))
         record.timeline = plan.to_dict()
-        notes = plan.notes() + ([source.note()] if source is not None and source.note() else [])
+        notes = plan.notes() + (extend.notes(source, tail) if source is not None else [])  # resampled, cut short
         for note in notes:
             self.on_event(Notice(note))
         sidecar = video.sidecar_path(out_path)

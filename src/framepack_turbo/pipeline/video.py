@@ -165,12 +165,14 @@ def read_metadata(path: str | os.PathLike) -> dict | None:
     return data if isinstance(data, dict) and data.get("format") == METADATA_TAG else None
 
 
-def read_frames(path: str | os.PathLike) -> np.ndarray:
-    """All frames as (T, H, W, 3) uint8."""
+def read_frames(path: str | os.PathLike, skip: int = 0) -> np.ndarray:
+    """All frames as (T, H, W, 3) uint8; `skip`: from that frame on (the ones before are decoded, never held:
+    an extension's result reads its new part without the input's copy)."""
     import av
 
     with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        frames = [f.to_ndarray(format="rgb24") for f in itertools.islice(container.decode(video=0), skip, None)]
+    return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
 
 
 def sidecar_path(video_path: str | os.PathLike) -> Path:
