@@ -33,13 +33,12 @@ import torch
 from framepack_turbo.constants import FPS, LATENT_FRAMES_TO_PIXELS, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from framepack_turbo.errors import InputError
 from framepack_turbo.pipeline import encode
-from framepack_turbo.pipeline.sections import CONTEXT_1X, CONTEXT_2X, CONTEXT_4X
+from framepack_turbo.pipeline.sections import CONTEXT_LATENTS
 from framepack_turbo.text import shown
 
 # Codecs PyAV's FFmpeg decodes that cameras, phones and video tools write; anything else is refused by name.
 VIDEO_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "prores", "mjpeg"})
 MAX_VIDEO_SECONDS = 30 * 60.0
-CONTEXT_LATENTS = CONTEXT_1X + CONTEXT_2X + CONTEXT_4X
 TAIL_SEEK_MARGIN_S = 2.0  # decoded before the tail: room for a seek landing late or a duration a little long
 F1_TAIL_FRAMES = 1 + LATENT_FRAMES_TO_PIXELS * (CONTEXT_LATENTS - 1)  # 73: the frames of 19 latents
 

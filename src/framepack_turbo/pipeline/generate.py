@@ -51,7 +51,9 @@ from framepack_turbo.pipeline.sections import (
     CONTEXT_1X,
     CONTEXT_2X,
     CONTEXT_4X,
+    CONTEXT_LATENTS,
     Section,
+    history_kept,
     pixel_frames_per_window,
     plan_sections,
 )
@@ -280,7 +282,7 @@ class Generator:
         written = 0  # final frames handed to the writer (after `before`)
         kept: list[np.ndarray] = []  # keep_frames: the final frames, in time order
         done = 0
-        keep = max(CONTEXT_1X + CONTEXT_2X + CONTEXT_4X, 2 * options.window + 1)  # history latents kept
+        keep = history_kept(options.window)  # history latents kept
         if state is not None:
             done, generated, history = state.sections_done, state.generated, state.history
             rng.set_state(state.rng)
@@ -590,7 +592,7 @@ class Generator:
     def _initial_history(variant: str, cond: _Conditioning) -> torch.Tensor:
         """Zeros for the 1+2+16 context frames (float32, as FramePack); F1 appends the start latent."""
         h, w = cond.height // VAE_SPATIAL_SCALE, cond.width // VAE_SPATIAL_SCALE
-        shape = (1, LATENT_CHANNELS, CONTEXT_1X + CONTEXT_2X + CONTEXT_4X, h, w)
+        shape = (1, LATENT_CHANNELS, CONTEXT_LATENTS, h, w)
         history = torch.zeros(shape, dtype=torch.float32)
         if variant == "f1":
             history = torch.cat([history, cond.start_latent.cpu()], dim=2)
@@ -598,7 +600,7 @@ class Generator:
 
     def _context(self, variant: str, history: torch.Tensor, cond: _Conditioning, k: int = 0):
         """(clean, clean_2x, clean_4x) latents for time-order section `k`, from the history so far."""
-        n = CONTEXT_1X + CONTEXT_2X + CONTEXT_4X
+        n = CONTEXT_LATENTS
         if variant == "inverted":
             post, two_x, four_x = history[:, :, :n].split([CONTEXT_1X, CONTEXT_2X, CONTEXT_4X], dim=2)
         else:

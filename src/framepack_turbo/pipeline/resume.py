@@ -38,7 +38,7 @@ from framepack_turbo.constants import (
 )
 from framepack_turbo.errors import InputError
 from framepack_turbo.files import atomic_path
-from framepack_turbo.pipeline.sections import CONTEXT_1X, CONTEXT_2X, CONTEXT_4X, section_count
+from framepack_turbo.pipeline.sections import CONTEXT_LATENTS, history_kept, pixel_frames_per_window, section_count
 from framepack_turbo.pipeline.writer import HEAD, parts_dir, segment_frames, segment_name
 
 STATE = "state.safetensors"
@@ -260,12 +260,15 @@ def check(video_path: str | Path, variant: str | None = None, meta: dict[str, An
         counted = generated == first + done * window
     if not counted:
         raise _damaged(video_path, f"{path.name}: generated is {generated} latent frames after {done} sections")
-    context = CONTEXT_1X + CONTEXT_2X + CONTEXT_4X
-    keep = max(context, 2 * window + 1)
-    overlap = window * LATENT_FRAMES_TO_PIXELS - 3
     expected = {
-        "history": ((1, LATENT_CHANNELS, min(context + generated, keep), h, w), (torch.float32,)),
-        "window": ((1, 3, overlap, height, width), (torch.float32, torch.bfloat16, torch.float16)),
+        "history": (
+            (1, LATENT_CHANNELS, min(CONTEXT_LATENTS + generated, history_kept(window)), h, w),
+            (torch.float32,),
+        ),
+        "window": (
+            (1, 3, pixel_frames_per_window(window), height, width),
+            (torch.float32, torch.bfloat16, torch.float16),
+        ),
         "rng": (tuple(torch.Generator("cpu").get_state().shape), (torch.uint8,)),
     }
     for name, (shape, dtypes) in expected.items():

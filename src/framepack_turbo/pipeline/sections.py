@@ -18,6 +18,12 @@ Variant = Literal["inverted", "f1"]
 VARIANTS: tuple[str, ...] = ("inverted", "f1")
 
 CONTEXT_1X, CONTEXT_2X, CONTEXT_4X = 1, 2, 16  # clean history frames at full, 2x and 4x compression
+CONTEXT_LATENTS = CONTEXT_1X + CONTEXT_2X + CONTEXT_4X
+
+
+def history_kept(window: int) -> int:
+    """Latent frames of history a job keeps: the context a section reads, or the two windows a decode spans."""
+    return max(CONTEXT_LATENTS, 2 * window + 1)
 
 
 def section_count(seconds: float, window: int) -> int:
