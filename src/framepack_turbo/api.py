@@ -44,7 +44,7 @@ from framepack_turbo.optim.base import Extension, PassReport
 from framepack_turbo.optim.plan import Plan, make_plan
 from framepack_turbo.pipeline.events import CancelToken, EventSink, Notice
 from framepack_turbo.pipeline.generate import Generator, Result
-from framepack_turbo.pipeline.options import GenerateOptions
+from framepack_turbo.pipeline.options import OPTION_SETTING_NAMES, GenerateOptions
 from framepack_turbo.pipeline.vae import ChunkedDecode
 from framepack_turbo.settings import Settings, resolve_seed
 
@@ -79,7 +79,7 @@ def default_output_path(directory: str | Path = "outputs") -> Path:
 
 
 # Settings names of the per-job options, where they differ from GenerateOptions' field names.
-_OPTION_NAMES = {"gs": "distilled_guidance", "rs": "guidance_rescale"}
+_OPTION_NAMES = {setting: option for option, setting in OPTION_SETTING_NAMES.items()}
 _OPTION_SETTINGS = ("seconds", "variant", "seed", "steps", "window", "gs", "cfg", "rs", "resolution", "crf")
 # Read per job by the generator (how the VAE decodes), not by the loading or a pass.
 _JOB_SETTINGS = (*_OPTION_SETTINGS, "vae_chunk_size", "vae_chunk_reserve_gb", "vae_chunk_safety", "vae_upscale_factor")

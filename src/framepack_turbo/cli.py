@@ -336,12 +336,9 @@ def generate(
             from framepack_turbo.pipeline import extend
 
             source = extend.probe_video(options.video)  # container, codec, sides, length: before any model loads
-            typer.echo(
-                shown(
-                    f"note: continuing {source.path} ({source.frames} frames at 30 fps) by {options.seconds:g} s"
-                    + (f"; {source.note()}" if source.note() else "")
-                ),
-                err=True,
+            _note(
+                f"continuing {source.path} ({source.frames} frames at 30 fps) by {options.seconds:g} s"
+                + (f"; {source.note()}" if source.note() else "")
             )
             picture = None
         elif image is None:
@@ -373,7 +370,7 @@ def generate(
 
         for line in preflight(settings):  # every LoRA key mapped onto the model before its weights load
             if not follower:
-                typer.echo(shown(f"note: {line}"), err=True)
+                _note(line)
         if settings.parallel_degree > 1 and launched is None:  # start the ranks; each runs this command
             _check_parallel(settings, ignore_incompatible)
             from framepack_turbo import launch
@@ -587,7 +584,8 @@ def _recorded(path: Path) -> dict:
 def _recorded_meta(meta: dict) -> dict:
     """A resume state's copy of its clip's record as settings for the re-run: all of it, paths included (the
     state was written on this machine, by the job being resumed). A clip's record goes through `_recorded`."""
-    from framepack_turbo.pipeline.recipe import OPTION_SETTING_NAMES, TIMED_OPTIONS
+    from framepack_turbo.pipeline.options import OPTION_SETTING_NAMES
+    from framepack_turbo.pipeline.recipe import TIMED_OPTIONS
     from framepack_turbo.settings import setting_names
 
     recorded = meta.get("options", {})

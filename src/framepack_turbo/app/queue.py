@@ -75,7 +75,6 @@ class Live:
 
 
 # Settings whose refusal the CLI already words (its range and type), under the names the job's options use.
-_OPTION_AS_SETTING = {"distilled_guidance": "gs", "guidance_rescale": "rs"}
 _SETTING_OPTIONS = ("seconds", "steps", "window", "distilled_guidance", "cfg", "guidance_rescale", "resolution", "crf")
 LARGEST_NUMBER = 2**63  # no number a job takes is this large (the seed's range ends just below it)
 
@@ -104,7 +103,7 @@ def check_options(asked: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]
     settings' ranges, so the API refuses what the CLI refuses, in its words."""
     import dataclasses
 
-    from framepack_turbo.pipeline.options import GenerateOptions
+    from framepack_turbo.pipeline.options import OPTION_SETTING_NAMES, GenerateOptions
     from framepack_turbo.settings import Settings, SettingsError
 
     kinds = {f.name: f.type for f in dataclasses.fields(GenerateOptions)}
@@ -115,13 +114,13 @@ def check_options(asked: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]
             continue
         if kind in ("int", "float"):
             checked[name] = check_number(value, name, whole=kind == "int")
-    as_settings = {_OPTION_AS_SETTING.get(n, n): checked[n] for n in _SETTING_OPTIONS if n in checked}
+    as_settings = {OPTION_SETTING_NAMES.get(n, n): checked[n] for n in _SETTING_OPTIONS if n in checked}
     if as_settings:
         try:
             Settings.load({**base, **as_settings}, source="api")
         except SettingsError as exc:
             text = str(exc)
-            for option, setting in _OPTION_AS_SETTING.items():  # the option's name, as it was sent
+            for option, setting in OPTION_SETTING_NAMES.items():  # the option's name, as it was sent
                 if option in checked and text.startswith(setting + "="):
                     text = option + text[len(setting) :]
             raise InputError(text) from None

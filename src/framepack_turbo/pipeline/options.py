@@ -29,6 +29,8 @@ from framepack_turbo.pipeline.sections import VARIANTS
 
 # The metadata key of the options that name files on this machine (images, a video): `PATH_OPTIONS`.
 PATH = {"path": True}
+# Options the settings also hold (a job's defaults), where the settings name them otherwise
+OPTION_SETTING_NAMES = {"distilled_guidance": "gs", "guidance_rescale": "rs"}
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from framepack_turbo.constants import MAX_LORA_WEIGHT
 from framepack_turbo.errors import InputError
-from framepack_turbo.pipeline.options import PATH_OPTIONS, GenerateOptions
+from framepack_turbo.pipeline.options import OPTION_SETTING_NAMES, PATH_OPTIONS, GenerateOptions
 from framepack_turbo.text import shown
 
-# GenerateOptions fields recorded under another name in the settings
-OPTION_SETTING_NAMES = {"distilled_guidance": "gs", "guidance_rescale": "rs"}
 # GenerateOptions over time (not settings), taken from a clip unless a flag says otherwise
 TIMED_OPTIONS = (
     "prompt_at",
