@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def page(tmp_path):
+    """A served page on a fake runner: (its URL, the queue, the folder whose app/ is the data dir)."""
+    pytest.importorskip("gradio")
+    from framepack_turbo.app.jobs import JobStore
+    from framepack_turbo.app.queue import JobQueue
+    from framepack_turbo.app.ui import build, launch_options
+    from framepack_turbo.hardware import Hardware
+
+    from .test_queue import FakeRunner
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    queue = JobQueue(JobStore(tmp_path / "app" / "jobs.sqlite"), FakeRunner(), tmp_path / "app")
+    blocks = build(queue, {"model": "tiny-random", "resolution": 64}, Hardware())
+    port = _free_port()
+    blocks.launch(server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(queue))
+    try:
+        yield f"http://127.0.0.1:{port}/", queue, tmp_path
+    finally:
+        blocks.close()

@@ -169,29 +169,6 @@ def test_only_the_videos_and_their_sidecars_are_servable(tmp_path):
         assert not servable(data / refused, data), refused
 
 
-@pytest.fixture
-def page(tmp_path):
-    import os
-
-    from framepack_turbo.app.jobs import JobStore
-    from framepack_turbo.app.queue import JobQueue
-    from framepack_turbo.app.ui import build, launch_options
-    from framepack_turbo.hardware import Hardware
-
-    from .test_hardening import _free_port
-    from .test_queue import FakeRunner
-
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    queue = JobQueue(JobStore(tmp_path / "app" / "jobs.sqlite"), FakeRunner(), tmp_path / "app")
-    blocks = build(queue, {"model": "tiny-random", "resolution": 64}, Hardware())
-    port = _free_port()
-    blocks.launch(server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(queue))
-    try:
-        yield f"http://127.0.0.1:{port}/", queue
-    finally:
-        blocks.close()
-
-
 def test_the_server_serves_videos_and_sidecars_not_inputs_state_or_segments(page):
     """Over HTTP: a job's mp4 and sidecar are served; its resume state (which holds the uploaded image), its
     segments, the job database and the stored inputs are refused."""
@@ -199,7 +176,7 @@ def test_the_server_serves_videos_and_sidecars_not_inputs_state_or_segments(page
 
     from .test_queue import png
 
-    url, queue = page
+    url, queue, _ = page
     job = queue.submit(png(), {"prompt": "a cat"})
     video = Path(job.video)
     video.write_bytes(b"\x00\x00\x00\x18ftypmp42")
@@ -248,7 +225,7 @@ def test_nan_and_huge_numbers_through_the_web_api_are_refused_naming_the_field(p
     from .conftest import EXAMPLE_IMAGE
     from .test_hardening import FORM
 
-    url, queue = page
+    url, queue, _ = page
     with open(EXAMPLE_IMAGE, "rb") as f:
         (uploaded,) = httpx.post(url + "gradio_api/upload", files={"files": f}, timeout=30).json()
     form = list(FORM)

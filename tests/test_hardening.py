@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -232,33 +231,6 @@ def test_a_second_server_on_a_data_dir_is_refused_naming_the_first(tmp_path):
 
 
 # ---- the web API's refusals reach the client -------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def page(tmp_path):
-    pytest.importorskip("gradio")
-    from framepack_turbo.app.jobs import JobStore
-    from framepack_turbo.app.queue import JobQueue
-    from framepack_turbo.app.ui import build, launch_options
-    from framepack_turbo.hardware import Hardware
-
-    from .test_queue import FakeRunner
-
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    queue = JobQueue(JobStore(tmp_path / "app" / "jobs.sqlite"), FakeRunner(), tmp_path / "app")
-    blocks = build(queue, {"model": "tiny-random", "resolution": 64}, Hardware())
-    port = _free_port()
-    blocks.launch(server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(queue))
-    try:
-        yield f"http://127.0.0.1:{port}/", queue, tmp_path
-    finally:
-        blocks.close()
 
 
 # the page's queue_job inputs after the image: prompt, negative, seconds, resolution, seed, random seed, count,
