@@ -193,6 +193,41 @@ def test_an_old_store_gains_the_worker_columns(tmp_path):
     assert job.worker == "worker-3" and job.attempts == 1 and job.retries == []
 
 
+def test_a_retry_waits_for_the_lost_workers_lock_to_go_with_its_process(tmp_path, monkeypatch):
+    """Ray reports a killed actor dead while its process still exits, holding the clip's lock: the retry on
+    the same node waits for the lock (not refused: CI saw 'another job (pid N) is writing this clip'), and
+    gives up waiting on a lock that stays (a live job, refused by the run)."""
+    import subprocess
+    import sys
+
+    from framepack_turbo.pipeline.writer import ClipInUse, ClipLock
+
+    out = tmp_path / "job-00001.mp4"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from framepack_turbo.pipeline.writer import ClipLock;"
+            " ClipLock(sys.argv[1]).acquire(resume=True); print('held', flush=True); time.sleep(float(sys.argv[2]))",
+            str(out),
+            "1.5",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ClipInUse):  # what the retry met without the wait
+        ClipLock(out).acquire(resume=True)
+    cluster._wait_for_the_lost_worker(out)
+    assert holder.poll() is not None  # it waited for the holder's end, not a fixed time
+    ClipLock(out).acquire(resume=True).release()
+    with ClipLock(out):  # held for good: the wait ends at its limit and leaves the refusal to the run
+        monkeypatch.setattr(cluster, "LOST_LOCK_WAIT_S", 0.3)
+        cluster._wait_for_the_lost_worker(out)
+        with pytest.raises(ClipInUse):
+            ClipLock(out).acquire(resume=True)
+
+
 # ---- the file updates ---------------------------------------------------------------------------------
 
 

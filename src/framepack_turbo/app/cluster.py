@@ -45,6 +45,7 @@ START_TIMEOUT_S = 600.0  # an actor that is not up by then could not be placed (
 MAX_RESTARTS = 2  # Ray restarts a crashed actor (a node lost: on another node) this often; a kill is final
 RESTART_WAIT_S = 120.0  # how long a lost actor may take to answer again (Ray restarting it) before a new one
 RECOVER_TRIES = 3  # new actors that failed to start before a lost worker is given up
+LOST_LOCK_WAIT_S = 60.0  # a retried job waits this long for the lost worker's clip lock to go with its process
 LOOPBACK = "127.0.0.1"
 
 
@@ -353,6 +354,8 @@ class FramePackActor:
                 if rel not in payload["files"]:
                     (root / rel).unlink()
             job = Job(**_map_paths(payload["job"], lambda rel: str(root / rel)))
+        if job.attempts > 1:
+            _wait_for_the_lost_worker(Path(job.video))
         sync = None if shared else FileSync(root, payload["job"]["video"])
         token = CancelToken()
         self._tokens[job.id], self.job = token, job.id
@@ -399,6 +402,24 @@ class FramePackActor:
             self._steps.pop(job.id, None)
             self._steps_at_cancel.pop(job.id, None)
             self.job = None
+
+
+def _wait_for_the_lost_worker(video: Path) -> None:
+    """A retried job may start on this node before the lost worker's process has gone: Ray reports an actor
+    dead (`ray.kill`, a crash) while its process is still exiting, and that process holds the clip's lock
+    (writer.ClipLock) until it has. The lock goes with the process; wait for that instead of refusing the
+    retry. A lock still held after LOST_LOCK_WAIT_S is a live job: the run then refuses it, named."""
+    from framepack_turbo.pipeline.writer import ClipInUse, ClipLock
+
+    deadline = time.monotonic() + LOST_LOCK_WAIT_S
+    while True:
+        try:
+            ClipLock(video).acquire(resume=True).release()
+            return
+        except ClipInUse:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
 
 
 def _torch_threads() -> int:
