@@ -314,3 +314,21 @@ def test_from_carries_the_timeline_of_a_clip(tmp_path):
         == json.loads(first.with_suffix(".json").read_text())["timeline"]
     )
     assert np.array_equal(video.read_frames(first), video.read_frames(again))
+
+
+def test_version_and_the_grouped_command_list():
+    import typer.main
+
+    from framepack_turbo import __version__
+    from framepack_turbo.cli import COMMAND_GROUPS
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"framepack-turbo {__version__}"
+    text = CliRunner().invoke(app, ["--help"]).output
+    headings = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert headings == ["Options", *COMMAND_GROUPS]  # no "Other": every command has its group
+    grouped = [name for names in COMMAND_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(typer.main.get_command(app).commands)
+    for name in grouped:  # one line each, not cut short
+        (line,) = [ln for ln in text.splitlines() if ln.strip().startswith(name + " ")]
+        assert not line.rstrip().endswith("...")

@@ -23,7 +23,36 @@ from framepack_turbo.constants import ENV_PREFIX, FPS
 from framepack_turbo.errors import FramePackError, InputError
 from framepack_turbo.text import shown
 
+# `framepack --help` lists the commands by what a user comes to do, one line each (click lists them in one
+# alphabetical block, cut at the terminal's width).
+COMMAND_GROUPS = {
+    "Make": ("generate", "optimize", "export"),
+    "Inspect": ("info", "doctor", "worker-info"),
+    "Serve": ("serve",),
+    "Measure": ("bench", "calibrate"),
+}
+
+
+class _GroupedCommands(typer.core.TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        order = [name for names in COMMAND_GROUPS.values() for name in names]
+        return sorted(super().list_commands(ctx), key=lambda n: order.index(n) if n in order else len(order))
+
+    def format_commands(self, ctx, formatter) -> None:
+        listed = set()
+        for group, names in COMMAND_GROUPS.items():
+            rows = [(n, self.commands[n].get_short_help_str(limit=200)) for n in names if n in self.commands]
+            listed.update(n for n, _ in rows)
+            with formatter.section(group):
+                formatter.write_dl(rows)
+        rest = [(n, self.commands[n].get_short_help_str(limit=200)) for n in self.commands if n not in listed]
+        if rest:  # a command added without a group still shows
+            with formatter.section("Other"):
+                formatter.write_dl(rest)
+
+
 app = typer.Typer(
+    cls=_GroupedCommands,
     name="framepack",
     help="FramePack Turbo: image-to-video where every speed-up is real, checked and measured.",
     add_completion=False,
@@ -596,7 +625,7 @@ def _recorded_meta(meta: dict) -> dict:
     return {**meta, "settings": settings, "timed": timed}
 
 
-@app.command()
+@app.command(short_help="What a clip was made with (prompt, seed, settings), read from the file alone.")
 def info(
     video_path: Annotated[Path, typer.Argument(help="An .mp4 this tool made.")],
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -1094,8 +1123,20 @@ def _check_device(device: str | None) -> None:
         raise InputError(f"--device {device}: CUDA is not available on this machine")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from framepack_turbo import __version__
+
+        typer.echo(f"framepack-turbo {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """FramePack Turbo."""
 
 
