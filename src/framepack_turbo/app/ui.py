@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,234 @@ def result_caption(job) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         seed, bucket = job.request.get("options", {}).get("seed", "?"), job.request.get("bucket")
     return f"job {job.id} · seed {seed} · {size_text(bucket)} · {shown(job.prompt[:40])}"
+
+
+# The ranges of the page's sliders, one owner: the controls are built with them and "Use these settings" fills a
+# control only with a value it can hold (a clip made by the CLI may have 0.5 s or 200 steps).
+SLIDER_RANGES: dict[str, tuple[float, float]] = {
+    "seconds": (1, 120),
+    "steps": (1, 100),
+    "gs": (0, 32),
+    "window": (1, 33),
+    "crf": (1, 51),
+    "end_strength": (0, 1),
+    "prompt_blend_sections": (0, 8),
+    "prompt_change_cfg": (1, 12),
+    "gpu_memory_preservation": (0, 128),
+    "lora_weight": (-2, 2),
+}
+# The Generate tab's upload fields: "Use these settings" empties them (a clip names no file on this machine,
+# so its recipe has none; one left from another job would change what the re-run shows). The start image stays.
+CLEARED_UPLOADS = (
+    "end_image",
+    *(f"keyframe-{i}{part}" for i in range(KEYFRAME_ROWS) for part in ("-time", "")),
+    "video_in",
+)
+_SHOWN_NOTES = 6  # settings without a control named in the status line; the rest counted
+
+
+@dataclass
+class ClipSettings:
+    """What "Use these settings" puts in the page's controls (`values`, by the keys `build` maps to its
+    controls: "prompt", "seed", "gs", a PANEL_SETTINGS name, "lora-0", "lora-0-weight", ...) and the one
+    escaped status line saying what was filled and what was not."""
+
+    values: dict[str, Any]
+    status: str
+
+
+def _lora_hashes(choices: dict[str, str]) -> dict[str, str]:
+    """SHA-256 -> the dropdown's label, for each file the page's LoRA dropdown offers (an unreadable one: none)."""
+    out: dict[str, str] = {}
+    for label, path in choices.items():
+        try:
+            out.setdefault(_cached_sha256(path, *_stamp(path)), label)
+        except OSError:
+            continue
+    return out
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:  # the file's stamp in the key: an edit re-hashes
+    from framepack_turbo.files import sha256_file
+
+    return sha256_file(path)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b or str(a) == str(b)
+
+
+def clip_settings(meta: Any, clip: str, choices: dict[str, str], start) -> ClipSettings:
+    """The Generate tab's controls from a clip's recorded metadata (`video.read_metadata`), by the recipe rule
+    (pipeline/recipe.py): checked as `--from` checks it (`read_record`, `check_values`), split by `rerun_of` into
+    the recipe and what it never takes (the end image, keyframes, input video, any folder or file: never filled;
+    the page's own upload fields are emptied instead). LoRAs only by content: a file the page's dropdown offers
+    (`choices`, label -> path) whose SHA-256 is the recorded one. `start`: this server's Settings (its model,
+    its values of the settings the page has no control for). An InputError names a clip the page cannot read."""
+    from framepack_turbo.models.presets import get_preset
+    from framepack_turbo.pipeline import recipe
+    from framepack_turbo.presets import PRESETS
+    from framepack_turbo.settings import Settings
+
+    record = recipe.read_record(meta, clip)
+    recipe.check_values(record, clip)
+    rerun = recipe.rerun_of(record)
+    recorded = rerun.settings  # the recipe: no path, no folder
+    values: dict[str, Any] = dict.fromkeys(CLEARED_UPLOADS)
+    filled: list[str] = []
+    missed: list[str] = []
+
+    def fit(key: str, control: str, label: str, value: Any) -> None:
+        low, high = SLIDER_RANGES[key]
+        if isinstance(value, (int, float)) and low <= value <= high:
+            values[control] = value
+            filled.append(label)
+        else:
+            missed.append(f"{label} {recipe.quoted(value)} (this page's control takes {low:g} to {high:g})")
+
+    prompt = rerun.prompt
+    changes = rerun.timed.get("prompt_at") or []
+    if changes and any("[" in text or "]" in text for _, text in changes):
+        missed.append("its timed prompts (brackets in their text: the prompt box cannot tag them)")
+    elif changes:  # --prompt-at, as the prompt box writes it
+        prompt = " ".join([prompt, *(f"[{seconds:g}s: {text}]" for seconds, text in changes)]).strip()
+    values["prompt"], values["negative"] = prompt, rerun.negative_prompt
+    filled += ["prompt", "negative prompt"]
+    if record.seed is not None:
+        values.update(seed=record.seed, random_seed=False, count=1)
+        filled.append(f"seed {record.seed}")
+    for key, label in (("seconds", "seconds"), ("steps", "steps"), ("gs", "distilled guidance"), ("window", "window")):
+        if key in recorded:
+            fit(key, key, label, recorded[key])
+    if "crf" in recorded:
+        fit("crf", "crf", "CRF", recorded["crf"])
+    if "resolution" in recorded:  # check_values held it to a multiple of 16 in the page's range
+        values["resolution"] = recorded["resolution"]
+        filled.append("resolution")
+    ran = record.variant or recorded.get("variant")
+    if recorded.get("variant") in VARIANT_CHOICES:
+        values["variant"] = recorded["variant"]
+    elif ran is None or ran == get_preset(start.model).default_variant:
+        values["variant"] = VARIANT_CHOICES[0]
+    else:  # the clip's model ran it by default; this server's model would not
+        values["variant"] = ran
+    filled.append("variant")
+    for key, control, label in (
+        ("end_strength", "end_strength", "end strength"),
+        ("prompt_blend_sections", "blend", "prompt blend"),
+        ("prompt_change_cfg", "change_cfg", "prompt change guidance"),
+    ):
+        if key in rerun.timed:
+            fit(key, control, label, rerun.timed[key])
+    if rerun.timed.get("image_embed_blend"):
+        missed.append("image embed blend (no control here)")
+    if rerun.timed.get("start_color"):
+        missed.append(f"start colour {recipe.quoted(rerun.timed['start_color'])} (no control here)")
+
+    # The optimization panel: what the clip ran with (its recorded values over the built-in defaults, not over
+    # this server's environment or flags: a setting the clip does not record was at its default)
+    try:
+        ran_with = Settings.load({k: recorded[k] for k in PANEL_SETTINGS if k in recorded}, source="api", environ={})
+    except FramePackError as exc:
+        missed.append(f"the optimizations ({exc})")
+    else:
+        allowed = {"preset": list(PRESETS), "xformers_mode": ATTENTION_CHOICES}
+        for name in PANEL_SETTINGS:
+            value = getattr(ran_with, name)
+            if name in allowed and value not in allowed[name]:
+                missed.append(f"{name} {recipe.quoted(value)} (not offered here)")
+            elif name in SLIDER_RANGES and not SLIDER_RANGES[name][0] <= value <= SLIDER_RANGES[name][1]:
+                missed.append(f"{name} {value:g} (this page's control takes {SLIDER_RANGES[name][1]:g} at most)")
+            else:
+                values[name] = value
+        filled.append("optimizations")
+
+    hashes = _lora_hashes(choices) if rerun.loras else {}
+    rows = []
+    for entry in rerun.loras:
+        label = hashes.get(entry.sha256)
+        what = f"LoRA {recipe.quoted(entry.name)}"
+        if label is None:
+            missed.append(f"{what} (no LoRA offered here has its SHA-256 {entry.sha256[:12]}...)")
+        elif len(rows) == LORA_ROWS:
+            missed.append(f"{what} (the page has {LORA_ROWS} LoRA rows)")
+        elif not SLIDER_RANGES["lora_weight"][0] <= entry.weight <= SLIDER_RANGES["lora_weight"][1]:
+            missed.append(f"{what} at weight {entry.weight:g} (the weight control takes -2 to 2)")
+        else:
+            rows.append((label, entry.weight))
+    for row in range(LORA_ROWS):
+        values[f"lora-{row}"], values[f"lora-{row}-weight"] = rows[row] if row < len(rows) else (NO_LORA, 1.0)
+    filled.append(f"LoRA rows ({len(rows)} found by SHA-256)" if rows else "LoRA rows (none)")
+
+    for dropped in rerun.dropped:  # never a place: the uploads are the user's to make again
+        if dropped.key in ("end_image", "keyframes", "video"):
+            missed.append(f"{dropped.what} (a clip names no file on this machine: upload it again)")
+        elif dropped.key == "loras":
+            missed.append(f"LoRA {recipe.quoted(dropped.value)} (recorded by path only, with no SHA-256)")
+        else:
+            missed.append(f"{dropped.what} (a place on the machine that made it)")
+    if record.model.preset and record.model.preset != start.model:
+        missed.append(f"model {recipe.quoted(record.model.preset)} (this server runs {start.model})")
+    controlled = {"seconds", "steps", "gs", "window", "crf", "resolution", "variant", "seed", "model", "loras"}
+    others = [
+        f"{key} {recipe.quoted(value)}"
+        for key, value in recorded.items()
+        if key not in controlled and key not in PANEL_SETTINGS and not _same(value, getattr(start, key, None))
+    ]
+    if others:
+        more = f" and {len(others) - _SHOWN_NOTES} more" if len(others) > _SHOWN_NOTES else ""
+        missed.append("no control here, kept as this server has them: " + ", ".join(others[:_SHOWN_NOTES]) + more)
+    line = f"Filled from {clip}: " + ", ".join(filled) + "."
+    if missed:
+        line += " Not filled: " + "; ".join(missed) + "."
+    return ClipSettings(values, "**Use these settings:** " + md_text(line))
+
+
+def defaults_markdown(start) -> str:
+    """The Settings tab's defaults: the server's own settings (its flags and environment) that the controls
+    start from, each escaped."""
+    from framepack_turbo.settings import setting_names
+
+    given = [f"{name} {shown(getattr(start, name))}" for name in setting_names() if start.explicitly_set(name)]
+    return (
+        "**Defaults.** The controls start from this server's settings (`framepack serve` flags and the environment): "
+        + (md_text(", ".join(given)) if given else "the built-in defaults")
+        + ". A flag given to `serve` is the page's default."
+    )
+
+
+def settings_summary(panel: tuple, lora_values: tuple) -> str:
+    """The Generate tab's line naming what the Settings tab is set to (its controls are out of sight there)."""
+    values = panel_settings(panel)
+    names = {
+        "enable_teacache": "TeaCache",
+        "enable_fbcache": "first-block cache",
+        "enable_magcache": "MagCache",
+        "enable_quant": "INT-N quantization",
+        "enable_compile": "torch.compile",
+        "enable_module_cache": "encoder cache",
+        "use_onnx_engines": "ONNX engines",
+    }
+    on = [label for key, label in names.items() if values.get(key)]
+    picked = [
+        f"{name} ({float(weight):g})"
+        for name, weight in zip(lora_values[::2], lora_values[1::2])
+        if name and name != NO_LORA
+    ]
+    return md_text(
+        f"Settings tab: preset {values.get('preset')}, attention {values.get('xformers_mode')}, "
+        + (", ".join(on) if on else "no optimization switched on")
+        + "; LoRA: "
+        + (", ".join(picked) if picked else "none")
+    )
 
 
 def preview_grid(frames: np.ndarray | None, tile: int = PREVIEW_TILE) -> np.ndarray | None:
@@ -451,16 +680,25 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         )
         key = (current.id, current.sections_done) if current is not None else None
         video = gr.skip() if key == shown_video or current is None else current.video
-        finished = [j for j in jobs if j.state == "done"][:RESULTS_SHOWN]
-        results_key = [j.id for j in finished]
-        results = (
-            gr.skip()
-            if results_key == shown_results
-            else [(j.video, result_caption(j)) for j in finished if Path(j.video).is_file()]
-        )
+        finished = [j for j in jobs if j.state == "done" and Path(j.video).is_file()][:RESULTS_SHOWN]
+        results_key = [j.id for j in finished]  # the gallery's clips in order: a pick in it is one of these jobs
+        results = gr.skip() if results_key == shown_results else [(j.video, result_caption(j)) for j in finished]
         summary = " · ".join(f"job {j.id}: {j.state}" for j in reversed(jobs[:12])) or "No jobs yet."
         preview = preview if preview is not None else gr.skip()
-        return table, summary, progress, preview, caches, video, results, (key, results_key), workers_markdown(queue)
+        return (
+            *(table, summary, progress, preview, caches, video, results, (key, results_key)),
+            *(workers_markdown(queue), progress, preview),
+        )
+
+    def pick_clip(shown, evt):
+        """A clip picked in the gallery: its job id in the "Use these settings" box."""
+        ids = (shown or (None, None))[1] or []
+        index = evt.index if isinstance(evt.index, int) else None
+        return ids[index] if index is not None and 0 <= index < len(ids) else gr.skip()
+
+    # the annotation as an object: this module's are strings (`from __future__`), and Gradio finds the event's
+    # argument by its type
+    pick_clip.__annotations__["evt"] = gr.SelectData
 
     with gr.Blocks(title="FramePack Turbo") as page:
         gr.Markdown(
@@ -471,170 +709,254 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                 else "jobs run one at a time on this machine's GPU (or CPU)."
             )
         )
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(type="filepath", label="Start image", elem_id="start-image", sources=["upload"])
-                image.preprocess = functools.partial(_upload_path, gradio_preprocess=image.preprocess)
-                bucket = gr.Markdown(bucket_markdown(None, start.resolution), elem_id="bucket")
-                prompt = gr.Textbox(label="Prompt", elem_id="prompt", lines=2)
-                negative = gr.Textbox(label="Negative prompt (used when real CFG > 1)", elem_id="negative")
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 with gr.Row():
-                    seconds = gr.Slider(1, 120, value=start.seconds, step=0.1, label="Seconds", elem_id="seconds")
-                    resolution = gr.Slider(
-                        MIN_RESOLUTION,
-                        MAX_RESOLUTION,
-                        value=start.resolution,
-                        step=16,
-                        label="Resolution (bucket base)",
-                        elem_id="resolution",
-                    )
-                with gr.Row():
-                    # no precision: Gradio's own rounding of a sent inf or NaN failed before the page could name the field
-                    seed = gr.Number(value=start.seed, precision=None, step=1, label="Seed", elem_id="seed")
-                    random_seed = gr.Checkbox(False, label="Random seed (recorded)", elem_id="random-seed")
-                    count = gr.Slider(
-                        1, MAX_CLIPS_PER_JOB, value=1, step=1, label="Clips (seed, seed+1, ...)", elem_id="count"
-                    )
-                with gr.Row():
-                    steps = gr.Slider(1, 100, value=start.steps, step=1, label="Steps", elem_id="steps")
-                    gs = gr.Slider(0, 32, value=start.gs, step=0.1, label="Distilled guidance", elem_id="gs")
-                with gr.Row():
-                    window = gr.Slider(
-                        1, 33, value=start.window, step=1, label="Window (latent frames)", elem_id="window"
-                    )
-                    crf = gr.Slider(1, 51, value=start.crf, step=1, label="MP4 CRF (lower: better)", elem_id="crf")
-                variant = gr.Radio(
-                    VARIANT_CHOICES, value=start.variant or VARIANT_CHOICES[0], label="Variant", elem_id="variant"
-                )
-                timeline = gr.Markdown(
-                    timeline_markdown("", start.seconds, start.window, "model default", base), elem_id="timeline"
-                )
-                with gr.Accordion("End frame and keyframes (inverted variant)", open=False):
-                    with gr.Row():
-                        end_image = gr.Image(
-                            type="filepath", label="End image", elem_id="end-image", sources=["upload"]
+                    with gr.Column(scale=3):
+                        image = gr.Image(
+                            type="filepath", label="Start image", elem_id="start-image", sources=["upload"]
                         )
-                        end_image.preprocess = functools.partial(_upload_path, gradio_preprocess=end_image.preprocess)
-                        with gr.Column():
-                            end_strength = gr.Slider(
-                                0, 1, value=1, step=0.05, label="End strength", elem_id="end-strength"
+                        image.preprocess = functools.partial(_upload_path, gradio_preprocess=image.preprocess)
+                        bucket = gr.Markdown(bucket_markdown(None, start.resolution), elem_id="bucket")
+                        prompt = gr.Textbox(label="Prompt", elem_id="prompt", lines=2)
+                        negative = gr.Textbox(label="Negative prompt (used when real CFG > 1)", elem_id="negative")
+                        timeline = gr.Markdown(
+                            timeline_markdown("", start.seconds, start.window, "model default", base),
+                            elem_id="timeline",
+                        )
+                        with gr.Row():
+                            seconds = gr.Slider(
+                                *SLIDER_RANGES["seconds"],
+                                value=start.seconds,
+                                step=0.1,
+                                label="Seconds",
+                                elem_id="seconds",
                             )
-                            blend = gr.Slider(
-                                0, 8, value=0, step=1, label="Prompt blend (sections)", elem_id="prompt-blend"
+                            resolution = gr.Slider(
+                                MIN_RESOLUTION,
+                                MAX_RESOLUTION,
+                                value=start.resolution,
+                                step=16,
+                                label="Resolution (bucket base)",
+                                elem_id="resolution",
                             )
-                            change_cfg = gr.Slider(
+                        with gr.Row():
+                            # no precision: Gradio's own rounding of a sent inf or NaN failed before the page could
+                            # name the field
+                            seed = gr.Number(value=start.seed, precision=None, step=1, label="Seed", elem_id="seed")
+                            random_seed = gr.Checkbox(False, label="Random seed (recorded)", elem_id="random-seed")
+                            count = gr.Slider(
                                 1,
-                                12,
+                                MAX_CLIPS_PER_JOB,
                                 value=1,
-                                step=0.5,
-                                label="Prompt change guidance (1: off; each change costs model calls)",
-                                elem_id="prompt-change-cfg",
+                                step=1,
+                                label="Clips (seed, seed+1, ...)",
+                                elem_id="count",
                             )
-                    keyframe_inputs = []
-                    for row in range(KEYFRAME_ROWS):
                         with gr.Row():
-                            at = gr.Number(None, label=f"Keyframe {row + 1} time (s)", elem_id=f"keyframe-{row}-time")
-                            picture = gr.Image(
+                            steps = gr.Slider(
+                                *SLIDER_RANGES["steps"], value=start.steps, step=1, label="Steps", elem_id="steps"
+                            )
+                            gs = gr.Slider(
+                                *SLIDER_RANGES["gs"], value=start.gs, step=0.1, label="Distilled guidance", elem_id="gs"
+                            )
+                        with gr.Row():
+                            window = gr.Slider(
+                                *SLIDER_RANGES["window"],
+                                value=start.window,
+                                step=1,
+                                label="Window (latent frames)",
+                                elem_id="window",
+                            )
+                            crf = gr.Slider(
+                                *SLIDER_RANGES["crf"],
+                                value=start.crf,
+                                step=1,
+                                label="MP4 CRF (lower: better)",
+                                elem_id="crf",
+                            )
+                        variant = gr.Radio(
+                            VARIANT_CHOICES,
+                            value=start.variant or VARIANT_CHOICES[0],
+                            label="Variant",
+                            elem_id="variant",
+                        )
+                        with gr.Accordion("End frame and keyframes (inverted variant)", open=False):
+                            with gr.Row():
+                                end_image = gr.Image(
+                                    type="filepath", label="End image", elem_id="end-image", sources=["upload"]
+                                )
+                                end_image.preprocess = functools.partial(
+                                    _upload_path, gradio_preprocess=end_image.preprocess
+                                )
+                                with gr.Column():
+                                    end_strength = gr.Slider(
+                                        *SLIDER_RANGES["end_strength"],
+                                        value=1,
+                                        step=0.05,
+                                        label="End strength",
+                                        elem_id="end-strength",
+                                    )
+                                    blend = gr.Slider(
+                                        *SLIDER_RANGES["prompt_blend_sections"],
+                                        value=0,
+                                        step=1,
+                                        label="Prompt blend (sections)",
+                                        elem_id="prompt-blend",
+                                    )
+                                    change_cfg = gr.Slider(
+                                        *SLIDER_RANGES["prompt_change_cfg"],
+                                        value=1,
+                                        step=0.5,
+                                        label="Prompt change guidance (1: off; each change costs model calls)",
+                                        elem_id="prompt-change-cfg",
+                                    )
+                            keyframe_inputs = []
+                            for row in range(KEYFRAME_ROWS):
+                                with gr.Row():
+                                    at = gr.Number(
+                                        None, label=f"Keyframe {row + 1} time (s)", elem_id=f"keyframe-{row}-time"
+                                    )
+                                    picture = gr.Image(
+                                        type="filepath",
+                                        label=f"Keyframe {row + 1}",
+                                        elem_id=f"keyframe-{row}",
+                                        sources=["upload"],
+                                    )
+                                    picture.preprocess = functools.partial(
+                                        _upload_path, gradio_preprocess=picture.preprocess
+                                    )
+                                    keyframe_inputs += [at, picture]
+                        with gr.Accordion("Extend a video", open=False):
+                            video_in = gr.File(
+                                label="Video to continue (instead of a start image; Seconds is the new part)",
+                                file_types=[".mp4", ".webm", ".mov", ".mkv"],
                                 type="filepath",
-                                label=f"Keyframe {row + 1}",
-                                elem_id=f"keyframe-{row}",
-                                sources=["upload"],
+                                elem_id="video-in",
                             )
-                            picture.preprocess = functools.partial(_upload_path, gradio_preprocess=picture.preprocess)
-                            keyframe_inputs += [at, picture]
-                with gr.Accordion("Extend a video", open=False):
-                    video_in = gr.File(
-                        label="Video to continue (instead of a start image; Seconds is the new part)",
-                        file_types=[".mp4", ".webm", ".mov", ".mkv"],
-                        type="filepath",
-                        elem_id="video-in",
-                    )
-                with gr.Accordion("LoRA", open=False):
-                    gr.Markdown(
-                        f"From {md_text(start.lora_dir)}/ (`--lora-dir`) and those bundled with the model; "
-                        f"{'merged into the weights' if start.lora_mode != 'unmerged' else 'PEFT adapters'} "
-                        "(`--lora-mode`: unmerged switches LoRAs between jobs without reloading)."
-                    )
-                    lora_inputs = []
-                    for row in range(LORA_ROWS):
-                        with gr.Row():
-                            name = gr.Dropdown(
-                                [NO_LORA, *loras], value=NO_LORA, label=f"LoRA {row + 1}", elem_id=f"lora-{row}"
-                            )
-                            weight = gr.Slider(
-                                -2, 2, value=1.0, step=0.05, label="Weight", elem_id=f"lora-{row}-weight"
-                            )
-                            lora_inputs += [name, weight]
-                with gr.Accordion("Optimizations", open=True):
-                    with gr.Row():
-                        preset = gr.Dropdown(list(PRESETS), value=start.preset, label="Preset", elem_id="preset")
-                        attention = gr.Dropdown(ATTENTION_CHOICES, value=start.xformers_mode, label="Attention")
-                    # Three to a row: six in one row cut their labels ("torch.com", "INT-N quantizati").
-                    with gr.Row():
-                        teacache = gr.Checkbox(start.enable_teacache, label="TeaCache", elem_id="teacache")
-                        fbcache = gr.Checkbox(start.enable_fbcache, label="First-block cache", elem_id="fbcache")
-                        magcache = gr.Checkbox(start.enable_magcache, label="MagCache", elem_id="magcache")
-                    with gr.Row():
-                        quant = gr.Checkbox(start.enable_quant, label="INT-N quantization", elem_id="quant")
-                        compile_ = gr.Checkbox(start.enable_compile, label="torch.compile", elem_id="compile")
-                        module_cache = gr.Checkbox(start.enable_module_cache, label="Encoder cache")
-                    with gr.Row():
-                        onnx = gr.Checkbox(start.use_onnx_engines, label="ONNX engines")
-                    preservation = gr.Slider(
-                        0,
-                        128,
-                        value=start.gpu_memory_preservation,
-                        step=0.5,
-                        label="GPU memory preservation (GB)",
-                        elem_id="preservation",
-                    )
-                    panel = [
-                        *(preset, teacache, fbcache, magcache, quant, compile_),
-                        *(module_cache, onnx, attention, preservation),
-                    ]
-                    report = gr.Markdown(
-                        compat_markdown(
-                            base,
-                            {**panel_settings(tuple(c.value for c in panel)), "resolution": int(resolution.value)},
-                            hardware,
-                        ),
-                        elem_id="compat",
-                    )
-                queue_btn = gr.Button("Queue job", variant="primary", elem_id="queue-btn")
-                status = gr.Markdown(elem_id="status")
-            with gr.Column():
-                progress = gr.HTML("Idle.", elem_id="progress")
-                preview = gr.Image(
-                    label="Latent preview (current step, one tile per latent frame)",
-                    elem_id="preview",
+                        active = gr.Markdown(
+                            settings_summary(
+                                tuple(getattr(start, n) for n in PANEL_SETTINGS), (NO_LORA, 1.0) * LORA_ROWS
+                            ),
+                            elem_id="active-settings",
+                        )
+                        queue_btn = gr.Button("Queue job", variant="primary", elem_id="queue-btn")
+                        status = gr.Markdown(elem_id="status")
+                    # The running job beside the controls, as FramePack-Studio shows it: one queues a job and
+                    # watches its first steps (is the preview what the prompt asked for?) without leaving the
+                    # controls, to cancel and change a setting at once. The Queue tab has the full view.
+                    with gr.Column(scale=2):
+                        current_progress = gr.HTML("Idle.", elem_id="current-progress")
+                        current_preview = gr.Image(
+                            label="Latent preview (the running job)",
+                            elem_id="current-preview",
+                            interactive=False,
+                            height=240,
+                        )
+            with gr.Tab("Queue", id="queue", elem_id="tab-queue"):
+                with gr.Row():
+                    with gr.Column():
+                        progress = gr.HTML("Idle.", elem_id="progress")
+                        preview = gr.Image(
+                            label="Latent preview (current step, one tile per latent frame)",
+                            elem_id="preview",
+                            interactive=False,
+                            height=240,
+                        )
+                        caches = gr.Markdown(elem_id="caches")
+                    with gr.Column():
+                        video = gr.Video(
+                            label="Video (grows after each section)", elem_id="video", interactive=False, height=360
+                        )
+                # The queue spans the tab: the seed and size columns need the width.
+                summary = gr.Markdown(elem_id="queue-summary")
+                jobs = gr.Dataframe(
+                    headers=JOB_COLUMNS,
+                    label="Jobs",
+                    elem_id="jobs",
                     interactive=False,
-                    height=240,
+                    column_widths=["5%", "9%", "36%", "13%", "8%", "8%", "7%", "14%"],
                 )
-                video = gr.Video(
-                    label="Video (grows after each section)", elem_id="video", interactive=False, height=360
-                )
-                caches = gr.Markdown(elem_id="caches")
+                with gr.Row():
+                    cancel_id = gr.Number(label="Job id", precision=None, step=1, elem_id="cancel-id")
+                    cancel_btn = gr.Button("Cancel job", elem_id="cancel-btn")
+                    resume_btn = gr.Button("Resume job", elem_id="resume-btn")
+                workers = gr.Markdown(workers_markdown(queue), elem_id="workers")
+            with gr.Tab("Outputs", id="outputs", elem_id="tab-outputs"):
                 results = gr.Gallery(
-                    label=f"Finished videos (newest {RESULTS_SHOWN})",
+                    label=f"Finished videos (newest {RESULTS_SHOWN}; pick one to use its settings)",
                     elem_id="results",
                     columns=3,
                     fit_columns=False,
-                    height=300,
+                    height=420,
                 )
-        # The queue spans the page: the seed and size columns need the width.
-        summary = gr.Markdown(elem_id="queue-summary")
-        jobs = gr.Dataframe(
-            headers=JOB_COLUMNS,
-            label="Jobs",
-            elem_id="jobs",
-            interactive=False,
-            column_widths=["5%", "9%", "36%", "13%", "8%", "8%", "7%", "14%"],
-        )
-        with gr.Row():
-            cancel_id = gr.Number(label="Job id", precision=None, step=1, elem_id="cancel-id")
-            cancel_btn = gr.Button("Cancel job", elem_id="cancel-btn")
-            resume_btn = gr.Button("Resume job", elem_id="resume-btn")
-        workers = gr.Markdown(workers_markdown(queue), elem_id="workers")
+                with gr.Row():
+                    use_id = gr.Number(label="Job id (or pick a clip above)", precision=None, step=1, elem_id="use-id")
+                    use_btn = gr.Button("Use these settings", elem_id="use-settings-btn")
+                use_status = gr.Markdown(
+                    "Fills the Generate tab from the clip's own record: its recipe, never a file on this machine "
+                    "(the end image, keyframes and video to extend are uploaded again).",
+                    elem_id="use-status",
+                )
+            with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
+                with gr.Row():
+                    with gr.Column():
+                        gr.Markdown("### Optimizations")
+                        with gr.Row():
+                            preset = gr.Dropdown(list(PRESETS), value=start.preset, label="Preset", elem_id="preset")
+                            attention = gr.Dropdown(ATTENTION_CHOICES, value=start.xformers_mode, label="Attention")
+                        # Three to a row: six in one row cut their labels ("torch.com", "INT-N quantizati").
+                        with gr.Row():
+                            teacache = gr.Checkbox(start.enable_teacache, label="TeaCache", elem_id="teacache")
+                            fbcache = gr.Checkbox(start.enable_fbcache, label="First-block cache", elem_id="fbcache")
+                            magcache = gr.Checkbox(start.enable_magcache, label="MagCache", elem_id="magcache")
+                        with gr.Row():
+                            quant = gr.Checkbox(start.enable_quant, label="INT-N quantization", elem_id="quant")
+                            compile_ = gr.Checkbox(start.enable_compile, label="torch.compile", elem_id="compile")
+                            module_cache = gr.Checkbox(start.enable_module_cache, label="Encoder cache")
+                        with gr.Row():
+                            onnx = gr.Checkbox(start.use_onnx_engines, label="ONNX engines")
+                        preservation = gr.Slider(
+                            *SLIDER_RANGES["gpu_memory_preservation"],
+                            value=start.gpu_memory_preservation,
+                            step=0.5,
+                            label="GPU memory preservation (GB)",
+                            elem_id="preservation",
+                        )
+                        panel = [
+                            *(preset, teacache, fbcache, magcache, quant, compile_),
+                            *(module_cache, onnx, attention, preservation),
+                        ]
+                        report = gr.Markdown(
+                            compat_markdown(
+                                base,
+                                {**panel_settings(tuple(c.value for c in panel)), "resolution": int(resolution.value)},
+                                hardware,
+                            ),
+                            elem_id="compat",
+                        )
+                    with gr.Column():
+                        gr.Markdown("### LoRA")
+                        gr.Markdown(
+                            f"From {md_text(start.lora_dir)}/ (`--lora-dir`) and those bundled with the model; "
+                            f"{'merged into the weights' if start.lora_mode != 'unmerged' else 'PEFT adapters'} "
+                            "(`--lora-mode`: unmerged switches LoRAs between jobs without reloading)."
+                        )
+                        lora_inputs = []
+                        for row in range(LORA_ROWS):
+                            with gr.Row():
+                                name = gr.Dropdown(
+                                    [NO_LORA, *loras], value=NO_LORA, label=f"LoRA {row + 1}", elem_id=f"lora-{row}"
+                                )
+                                weight = gr.Slider(
+                                    *SLIDER_RANGES["lora_weight"],
+                                    value=1.0,
+                                    step=0.05,
+                                    label="Weight",
+                                    elem_id=f"lora-{row}-weight",
+                                )
+                                lora_inputs += [name, weight]
+                        gr.Markdown(defaults_markdown(start), elem_id="defaults")
         shown = gr.State(None)
 
         preset.change(on_preset, preset, panel[1:])
@@ -644,6 +966,10 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
 
         for control in (resolution, *panel):
             control.change(report_for, [resolution, *panel], report)
+        for control in (*panel, *lora_inputs):
+            control.change(
+                lambda *v: settings_summary(v[: len(panel)], v[len(panel) :]), [*panel, *lora_inputs], active
+            )
         for control in (image, resolution):
             control.change(bucket_markdown, [image, resolution], bucket)
         for control in (prompt, seconds, window, variant):
@@ -658,7 +984,57 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         )
         cancel_btn.click(cancel_job, cancel_id, status, api_name="cancel_job")
         resume_btn.click(resume_job, cancel_id, status, api_name="resume_job")
+
+        # "Use these settings": the keys of `clip_settings` to the controls they fill
+        controls = {
+            **dict(prompt=prompt, negative=negative, seed=seed, random_seed=random_seed, count=count),
+            **dict(seconds=seconds, resolution=resolution, steps=steps, gs=gs, window=window, crf=crf),
+            **dict(variant=variant, end_strength=end_strength, blend=blend, change_cfg=change_cfg),
+            **dict(zip(PANEL_SETTINGS, panel)),
+            **{f"lora-{i // 2}" + ("-weight" if i % 2 else ""): c for i, c in enumerate(lora_inputs)},
+            **{f"keyframe-{i // 2}" + ("" if i % 2 else "-time"): c for i, c in enumerate(keyframe_inputs)},
+            **dict(end_image=end_image, video_in=video_in),
+        }
+
+        def use_settings(job_id):
+            try:
+                values = settings_of_job(queue, job_id, loras, start)
+            except (FramePackError, OSError) as exc:
+                return {use_status: f"**Not used:** {md_text(exc)}"}
+            return {
+                **{controls[key]: value for key, value in values.values.items()},
+                **{use_status: values.status, status: values.status, tabs: gr.Tabs(selected="generate")},
+            }
+
+        results.select(pick_clip, shown, use_id)
+        use_btn.click(use_settings, use_id, [*controls.values(), use_status, status, tabs], api_name="use_settings")
         outputs = [jobs, summary, progress, preview, caches, video, results, shown, workers]
+        outputs += [current_progress, current_preview]
         gr.Timer(1.0).tick(refresh, shown, outputs)
         page.load(refresh, shown, outputs)
     return page
+
+
+def settings_of_job(queue: JobQueue, job_id: Any, choices: dict[str, str], start) -> ClipSettings:
+    """ "Use these settings" for a job of this queue: its finished (or cancelled, failed) clip's record, read from
+    the file the server named (`video.read_metadata`), as `clip_settings` takes it."""
+    from framepack_turbo.errors import InputError
+    from framepack_turbo.pipeline import video
+
+    if job_id is None:
+        raise InputError("enter a job id, or pick a clip in the gallery")
+    job_id = check_number(job_id, "job id", whole=True)
+    job = queue.store.get(job_id)
+    if job is None:
+        raise InputError(f"no job {job_id}")
+    if job.state in ("queued", "running"):
+        raise InputError(f"job {job_id} is {job.state}: its clip carries its record once it stops")
+    if not Path(job.video).is_file():
+        raise InputError(f"job {job_id} ({job.state}) left no clip")
+    try:
+        meta = video.read_metadata(job.video)
+    except Exception as exc:  # noqa: BLE001 - a file PyAV cannot open
+        raise InputError(f"job {job_id}'s clip is not a readable video ({type(exc).__name__})") from None
+    if meta is None:
+        raise InputError(f"job {job_id}'s clip carries no record")
+    return clip_settings(meta, f"job {job_id}'s clip", choices, start)
