@@ -219,6 +219,7 @@ CLEARED_UPLOADS = (
     *(f"keyframe-{i}{part}" for i in range(KEYFRAME_ROWS) for part in ("-time", "")),
     "video_in",
 )
+_PROMPT_SHOWN = 48  # characters of the clip's prompt the status line quotes
 _SHOWN_NOTES = 6  # settings without a control named in the status line; the rest counted
 
 
@@ -296,7 +297,8 @@ def clip_settings(meta: Any, clip: str, choices: dict[str, str], start) -> ClipS
     elif changes:  # --prompt-at, as the prompt box writes it
         prompt = " ".join([prompt, *(f"[{seconds:g}s: {text}]" for seconds, text in changes)]).strip()
     values["prompt"], values["negative"] = prompt, rerun.negative_prompt
-    filled += ["prompt", "negative prompt"]
+    excerpt = prompt if len(prompt) <= _PROMPT_SHOWN else prompt[:_PROMPT_SHOWN] + "..."
+    filled += [f'prompt "{excerpt}"', "negative prompt"]  # the prompt says which clip it was
     if record.seed is not None:
         values.update(seed=record.seed, random_seed=False, count=1)
         filled.append(f"seed {record.seed}")
@@ -881,6 +883,8 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
                     cancel_id = gr.Number(label="Job id", precision=None, step=1, elem_id="cancel-id")
                     cancel_btn = gr.Button("Cancel job", elem_id="cancel-btn")
                     resume_btn = gr.Button("Resume job", elem_id="resume-btn")
+                # the answer beside the buttons (the Generate tab's status line is out of sight here)
+                queue_status = gr.Markdown(elem_id="queue-status")
                 workers = gr.Markdown(workers_markdown(queue), elem_id="workers")
             with gr.Tab("Outputs", id="outputs", elem_id="tab-outputs"):
                 results = gr.Gallery(
@@ -982,8 +986,8 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
             status,
             api_name="queue_job",
         )
-        cancel_btn.click(cancel_job, cancel_id, status, api_name="cancel_job")
-        resume_btn.click(resume_job, cancel_id, status, api_name="resume_job")
+        cancel_btn.click(cancel_job, cancel_id, queue_status, api_name="cancel_job")
+        resume_btn.click(resume_job, cancel_id, queue_status, api_name="resume_job")
 
         # "Use these settings": the keys of `clip_settings` to the controls they fill
         controls = {
