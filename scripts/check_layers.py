@@ -104,7 +104,8 @@ def violations() -> list[str]:
                 if inner == PACKAGE:
                     continue
                 # `from framepack_turbo.optim import offload` names a module; `from x import Name` a symbol
-                other = layer_of(inner) if _resolves(inner) else layer_of(inner.rpartition(".")[0])
+                # (`from framepack_turbo import __version__` names the package's own __init__)
+                other = layer_of(inner) if _resolves(inner) else layer_of(inner.rpartition(".")[0] or "__init__")
                 if other > own:
                     out.append(
                         f"{path.relative_to(ROOT.parent)}:{line}: {name} ({LAYERS[own][0]}) imports "
