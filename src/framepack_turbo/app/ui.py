@@ -706,7 +706,7 @@ def build(queue: JobQueue, base: dict[str, Any], hardware):
         gr.Markdown(
             "# FramePack Turbo\nOne image and a prompt; "
             + (
-                f"jobs run on {len(queue.workers)} Ray workers, one job each at a time."
+                f"jobs run on {len(queue.workers)} Ray worker{'s' if len(queue.workers) != 1 else ''}, one job each at a time."
                 if len(queue.workers) > 1 or hasattr(queue.runner, "describe")
                 else "jobs run one at a time on this machine's GPU (or CPU)."
             )
