@@ -255,7 +255,9 @@ def test_bench_bar_with_failure_rows(tmp_path):
     assert "bench ignores FRAMEPACK_ENABLE_COMPILE" in result.output
 
 
-@pytest.mark.parametrize("seconds", [1.2, 6.0])  # one section; five (the inverted paddings and the 2x/4x history)
+@pytest.mark.parametrize(
+    "seconds", [1.2, pytest.param(6.0, marks=pytest.mark.slow)]
+)  # one section; five (the inverted paddings and the 2x/4x history)
 def test_the_flop_formula_matches_torchs_count_of_a_real_call(tiny, example_image, tmp_path, seconds):
     """The MFU's FLOP count (bench/flops.py) against torch's FlopCounterMode over a transformer call the
     generator made, with attention in its math form so the counter sees its matrix products."""

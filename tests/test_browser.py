@@ -139,6 +139,7 @@ def _lora_row(page) -> tuple[str, float]:
     )
 
 
+@pytest.mark.cluster
 def test_two_clips_with_a_random_seed_then_cancel_a_third_in_the_browser(server):
     from framepack_turbo.pipeline import video
 

@@ -98,6 +98,7 @@ def test_similarity_cache_caps_reuses_per_block(example_image, tmp_path, decisio
         assert len(kinds) == 10 and runs_of(kinds, "hit") == 2
 
 
+@pytest.mark.slow
 def test_state_never_leaks_between_jobs_or_resolutions(example_image, tmp_path):
     """A cache used at one resolution, then another, gives what a fresh one gives at the second."""
     for name, settings in CACHES.items():

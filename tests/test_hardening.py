@@ -398,6 +398,7 @@ def test_a_manifest_edited_to_another_architecture_is_refused_before_building(tm
         artifact.check(path, identity, key, source)  # from the manifest: nothing is built
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_bits(tmp_path):
     """The trained tiny model, from its files, twice in fresh processes: the same latents and frames."""
     code = (

@@ -48,6 +48,7 @@ def test_saved_layout_is_one_folder_per_component(tiny_dir):
     assert list((tiny_dir / "transformer").glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_local_dir_round_trip_is_identical(tiny, tiny_dir, example_image, tmp_path):
     from framepack_turbo.api import FramePack
 

@@ -92,7 +92,7 @@ class _Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("variant", ["inverted", "f1"])
+@pytest.mark.parametrize("variant", [pytest.param("inverted", marks=pytest.mark.slow), "f1"])
 def test_resume_after_a_crash_is_bit_for_bit(tiny, example_image, tmp_path, variant):
     reference = tiny.generate(example_image, "a cat", out=tmp_path / "ref.mp4", variant=variant, **LONG)
     out = tmp_path / "clip.mp4"

@@ -158,6 +158,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(4 / mse))  # pixels in [-1, 1]: peak-to-peak 2
 
 
+@pytest.mark.slow
 def test_chunked_decode_matches_single_pass(tiny_bundle):
     """Same frame count as one pass, PSNR >= 30 dB against it (random tiny VAE, smooth latents)."""
     z = _smooth_latents()

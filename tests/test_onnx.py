@@ -54,6 +54,7 @@ def engines(export_dir):
     return bundle
 
 
+@pytest.mark.slow
 def test_export_layout_manifest_and_check(export_dir, tiny_bundle):
     for component, modules in ox.COMPONENT_MODULES.items():
         manifest = json.loads((export_dir / component / "manifest.json").read_text())
@@ -79,6 +80,7 @@ def _transformer_inputs(bundle, frames, h, w, text, seed):
     return inputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("frames", "h", "w", "text"), [(9, 8, 7, 5), (9, 10, 6, 23), (5, 4, 4, 1)])
 def test_transformer_engine_matches_eager_across_text_lengths_and_resolutions(engines, tiny_bundle, frames, h, w, text):
     inputs = _transformer_inputs(tiny_bundle, frames, h, w, text, seed=frames + h + text)
@@ -89,6 +91,7 @@ def test_transformer_engine_matches_eager_across_text_lengths_and_resolutions(en
     assert rel_error(out, reference) < REL_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["a cat", "a red circle moves slowly to the right across a striped floor"])
 def test_text_encoder_engines_match_eager(engines, tiny_bundle, prompt):
     from framepack_turbo.pipeline.encode import encode_prompt
@@ -100,6 +103,7 @@ def test_text_encoder_engines_match_eager(engines, tiny_bundle, prompt):
     assert rel_error(out.llama, ref.llama) < REL_TOL and rel_error(out.clip_pooled, ref.clip_pooled) < REL_TOL
 
 
+@pytest.mark.slow
 def test_image_encoder_engine_matches_eager(engines, tiny_bundle):
     from framepack_turbo.pipeline.encode import encode_image
 
@@ -109,6 +113,7 @@ def test_image_encoder_engine_matches_eager(engines, tiny_bundle):
     assert rel_error(out, ref) < REL_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("frames", "h", "w"), [(10, 16, 14), (3, 8, 12)])
 def test_vae_decoder_engine_matches_eager_inside_diffusers_tiling(engines, tiny_bundle, frames, h, w):
     from framepack_turbo.pipeline import vae
@@ -119,6 +124,7 @@ def test_vae_decoder_engine_matches_eager_inside_diffusers_tiling(engines, tiny_
     assert rel_error(out, ref) < REL_TOL
 
 
+@pytest.mark.slow
 def test_generation_with_onnx_engines_end_to_end(tmp_path, example_image, export_dir, tiny):
     from framepack_turbo.api import FramePack
     from framepack_turbo.settings import Settings
@@ -147,6 +153,7 @@ def test_generation_with_onnx_engines_end_to_end(tmp_path, example_image, export
     assert engines["vae.decoder"]["calls"] > 0 and engines["text_encoder"]["calls"] == 1
 
 
+@pytest.mark.slow
 def test_export_of_other_weights_is_refused(tmp_path, export_dir, tiny_bundle):
     copy = tmp_path / "text-encoder"
     shutil.copytree(export_dir / "text-encoder", copy)
@@ -330,6 +337,7 @@ def test_modules_tensorrt_took_get_no_onnx_engine(tmp_path):
     assert isinstance(bundle.transformer, TensorRTModule) and not any(tmp_path.iterdir())  # nothing exported
 
 
+@pytest.mark.slow
 def test_identity_is_the_same_in_every_process():
     """The export's identity must not depend on the process (diffusers keeps a set in its config)."""
     import os

@@ -79,6 +79,7 @@ def rank_output(root: Path, rank: int, name: str) -> tuple[torch.Tensor, dict]:
     return load_file(folder / f"{name}.safetensors")["latents"], json.loads((folder / f"{name}.json").read_text())
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("model", ["tiny-random", "small"])
 @pytest.mark.parametrize("variant", ["inverted", "f1"])
 def test_two_ranks_match_one_process(ranks, model, variant, tmp_path, monkeypatch):
@@ -96,6 +97,7 @@ def test_two_ranks_match_one_process(ranks, model, variant, tmp_path, monkeypatc
     assert facts0["parallel"]["mode"] == "ulysses" and facts0["parallel"]["degree"] == 2
 
 
+@pytest.mark.cluster
 def test_ring_on_the_cpu_stand_in_matches_one_process(ranks, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = next(j for j in JOBS if j["name"] == "tiny-random-ring")
@@ -105,6 +107,7 @@ def test_ring_on_the_cpu_stand_in_matches_one_process(ranks, tmp_path, monkeypat
     assert (latents0 - reference).abs().max().item() <= TOLERANCE
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("cache", list(CACHES))
 def test_step_cache_decisions_agree_on_every_rank(ranks, cache):
     _, facts0 = rank_output(ranks, 0, f"small-{cache}")
@@ -118,6 +121,7 @@ def test_step_cache_decisions_agree_on_every_rank(ranks, cache):
     assert len(decisions) == 3 * OPTIONS["steps"]
 
 
+@pytest.mark.cluster
 def test_a_cancel_on_rank_0_stops_every_rank_after_the_same_step(ranks):
     """The page's cancel reaches rank 0 alone; rank 1 learns it in the same step's broadcast, nobody hangs
     (the fixture's two processes exited 0), and both keep the section that finished."""
@@ -220,6 +224,7 @@ def two_ranks(args: list[str], folder: Path, timeout: float = 600) -> list[int]:
     return [p.wait(timeout=timeout) for p in procs]
 
 
+@pytest.mark.cluster
 def test_every_text_length_splits_and_matches_one_process(tmp_path):
     """Text lengths 1..40 (the conditioning is SigLIP's tokens and the prompt's), on latents of an even and an odd
     length: the shares are uneven for half of them, and gloo's all-gather takes only equal tensors (issue 40:
@@ -260,6 +265,7 @@ def whole_clip(tmp_path_factory) -> Path:
     return folder / "cp.mp4"
 
 
+@pytest.mark.cluster
 def test_two_cpu_ranks_make_a_clip_of_a_one_token_prompt(whole_clip):
     from framepack_turbo.pipeline.resume import state_path
 
@@ -275,6 +281,7 @@ def frames(path: Path):
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
+@pytest.mark.cluster
 def test_a_killed_rank_is_one_line_and_resume_finishes_the_clip_bit_for_bit(whole_clip, tmp_path):
     """Rank 1 killed (SIGKILL) after the first section: rank 0 fails in its next collective; the launcher says
     which rank died and how in one line, the ranks' tracebacks go to their logs, and `--resume` finishes the clip

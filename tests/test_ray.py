@@ -341,6 +341,7 @@ def _wait(queue, ids, timeout=600):
     raise AssertionError(f"jobs {ids} did not finish: {[queue.store.get(i).state for i in ids]}")
 
 
+@pytest.mark.cluster
 def test_six_jobs_on_two_actors_each_loading_once(ray_queue, tmp_path):
     from framepack_turbo.app.queue import GenerationRunner
     from framepack_turbo.pipeline.video import read_frames, read_metadata
@@ -383,6 +384,7 @@ def test_six_jobs_on_two_actors_each_loading_once(ray_queue, tmp_path):
     assert len(previews) == 6 and previews[-1].preview_frames().dtype == np.uint8  # progress streamed back
 
 
+@pytest.mark.cluster
 def test_cancel_reaches_the_running_actor_within_a_step(ray_queue):
     job = ray_queue.submit(png(), {"prompt": "a ball moves right", "options": {**RAY_JOB, "seconds": 6, "steps": 6}})
     deadline = time.monotonic() + 300
@@ -403,6 +405,7 @@ def test_cancel_reaches_the_running_actor_within_a_step(ray_queue):
     assert len(steps) + len(later) < 6 * 4  # far from the whole clip
 
 
+@pytest.mark.cluster
 def test_a_job_needing_cuda_is_refused_on_a_cpu_cluster(ray_queue):
     before = len(ray_queue.store.list())
     with pytest.raises(InputError, match="no worker can run this job: worker-0: --device cuda needs CUDA"):
@@ -410,6 +413,7 @@ def test_a_job_needing_cuda_is_refused_on_a_cpu_cluster(ray_queue):
     assert len(ray_queue.store.list()) == before
 
 
+@pytest.mark.cluster
 def test_a_killed_actor_gets_its_job_retried_on_the_other(ray_queue):
     job = ray_queue.submit(png(), {"prompt": "a ball moves right", "options": {**RAY_JOB, "seconds": 4, "seed": 3}})
     deadline = time.monotonic() + 300
@@ -432,6 +436,7 @@ def test_a_killed_actor_gets_its_job_retried_on_the_other(ray_queue):
     assert victim.describe()["state"] == "idle" and victim.describe()["loads"] == 0
 
 
+@pytest.mark.cluster
 def test_a_worker_whose_process_is_killed_comes_back_into_service(ray_queue):
     """kill -9 of a worker's process mid-job: Ray restarts the actor and the server takes it back (it was
     marked lost for good, its queue left waiting); the job finishes, and the worker runs jobs again."""
@@ -452,6 +457,7 @@ def test_a_worker_whose_process_is_killed_comes_back_into_service(ray_queue):
     assert [j.state for j in done] == ["done"] * 2 and {j.worker for j in done} == {"worker-0", "worker-1"}
 
 
+@pytest.mark.cluster
 def test_the_local_cluster_listens_on_loopback_only(ray_queue):
     """Every port the local cluster opened (the GCS, the raylet, the workers, and with Ray's dashboard extra the
     agent and the metrics endpoint, which has no token) is on 127.0.0.1: none on 0.0.0.0 or ::."""

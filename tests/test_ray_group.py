@@ -57,6 +57,7 @@ def group_queue(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.mark.cluster
 def test_one_job_on_a_group_of_two_actors(group_queue, tmp_path):
     from framepack_turbo.pipeline.video import read_frames
 

@@ -259,6 +259,7 @@ def test_a_different_weight_pass_needs_a_reload():
     assert [r.name for r in fp.reports] == ["placement"]  # nothing changed
 
 
+@pytest.mark.slow
 def test_the_web_queue_reuses_the_models_across_runtime_changes(tmp_path):
     from framepack_turbo.app.jobs import JobStore
     from framepack_turbo.app.queue import GenerationRunner, JobQueue

@@ -306,7 +306,7 @@ def test_the_inverted_variants_first_section_leaves_no_segment_and_its_second_is
     assert _files(tmp_path) == before
 
 
-@pytest.mark.parametrize("variant", ["f1", "inverted"])
+@pytest.mark.parametrize("variant", ["f1", pytest.param("inverted", marks=pytest.mark.slow)])
 def test_a_stopped_extension_passes_the_checks_and_resumes_bit_for_bit(tiny, tmp_path, variant):
     """The checks know a video extension's parts (its copied head, F1's tail latents first)."""
     source = tmp_path / "in.mp4"

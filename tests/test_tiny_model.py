@@ -53,6 +53,7 @@ def test_missing_shipped_weights_say_how_to_get_them(monkeypatch, tmp_path):
         load_bundle("tiny", device="cpu")
 
 
+@pytest.mark.gate
 def test_vae_reconstructs_held_out_clips_above_the_bound(trained):
     from framepack_turbo.train.vae import VaeTraining, evaluate
 
@@ -67,6 +68,19 @@ def direction_gates(trained, tmp_path_factory):
     return {v: ship.direction_accuracy(trained, v, out_dir=out) for v in ("inverted", "f1")}
 
 
+QUICK_CASES = 2  # the direction gate's quick form (fast tier): its first cases, made again
+
+
+@pytest.mark.parametrize("variant", ["inverted", "f1"])
+def test_the_first_held_out_cases_move_as_recorded(trained, variant):
+    """The first cases of the direction gate (the README's picture shows the first four inverted ones),
+    generated again as the gate makes them: each object does exactly what the record says it did."""
+    recorded = json.loads((TINY_WEIGHTS / "manifest.json").read_text())["direction_gate"][variant]["cases"]
+    again = ship.direction_accuracy(trained, variant, count=QUICK_CASES)
+    assert again["cases"] == recorded[:QUICK_CASES]
+
+
+@pytest.mark.gate
 @pytest.mark.parametrize("variant", ["inverted", "f1"])
 def test_direction_gate_reproduces_the_shipped_record(direction_gates, variant):
     """The gate's numbers in the manifest are what the shipped files give (two cases either way, for
@@ -77,6 +91,7 @@ def test_direction_gate_reproduces_the_shipped_record(direction_gates, variant):
     assert abs(gate["accuracy"] - recorded["accuracy"]) <= 2 / ship.GATE_CASES + 1e-9, gate["cases"]
 
 
+@pytest.mark.gate
 @pytest.mark.parametrize("variant", ["inverted", "f1"])
 def test_generated_clips_move_the_named_object_the_named_way(direction_gates, variant):
     gate = direction_gates[variant]
