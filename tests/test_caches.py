@@ -46,7 +46,13 @@ def runs_of(kinds: list[str], kind: str) -> int:
     return max((len(list(g)) for k, g in itertools.groupby(kinds) if k == kind), default=0)
 
 
-@pytest.mark.parametrize("name", list(NEVER_REUSE))
+def _teacache_fast(names):
+    """Each cache's case, TeaCache's in the fast tier and the others' in `slow` (each costs whole clips; the
+    per-cache unit tests above and below stay fast)."""
+    return [n if n == "teacache" else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("name", _teacache_fast(NEVER_REUSE))
 def test_cache_that_reuses_nothing_changes_nothing(name, tiny, example_image, tmp_path):
     reference = generate(tiny, example_image, tmp_path, "ref")
     result = generate(load(**NEVER_REUSE[name]), example_image, tmp_path)
@@ -54,7 +60,7 @@ def test_cache_that_reuses_nothing_changes_nothing(name, tiny, example_image, tm
     assert result.sidecar["caches"][name]["hit"] == 0
 
 
-@pytest.mark.parametrize("name", list(CACHES))
+@pytest.mark.parametrize("name", _teacache_fast(CACHES))
 def test_reuse_happens_and_is_recorded_per_section(name, tiny, example_image, tmp_path, decisions):
     reference = generate(tiny, example_image, tmp_path, "ref")
     result = generate(load(**CACHES[name]), example_image, tmp_path)
@@ -180,6 +186,7 @@ def test_faiss_and_exact_search_pick_the_same_entry():
         assert s1 == s2 and exact.entries.index(e1) == faiss_state.entries.index(e2)
 
 
+@pytest.mark.slow
 def test_faiss_and_exact_give_identical_videos(example_image, tmp_path):
     pytest.importorskip("faiss")
     settings = dict(enable_sim_cache=True, sim_cache_threshold=0.5, sim_cache_max_skip=3)
@@ -208,6 +215,7 @@ def test_entry_budget_evicts_least_recently_used():
     assert not budget.admit(simcache._Entry(torch.ones(1), torch.zeros(1), torch.zeros(1), state, 301))
 
 
+@pytest.mark.slow
 def test_similarity_cache_memory_and_entries_stay_bounded(example_image, tmp_path, monkeypatch):
     sizes = []
     admit = simcache.EntryBudget.admit

@@ -38,7 +38,10 @@ def test_two_seconds_is_73_frames_on_disk(runs, variant):
     assert result.latents.shape == (1, 16, 19, h // 8, w // 8)  # 2 sections of 9 + the start frame
 
 
-@pytest.mark.parametrize("variant, seconds, frames", [("inverted", 1, 37), ("f1", 1, 37), ("inverted", 5, 145)])
+@pytest.mark.parametrize(
+    "variant, seconds, frames",
+    [("inverted", 1, 37), ("f1", 1, 37), pytest.param("inverted", 5, 145, marks=pytest.mark.slow)],
+)
 def test_frame_counts(tiny, example_image, tmp_path, variant, seconds, frames):
     r = tiny.generate(
         example_image, "x", out=tmp_path / "c.mp4", variant=variant, seconds=seconds, steps=1, resolution=64
@@ -179,7 +182,7 @@ def test_cancel_keeps_finished_sections(tiny, example_image, tmp_path):
     assert data["status"] == "cancelled" and data["sections_done"] == 1 and data["frames"] == 33
 
 
-@pytest.mark.parametrize("seconds", [1, 2])
+@pytest.mark.parametrize("seconds", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_cancel_in_a_batch_stops_it_and_keeps_the_clips_before(tiny, example_image, tmp_path, seconds):
     """2 s: cancelled in clip 2's second of two sections; 1 s: after clip 2's only section (clip 2 complete),
     and clip 3 never starts."""

@@ -40,7 +40,7 @@ def _top_level_boxes(path) -> list[str]:
     return boxes
 
 
-@pytest.mark.parametrize("variant", ["inverted", "f1"])
+@pytest.mark.parametrize("variant", [pytest.param("inverted", marks=pytest.mark.slow), "f1"])
 def test_partial_file_after_every_section_is_the_frames_so_far(trained, example_image, tmp_path, variant):
     """After each section the file decodes to exactly its final frames so far (the same packets the
     finished file holds), and the finished file matches a one-shot encode of the same frames."""

@@ -226,6 +226,7 @@ def test_a_prompt_change_in_the_inverted_variant_says_f1_follows_it_better():
     assert not any("F1" in note for note in one_prompt)
 
 
+@pytest.mark.slow
 def test_prompt_change_guidance_pushes_only_the_changed_section_away_from_the_previous_prompt(tiny, tmp_path):
     """F1, 3 sections, the change at 1.2 s (section 2 of 3), 2 steps: the guided clip calls the model twice
     more, in section 2 only and with the first prompt; the section before the change is the same clip."""
