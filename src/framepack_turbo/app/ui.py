@@ -349,6 +349,7 @@ def clip_settings(meta: Any, clip: str, choices: dict[str, str], start) -> ClipS
         filled.append("optimizations")
 
     hashes = _lora_hashes(choices) if rerun.loras else {}
+    low_weight, high_weight = SLIDER_RANGES["lora_weight"]  # the weight slider's range, one owner
     rows = []
     for entry in rerun.loras:
         label = hashes.get(entry.sha256)
@@ -357,8 +358,10 @@ def clip_settings(meta: Any, clip: str, choices: dict[str, str], start) -> ClipS
             missed.append(f"{what} (no LoRA offered here has its SHA-256 {entry.sha256[:12]}...)")
         elif len(rows) == LORA_ROWS:
             missed.append(f"{what} (the page has {LORA_ROWS} LoRA rows)")
-        elif not SLIDER_RANGES["lora_weight"][0] <= entry.weight <= SLIDER_RANGES["lora_weight"][1]:
-            missed.append(f"{what} at weight {entry.weight:g} (the weight control takes -2 to 2)")
+        elif not low_weight <= entry.weight <= high_weight:
+            missed.append(
+                f"{what} at weight {entry.weight:g} (the weight control takes {low_weight:g} to {high_weight:g})"
+            )
         else:
             rows.append((label, entry.weight))
     for row in range(LORA_ROWS):
